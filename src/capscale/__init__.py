@@ -1,0 +1,18 @@
+"""capscale: realized spectral capacity for LLM pretraining.
+
+Layers, each importing only those below it:
+``spectrum -> probe -> train -> sweep -> analysis -> report -> cli``.
+Importing ``capscale`` loads only the NumPy core; torch is imported by the
+layers that need it.
+"""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("capscale")
+except PackageNotFoundError:  # running from a source tree without install
+    __version__ = "0.0.0+unknown"
+
+from capscale import spectrum  # noqa: E402
+
+__all__ = ["__version__", "spectrum"]

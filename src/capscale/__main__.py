@@ -1,0 +1,3 @@
+from capscale.cli import main
+
+raise SystemExit(main())

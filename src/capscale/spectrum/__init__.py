@@ -1,0 +1,62 @@
+"""capscale.spectrum: the pure numerics of realized spectral capacity (NumPy; torch optional).
+
+Knows nothing of models. See DESIGN.md for the conventions these follow.
+"""
+
+from capscale.spectrum.buckets import BUCKETS, BucketedCovariance, FrequencyTable
+from capscale.spectrum.covariance import (
+    EIG_FLOOR,
+    IndefiniteCovarianceError,
+    InsufficientSamplesError,
+    NonFiniteError,
+    StreamingCovariance,
+    clamp_spectrum,
+    eigenvalues_from_covariance,
+)
+from capscale.spectrum.fit import PowerLawFit, bootstrap_power_law, fit_power_law
+from capscale.spectrum.ranks import (
+    asymmetry,
+    early_enrichment,
+    hard_rank,
+    hard_rank_from_covariance,
+    js_divergence,
+    participation_ratio,
+    probabilities,
+    renyi_rank,
+    soft_rank,
+    spectral_entropy,
+)
+from capscale.spectrum.summary import (
+    SAMPLING_STATUSES,
+    sampling_status,
+    spectrum_summary,
+)
+
+__all__ = [
+    "BUCKETS",
+    "EIG_FLOOR",
+    "SAMPLING_STATUSES",
+    "BucketedCovariance",
+    "FrequencyTable",
+    "IndefiniteCovarianceError",
+    "InsufficientSamplesError",
+    "NonFiniteError",
+    "PowerLawFit",
+    "StreamingCovariance",
+    "asymmetry",
+    "bootstrap_power_law",
+    "clamp_spectrum",
+    "early_enrichment",
+    "eigenvalues_from_covariance",
+    "fit_power_law",
+    "hard_rank",
+    "hard_rank_from_covariance",
+    "js_divergence",
+    "participation_ratio",
+    "probabilities",
+    "renyi_rank",
+    "sampling_status",
+    "soft_rank",
+    "spectral_entropy",
+    "spectrum_summary",
+]

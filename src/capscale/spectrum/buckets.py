@@ -1,0 +1,255 @@
+"""Token-frequency regimes (HEAD / MID / TAIL) and the one-pass bucketed accumulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capscale.spectrum._arrays import is_torch, to_numpy
+from capscale.spectrum.covariance import StreamingCovariance
+
+BUCKETS = ("head", "mid", "tail")
+HEAD, MID, TAIL = 0, 1, 2
+_FORMAT = "capscale.frequency_table"
+
+
+class FrequencyTable:
+    """Unigram counts → HEAD/MID/TAIL by cumulative occurrence mass (the paper's rule).
+
+    Types sorted by count (descending); HEAD takes the leading types while their
+    cumulative mass is ≤ ``cuts[0]`` of all occurrences (at least one type), MID
+    the next while it is ≤ ``cuts[1]`` (at least one), TAIL the rest, including
+    types never seen. Boundaries are count thresholds (``head_min_count``,
+    ``mid_min_count``): types with equal counts always share a bucket.
+    """
+
+    def __init__(self, counts, cuts: tuple[float, float] = (0.33, 0.67)):
+        c = np.asarray(to_numpy(counts))
+        if c.ndim != 1 or c.size < 3:
+            raise ValueError(f"counts must be a 1-D array over >= 3 token types, got shape {c.shape}")
+        if not np.issubdtype(c.dtype, np.integer):
+            if not np.all(np.isfinite(c)) or np.any(c != np.round(c)):
+                raise ValueError("counts must be non-negative integers")
+        c = c.astype(np.int64)
+        if c.min() < 0:
+            raise ValueError("counts must be non-negative integers")
+        if c.sum() == 0:
+            raise ValueError("counts are all zero: no occurrences to split into buckets")
+        lo, hi = (float(x) for x in cuts)
+        if not 0 < lo < hi < 1:
+            raise ValueError(f"cuts must satisfy 0 < head < mid < 1, got {cuts}")
+        self.counts = c
+        self.cuts = (lo, hi)
+        self.head_min_count, self.mid_min_count = self._thresholds()
+        self._table = np.full(c.size, TAIL, dtype=np.int8)
+        self._table[c >= self.mid_min_count] = MID
+        self._table[c >= self.head_min_count] = HEAD
+        self._torch_tables: dict[Any, Any] = {}
+
+    def _thresholds(self) -> tuple[int, int]:
+        order = np.sort(self.counts)[::-1]
+        mass = np.cumsum(order) / order.sum()
+        # Last index whose cumulative mass is within the cut (at least the first type).
+        head_end = max(int(np.searchsorted(mass, self.cuts[0], side="right")) - 1, 0)
+        head_min = int(order[head_end])
+        # Ties with the threshold join HEAD, so MID starts after every count >= head_min.
+        mid_start = int(np.searchsorted(-order, -head_min, side="right"))
+        if mid_start >= order.size:
+            return head_min, head_min  # every type is HEAD
+        mid_end = max(int(np.searchsorted(mass, self.cuts[1], side="right")) - 1, mid_start)
+        return head_min, int(order[mid_end])
+
+    # -- construction ------------------------------------------------------
+    @classmethod
+    def from_token_ids(
+        cls, batches: Iterable, vocab_size: int | None = None, cuts=(0.33, 0.67)
+    ) -> FrequencyTable:
+        """Count token ids from any iterable of id arrays (NumPy, torch, lists)."""
+        counts = np.zeros(0 if vocab_size is None else int(vocab_size), dtype=np.int64)
+        for ids in batches:
+            a = np.asarray(to_numpy(ids)).reshape(-1)
+            if a.size == 0:
+                continue
+            if not np.issubdtype(a.dtype, np.integer):
+                raise ValueError(f"token ids must be integers, got dtype {a.dtype}")
+            if a.min() < 0 or (vocab_size is not None and a.max() >= vocab_size):
+                raise ValueError(
+                    f"token id out of range [0, {vocab_size}): min {a.min()}, max {a.max()}"
+                )
+            b = np.bincount(a, minlength=counts.size)
+            if b.size > counts.size:
+                counts = np.pad(counts, (0, b.size - counts.size))
+            counts += b
+        return cls(counts, cuts)
+
+    # -- lookup ------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return int(self.counts.size)
+
+    def bucket(self, ids):
+        """Bucket index (0 HEAD, 1 MID, 2 TAIL) per token id, same shape; torch in → torch out (same device)."""
+        if is_torch(ids):
+            import torch
+
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+            if ids.numel():
+                lo, hi = int(ids.min()), int(ids.max())
+                self._check_range(lo, hi)
+            table = self._torch_tables.get(ids.device)
+            if table is None:
+                table = torch.from_numpy(self._table).to(ids.device)
+                self._torch_tables[ids.device] = table
+            return table[ids.long()]
+        a = np.asarray(ids)
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"token ids must be integers, got dtype {a.dtype}")
+        if a.size:
+            self._check_range(int(a.min()), int(a.max()))
+        return self._table[a]
+
+    def _check_range(self, lo: int, hi: int) -> None:
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(
+                f"token id out of range: ids span [{lo}, {hi}] but the frequency table "
+                f"covers [0, {self.vocab_size - 1}] (vocab_size {self.vocab_size})"
+            )
+
+    # -- reporting / io ----------------------------------------------------
+    def stats(self) -> dict:
+        """Per bucket: number of types and share of occurrences; plus the thresholds."""
+        total = int(self.counts.sum())
+        out: dict[str, Any] = {
+            "vocab_size": self.vocab_size,
+            "total_tokens": total,
+            "nonzero_types": int((self.counts > 0).sum()),
+            "cuts": list(self.cuts),
+            "head_min_count": self.head_min_count,
+            "mid_min_count": self.mid_min_count,
+            "buckets": {},
+        }
+        for i, name in enumerate(BUCKETS):
+            sel = self._table == i
+            occ = int(self.counts[sel].sum())
+            out["buckets"][name] = {
+                "num_types": int(sel.sum()),
+                "num_occurrences": occ,
+                "share": occ / total,
+            }
+        return out
+
+    def save(self, path) -> Path:
+        """Write JSON (counts + human-readable stats), atomically."""
+        path = Path(path)
+        doc = {"format": _FORMAT, "version": 1, "stats": self.stats(), "counts": self.counts.tolist()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, separators=(",", ":"))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path) -> FrequencyTable:
+        with open(path) as f:
+            doc = json.load(f)
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a capscale frequency table")
+        return cls(np.asarray(doc["counts"], dtype=np.int64), tuple(doc["stats"]["cuts"]))
+
+    def __eq__(self, other) -> bool:
+        return (
+            isinstance(other, FrequencyTable)
+            and self.cuts == other.cuts
+            and np.array_equal(self.counts, other.counts)
+        )
+
+    def __repr__(self) -> str:
+        s = self.stats()["buckets"]
+        parts = ", ".join(f"{k}={v['num_types']} types/{v['share']:.1%}" for k, v in s.items())
+        return f"FrequencyTable(vocab_size={self.vocab_size}, {parts})"
+
+
+def _check_bucket_range(lo: int, hi: int, k: int) -> None:
+    if lo < 0 or hi >= k:
+        raise ValueError(f"bucket ids must lie in [0, {k}), got values in [{lo}, {hi}]")
+
+
+class BucketedCovariance:
+    """One accumulator per bucket, fed in one pass; the pooled state is their exact merge.
+
+    Each batch's rows are grouped by bucket (one stable sort) and every bucket
+    state is updated once, so the GEMM work equals the pooled case; ``pooled()``
+    merges the bucket states (no fourth accumulator).
+    """
+
+    def __init__(self, dim: int, n_buckets: int = 3, *, dtype="float64", device=None):
+        if n_buckets < 1:
+            raise ValueError(f"n_buckets must be >= 1, got {n_buckets}")
+        self.dim = int(dim)
+        self.buckets = [StreamingCovariance(dim, dtype=dtype, device=device) for _ in range(n_buckets)]
+
+    def update(self, x, bucket_ids, mask=None) -> BucketedCovariance:
+        """Rows ``x [..., D]`` with one bucket index per row (``bucket_ids`` shaped ``x.shape[:-1]``)."""
+        lead = tuple(x.shape[:-1])
+        if tuple(bucket_ids.shape) != lead:
+            raise ValueError(f"bucket ids of shape {tuple(bucket_ids.shape)} for rows of shape {lead}")
+        if mask is not None and tuple(mask.shape) != lead:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} for rows of shape {lead}")
+        k = len(self.buckets)
+        if is_torch(x):
+            import torch
+
+            b = torch.as_tensor(bucket_ids, device=x.device).reshape(-1).long()
+            if b.numel():
+                lo, hi = torch.aminmax(b)
+                _check_bucket_range(int(lo), int(hi), k)
+            if mask is not None:  # masked rows get bucket k and sort past the kept ones
+                m = torch.as_tensor(mask, device=x.device).reshape(-1).bool()
+                b = torch.where(m, b, k)
+            order = torch.argsort(b, stable=True)
+            bounds = torch.searchsorted(b[order], torch.arange(k + 1, device=b.device)).tolist()
+        else:
+            b = np.asarray(to_numpy(bucket_ids)).reshape(-1).astype(np.int64)
+            if b.size:
+                _check_bucket_range(int(b.min()), int(b.max()), k)
+            if mask is not None:
+                b = np.where(np.asarray(to_numpy(mask)).reshape(-1).astype(bool), b, k)
+            order = np.argsort(b, kind="stable")
+            bounds = np.searchsorted(b[order], np.arange(k + 1)).tolist()
+        n_rows = int(b.shape[0])
+        if n_rows == 0:
+            raise ValueError(f"empty batch: activations of shape {tuple(x.shape)} hold no rows")
+        rows = x.reshape(n_rows, x.shape[-1]) if x.shape[-1] == self.dim else None
+        if rows is None:
+            raise ValueError(f"wrong dimension: rows have D={x.shape[-1]}, accumulator has D={self.dim}")
+        # One gather, in the input's own dtype, groups the kept rows by bucket; the
+        # gathered buffer is scratch, so each bucket centres its slice in place.
+        grouped = rows[order[: bounds[k]]]
+        for i, acc in enumerate(self.buckets):
+            if bounds[i + 1] > bounds[i]:
+                seg, _ = acc._rows(grouped[bounds[i] : bounds[i + 1]], None)
+                acc._accumulate(seg, True)
+        return self
+
+    def pooled(self) -> StreamingCovariance:
+        """The all-rows state: exact Chan merge of the bucket states."""
+        out = self.buckets[0].copy()
+        for acc in self.buckets[1:]:
+            out.merge(acc)
+        return out
+
+    def states(self) -> dict[str, StreamingCovariance]:
+        """``{"all": pooled, "head": ..., "mid": ..., "tail": ...}`` for the 3-bucket case."""
+        names = BUCKETS if len(self.buckets) == 3 else tuple(str(i) for i in range(len(self.buckets)))
+        return {"all": self.pooled(), **dict(zip(names, self.buckets))}
+
+    def reset(self) -> None:
+        for acc in self.buckets:
+            acc.reset()

@@ -1,0 +1,278 @@
+"""Streaming, exactly mergeable covariance of activation rows.
+
+State is (count, mean, scatter) with scatter = Σ (x - mean)(x - mean)ᵀ. Batches
+and whole states combine with Chan et al.'s parallel update, including the
+between-means correction, so micro-batch, bucket and data-parallel merges equal
+one pass over all rows (up to float round-off). No activations are retained.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from capscale.spectrum._arrays import dtype_name, is_torch, to_numpy, torch_dtype
+from capscale.spectrum.ranks import INDEFINITE_RTOL
+
+# Eigenvalues below this are round-off (or exact zeros) and are clamped to it,
+# as in the paper's code, so that log p stays finite.
+EIG_FLOOR = 1e-12
+
+
+class NonFiniteError(ValueError):
+    """Activations (or a state) contain NaN or Inf."""
+
+
+class InsufficientSamplesError(ValueError):
+    """Fewer than two samples: no unbiased covariance exists."""
+
+
+class IndefiniteCovarianceError(ValueError):
+    """A materially negative eigenvalue: the matrix is not a covariance."""
+
+
+def _all_finite(a) -> bool:
+    if is_torch(a):
+        import torch
+
+        return bool(torch.isfinite(a).all())
+    return bool(np.isfinite(a).all())
+
+
+def clamp_spectrum(raw: np.ndarray) -> np.ndarray:
+    """Validate raw ascending/unsorted eigenvalues of a covariance; clamp round-off.
+
+    Returns float64 eigenvalues sorted descending with every value ≥ EIG_FLOOR.
+    """
+    raw = np.asarray(raw, dtype=np.float64)
+    if not np.all(np.isfinite(raw)):
+        raise NonFiniteError("covariance eigenvalues contain NaN or Inf")
+    max_abs = float(np.abs(raw).max())
+    if max_abs <= EIG_FLOOR:
+        raise ValueError(
+            f"all-zero variance: every eigenvalue is ≤ {EIG_FLOOR:g} (constant features?); "
+            "ranks are undefined"
+        )
+    lo = float(raw.min())
+    if lo < -INDEFINITE_RTOL * max_abs:
+        raise IndefiniteCovarianceError(
+            f"covariance is materially indefinite: min eigenvalue {lo:.3e} < "
+            f"-{INDEFINITE_RTOL:g} x max|λ| ({max_abs:.3e}); this is not round-off"
+        )
+    return np.sort(np.clip(raw, EIG_FLOOR, None))[::-1].copy()
+
+
+def eigenvalues_from_covariance(cov) -> np.ndarray:
+    """Descending, clamped eigenvalues of a covariance matrix (NumPy or torch), float64.
+
+    Uses ``eigvalsh`` (no eigenvectors); a torch matrix is decomposed on its device.
+    """
+    if is_torch(cov):
+        import torch
+
+        c = cov.detach().double()
+        _check_square(c)
+        if not _all_finite(c):
+            raise NonFiniteError("covariance contains NaN or Inf")
+        return clamp_spectrum(torch.linalg.eigvalsh(c).cpu().numpy())
+    c = np.asarray(cov, dtype=np.float64)
+    _check_square(c)
+    if not _all_finite(c):
+        raise NonFiniteError("covariance contains NaN or Inf")
+    return clamp_spectrum(np.linalg.eigvalsh(c))
+
+
+def _check_square(c) -> None:
+    if c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise ValueError(f"covariance must be a square matrix, got shape {tuple(c.shape)}")
+
+
+class StreamingCovariance:
+    """Mean-centred covariance of rows ``[..., D]`` accumulated batch by batch.
+
+    ``device=None`` keeps the state in NumPy on the host (torch tensors are
+    accepted and copied over); a torch device (``"cuda"``, ``"cpu"``) keeps it
+    in torch on that device, so GPU activations never leave the GPU until the
+    D-length spectrum is computed. ``dtype`` defaults to float64; float32 is
+    for accelerators where float64 matmul is slow.
+    """
+
+    def __init__(self, dim: int, *, dtype: Any = "float64", device: Any = None):
+        dim = int(dim)
+        if dim < 2:
+            raise ValueError(
+                f"dim must be >= 2, got {dim}: a spectrum of one eigenvalue has rank 1 by definition"
+            )
+        self.dim = dim
+        self.dtype = dtype_name(dtype)
+        self.device = device
+        self.reset()
+
+    # -- state -------------------------------------------------------------
+    @property
+    def uses_torch(self) -> bool:
+        return self.device is not None
+
+    def reset(self) -> None:
+        self.count = 0
+        self.mean = self._zeros(self.dim)
+        self.scatter = self._zeros(self.dim, self.dim)
+
+    def _zeros(self, *shape):
+        if self.device is None:
+            return np.zeros(shape, dtype=self.dtype)
+        import torch
+
+        return torch.zeros(shape, dtype=torch_dtype(self.dtype), device=self.device)
+
+    def _adopt(self, a):
+        """A private copy of ``a`` in this accumulator's backend, dtype and device."""
+        if self.device is None:
+            return np.array(to_numpy(a, self.dtype), copy=True)
+        import torch
+
+        t = a if is_torch(a) else torch.from_numpy(np.asarray(a))
+        return t.detach().to(device=self.device, dtype=torch_dtype(self.dtype), copy=True)
+
+    # -- accumulation ------------------------------------------------------
+    def _rows(self, x, mask):
+        shape = tuple(x.shape)
+        if len(shape) < 2:
+            raise ValueError(f"expected activations of shape [..., {self.dim}], got {shape}")
+        if shape[-1] != self.dim:
+            raise ValueError(f"wrong dimension: rows have D={shape[-1]}, accumulator has D={self.dim}")
+        n_rows = int(np.prod(shape[:-1]))
+        if n_rows == 0:
+            raise ValueError(f"empty batch: activations of shape {shape} hold no rows")
+        if self.device is None:
+            rows = to_numpy(x, self.dtype).reshape(n_rows, self.dim)
+            # A zero-copy view of the caller's data must not be centred in place.
+            if is_torch(x):
+                owned = x.device.type != "cpu" or rows.ctypes.data != x.data_ptr()
+            else:
+                owned = not (isinstance(x, np.ndarray) and np.shares_memory(rows, x))
+        else:
+            import torch
+
+            t = x if is_torch(x) else torch.from_numpy(np.asarray(x))
+            rows = t.detach().reshape(n_rows, self.dim).to(self.device, torch_dtype(self.dtype))
+            owned = rows.data_ptr() != t.data_ptr()
+        if mask is not None:
+            m = mask.reshape(-1) if is_torch(mask) else np.asarray(mask).reshape(-1)
+            if m.shape[0] != n_rows:
+                raise ValueError(f"mask has {m.shape[0]} entries for {n_rows} rows (shape {shape})")
+            if self.device is None:
+                m = to_numpy(m).astype(bool)
+            else:
+                m = (m if is_torch(m) else torch.from_numpy(np.asarray(m))).to(self.device).bool()
+            rows, owned = rows[m], True  # boolean indexing copies
+        return rows, owned
+
+    def update(self, x, mask=None) -> StreamingCovariance:
+        """Add rows ``x`` of shape ``[..., D]`` (NumPy or torch); ``mask`` keeps rows where true.
+
+        Raises on NaN/Inf before touching the state, so what was accumulated stays valid.
+        A mask that keeps no row is a no-op; a batch with no rows at all is an error.
+        """
+        return self._accumulate(*self._rows(x, mask))
+
+    def _accumulate(self, rows, owned: bool) -> StreamingCovariance:
+        """Add converted rows; ``owned`` rows are scratch and get centred in place."""
+        n = int(rows.shape[0])
+        if n == 0:
+            return self
+        batch_mean = rows.mean(0)
+        # A NaN/Inf anywhere in a column makes its mean non-finite: a D-length check.
+        if not _all_finite(batch_mean):
+            raise NonFiniteError(f"activations contain NaN or Inf ({n} rows, D={self.dim})")
+        if owned:
+            rows -= batch_mean  # center in place: no second N×D buffer
+            centered = rows
+        else:
+            centered = rows - batch_mean
+        self._combine(n, batch_mean, centered.T @ centered)
+        return self
+
+    def _combine(self, n_b: int, mean_b, scatter_b) -> None:
+        """Chan et al.: merge moments (n_b, mean_b, scatter_b), which this object now owns."""
+        n_a = self.count
+        if n_a == 0:
+            self.count, self.mean, self.scatter = n_b, mean_b, scatter_b
+            return
+        n = n_a + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.scatter += scatter_b
+        self.scatter += (delta[:, None] * delta[None, :]) * (n_a * n_b / n)
+        self.count = n
+
+    def merge(self, other: StreamingCovariance) -> StreamingCovariance:
+        """Fold ``other`` into this state exactly (``other`` is left unchanged)."""
+        if not isinstance(other, StreamingCovariance):
+            raise TypeError(f"can only merge a StreamingCovariance, got {type(other).__name__}")
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge D={other.dim} into D={self.dim}")
+        if other.count:
+            self._combine(other.count, self._adopt(other.mean), self._adopt(other.scatter))
+        return self
+
+    def copy(self) -> StreamingCovariance:
+        return StreamingCovariance.from_state_dict(self.state_dict(), device=self.device)
+
+    # -- results -----------------------------------------------------------
+    def covariance(self):
+        """Unbiased covariance ``scatter / (N - 1)`` in float64 (NumPy, or torch on the state's device)."""
+        if self.count < 2:
+            raise InsufficientSamplesError(
+                f"need at least 2 samples for a covariance, have {self.count}"
+            )
+        if self.device is None:
+            return self.scatter.astype(np.float64) / (self.count - 1)
+        return self.scatter.double() / (self.count - 1)
+
+    def eigenvalues(self) -> np.ndarray:
+        """Covariance eigenvalues, descending, float64 NumPy, round-off clamped at 1e-12."""
+        return eigenvalues_from_covariance(self.covariance())
+
+    def summary(self, **kwargs) -> dict:
+        """``spectrum_summary`` of this state; fewer than 2 samples → an 'insufficient' record."""
+        from capscale.spectrum.summary import spectrum_summary
+
+        eigs = self.eigenvalues() if self.count >= 2 else None
+        return spectrum_summary(eigs, self.count, dim=self.dim, **kwargs)
+
+    # -- serialisation -----------------------------------------------------
+    def state_dict(self) -> dict:
+        """Copies of the state; arrays are NumPy or torch, as the backend."""
+        copy = (lambda a: a.clone()) if self.uses_torch else (lambda a: a.copy())
+        return {
+            "dim": self.dim,
+            "dtype": self.dtype,
+            "count": int(self.count),
+            "mean": copy(self.mean),
+            "scatter": copy(self.scatter),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict, *, device: Any = None) -> StreamingCovariance:
+        """Rebuild from ``state_dict()`` output, onto ``device`` (None = NumPy on the host)."""
+        missing = {"dim", "count", "mean", "scatter"} - set(state)
+        if missing:
+            raise ValueError(f"covariance state is missing {sorted(missing)}")
+        obj = cls(int(state["dim"]), dtype=state.get("dtype", "float64"), device=device)
+        count = int(state["count"])
+        mean, scatter = obj._adopt(state["mean"]), obj._adopt(state["scatter"])
+        if count < 0 or tuple(mean.shape) != (obj.dim,) or tuple(scatter.shape) != (obj.dim, obj.dim):
+            raise ValueError(
+                f"inconsistent covariance state: count={count}, mean {tuple(mean.shape)}, "
+                f"scatter {tuple(scatter.shape)} for D={obj.dim}"
+            )
+        if not (_all_finite(mean) and _all_finite(scatter)):
+            raise NonFiniteError("covariance state contains NaN or Inf")
+        obj.count, obj.mean, obj.scatter = count, mean, scatter
+        return obj
+
+    def __repr__(self) -> str:
+        where = "numpy" if self.device is None else f"torch:{self.device}"
+        return f"StreamingCovariance(dim={self.dim}, count={self.count}, dtype={self.dtype}, {where})"
