@@ -1,0 +1,258 @@
+"""Run configuration: dataclasses, presets, files (TOML/YAML) and ``--set k=v`` overrides.
+
+A run is fully described by a ``RunConfig``; ``resolve`` turns a preset or a
+config file plus overrides into one, and ``RunConfig.to_dict`` is what a run
+directory's ``config.json`` holds (with the FFN width resolved to an int).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from capscale.train.data import DataConfig
+from capscale.train.model import GPTConfig
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    label: str | None = None  # grouping/display label, e.g. "dion_r1_16"; defaults to name
+    params: dict[str, Any] = field(default_factory=dict)  # overrides of the optimizer's defaults
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 16  # sequences per optimizer step (all micro-batches, all ranks)
+    micro_batch_size: int | None = None  # sequences per forward; None = batch_size (no accumulation)
+    seed: int = 0
+    schedule: str = "warmdown"  # "warmdown" (paper) | "cosine" | "constant"
+    warmup_steps: int = 0
+    warmdown_frac: float = 0.2
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 1
+    dtype: str = "float32"  # "bfloat16" autocast on CUDA only
+    device: str = "auto"
+    grad_clip: float | None = None  # the paper does not clip
+    compile: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TelemetryConfig:
+    enabled: bool = True
+    every: int = 50  # full measurement cadence (steps)
+    window: int = 1  # consecutive steps accumulated per measurement
+    sites: tuple[str, ...] = ("pre", "post")
+    buckets: bool = True
+    monitor_every: int | None = None  # cheap hard-rank monitoring cadence (None = off)
+    dtype: str | None = None  # accumulator dtype; None = float64 on CPU, float32 on CUDA
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: dict[str, Any] = field(default_factory=dict)  # GPTConfig fields; vocab_size is set from the tokenizer
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        self.model_config()  # GPTConfig validates the model section
+        t = self.train
+        for key in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "checkpoint_every"):
+            if not isinstance(getattr(t, key), int) or getattr(t, key) < 1:
+                raise ValueError(f"train.{key} must be a positive int, got {getattr(t, key)!r}")
+        mb = t.micro_batch_size or t.batch_size
+        if mb < 1 or t.batch_size % mb:
+            raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of micro_batch_size ({mb})")
+        if t.schedule not in ("warmdown", "cosine", "constant"):
+            raise ValueError(f"train.schedule must be warmdown, cosine or constant, got {t.schedule!r}")
+        if not 0 <= t.warmdown_frac <= 1:
+            raise ValueError(f"train.warmdown_frac must be in [0, 1], got {t.warmdown_frac}")
+        if t.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"train.dtype must be float32 or bfloat16, got {t.dtype!r}")
+        if self.data.cache_dir is not None:
+            raise ValueError("data.cache_dir is machine-specific: set $CAPSCALE_HOME instead")
+        if not 0 < self.data.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
+        tel = self.telemetry
+        if tel.every < 1 or tel.window < 1:
+            raise ValueError("telemetry.every and telemetry.window must be >= 1")
+        if not set(tel.sites) <= {"pre", "post"} or not tel.sites:
+            raise ValueError(f"telemetry.sites must be a non-empty subset of ('pre', 'post'), got {tel.sites}")
+
+    def model_config(self) -> GPTConfig:
+        return GPTConfig.from_dict(self.model)
+
+    @property
+    def label(self) -> str:
+        return self.optimizer.label or self.optimizer.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; the model section carries the resolved absolute ``ffn_width``."""
+        d = asdict(self)
+        m = self.model_config()
+        d["model"] = {**m.to_dict(), "ffn_width": m.ffn_dim, "ffn_mult": None}
+        d["optimizer"]["label"] = self.label
+        d["telemetry"]["sites"] = list(self.telemetry.sites)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = copy.deepcopy(d)
+        _check_keys(d, cls, "")
+        sections = {"optimizer": OptimizerConfig, "data": DataConfig, "train": TrainConfig, "telemetry": TelemetryConfig}
+        kwargs: dict[str, Any] = {k: v for k, v in d.items() if k not in sections}
+        for key, kind in sections.items():
+            if key in d:
+                _check_keys(d[key], kind, key + ".")
+                sec = dict(d[key])
+                if key == "telemetry" and "sites" in sec:
+                    sec["sites"] = tuple(sec["sites"])
+                kwargs[key] = kind(**sec)
+        return cls(**kwargs)
+
+
+def _check_keys(d: Any, kind: type, prefix: str) -> None:
+    if not isinstance(d, dict):
+        raise ValueError(f"config section {prefix.rstrip('.') or 'root'} must be a table/mapping, got {d!r}")
+    valid = {f.name for f in fields(kind)}
+    unknown = sorted(set(d) - valid)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid: {sorted(prefix + v for v in valid)}")
+
+
+# -- presets ------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # seconds on a laptop CPU: for tests and smoke checks
+    "smoke": {
+        "name": "smoke",
+        "model": {"seq_len": 32, "n_layer": 2, "n_head": 2, "d_model": 32, "ffn_mult": 4},
+        "data": {"tokenizer": "bytebpe:512", "max_tokens": 200_000},
+        "train": {"steps": 30, "batch_size": 8, "eval_every": 10, "eval_batches": 2, "log_every": 5,
+                  "checkpoint_every": 10, "progress": False},
+        "telemetry": {"every": 10, "window": 2},
+    },
+    # the CPU study: small GPT, FFN ×1…×16 across a sweep
+    "cpu": {
+        "name": "cpu",
+        "model": {"seq_len": 128, "n_layer": 4, "n_head": 4, "d_model": 128, "ffn_mult": 4},
+        "data": {"tokenizer": "bytebpe:4096"},
+        "train": {"steps": 600, "batch_size": 16, "eval_every": 100, "eval_batches": 8, "log_every": 10,
+                  "checkpoint_every": 100},
+        "telemetry": {"every": 25, "window": 4},
+    },
+    # the paper's GPT-2 160M: 12 × 768, FFN 768·{1…8}, 512 tokens × 1024 sequences, 6000 steps
+    "paper-160m": {
+        "name": "paper-160m",
+        "model": {"vocab_size": 50304, "seq_len": 512, "n_layer": 12, "n_head": 12, "d_model": 768, "ffn_mult": 4},
+        "data": {"source": "fineweb-edu", "tokenizer": "gpt2", "max_tokens": 3_300_000_000},
+        "train": {"steps": 6000, "batch_size": 1024, "micro_batch_size": 64, "eval_every": 200, "eval_batches": 20,
+                  "log_every": 10, "checkpoint_every": 500, "dtype": "bfloat16", "grad_clip": None},
+        "telemetry": {"every": 200, "window": 1, "dtype": "float32"},
+    },
+    "paper-350m": {
+        "name": "paper-350m",
+        "model": {"vocab_size": 50304, "seq_len": 512, "n_layer": 24, "n_head": 16, "d_model": 1024, "ffn_mult": 4},
+        "data": {"source": "fineweb-edu", "tokenizer": "gpt2", "max_tokens": 3_300_000_000},
+        "train": {"steps": 6000, "batch_size": 1024, "micro_batch_size": 32, "eval_every": 200, "eval_batches": 20,
+                  "log_every": 10, "checkpoint_every": 500, "dtype": "bfloat16", "grad_clip": None},
+        "telemetry": {"every": 200, "window": 1, "dtype": "float32"},
+    },
+}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or YAML config into a plain dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        return tomllib.loads(text)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+        return data or {}
+    if path.suffix == ".json":
+        return json.loads(text)
+    raise ValueError(f"config file must be .toml, .yaml/.yml or .json, got {path.name}")
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values: JSON literals (numbers, true/false/null, lists), else the raw string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+# Shorthands accepted by --set, e.g. ``--set optimizer=muon``.
+_ALIASES = {"optimizer": "optimizer.name", "width": "model.ffn_width", "ffn_mult": "model.ffn_mult",
+            "steps": "train.steps", "seed": "train.seed", "lr": "optimizer.params.lr"}
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted keys) to a config dict; returns a new dict."""
+    d = copy.deepcopy(d)
+    items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+    for key, value in items:
+        key = _ALIASES.get(key, key)
+        parts = key.split(".")
+        node = d
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"cannot set {key}: {p} is not a section")
+        if parts[0] == "model" and parts[-1] in ("ffn_width", "ffn_mult"):
+            # the two ways of giving the width exclude each other: the override wins
+            node.pop("ffn_mult" if parts[-1] == "ffn_width" else "ffn_width", None)
+        node[parts[-1]] = value
+    return d
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override must look like key=value, got {text!r}")
+    return key.strip(), _parse_value(value.strip())
+
+
+def resolve(preset: str | None = None, config_file: str | Path | None = None,
+            overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
+    """Preset and/or file, then overrides → a validated ``RunConfig``."""
+    d: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        d = copy.deepcopy(PRESETS[preset])
+    if config_file is not None:
+        d = _deep_merge(d, load_config_file(config_file))
+    if preset is None and config_file is None:
+        raise ValueError("give a preset or a config file")
+    return RunConfig.from_dict(apply_overrides(d, overrides))
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
