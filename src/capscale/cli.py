@@ -35,7 +35,46 @@ def _version_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="smoke | cpu | paper-160m | paper-350m")
+    src.add_argument("--config", help="a TOML/YAML run config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optimizer=muon --set model.ffn_mult=8 (repeatable)")
+    p.add_argument("--out", required=True, help="run directory (re-running on it resumes)")
+
+
+def _train_run(args: argparse.Namespace) -> int:
+    from capscale.train.config import resolve
+    from capscale.train.loop import train
+
+    cfg = resolve(args.preset, args.config, args.overrides)
+    status = train(cfg, args.out)
+    print(f"{args.out}: {status['status']} at step {status['step']}"
+          + (f" ({status['reason']})" if status.get("reason") else ""))
+    return 0 if status["status"] == "done" else 1
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="smoke | demo | cpu | paper-160m | paper-350m")
+    src.add_argument("--config", help="a TOML/YAML sweep spec")
+    p.add_argument("--out", required=True, help="sweep directory (re-running on it resumes)")
+    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: cores / 2)")
+    p.add_argument("--executor", choices=("local", "slurm"), default="local")
+
+
+def _sweep_run(args: argparse.Namespace) -> int:
+    from capscale.sweep import load_spec, run_sweep
+
+    results = run_sweep(load_spec(args.preset, args.config), args.out, workers=args.workers,
+                        executor=args.executor)
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "train": ("train (or resume) one run into a run directory", _train_args, _train_run),
+    "sweep": ("run (or resume) a width x optimizer x seed sweep", _sweep_args, _sweep_run),
     "version": ("print the capscale version", _version_args, _version_run),
 }
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from capscale.train.data import DataConfig
 from capscale.train.model import GPTConfig
+from capscale.train.optim import optimizer_config
 
 
 @dataclass
@@ -70,6 +71,7 @@ class RunConfig:
 
     def validate(self) -> None:
         self.model_config()  # GPTConfig validates the model section
+        optimizer_config(self.optimizer.name, **self.optimizer.params)  # unknown names/params fail here
         t = self.train
         for key in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "checkpoint_every"):
             if not isinstance(getattr(t, key), int) or getattr(t, key) < 1:

@@ -1,0 +1,208 @@
+"""Sweep specs: a base training config × axes → named run configs.
+
+A spec (TOML/YAML/dict)::
+
+    name = "demo"
+    base = "smoke"                      # a training preset (optional)
+    [base_config]                        # overrides of the base, dotted or nested
+    "train.steps" = 120
+    [axes]
+    ffn_mult = [1, 4, 16]                # or ffn_width = [...]
+    optimizer = ["adamw", {name = "dion", label = "dion_r1_4", params = {rank_fraction = 0.25}}]
+    seed = [0, 1]
+    steps = [600]                        # step budgets
+    arch = [{label = "rope"}, {label = "nope", model = {pos = "none"}}]
+    [[extra]]                            # extra arms outside the grid (e.g. the matched-loss arm)
+    axes = {optimizer = ["adamw"], steps = [1200]}
+
+Every run gets a stable name from its axis values, so a re-run of the sweep maps
+each config onto the same directory and resumes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capscale.train.config import RunConfig, apply_overrides, load_config_file, resolve
+
+AXES = ("ffn_mult", "ffn_width", "optimizer", "seed", "steps", "arch")
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base: str | None = None
+    base_config: dict[str, Any] = field(default_factory=dict)
+    axes: dict[str, list] = field(default_factory=dict)
+    extra: list[dict[str, Any]] = field(default_factory=list)
+    analysis: dict[str, Any] = field(default_factory=dict)  # defaults for the report (k, tolerance, ...)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SweepSpec:
+        valid = {"name", "base", "base_config", "axes", "extra", "analysis"}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise ValueError(f"unknown sweep key(s) {unknown}; valid: {sorted(valid)}")
+        if "name" not in d:
+            raise ValueError("a sweep spec needs a name")
+        spec = cls(**copy.deepcopy(d))
+        spec.runs()  # validate every run now, before anything is launched
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "base": self.base, "base_config": self.base_config, "axes": self.axes,
+                "extra": self.extra, "analysis": self.analysis}
+
+    def runs(self) -> dict[str, RunConfig]:
+        """All run configs by run name (grid first, then extra arms; duplicates merged)."""
+        out: dict[str, RunConfig] = {}
+        for axes in [self.axes] + [e.get("axes", {}) for e in self.extra]:
+            for name, cfg in _expand(self, axes):
+                out.setdefault(name, cfg)
+        if not out:
+            raise ValueError(f"sweep {self.name!r} has no runs")
+        return out
+
+
+def _axis_values(axes: dict[str, list], key: str) -> list:
+    vals = axes.get(key)
+    if vals is None:
+        return [None]
+    if not isinstance(vals, list) or not vals:
+        raise ValueError(f"sweep axis {key!r} must be a non-empty list, got {vals!r}")
+    return vals
+
+
+def _optimizer(v: Any) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if isinstance(v, str):
+        return {"name": v}
+    if isinstance(v, dict) and "name" in v:
+        return v
+    raise ValueError(f"optimizer axis entries are names or tables with a name, got {v!r}")
+
+
+def _expand(spec: SweepSpec, axes: dict[str, list]):
+    unknown = sorted(set(axes) - set(AXES))
+    if unknown:
+        raise ValueError(f"unknown sweep axis {unknown}; valid axes: {list(AXES)}")
+    if "ffn_mult" in axes and "ffn_width" in axes:
+        raise ValueError("give the width axis as ffn_mult or ffn_width, not both")
+    wkey = "ffn_width" if "ffn_width" in axes else "ffn_mult"
+    grid = itertools.product(*(_axis_values(axes, k) for k in (wkey, "optimizer", "seed", "steps", "arch")))
+    for width, opt, seed, steps, arch in grid:
+        over: dict[str, Any] = dict(spec.base_config)
+        parts = []
+        o = _optimizer(opt)
+        if o:
+            over["optimizer.name"] = o["name"]
+            over["optimizer.label"] = o.get("label") or o["name"]
+            over["optimizer.params"] = dict(o.get("params", {}))
+        if width is not None:
+            over[f"model.{wkey}"] = width
+        if seed is not None:
+            over["train.seed"] = seed
+        if steps is not None:
+            over["train.steps"] = steps
+        if arch is not None:
+            if not isinstance(arch, dict) or "label" not in arch:
+                raise ValueError(f"arch axis entries are tables with a label, got {arch!r}")
+            for k, v in arch.get("model", {}).items():
+                over[f"model.{k}"] = v
+        over["train.progress"] = False  # many runs at once: the sweep reports progress
+        cfg = _resolve(spec, over)
+        label = cfg.label
+        parts.append(_SAFE.sub("-", label))
+        parts.append(f"w{cfg.model_config().ffn_dim}")
+        if arch is not None:
+            parts.append(_SAFE.sub("-", str(arch["label"])))
+        if steps is not None:
+            parts.append(f"t{cfg.train.steps}")
+        parts.append(f"s{cfg.train.seed}")
+        name = "_".join(parts)
+        cfg.name = name
+        yield name, cfg
+
+
+def _resolve(spec: SweepSpec, overrides: dict[str, Any]) -> RunConfig:
+    if spec.base is not None:
+        return resolve(spec.base, overrides=overrides)
+    return RunConfig.from_dict(apply_overrides({}, overrides))
+
+
+# -- presets ------------------------------------------------------------------
+
+SWEEP_PRESETS: dict[str, dict[str, Any]] = {
+    # tests: about a minute on 2 cores
+    "smoke": {
+        "name": "smoke",
+        "base": "smoke",
+        "axes": {"ffn_mult": [1, 2, 4], "optimizer": ["adamw", "muon"]},
+        "analysis": {"last_k": 2},
+    },
+    # the README's main job: ≤ 10 minutes on 2 cores
+    "demo": {
+        "name": "demo",
+        "base": "smoke",
+        "base_config": {"model.d_model": 64, "model.n_head": 2, "model.n_layer": 2, "model.seq_len": 64,
+                        "data.max_tokens": 600_000, "data.tokenizer": "bytebpe:1024",
+                        "train.steps": 150, "train.batch_size": 16, "train.eval_every": 50, "train.log_every": 10,
+                        "train.checkpoint_every": 50, "telemetry.every": 25, "telemetry.window": 4},
+        "axes": {"ffn_mult": [1, 2, 4, 8], "optimizer": ["adamw", "muon"]},
+        "analysis": {"last_k": 3},
+    },
+    # the CPU replication study (issue: "The CPU replication study")
+    "cpu": {
+        "name": "cpu",
+        "base": "cpu",
+        "axes": {
+            "ffn_mult": [1, 2, 4, 8, 16],
+            "optimizer": ["adamw", "muon", "normuon",
+                          {"name": "dion", "label": "dion_r1_2", "params": {"rank_fraction": 0.5}},
+                          {"name": "dion", "label": "dion_r1_16", "params": {"rank_fraction": 0.0625}},
+                          "shampoo"],
+            "seed": [0, 1, 2],
+        },
+        "extra": [
+            {"axes": {"ffn_mult": [1, 2, 4, 8, 16], "optimizer": ["adamw"], "seed": [0, 1, 2], "steps": [1200]}},
+            {"axes": {"ffn_mult": [1, 2, 4, 8, 16], "optimizer": ["adamw", "muon"], "seed": [0],
+                      "arch": [{"label": "nope", "model": {"pos": "none"}}]}},
+        ],
+        "analysis": {"last_k": 5},
+    },
+    "paper-160m": {
+        "name": "paper-160m",
+        "base": "paper-160m",
+        "axes": {
+            "ffn_mult": [1, 2, 3, 4, 5, 6, 7, 8],
+            "optimizer": ["adamw", "muon", "normuon",
+                          {"name": "dion", "label": "dion_r1_2", "params": {"rank_fraction": 0.5}},
+                          {"name": "dion", "label": "dion_r1_16", "params": {"rank_fraction": 0.0625}}],
+        },
+        "extra": [{"axes": {"ffn_mult": [1, 2, 3, 4, 5, 6, 7, 8], "optimizer": ["adamw"], "steps": [12000]}}],
+        "analysis": {"last_k": 5},
+    },
+    "paper-350m": {
+        "name": "paper-350m",
+        "base": "paper-350m",
+        "axes": {"ffn_mult": [1, 2, 3, 4], "optimizer": ["adamw", "muon", "normuon"]},
+        "analysis": {"last_k": 5},
+    },
+}
+
+
+def load_spec(preset: str | None = None, config_file: str | Path | None = None) -> SweepSpec:
+    if (preset is None) == (config_file is None):
+        raise ValueError("give exactly one of a sweep preset or a sweep config file")
+    if preset is not None:
+        if preset not in SWEEP_PRESETS:
+            raise ValueError(f"unknown sweep preset {preset!r}; choose from {sorted(SWEEP_PRESETS)}")
+        return SweepSpec.from_dict(SWEEP_PRESETS[preset])
+    return SweepSpec.from_dict(load_config_file(config_file))

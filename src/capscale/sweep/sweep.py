@@ -1,0 +1,85 @@
+"""Plan and run a sweep directory: ``SWEEP/sweep.json`` + ``SWEEP/runs/<name>/``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from capscale.sweep.executors import RunResult, run_local, run_submitit, write_request
+from capscale.sweep.spec import SweepSpec
+from capscale.train.rundir import RunDir, atomic_write_json
+
+SPEC_FILE = "sweep.json"
+
+
+def plan(spec: SweepSpec, out: str | Path) -> dict[str, Path]:
+    """Write the sweep spec and one request per run (idempotent); returns run dirs by name."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec_path = out / SPEC_FILE
+    if spec_path.exists():
+        old = json.loads(spec_path.read_text())
+        if old != json.loads(json.dumps(spec.to_dict())):
+            raise ValueError(f"{out} holds a different sweep ({old.get('name')!r}); use another --out")
+    else:
+        atomic_write_json(spec_path, spec.to_dict())
+    runs = {}
+    for name, cfg in spec.runs().items():
+        run_dir = out / "runs" / name
+        write_request(run_dir, json.loads(json.dumps(cfg.to_dict())))
+        runs[name] = run_dir
+    return runs
+
+
+def _prepare_data(spec: SweepSpec, log: Callable[[str], None]) -> None:
+    """Build tokenizer and token caches once, before workers race to build them."""
+    from capscale.train.data import load_data
+
+    seen = set()
+    for cfg in spec.runs().values():
+        key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            load_data(cfg.data, log=log)
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, *, workers: int | None = None, executor: str = "local",
+              slurm: dict | None = None, log: Callable[[str], None] = print) -> list[RunResult]:
+    """Run every unfinished run of ``spec`` under ``out``; finished runs are skipped."""
+    if executor not in ("local", "slurm", "submitit-local"):
+        raise ValueError(f"executor must be local or slurm, got {executor!r}")
+    runs = plan(spec, out)
+    pending = {}
+    for name, run_dir in runs.items():
+        st = RunDir(run_dir).read_status()
+        if st and st["status"] in ("done", "diverged"):
+            continue
+        pending[name] = run_dir
+    log(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(pending)} already finished, "
+        f"{len(pending)} to run -> {Path(out)}")
+    if not pending:
+        return []
+    _prepare_data(spec, log)
+    t0, done = time.perf_counter(), [0]
+
+    def on_event(name: str, res: RunResult | None) -> None:
+        if res is None:
+            log(f"  start  {name}")
+            return
+        done[0] += 1
+        extra = f" ({res.reason})" if res.status != "done" and res.reason else ""
+        log(f"  {res.status:<8} {name} in {res.seconds:.0f}s{extra}  [{done[0]}/{len(pending)}, "
+            f"{time.perf_counter() - t0:.0f}s elapsed]")
+
+    if executor == "local":
+        results = run_local(pending, workers=workers, on_event=on_event)
+    else:
+        results = run_submitit(pending, Path(out) / "submitit", local=executor == "submitit-local",
+                               slurm=slurm, on_event=on_event)
+    bad = [r for r in results if r.status not in ("done",)]
+    log(f"sweep {spec.name}: {len(results) - len(bad)} done, "
+        f"{sum(r.status == 'diverged' for r in results)} diverged, {sum(r.status == 'failed' for r in results)} failed "
+        f"in {time.perf_counter() - t0:.0f}s")
+    return results

@@ -1,0 +1,59 @@
+"""One sweep run in its own process: ``python -m capscale.sweep.worker RUN_DIR``.
+
+Reads ``RUN_DIR/request.json`` (the run's config as the sweep planned it), holds
+an exclusive lock on the run directory while training (so a restarted sweep can
+never have two processes writing one run), and dies with its parent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+REQUEST = "request.json"
+LOCK = ".lock"
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when the sweep that started it dies (no orphans)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_one(run_dir: str | Path, threads: int | None = None) -> dict:
+    """Train (or resume) the run in ``run_dir``; returns its final status."""
+    import torch
+
+    from capscale.train.config import RunConfig
+    from capscale.train.loop import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = Path(run_dir)
+    cfg = RunConfig.from_dict(json.loads((run_dir / REQUEST).read_text()))
+    with open(run_dir / LOCK, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{run_dir} is being trained by another process") from None
+        return train(cfg, run_dir, log=lambda _m: None)
+
+
+def main() -> int:
+    die_with_parent()
+    run_dir = sys.argv[1]
+    threads = int(os.environ.get("CAPSCALE_THREADS", "0")) or None
+    status = run_one(run_dir, threads)
+    return 0 if status["status"] in ("done", "diverged") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
