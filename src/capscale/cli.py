@@ -72,9 +72,24 @@ def _sweep_run(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
+def _lazy(module: str, attr: str) -> Callable:
+    """A subcommand's function, imported only when that subcommand runs or is listed."""
+
+    def call(*args):
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)(*args)
+
+    return call
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train (or resume) one run into a run directory", _train_args, _train_run),
     "sweep": ("run (or resume) a width x optimizer x seed sweep", _sweep_args, _sweep_run),
+    "report": ("analyse a sweep directory and write its capacity report (HTML, Markdown, JSON)",
+               _lazy("capscale.report.command", "add_arguments"), _lazy("capscale.report.command", "run")),
+    "fit": ("fit rank = c * width^beta for a CSV of points, one fit per group",
+            _lazy("capscale.fitcli", "add_arguments"), _lazy("capscale.fitcli", "run")),
     "version": ("print the capscale version", _version_args, _version_run),
 }
 

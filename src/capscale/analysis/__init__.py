@@ -1,0 +1,58 @@
+"""capscale.analysis: run directories → pandas frames → β fits, matched-loss pairs, phase map.
+
+Reads run directories only (the contract written by ``capscale.train``); imports
+``capscale.spectrum`` for the fits and nothing above it.
+
+    from capscale.analysis import analyze
+    a = analyze("sweeps/demo", last_k=5, tolerance=0.02)
+    a.betas      # β_soft, β_hard, Δβ with t- and bootstrap intervals per series × site × bucket
+    a.matched    # matched-loss pairs and their geometry
+    a.phase      # each run's (R1/D, R2/D) and region
+"""
+
+from capscale.analysis.aggregate import ALL_BUCKETS, METRICS, aggregate_runs, last_k_per_layer, seed_spread, tidy
+from capscale.analysis.compare import effect_summary, optimizer_architecture
+from capscale.analysis.fits import FIT_METRICS, FitOptions, beta_table, fit_scaling
+from capscale.analysis.matched import loss_by_width, matched_loss_pairs
+from capscale.analysis.phase import REGIONS, PhaseThresholds, classify, phase_map
+from capscale.analysis.pipeline import Analysis, AnalysisParams, analyze
+from capscale.analysis.runs import (
+    ARCH_AXES,
+    IncompatibleRunsError,
+    NoFinishedRunsError,
+    Sweep,
+    load_sweep,
+)
+from capscale.analysis.trajectories import bucket_capacity, loss_curves, rank_trajectories
+
+__all__ = [
+    "ALL_BUCKETS",
+    "ARCH_AXES",
+    "FIT_METRICS",
+    "METRICS",
+    "REGIONS",
+    "Analysis",
+    "AnalysisParams",
+    "FitOptions",
+    "IncompatibleRunsError",
+    "NoFinishedRunsError",
+    "PhaseThresholds",
+    "Sweep",
+    "aggregate_runs",
+    "analyze",
+    "beta_table",
+    "bucket_capacity",
+    "classify",
+    "effect_summary",
+    "fit_scaling",
+    "last_k_per_layer",
+    "load_sweep",
+    "loss_by_width",
+    "loss_curves",
+    "matched_loss_pairs",
+    "optimizer_architecture",
+    "phase_map",
+    "rank_trajectories",
+    "seed_spread",
+    "tidy",
+]

@@ -1,0 +1,128 @@
+"""One call from run directories to every analysis frame: ``analyze(source, **params)``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from capscale.analysis.aggregate import aggregate_runs, last_k_per_layer, seed_spread
+from capscale.analysis.compare import effect_summary, optimizer_architecture
+from capscale.analysis.fits import FitOptions, beta_table, fit_scaling
+from capscale.analysis.matched import loss_by_width, matched_loss_pairs
+from capscale.analysis.phase import PhaseThresholds, phase_map
+from capscale.analysis.runs import Sweep, load_sweep
+from capscale.analysis.trajectories import bucket_capacity, loss_curves, rank_trajectories
+
+SITES = ("pre", "post")
+
+
+@dataclass(frozen=True)
+class AnalysisParams:
+    """Every choice the analysis makes; all are stated in the report.
+
+    ``last_k``: logged steps per layer in the final aggregate (paper: 5).
+    ``tolerance``: matched-loss tolerance on the final validation loss, in nats.
+    ``confidence``: level of the t- and bootstrap intervals. ``n_resamples`` and
+    ``bootstrap_seed``: the bootstrap's size and seed (reproducible intervals).
+    ``site``: the headline site (paper: post-activation). ``phase``: phase-map thresholds.
+    """
+
+    last_k: int = 5
+    tolerance: float = 0.02
+    confidence: float = 0.95
+    n_resamples: int = 2000
+    bootstrap_seed: int = 0
+    site: str = "post"
+    phase: PhaseThresholds = field(default_factory=PhaseThresholds)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.last_k, bool) or not isinstance(self.last_k, int) or self.last_k < 1:
+            raise ValueError(f"last_k must be a positive int, got {self.last_k!r}")
+        if not (isinstance(self.tolerance, (int, float)) and self.tolerance >= 0):
+            raise ValueError(f"tolerance must be >= 0 nats, got {self.tolerance!r}")
+        if self.site not in SITES:
+            raise ValueError(f"site must be one of {SITES}, got {self.site!r}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence!r}")
+        if not isinstance(self.n_resamples, int) or self.n_resamples < 100:
+            raise ValueError(f"n_resamples must be an int >= 100, got {self.n_resamples!r}")
+
+    @classmethod
+    def create(cls, **options: Any) -> AnalysisParams:
+        """From flat keyword options: this class's fields and ``PhaseThresholds``' fields."""
+        own = {f.name for f in fields(cls)} - {"phase"}
+        phase_keys = {f.name for f in fields(PhaseThresholds)}
+        unknown = sorted(set(options) - own - phase_keys - {"phase"})
+        if unknown:
+            raise ValueError(f"unknown analysis parameter(s) {unknown}; valid: {sorted(own | phase_keys)}")
+        phase = options.get("phase") or {}
+        phase = phase if isinstance(phase, PhaseThresholds) else PhaseThresholds(
+            **{**phase, **{k: v for k, v in options.items() if k in phase_keys}})
+        return cls(**{k: v for k, v in options.items() if k in own}, phase=phase)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """All frames of one analysis (each documented in its module)."""
+
+    sweep: Sweep
+    params: AnalysisParams
+    per_layer: pd.DataFrame  # run × site × bucket × layer: median of the last k steps
+    points: pd.DataFrame  # run × site × bucket: median over layers (wide, one column per metric)
+    spread: pd.DataFrame  # series × width × site × bucket × metric: across-seed median/min/max/n
+    fits: pd.DataFrame  # series × site × bucket × metric (soft_rank, hard_rank, delta_beta)
+    betas: pd.DataFrame  # the fits, wide: series × site × bucket
+    losses: pd.DataFrame  # series × width: final validation loss across seeds
+    matched: pd.DataFrame  # matched-loss pairs
+    phase: pd.DataFrame  # run: (R1/D, R2/D) and region
+    trajectories: pd.DataFrame  # run × step × site × bucket: ranks, median over layers
+    curves: pd.DataFrame  # run × step: training and validation loss
+    buckets: pd.DataFrame  # run × bucket: final val loss beside capacity
+    cells: pd.DataFrame  # setting × arch: β
+    effects: pd.DataFrame  # optimizer vs architecture spans
+    effect_summary: pd.DataFrame
+    low_nd: pd.DataFrame  # aggregates built from records with N/D below "well sampled"
+
+
+def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = None, **options: Any) -> Analysis:
+    """Load (unless given a ``Sweep``) and analyse. ``options``: see ``AnalysisParams.create``."""
+    if params is not None and options:
+        raise ValueError("give analysis parameters either as params= or as keyword options, not both")
+    params = params or AnalysisParams.create(**options)
+    sweep = source if isinstance(source, Sweep) else load_sweep(source)
+    runs = sweep.runs
+    per_layer = last_k_per_layer(sweep.spectra, params.last_k)
+    points = aggregate_runs(per_layer)
+    fits = fit_scaling(points, per_layer, runs, FitOptions(params.confidence, params.n_resamples,
+                                                           params.bootstrap_seed))
+    betas = beta_table(fits)
+    cells, effects = optimizer_architecture(betas, site=params.site)
+    info = runs[["run_id", "name", "series", "width", "seed"]]
+    low_nd = points[points["worst_status"] != "well_sampled"].merge(info, on="run_id")
+    return Analysis(
+        sweep=sweep,
+        params=params,
+        per_layer=per_layer,
+        points=points,
+        spread=seed_spread(points, runs),
+        fits=fits,
+        betas=betas,
+        losses=loss_by_width(runs),
+        matched=matched_loss_pairs(runs, points, fits, params.tolerance, params.site),
+        phase=phase_map(points, runs, params.phase, site=params.site),
+        trajectories=rank_trajectories(sweep.spectra, runs),
+        curves=loss_curves(sweep.metrics, runs),
+        buckets=bucket_capacity(runs, points, params.site),
+        cells=cells,
+        effects=effects,
+        effect_summary=effect_summary(effects),
+        low_nd=low_nd[["run_id", "name", "series", "width", "seed", "site", "bucket", "worst_status",
+                       "min_samples_per_dim"]].sort_values(["series", "width", "seed", "site", "bucket"],
+                                                            ignore_index=True),
+    )

@@ -1,0 +1,331 @@
+"""Load run directories (the train → analysis contract) into tidy pandas frames.
+
+A run directory holds ``config.json``, ``metrics.jsonl``, ``spectra.parquet`` and
+``status.json``; a sweep directory holds ``runs/<run_name>/`` and, optionally,
+``sweep.json``. Only runs whose status is ``done`` are analysed; every other run
+(running, failed, diverged, unreadable) is *recorded* in ``Sweep.excluded`` with
+its reason so the report can list it — one bad run never stops an analysis.
+
+A **series** is the set of runs that share everything except the FFN width and
+the seed: the optimizer label, the step budget and, when they vary within the
+analysis, the declared architecture axes (``ARCH_AXES``). Any other difference
+between the model configs of the analysed runs is an error
+(``IncompatibleRunsError``): their ranks would not be comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+# Model keys that may vary within one analysis and then become part of the series key.
+ARCH_AXES = ("activation", "pos")
+# Model keys that legitimately vary: the width itself (ffn_mult is resolved into ffn_width).
+_WIDTH_KEYS = ("ffn_width", "ffn_mult")
+# Spectra columns the analysis needs; the rest of ``spectrum_summary`` is kept when present.
+REQUIRED_SPECTRA_COLUMNS = ("step", "layer", "site", "bucket", "soft_rank", "hard_rank", "dim",
+                            "sampling_status", "samples_per_dim")
+_VAL_LOSS_KEYS = ("val_loss", "val_loss_head", "val_loss_mid", "val_loss_tail")
+
+
+class NoFinishedRunsError(ValueError):
+    """The input holds no run with status ``done`` and readable results."""
+
+
+class IncompatibleRunsError(ValueError):
+    """The runs of one analysis differ in more than width, seed and the declared axes."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The analysable content of a sweep (or of a list of run directories).
+
+    ``runs``: one row per analysed run (``run_id`` = directory name, unique) with its
+    series key, width, seed and final validation losses. ``excluded``: one row per
+    run that was not analysed, with ``status`` and ``reason``. ``spectra`` and
+    ``metrics``: the runs' files, tidy, keyed by ``run_id`` (eigenvalue lists are
+    not loaded: no analysis needs them). ``arch_axes``: the architecture axes that
+    vary and are therefore part of the series key.
+    """
+
+    root: Path | None
+    spec: dict[str, Any] | None
+    runs: pd.DataFrame
+    excluded: pd.DataFrame
+    spectra: pd.DataFrame
+    metrics: pd.DataFrame
+    arch_axes: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        if self.spec and self.spec.get("name"):
+            return str(self.spec["name"])
+        return self.root.name if self.root is not None else "runs"
+
+
+def load_sweep(source: str | Path | Iterable[str | Path]) -> Sweep:
+    """Read a sweep directory, a single run directory, or a list of run directories."""
+    root, spec, run_dirs = _locate(source)
+    included, excluded, spectra, metrics = [], [], [], []
+    for run_dir in run_dirs:
+        rec = _read_run(run_dir)
+        if rec["reason"] is None:
+            included.append(rec)
+            spectra.append(rec.pop("spectra"))
+            metrics.append(rec.pop("metrics"))
+        else:
+            rec.pop("spectra", None)
+            rec.pop("metrics", None)
+            excluded.append(rec)
+    excluded_df = _excluded_frame(excluded)
+    if not included:
+        summary = ", ".join(f"{s}: {n}" for s, n in excluded_df["status"].value_counts().items()) or "none found"
+        where = str(root) if root is not None else "the given run directories"
+        raise NoFinishedRunsError(
+            f"no finished runs to analyse in {where} ({len(excluded)} run(s); {summary}); "
+            "a run is analysed once its status.json says 'done' and its spectra.parquet is readable"
+        )
+    arch_axes = _check_compatible(included)
+    runs = _runs_frame(included, arch_axes)
+    return Sweep(
+        root=root,
+        spec=spec,
+        runs=runs,
+        excluded=excluded_df,
+        spectra=pd.concat(spectra, ignore_index=True),
+        metrics=pd.concat(metrics, ignore_index=True),
+        arch_axes=arch_axes,
+    )
+
+
+# -- locating and reading ---------------------------------------------------------
+
+
+def _locate(source) -> tuple[Path | None, dict | None, list[Path]]:
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"no such sweep or run directory: {path}")
+        if (path / "runs").is_dir():
+            spec = _read_json(path / "sweep.json") if (path / "sweep.json").is_file() else None
+            dirs = sorted(p for p in (path / "runs").iterdir() if p.is_dir())
+            return path, spec, dirs
+        if (path / "config.json").is_file() or (path / "status.json").is_file():
+            return None, None, [path]
+        raise FileNotFoundError(f"{path} is neither a sweep directory (with runs/) nor a run directory "
+                                "(with config.json)")
+    dirs = [Path(p) for p in source]
+    missing = [str(p) for p in dirs if not p.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"run directories not found: {missing}")
+    if len({p.name for p in dirs}) != len(dirs):
+        raise ValueError("run directories must have distinct names (the name identifies the run)")
+    return None, None, dirs
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def _read_run(run_dir: Path) -> dict[str, Any]:
+    """One run's record; ``reason`` is None when it can be analysed."""
+    rec: dict[str, Any] = {"run_id": run_dir.name, "path": str(run_dir), "name": run_dir.name,
+                           "status": "unknown", "reason": None, "step": None, "config": None}
+    try:
+        status = _read_json(run_dir / "status.json") if (run_dir / "status.json").is_file() else None
+        config = _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
+    except ValueError as exc:
+        rec["reason"] = str(exc)
+        return rec
+    if config is not None:
+        rec["config"] = config
+        rec["name"] = str(config.get("name", run_dir.name))
+    if status is None:
+        rec["reason"] = "no status.json (not started, or not a run directory)"
+        return rec
+    rec["status"] = str(status.get("status", "unknown"))
+    rec["step"] = status.get("step")
+    if rec["status"] != "done":
+        detail = status.get("reason")
+        rec["reason"] = f"{rec['status']}" + (f": {detail}" if detail else "") + (
+            " (unfinished)" if rec["status"] == "running" else "")
+        return rec
+    if config is None:
+        rec["reason"] = "done, but config.json is missing"
+        return rec
+    try:
+        _config_fields(config)
+        rec["spectra"] = _read_spectra(run_dir / "spectra.parquet", rec["run_id"])
+        rec["metrics"] = _read_metrics(run_dir / "metrics.jsonl", rec["run_id"])
+        rec["final"] = _final_losses(rec["metrics"])
+    except KeyError as exc:
+        rec["reason"] = f"done, but config.json lacks the key {exc}"
+    except (OSError, ValueError) as exc:
+        rec["reason"] = f"done, but unreadable: {exc}"
+    return rec
+
+
+def _read_spectra(path: Path, run_id: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.name} is missing")
+    columns = [c for c in pq.read_schema(path).names if c != "eigenvalues"]
+    missing = [c for c in REQUIRED_SPECTRA_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"{path.name} lacks column(s) {missing}")
+    df = pd.read_parquet(path, columns=columns)
+    if df.empty:
+        raise ValueError(f"{path.name} has no rows")
+    # A run resumed from a checkpoint may record a window again: the later record wins.
+    df = df.drop_duplicates(["step", "layer", "site", "bucket"], keep="last")
+    df.insert(0, "run_id", run_id)
+    return df
+
+
+def _read_metrics(path: Path, run_id: str) -> pd.DataFrame:
+    """metrics.jsonl, tolerating only a torn last line (an append cut short)."""
+    rows = []
+    if path.is_file():
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    break
+                raise ValueError(f"{path.name} line {i + 1} is not valid JSON") from None
+    df = pd.DataFrame(rows)
+    if df.empty:
+        df = pd.DataFrame({"step": pd.Series(dtype="int64")})
+    if "step" not in df.columns:
+        raise ValueError(f"{path.name} rows lack 'step'")
+    df = df.drop_duplicates("step", keep="last")  # re-logged after a resume: the later record wins
+    df.insert(0, "run_id", run_id)
+    return df
+
+
+def _config_fields(config: dict) -> dict[str, Any]:
+    """The config fields the analysis uses; a KeyError names what is missing."""
+    model, opt, train = config["model"], config["optimizer"], config["train"]
+    width = model["ffn_width"]
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"config model.ffn_width must be a positive int, got {width!r}")
+    return {
+        "label": str(opt.get("label") or opt["name"]),
+        "optimizer": str(opt["name"]),
+        "steps": int(train["steps"]),
+        "seed": int(train.get("seed", 0)),
+        "width": width,
+        "d_model": model.get("d_model"),
+        **{axis: model.get(axis) for axis in ARCH_AXES},
+    }
+
+
+# -- validation and frames ---------------------------------------------------------
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)  # hashable, comparable
+    return out
+
+
+def _differences(records: list[dict], section: str, ignore: Iterable[str]) -> dict[str, list[tuple[str, Any]]]:
+    """Keys of ``config[section]`` that differ between records → [(run, value), ...] examples."""
+    flat = [(r["run_id"], _flatten(r["config"].get(section, {}))) for r in records]
+    keys = sorted({k for _, f in flat for k in f} - set(ignore))
+    diffs = {}
+    for key in keys:
+        seen: dict[str, str] = {}
+        for run_id, f in flat:
+            seen.setdefault(f.get(key, "<absent>"), run_id)
+        if len(seen) > 1:
+            diffs[key] = [(run_id, value) for value, run_id in seen.items()]
+    return diffs
+
+
+def _describe(diffs: dict[str, list[tuple[str, Any]]], section: str) -> str:
+    parts = []
+    for key, examples in diffs.items():
+        shown = ", ".join(f"{value} in {run_id!r}" for run_id, value in examples[:3])
+        parts.append(f"{section}.{key} ({shown}{', ...' if len(examples) > 3 else ''})")
+    return "; ".join(parts)
+
+
+def _check_compatible(records: list[dict]) -> tuple[str, ...]:
+    """Raise on incompatible model configs; return the architecture axes that vary."""
+    diffs = _differences(records, "model", _WIDTH_KEYS)
+    bad = {k: v for k, v in diffs.items() if k not in ARCH_AXES}
+    if bad:
+        raise IncompatibleRunsError(
+            f"mixed incompatible configs: the runs' model configs differ in {sorted(bad)} — "
+            f"{_describe(bad, 'model')}. Only model.ffn_width (and the architecture axes "
+            f"{list(ARCH_AXES)}) may vary within one analysis; analyse these runs separately."
+        )
+    arch_axes = tuple(a for a in ARCH_AXES if a in diffs)
+    # One label must name one optimizer setting, or its series would mix settings.
+    by_label: dict[str, list[dict]] = {}
+    for r in records:
+        by_label.setdefault(_config_fields(r["config"])["label"], []).append(r)
+    for label, recs in by_label.items():
+        odiffs = _differences(recs, "optimizer", ("label",))
+        if odiffs:
+            raise IncompatibleRunsError(
+                f"optimizer label {label!r} names different optimizer settings: {_describe(odiffs, 'optimizer')}; "
+                "give each setting its own optimizer.label"
+            )
+    return arch_axes
+
+
+def _final_losses(metrics: pd.DataFrame) -> dict[str, float]:
+    out = {}
+    for key in _VAL_LOSS_KEYS:
+        col = metrics[key].dropna() if key in metrics.columns else pd.Series(dtype=float)
+        out[f"final_{key}"] = float(col.iloc[-1]) if len(col) else math.nan
+    return out
+
+
+def _runs_frame(records: list[dict], arch_axes: tuple[str, ...]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        f = _config_fields(r["config"])
+        rows.append({"run_id": r["run_id"], "name": r["name"], **f, **r["final"], "status": r["status"],
+                     "path": r["path"]})
+    runs = pd.DataFrame(rows)
+    budgets = runs.groupby("label")["steps"].nunique()
+    # A run's optimizer "setting": its label, plus its step budget where the label has several.
+    runs["setting"] = [
+        f"{lab} · {steps} steps" if budgets[lab] > 1 else lab for lab, steps in zip(runs["label"], runs["steps"])
+    ]
+    runs["arch"] = [" · ".join(f"{a}={row[a]}" for a in arch_axes) for _, row in runs.iterrows()]
+    runs["series"] = [s if not a else f"{s} · {a}" for s, a in zip(runs["setting"], runs["arch"])]
+    return runs.sort_values(["series", "width", "seed", "run_id"], ignore_index=True)
+
+
+def _excluded_frame(records: list[dict]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        row = {k: r[k] for k in ("run_id", "name", "status", "reason", "step", "path")}
+        try:
+            f = _config_fields(r["config"]) if r["config"] is not None else {}
+        except (KeyError, ValueError, TypeError):
+            f = {}
+        row.update(label=f.get("label"), width=f.get("width"), seed=f.get("seed"), steps=f.get("steps"))
+        rows.append(row)
+    cols = ["run_id", "name", "status", "reason", "step", "label", "width", "seed", "steps", "path"]
+    return pd.DataFrame(rows, columns=cols)

@@ -1,0 +1,63 @@
+"""``build_report``: a sweep directory → ``report/index.html``, ``report.md``, ``report.json``, ``figures/*.png``."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capscale.analysis import Analysis, AnalysisParams, analyze, load_sweep
+from capscale.report.data import report_data
+from capscale.report.figures import render_figures
+from capscale.report.html import render_html
+from capscale.report.markdown import render_markdown
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    out_dir: Path
+    html: Path
+    markdown: Path
+    json: Path
+    figures: dict[str, Path]
+    analysis: Analysis
+
+
+def _write(path: Path, content: str | bytes) -> None:
+    """Atomic write (temp file + rename): a report being rebuilt is never seen half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open: the umask's permissions, not 0600
+    try:
+        tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None, **analysis_params: Any) -> ReportFiles:
+    """Analyse ``sweep_dir`` and write the report (default ``SWEEP_DIR/report/``).
+
+    ``analysis_params``: ``AnalysisParams`` fields and phase thresholds (e.g.
+    ``last_k=5, tolerance=0.02, brittle_ratio=0.25``). Defaults come from the
+    ``analysis`` table of the sweep's ``sweep.json`` when it has one; explicit
+    parameters win.
+    """
+    sweep_dir = Path(sweep_dir)
+    sweep = load_sweep(sweep_dir)
+    defaults = dict((sweep.spec or {}).get("analysis") or {})
+    params = AnalysisParams.create(**{**defaults, **analysis_params})
+    analysis = analyze(sweep, params)
+    data = report_data(analysis)
+    images = render_figures(analysis)
+    out = Path(out_dir) if out_dir is not None else sweep_dir / "report"
+    figures = {name: out / "figures" / f"{name}.png" for name in images}
+    for name, path in figures.items():
+        _write(path, images[name])
+    _write(out / "report.json", json.dumps(data, indent=1, allow_nan=False, ensure_ascii=False) + "\n")
+    _write(out / "report.md", render_markdown(data, {n: f"figures/{n}.png" for n in images}))
+    _write(out / "index.html", render_html(data, images))
+    return ReportFiles(out_dir=out, html=out / "index.html", markdown=out / "report.md", json=out / "report.json",
+                       figures=figures, analysis=analysis)

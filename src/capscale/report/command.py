@@ -1,0 +1,41 @@
+"""``capscale report SWEEP_DIR``: the command-line face of ``build_report`` (wired in by ``capscale.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+
+# Flag → AnalysisParams / PhaseThresholds field. Flags left unset fall back to the
+# sweep's sweep.json "analysis" table, then to the documented defaults.
+_OPTIONS = {
+    "last_k": ("--last-k", int, "logged steps per layer in the final aggregate (default 5, as the paper)"),
+    "tolerance": ("--tolerance", float, "matched-loss tolerance on final validation loss, nats (default 0.02)"),
+    "confidence": ("--confidence", float, "interval level (default 0.95)"),
+    "n_resamples": ("--bootstrap", int, "bootstrap resamples (default 2000)"),
+    "site": ("--site", str, "headline site: post or pre (default post)"),
+    "collapsed_soft": ("--collapsed-soft", float, "phase map: collapsed if R1/D below (default 0.05)"),
+    "broad_soft": ("--broad-soft", float, "phase map: broad if R1/D at or above (default 0.5)"),
+    "brittle_ratio": ("--brittle-ratio", float, "phase map: brittle if R2/R1 below (default 0.25)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a sweep directory (with runs/) or one run directory")
+    parser.add_argument("--out", metavar="DIR", default=None, help="output directory (default SWEEP_DIR/report)")
+    for dest, (flag, kind, help_) in _OPTIONS.items():
+        parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_)
+
+
+def run(args: argparse.Namespace) -> int:
+    from capscale.report.build import build_report  # matplotlib loads only when a report is built
+
+    params = {k: getattr(args, k) for k in _OPTIONS if getattr(args, k) is not None}
+    files = build_report(args.sweep_dir, args.out, **params)
+    sweep = files.analysis.sweep
+    print(f"analysed {len(sweep.runs)} run(s) in {sweep.runs['series'].nunique()} series; "
+          f"{len(sweep.excluded)} not analysed")
+    for _, r in sweep.excluded.iterrows():
+        print(f"  not analysed: {r['run_id']} ({r['reason']})")
+    print(f"report: {files.html}")
+    print(f"        {files.markdown}")
+    print(f"        {files.json}")
+    return 0

@@ -1,0 +1,69 @@
+"""``capscale fit``: refits the paper's published points to its published β; groups, bad input."""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from capscale import fitcli
+
+FIXTURES = Path(__file__).parent / "fixtures" / "paper_reference"
+POINTS = FIXTURES / "global_rank_points.csv"
+
+
+def _run(argv):
+    parser = argparse.ArgumentParser()
+    fitcli.add_arguments(parser)
+    return fitcli.run(parser.parse_args(argv))
+
+
+def test_published_points_give_published_beta(capsys, tmp_path):
+    out_csv = tmp_path / "fits.csv"
+    assert _run([str(POINTS), "--x", "ffn_hidden_dim", "--y", "value", "--out", str(out_csv)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    published = pd.read_csv(FIXTURES / "beta_table.csv")
+    assert len(printed) == 1 + len(published)  # header + one row per optimizer_variant × metric
+    for row in published.itertuples():
+        line = next(ln for ln in printed if ln.split()[:2] == [row.optimizer_variant, row.metric])
+        assert f"{row.beta:.3f}" in line and f"[{row.beta_lower:.3f}, {row.beta_upper:.3f}]" in line, line
+        assert f"{row.r_squared:.3f}" in line and line.split()[-1] == "8"
+    table = pd.read_csv(out_csv)  # full precision
+    merged = table.merge(published, on=["optimizer_variant", "metric"])
+    assert len(merged) == 10
+    assert np.allclose(merged["beta_x"], merged["beta_y"], atol=1e-12)
+    assert np.allclose(merged["ci_low"], merged["beta_lower"], atol=1e-12)
+
+
+def test_groups_default_to_non_numeric_columns_and_numeric_ones_pool(tmp_path):
+    rng = np.random.default_rng(0)
+    w = np.repeat([64, 128, 256, 512], 3)
+    df = pd.concat([pd.DataFrame({"width": w, "seed": np.tile([0, 1, 2], 4), "opt": name,
+                                  "value": 2.0 * w**beta * np.exp(rng.normal(0, 0.01, w.size))})
+                    for name, beta in (("a", 0.5), ("b", 0.9))])
+    table = fitcli.fit_table(df).set_index("opt")
+    assert list(table.index) == ["a", "b"] and set(table["n"]) == {12}  # seeds pooled as replicates
+    assert table.loc["a", "beta"] == pytest.approx(0.5, abs=0.02)
+    assert table.loc["b", "beta"] == pytest.approx(0.9, abs=0.02)
+    by_seed = fitcli.fit_table(df, by=["opt", "seed"])
+    assert len(by_seed) == 6 and set(by_seed["n"]) == {4}
+
+
+def test_too_few_widths_is_a_row_not_a_crash(tmp_path, capsys):
+    path = tmp_path / "p.csv"
+    pd.DataFrame({"g": ["x", "x", "y", "y", "y"], "width": [1, 2, 1, 2, 4], "value": [1, 2, 1, 2, 4]}).to_csv(
+        path, index=False)
+    assert _run([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "not fittable: a power-law fit needs at least 3 distinct widths, got 2" in out
+    assert "1.000" in out  # group y: exact β = 1
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such points file"):
+        _run([str(tmp_path / "missing.csv")])
+    with pytest.raises(ValueError, match=r"column\(s\) \['width'\] not in the CSV"):
+        _run([str(POINTS)])
+    with pytest.raises(ValueError, match="'metric' must be numeric"):
+        _run([str(POINTS), "--x", "ffn_hidden_dim", "--y", "metric"])

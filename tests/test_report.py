@@ -1,0 +1,204 @@
+"""capscale.report: report.json content, escaping of user strings, offline HTML rendered in headless Chromium."""
+
+import argparse
+import dataclasses
+import html
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from synthetic_runs import DEFAULT_SERIES, write_sweep, write_unfinished
+
+from capscale.report import build_report
+from capscale.report import command as report_command
+
+XSS_NAME = "<script>alert(1)</script>"
+XSS_LABEL = "<img src=x onerror=alert(2)> $5"  # also mathtext ($) and a space for the figures
+WIDTHS = (32, 64, 128)
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    series = list(DEFAULT_SERIES[:4])
+    series[3] = dataclasses.replace(series[3], label=XSS_LABEL)  # Dion 1/16, loss-matched to AdamW 2×
+    write_sweep(root, series=series, widths=WIDTHS, names={"muon_w64_rope_t60_s0": XSS_NAME})
+    write_unfinished(root, series[2], 256, "diverged", "loss is NaN at step 10")
+    files = build_report(root, n_resamples=300, tolerance=0.02)
+    data = json.loads(files.json.read_text(encoding="utf-8"))
+    return files, data, files.html.read_text(encoding="utf-8"), files.markdown.read_text(encoding="utf-8")
+
+
+def test_files_written(report):
+    files, _, page, md = report
+    assert files.html == files.out_dir / "index.html" and files.out_dir.name == "report"
+    assert set(files.figures) == {"scaling", "matched_loss", "asymmetry", "phase_map", "regimes", "bucket_loss",
+                                  "optimizer_architecture", "loss_curves", "rank_trajectories"}
+    for path in files.figures.values():
+        assert path.read_bytes().startswith(b"\x89PNG")
+        assert f"figures/{path.name}" in md
+    assert page.count('<img src="data:image/png;base64,') == len(files.figures)
+
+
+def test_json_holds_betas_with_intervals_for_every_label_and_bucket(report):
+    _, data, _, _ = report
+    labels = {"adamw", "muon", XSS_LABEL}
+    assert set(data["sweep"]["labels"]) == labels
+    for label in labels:
+        for bucket in ("all", "head", "mid", "tail"):
+            rows = [b for b in data["betas"] if b["label"] == label and b["bucket"] == bucket and b["site"] == "post"]
+            assert rows, (label, bucket)
+            for row in rows:
+                for kind in ("beta_soft", "beta_hard", "beta_delta"):
+                    b = row[kind]
+                    assert b["fittable"] and b["ci_low"] < b["beta"] < b["ci_high"], (label, bucket, kind)
+                    assert b["boot_low"] is not None and b["n"] >= 3
+    assert data["parameters"]["last_k"] == 5 and data["parameters"]["tolerance"] == 0.02
+    assert data["parameters"]["phase"] == {"collapsed_soft": 0.05, "broad_soft": 0.5, "brittle_ratio": 0.25,
+                                           "impossible_tol": 1e-9}
+    assert data["versions"]["matplotlib"]
+
+
+def test_html_numbers_come_from_json(report):
+    _, data, page, _ = report
+    for row in data["summary"]["headline"]:
+        b = row["beta_hard"]
+        assert f"{b['beta']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]" in page
+    for pair in data["q2_matched_loss"]["pairs"]:
+        assert f"{pair['val_loss_a']:.4f}" in page
+    for finding in data["summary"]["findings"]:
+        assert html.escape(finding) in page
+
+
+def test_five_questions_in_order_with_their_figures(report):
+    _, _, page, _ = report
+    order = ['id="q1"', 'id="fig-scaling"', 'id="q2"', 'id="fig-matched_loss"', 'id="q3"', 'id="fig-asymmetry"',
+             'id="fig-phase_map"', 'id="q4"', 'id="fig-regimes"', 'id="fig-bucket_loss"', 'id="q5"',
+             'id="fig-optimizer_architecture"', 'id="training"', 'id="reliability"', 'id="runs"', 'id="parameters"']
+    positions = [page.index(o) for o in order]
+    assert positions == sorted(positions)
+
+
+def test_matched_pair_diverged_run_and_parameters_are_reported(report):
+    _, data, page, _ = report
+    pairs = {frozenset((p["series_a"], p["series_b"])) for p in data["q2_matched_loss"]["pairs"]}
+    assert pairs == {frozenset(("adamw · 120 steps", XSS_LABEL))}
+    assert [r["status"] for r in data["excluded_runs"]] == ["diverged"]
+    assert "muon_w256_rope_t60_s0_diverged" in page and "loss is NaN at step 10" in page
+    for text in ("brittle if r2/r1 &lt; 0.25", "collapsed if r1 &lt; 0.05", "broad if r1 ≥ 0.5",
+                 "median of the last 5 logged steps per layer, then median over layers", "N/D"):
+        assert text in page, text
+
+
+def test_user_strings_are_escaped(report):
+    _, data, page, md = report
+    for raw in (XSS_NAME, "<img src=x", "<script"):
+        assert raw not in page, raw
+        assert raw not in md, raw
+    assert html.escape(XSS_NAME) in page
+    assert html.escape(XSS_LABEL) in page
+    assert XSS_NAME in {r["name"] for r in data["runs"]}  # JSON keeps the name as given
+
+
+def test_self_contained_no_external_resources(report):
+    _, _, page, _ = report
+    refs = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert refs and all(r.startswith(("data:image/png;base64,", "#")) for r in refs)
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+
+
+# A probe added to a copy of the page: it records script errors from the first moment and,
+# on load, whether each image decoded; --dump-dom prints the DOM with the result.
+PROBE = """<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message || e.type)), true);
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
+  const out = document.createElement('pre');
+  out.id = 'capscale-probe';
+  out.textContent = JSON.stringify({n: imgs.length, bad: bad, errors: window.__errors});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _render(page: str, tmp_path: Path) -> dict:
+    tmp_path.mkdir(parents=True)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("<head>", "<head>" + PROBE, 1), encoding="utf-8")
+    profile = tmp_path / "profile"
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--dump-dom", probe.as_uri()]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False).stdout
+    found = re.search(r'<pre id="capscale-probe">(.*?)</pre>', out, re.DOTALL)
+    assert found, f"probe did not report; chromium printed {out[:300]!r}"
+    return json.loads(html.unescape(found.group(1)))
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium not installed (Debian: apt-get install chromium)")
+def test_renders_in_headless_chromium(report, tmp_path):
+    _, _, page, _ = report
+    result = _render(page, tmp_path / "report")
+    assert result == {"n": 9, "bad": [], "errors": []}
+    # the probe itself catches a broken figure and a script error (so a pass above means something)
+    broken = page.replace("data:image/png;base64,iVBOR", "data:image/png;base64,AAAA", 1)
+    broken = broken.replace("</body>", "<script>undefined_function()</script></body>")
+    result = _render(broken, tmp_path / "broken")
+    assert len(result["bad"]) == 1 and len(result["errors"]) >= 1
+
+
+def test_report_command_and_sweep_defaults(tmp_path, capsys):
+    root = write_sweep(tmp_path / "sw", series=(DEFAULT_SERIES[2],), widths=WIDTHS)
+    (root / "sweep.json").write_text(json.dumps({"name": "tiny", "analysis": {"last_k": 2}}))
+    parser = argparse.ArgumentParser()
+    report_command.add_arguments(parser)
+    assert report_command.run(parser.parse_args([str(root), "--bootstrap", "200"])) == 0
+    data = json.loads((root / "report" / "report.json").read_text(encoding="utf-8"))
+    assert data["parameters"]["last_k"] == 2 and data["sweep"]["name"] == "tiny"  # from sweep.json
+    out = tmp_path / "elsewhere"
+    args = parser.parse_args([str(root), "--out", str(out), "--last-k", "3", "--bootstrap", "200",
+                              "--brittle-ratio", "0.3"])
+    assert report_command.run(args) == 0
+    data = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert data["parameters"]["last_k"] == 3 and data["parameters"]["phase"]["brittle_ratio"] == 0.3
+    assert str(out / "index.html") in capsys.readouterr().out
+
+
+def test_report_with_unfittable_series(tmp_path):
+    root = write_sweep(tmp_path, series=(DEFAULT_SERIES[2],), widths=(32, 64))
+    files = build_report(root, n_resamples=200)
+    data = json.loads(files.json.read_text(encoding="utf-8"))
+    assert all(not b["beta_hard"]["fittable"] for b in data["betas"])
+    assert "not fittable" in files.html.read_text(encoding="utf-8")
+    assert any("No series is fittable" in f for f in data["summary"]["findings"])
+
+
+
+def test_minimal_sweep_without_buckets_validation_or_pre_site(tmp_path):
+    """Telemetry with buckets off and post only, no evaluation logged: the report still builds."""
+    import warnings
+
+    import pandas as pd
+
+    root = write_sweep(tmp_path, series=(DEFAULT_SERIES[2],), widths=WIDTHS)
+    for run in (root / "runs").iterdir():
+        spectra = pd.read_parquet(run / "spectra.parquet")
+        spectra[(spectra["bucket"] == "all") & (spectra["site"] == "post")].to_parquet(run / "spectra.parquet")
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        (run / "metrics.jsonl").write_text("".join(json.dumps({k: m[k] for k in ("step", "loss")}) + "\n"
+                                                   for m in metrics))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no empty legends, no all-NaN reductions
+        files = build_report(root, n_resamples=200)
+    data = json.loads(files.json.read_text(encoding="utf-8"))
+    assert {(b["site"], b["bucket"]) for b in data["betas"]} == {("post", "all")}
+    assert data["q2_matched_loss"]["pairs"] == []
+    assert data["q5_optimizer_architecture"]["arch_axes"] == []
+    page = files.html.read_text(encoding="utf-8")
+    assert "no pair of series agrees within the tolerance" in page
+    assert "No architecture axis varied" in page
