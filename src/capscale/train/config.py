@@ -54,7 +54,7 @@ class TelemetryConfig:
     sites: tuple[str, ...] = ("pre", "post")
     buckets: bool = True
     monitor_every: int | None = None  # cheap hard-rank monitoring cadence (None = off)
-    dtype: str | None = None  # accumulator dtype; None = float64 on CPU, float32 on CUDA
+    dtype: str | None = None  # per-batch covariance GEMM dtype (None: the activations'); states are float64
 
 
 @dataclass
@@ -164,7 +164,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"source": "fineweb-edu", "tokenizer": "gpt2", "max_tokens": 3_300_000_000},
         "train": {"steps": 6000, "batch_size": 1024, "micro_batch_size": 64, "eval_every": 200, "eval_batches": 20,
                   "log_every": 10, "checkpoint_every": 500, "dtype": "bfloat16", "grad_clip": None},
-        "telemetry": {"every": 200, "window": 1, "dtype": "float32"},
+        "telemetry": {"every": 200, "window": 1},
     },
     "paper-350m": {
         "name": "paper-350m",
@@ -172,7 +172,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"source": "fineweb-edu", "tokenizer": "gpt2", "max_tokens": 3_300_000_000},
         "train": {"steps": 6000, "batch_size": 1024, "micro_batch_size": 32, "eval_every": 200, "eval_batches": 20,
                   "log_every": 10, "checkpoint_every": 500, "dtype": "bfloat16", "grad_clip": None},
-        "telemetry": {"every": 200, "window": 1, "dtype": "float32"},
+        "telemetry": {"every": 200, "window": 1},
     },
 }
 

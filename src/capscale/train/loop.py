@@ -136,8 +136,6 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print
     torch.manual_seed(cfg.train.seed)
     raw_model = GPT(cfg.model_config()).to(device)
     opt = build_optimizer(cfg.optimizer.name, raw_model, **cfg.optimizer.params)
-    probe = _attach_probe(cfg, raw_model, freq, device)
-
     start = 0
     ckpts = list_checkpoints(run.checkpoint_dir)
     if ckpts:
@@ -146,8 +144,6 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print
         raw_model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-        if probe is not None and ckpt.get("probe") is not None:
-            probe.load_state_dict(ckpt["probe"])
         start = step0
         say(f"resuming {run.path} from step {start}")
     if d.main:  # drop anything logged after the checkpoint: it will be redone identically
@@ -155,12 +151,15 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print
         run.truncate_spectra(start - 1)
         run.write_status("running", start)
 
+    # Checkpoints fall between measurement windows, so a probe re-attached at the
+    # resume step rebuilds exactly the windows an uninterrupted run would have.
+    probe, sink = _attach_probe(cfg, raw_model, freq, start)
     model = raw_model
     if d.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     try:
-        final = _loop(cfg, model, raw_model, opt, probe, data, freq, run, d, device, start, say)
+        final = _loop(cfg, model, raw_model, opt, probe, sink, data, freq, run, d, device, start, say)
     except Diverged as exc:
         final = {"status": "diverged", "step": exc.args[1], "reason": exc.args[0]}
         if d.main:
@@ -172,30 +171,62 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print
         raise
     finally:
         if probe is not None:
-            probe.close()
+            probe.close(flush=False)
     return final
 
 
-def _attach_probe(cfg: RunConfig, model: GPT, freq, device: torch.device):
+class _Collect:
+    """A probe sink that holds finished spectra until the loop writes them to the run dir."""
+
+    def __init__(self) -> None:
+        self.frames: list = []
+
+    def write_spectra(self, frame) -> None:
+        self.frames.append(frame)
+
+    def write_scalars(self, step: int, scalars: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def take(self):
+        import pandas as pd
+
+        frames, self.frames = [f for f in self.frames if f is not None and not f.empty], []
+        return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def _attach_probe(cfg: RunConfig, model: GPT, freq, start: int):
     tel = cfg.telemetry
     if not tel.enabled:
-        return None
+        return None, None
     from capscale.probe import attach
 
-    dtype = tel.dtype or ("float64" if device.type == "cpu" else "float32")
-    return attach(model, sites=tuple(tel.sites), freq_table=freq if tel.buckets else None,
-                  every=tel.every, window=tel.window, dtype=dtype, last_step=cfg.train.steps - 1)
+    sink = _Collect()
+    probe = attach(model, sites=tuple(tel.sites), freq_table=freq if tel.buckets else None, every=tel.every,
+                   window=tel.window, dtype=tel.dtype, monitor_every=tel.monitor_every,
+                   total_steps=cfg.train.steps, start_step=start, sinks=[sink], mode="train")
+    return probe, sink
 
 
-def _loop(cfg, model, raw_model, opt, probe, data: TokenData, freq, run: RunDir, d: Dist,
+def _mid_window(probe) -> bool:
+    """True if a measurement window opened before the current step is still open: a
+    checkpoint now would split it, so the loop waits until it closes."""
+    window = getattr(probe, "_full", None)
+    return window is not None and window.start < probe.step_index
+
+
+def _loop(cfg, model, raw_model, opt, probe, sink, data: TokenData, freq, run: RunDir, d: Dist,
           device: torch.device, start: int, say) -> dict[str, Any]:
     t = cfg.train
-    micro = t.micro_batch_size or t.batch_size
-    accum = t.batch_size // micro
-    if accum % d.world_size:
-        raise ValueError(f"train.batch_size/micro_batch_size ({accum}) must be divisible by the world size "
-                         f"({d.world_size})")
-    accum //= d.world_size
+    # batch_size counts sequences per optimizer step over all ranks and micro-batches;
+    # micro_batch_size is one forward on one rank (default: no accumulation).
+    micro = t.micro_batch_size or t.batch_size // d.world_size
+    if micro < 1 or t.batch_size % (micro * d.world_size):
+        raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of micro_batch_size ({micro}) "
+                         f"x world size ({d.world_size})")
+    accum = t.batch_size // (micro * d.world_size)
     seq = cfg.model_config().seq_len
     def autocast():  # a fresh context per use; bf16 autocast only on CUDA (checked at start)
         return torch.autocast("cuda", dtype=torch.bfloat16) if t.dtype == "bfloat16" else nullcontext()
@@ -207,6 +238,7 @@ def _loop(cfg, model, raw_model, opt, probe, data: TokenData, freq, run: RunDir,
         bar = tqdm(total=t.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
 
     pending: list[dict] = []
+    due = False  # a checkpoint waiting for a measurement window to close
     tokens_since, t_since = 0, time.perf_counter()
     for it in range(start, t.steps):
         factor = lr_factor(it, t.steps, kind=t.schedule, warmup=t.warmup_steps, warmdown_frac=t.warmdown_frac)
@@ -237,8 +269,9 @@ def _loop(cfg, model, raw_model, opt, probe, data: TokenData, freq, run: RunDir,
         opt.step()
         opt.zero_grad(set_to_none=True)
         if probe is not None:
-            frame = probe.step()
-            if d.main and frame is not None and not frame.empty:
+            probe.step()
+            frame = sink.take()
+            if d.main and frame is not None:
                 run.append_spectra(frame)
         tokens_since += t.batch_size * seq
         if bar is not None:
@@ -251,15 +284,16 @@ def _loop(cfg, model, raw_model, opt, probe, data: TokenData, freq, run: RunDir,
             rec = {"step": step, "loss": loss_val, "lr": opt.param_groups[0]["lr"],
                    "tokens_per_s": tokens_since / max(now - t_since, 1e-9)}
             if is_eval:
-                rec.update(evaluate(model, raw_model, probe, data, freq, micro, seq, t.eval_batches, d, device,
+                rec.update(evaluate(model, raw_model, data, freq, micro, seq, t.eval_batches, d, device,
                                     autocast))
             pending.append(rec)
             tokens_since, t_since = 0, time.perf_counter()
-        if step % t.checkpoint_every == 0 or step == t.steps:
+        due = due or step % t.checkpoint_every == 0
+        if (due and not (probe is not None and _mid_window(probe))) or step == t.steps:
+            due = False
             if d.main:
                 run.append_metrics(pending)
                 payload = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
-                           "probe": probe.state_dict() if probe is not None else None,
                            "model_config": run.read_config()["model"],
                            "optimizer_config": run.read_config()["optimizer"]}
                 save_checkpoint(run.checkpoint_dir, step, payload, keep=t.keep_checkpoints)
@@ -275,7 +309,7 @@ def _loop(cfg, model, raw_model, opt, probe, data: TokenData, freq, run: RunDir,
 
 
 @torch.no_grad()
-def evaluate(model, raw_model, probe, data: TokenData, freq, batch: int, seq: int, n_batches: int, d: Dist,
+def evaluate(model, raw_model, data: TokenData, freq, batch: int, seq: int, n_batches: int, d: Dist,
              device, autocast) -> dict[str, float]:
     """Validation loss overall and per HEAD/MID/TAIL bucket of the *target* token."""
     model.eval()
@@ -284,17 +318,16 @@ def evaluate(model, raw_model, probe, data: TokenData, freq, batch: int, seq: in
     n = min(n_batches, data.num_val_batches(batch, seq, d.world_size))
     if n < 1:
         raise ValueError(f"the validation split is too small for one batch of {batch}x{seq}")
-    ctx = probe.paused() if probe is not None else nullcontext()
-    with ctx:
-        for x, y in data.val_batches(batch, seq, n, rank=d.rank, world_size=d.world_size, device=device):
-            with autocast():
-                _, tok_loss = raw_model(x, y, reduction="none")
-            tok_loss = tok_loss.double().reshape(-1)
-            b = freq.bucket(y.reshape(-1)).long()
-            sums[0] += tok_loss.sum()
-            counts[0] += tok_loss.numel()
-            sums[1:] += torch.zeros(3, dtype=torch.float64, device=device).index_add_(0, b, tok_loss)
-            counts[1:] += torch.bincount(b, minlength=3).double()
+    # eval-mode forwards are not captured: the probe (mode="train") measures training forwards
+    for x, y in data.val_batches(batch, seq, n, rank=d.rank, world_size=d.world_size, device=device):
+        with autocast():
+            _, tok_loss = raw_model(x, y, reduction="none")
+        tok_loss = tok_loss.double().reshape(-1)
+        b = freq.bucket(y.reshape(-1)).long()
+        sums[0] += tok_loss.sum()
+        counts[0] += tok_loss.numel()
+        sums[1:] += torch.zeros(3, dtype=torch.float64, device=device).index_add_(0, b, tok_loss)
+        counts[1:] += torch.bincount(b, minlength=3).double()
     if d.world_size > 1:
         dist.all_reduce(sums)
         dist.all_reduce(counts)
