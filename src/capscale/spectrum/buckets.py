@@ -231,7 +231,8 @@ class BucketedCovariance:
             raise ValueError(f"wrong dimension: rows have D={x.shape[-1]}, accumulator has D={self.dim}")
         # One gather, in the input's own dtype, groups the kept rows by bucket; the
         # gathered buffer is scratch, so each bucket centres its slice in place.
-        grouped = rows[order[: bounds[k]]]
+        keep = order[: bounds[k]]
+        grouped = rows.index_select(0, keep) if is_torch(rows) else rows.take(keep, axis=0)
         for i, acc in enumerate(self.buckets):
             if bounds[i + 1] > bounds[i]:
                 seg, _ = acc._rows(grouped[bounds[i] : bounds[i + 1]], None)

@@ -204,7 +204,7 @@ class StreamingCovariance:
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / n)
         self.scatter += scatter_b
-        self.scatter += (delta[:, None] * delta[None, :]) * (n_a * n_b / n)
+        self.scatter += delta[:, None] * (delta * (n_a * n_b / n))[None, :]  # between-means term
         self.count = n
 
     def merge(self, other: StreamingCovariance) -> StreamingCovariance:
@@ -214,8 +214,14 @@ class StreamingCovariance:
         if other.dim != self.dim:
             raise ValueError(f"cannot merge D={other.dim} into D={self.dim}")
         if other.count:
-            self._combine(other.count, self._adopt(other.mean), self._adopt(other.scatter))
+            if self.count and self._native(other):  # read-only use: no copy of other's D×D state
+                self._combine(other.count, other.mean, other.scatter)
+            else:
+                self._combine(other.count, self._adopt(other.mean), self._adopt(other.scatter))
         return self
+
+    def _native(self, other: StreamingCovariance) -> bool:
+        return other.dtype == self.dtype and str(other.device) == str(self.device)
 
     def copy(self) -> StreamingCovariance:
         return StreamingCovariance.from_state_dict(self.state_dict(), device=self.device)

@@ -1,0 +1,301 @@
+"""Probe overhead on a training step: baseline vs probe pooled vs probe + HEAD/MID/TAIL buckets.
+
+    python benchmarks/bench_probe_overhead.py            # all cases
+    python benchmarks/bench_probe_overhead.py --quick    # fewer repeats
+
+One process, one model, one fixed set of batches; the modes are run in
+interleaved blocks (baseline, bare, pooled, bare-buckets, buckets, baseline, ...)
+so that load drift on a shared machine hits them alike, and each probe is
+attached for its block only (with its defaults: float32 GEMM, float64 states,
+records kept). A step is zero_grad + forward + backward + SGD step + probe.step(),
+so window-end work (reduction, eigvalsh, records) is inside the timed steps.
+
+Columns: ratio (blocks) = the median over blocks of (probe block time / the
+baseline block run just before it), robust to bursts of load from other
+processes; floor = 1 + the DESIGN.md floor below. Cadence cases add: ms/window =
+the measured step's extra time (its forward, the eigvalsh and the records), median
+over blocks; amortised = 1 + ms/window / (every x baseline median step), the
+headline figure there, since 199 unmeasured steps carry ±1-2% of load noise that
+would swamp a 0.5% effect; unmeasured = median unmeasured probe step / median
+baseline step, a check that unmeasured steps cost nothing (their hooks are not
+even registered, see tests/test_probe_schedule.py).
+
+Modes: baseline (no probe); pooled; buckets (HEAD/MID/TAIL by a Zipf frequency
+table); bare and bare-buckets (BareFloor: the floor of each, measured inside the
+same training loop: only the GEMM and the eigvalsh calls, nothing else).
+
+Cases:
+  st-cpu      spectral-telemetry's published CPU config (their figures: +31% pooled,
+              +95% buckets): d_model 64, FFN 256, 2 layers, seq 64, batch 8, vocab
+              2048, fp32, FFN pre-activation (fc1) probed, every step measured,
+              10-step windows (every=10, window=10).
+  st-cpu-200  the same model at the paper's cadence: one measured step per 200.
+  both-sites  the same, every step, pre- and post-activation sites.
+
+For every case it also prints the floor DESIGN.md names: the covariance GEMM
+(2·N·D² flops per site per forward) at this machine's measured matmul speed
+plus one eigvalsh per accumulator per window, as a fraction of the baseline step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+import capscale
+from capscale.spectrum import FrequencyTable
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    d_model: int = 64
+    ffn: int = 256
+    layers: int = 2
+    seq: int = 64
+    batch: int = 8
+    vocab: int = 2048
+    every: int = 10
+    window: int = 10
+    block_steps: int = 20  # steps per interleaved block (a multiple of every)
+    sites: tuple = ("pre",)
+
+
+CASES = (
+    Case("st-cpu"),
+    Case("st-cpu-200", every=200, window=1, block_steps=200),
+    Case("both-sites", sites=("pre", "post")),
+)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, h: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, h)
+        self.fc2 = nn.Linear(h, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(self.norm(x))) ** 2)
+
+
+class TinyLM(nn.Module):
+    """The benchmark model of spectral-telemetry's CPU table (embedding, ReLU² MLP blocks, head)."""
+
+    def __init__(self, c: Case):
+        super().__init__()
+        self.emb = nn.Embedding(c.vocab, c.d_model)
+        self.blocks = nn.ModuleList(Block(c.d_model, c.ffn) for _ in range(c.layers))
+        self.head = nn.Linear(c.d_model, c.vocab, bias=False)
+
+    def forward(self, ids, targets):
+        x = self.emb(ids)
+        for b in self.blocks:
+            x = b(x)
+        logits = self.head(x).float()
+        return nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+
+class BareFloor:
+    """The floor, measured in the loop: a hook doing only the covariance GEMM (uncentred,
+    float32, no state, no checks, no grouping) and ``eigs`` eigvalsh per site per window
+    (1 pooled; 4 with buckets: all, head, mid, tail)."""
+
+    def __init__(self, model: TinyLM, c: Case, eigs: int):
+        self.on, self.eigs = False, eigs
+        mods = [(b.fc1, "output") for b in model.blocks] if "pre" in c.sites else []
+        mods += [(b.fc2, "input") for b in model.blocks] if "post" in c.sites else []
+        self.acc = [torch.zeros(c.ffn, c.ffn) for _ in mods]
+        self.handles = []
+        for j, (m, cap) in enumerate(mods):
+            if cap == "output":
+                self.handles.append(m.register_forward_hook(lambda mod, a, out, j=j: self._add(j, out)))
+            else:
+                self.handles.append(m.register_forward_pre_hook(lambda mod, a, j=j: self._add(j, a[0])))
+
+    def _add(self, j, x):
+        if self.on:
+            x = x.detach().reshape(-1, x.shape[-1])
+            self.acc[j].addmm_(x.T, x)
+
+    def finish(self):
+        for a in self.acc:
+            for _ in range(self.eigs):
+                torch.linalg.eigvalsh(a.double())
+            a.zero_()
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def zipf_table(vocab: int) -> FrequencyTable:
+    return FrequencyTable(np.maximum((1e7 / np.arange(1, vocab + 1)).astype(np.int64), 1))
+
+
+def site_spec(sites):
+    spec = {"pre": "blocks.{layer}.fc1", "post": ("blocks.{layer}.fc2", "input")}
+    return {s: spec[s] for s in sites}
+
+
+def run_case(c: Case, repeats: int, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    model = TinyLM(c)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    data = [
+        (
+            torch.randint(0, c.vocab, (c.batch, c.seq), generator=g),
+            torch.randint(0, c.vocab, (c.batch, c.seq), generator=g),
+        )
+        for _ in range(c.block_steps)
+    ]
+    table = zipf_table(c.vocab)
+
+    def block(mode: str) -> list[float]:
+        probe = bare = None
+        if mode.startswith("bare"):
+            bare = BareFloor(model, c, eigs=4 if mode == "bare-buckets" else 1)
+        elif mode != "baseline":
+            probe = capscale.attach(
+                model,
+                sites=site_spec(c.sites),
+                every=c.every,
+                window=c.window,
+                freq_table=table if mode == "buckets" else None,
+            )
+        times = []
+        for k, (ids, tgt) in enumerate(data):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            if bare is not None:
+                bare.on = k % c.every < c.window
+            model(ids, tgt).backward()
+            opt.step()
+            if probe is not None:
+                probe.step()
+            if bare is not None and k % c.every == c.window - 1:
+                bare.finish()
+            times.append(time.perf_counter() - t0)
+        if probe is not None:
+            probe.close(flush=False)  # every window has finished inside the timed steps
+        if bare is not None:
+            bare.close()
+        return times
+
+    modes = ("baseline", "bare", "pooled", "bare-buckets", "buckets")
+    for m in modes:  # warm-up: allocator, MKL, first-window paths
+        block(m)
+    times = {m: [] for m in modes}
+    for _ in range(repeats):
+        for m in modes:
+            times[m].append(block(m))
+    res = {"case": c.__dict__ | {"sites": list(c.sites)}, "modes": {}}
+    base_median = statistics.median(t for b in times["baseline"] for t in b)
+    measured = [k for k in range(c.block_steps) if k % c.every < c.window]
+    windows = c.block_steps // c.every
+    for m in modes:
+        blocks = times[m]
+        flat = [t for b in blocks for t in b]
+        quiet = [t for b in blocks for k, t in enumerate(b) if k not in measured]
+        stats = {
+            "mean_ms": 1e3 * statistics.fmean(flat),
+            "median_ms": 1e3 * statistics.median(flat),
+            # each block against the baseline block run just before it; median over blocks
+            "ratio_blocks": statistics.median(sum(b) / sum(bb) for b, bb in zip(blocks, times["baseline"])),
+        }
+        if quiet:  # a cadence case: the measured step's extra cost, amortised over `every` steps
+            extra = (
+                statistics.median(
+                    sum(b[k] for k in measured)
+                    - len(measured) * statistics.median(b[k] for k in range(len(b)) if k not in measured)
+                    for b in blocks
+                )
+                / windows
+            )
+            stats["extra_ms_per_window"] = 1e3 * extra
+            stats["ratio_amortised"] = 1 + extra / (c.every * base_median)
+            stats["ratio_unmeasured"] = statistics.median(quiet) / base_median
+        res["modes"][m] = stats
+    res["floor"] = floor(c, base_median)
+    return res
+
+
+def _median_time(fn, n: int = 30) -> float:
+    fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def floor(c: Case, base_step_s: float) -> dict:
+    """GEMM + eigvalsh floor per step, as a fraction of the baseline step (median)."""
+    n = c.batch * c.seq
+    x = torch.randn(n, c.ffn)
+    gemm = _median_time(lambda: torch.mm(x.T, x))
+    cov = torch.cov(torch.randn(4 * c.ffn, c.ffn, dtype=torch.float64).T)
+    eig = _median_time(lambda: torch.linalg.eigvalsh(cov), n=10)
+    sites = len(c.sites) * c.layers
+    out = {"gemm_ms": 1e3 * gemm, "eigvalsh_ms": 1e3 * eig}
+    for name, accs in (("pooled", 1), ("buckets", 4)):  # from isolated timings
+        # every step of a window is measured; windows of c.window steps per c.every steps
+        per_step = (c.window / c.every) * sites * gemm + sites * accs * eig / c.every
+        out[name] = per_step / base_step_s
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (noisier)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--case", action="append", choices=[c.name for c in CASES])
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    results = []
+    for c in CASES:
+        if args.case and c.name not in args.case:
+            continue
+        reps = args.repeats or (
+            (3 if args.quick else 8) if c.block_steps > 50 else (15 if args.quick else 40)
+        )
+        r = run_case(c, reps)
+        results.append(r)
+        base = r["modes"]["baseline"]
+        print(
+            f"\n== {c.name}: d_model {c.d_model}, FFN {c.ffn}, {c.layers} layers, seq {c.seq}, batch {c.batch}, "
+            f"sites {','.join(c.sites)}, every={c.every} window={c.window}, {reps} x {c.block_steps} steps/mode"
+        )
+        cadence = c.every > c.window
+        head = f"{'mode':<13}{'mean ms':>9}{'median ms':>11}{'ratio (blocks)':>16}{'floor':>8}"
+        if cadence:
+            head += f"{'ms/window':>11}{'amortised':>11}{'unmeasured':>12}"
+        print(head)
+        for m in ("baseline", "bare", "pooled", "bare-buckets", "buckets"):
+            v = r["modes"][m]
+            fl = f"{1 + r['floor'][m]:.4f}" if m in r["floor"] else ""
+            line = f"{m:<13}{v['mean_ms']:>9.2f}{v['median_ms']:>11.2f}{v['ratio_blocks']:>16.4f}{fl:>8}"
+            if cadence:
+                line += f"{v['extra_ms_per_window']:>11.2f}{v['ratio_amortised']:>11.4f}{v['ratio_unmeasured']:>12.4f}"
+            print(line)
+        print(
+            f"   floor = covariance GEMM {r['floor']['gemm_ms']:.3f} ms per site and forward + eigvalsh "
+            f"{r['floor']['eigvalsh_ms']:.2f} ms per accumulator and window; baseline median step "
+            f"{base['median_ms']:.2f} ms"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""``capscale measure MODEL --data TEXT_OR_DIR [--tokens N] --out FILE``: post-hoc spectra of a saved model.
+
+MODEL is a Hugging Face model directory (``config.json`` + weights), loaded
+offline with its own tokenizer, which turns the local text into token ids.
+Every layer and both sites are measured over all tokens at once (one
+full-batch spectrum each), with HEAD/MID/TAIL buckets from the unigram counts
+of the same text (or ``--freq-table``). The output has the ``spectra.parquet``
+columns (``.parquet``, ``.jsonl`` or ``.csv``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", help="a Hugging Face model directory (config.json + weights), loaded offline"
+    )
+    parser.add_argument(
+        "--data", required=True, help="a text file, or a directory of .txt/.md files (recursive)"
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=65536, help="measure the first N tokens (default 65536)"
+    )
+    parser.add_argument("--out", required=True, help="output file: .parquet, .jsonl or .csv")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per sequence (default: the model's context, at most 512)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    parser.add_argument(
+        "--freq-table",
+        default=None,
+        help="HEAD/MID/TAIL from this FrequencyTable JSON (default: counts of the measured text)",
+    )
+    parser.add_argument("--sites", default="pre,post", help="comma-separated: pre, post (default both)")
+    parser.add_argument("--layers", default="auto", help="'auto' or comma-separated layer indices")
+    parser.add_argument(
+        "--dtype",
+        choices=("float64", "float32"),
+        default="float64",
+        help="covariance GEMM dtype (default float64)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--step", type=int, default=0, help="value of the step column (default 0)")
+
+
+def read_text(path: Path) -> list[str]:
+    """The text of a file, or of every text file under a directory (sorted), one string each."""
+    if path.is_file():
+        return [path.read_text(encoding="utf-8", errors="replace")]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"no {'/'.join(TEXT_SUFFIXES)} files under {str(path)!r}")
+        return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    raise FileNotFoundError(f"--data {str(path)!r} does not exist")
+
+
+def load_hf(model_dir: Path, device: str):
+    """(model, tokenizer) from a HF directory, offline; a clear error for anything else."""
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(
+            f"{str(model_dir)!r} is not a Hugging Face model directory (no config.json); "
+            "`capscale measure` reads HF directories (capscale checkpoints are not supported yet)"
+        )
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        raise ValueError(
+            "`capscale measure` of a HF model needs transformers: pip install transformers"
+        ) from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"{str(model_dir)!r} has no usable tokenizer to read the text with: {exc}") from exc
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).to(device)
+    return model, tokenizer
+
+
+def tokenize(texts: list[str], tokenizer, limit: int) -> list[int]:
+    """Token ids of the texts, documents separated by EOS (when the tokenizer has one), first ``limit``."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        if len(ids) >= limit:
+            break
+    return ids[:limit]
+
+
+def batches(ids: list[int], seq_len: int, batch_size: int, device: str):
+    """``[B, S]`` token-id tensors; the tail shorter than ``seq_len`` forms a last ``[1, r]`` batch."""
+    import torch
+
+    t = torch.tensor(ids, dtype=torch.long)
+    n = t.numel() // seq_len
+    full = t[: n * seq_len].view(n, seq_len)
+    out = [full[i : i + batch_size].to(device) for i in range(0, n, batch_size)]
+    if t.numel() - n * seq_len >= 2:
+        out.append(t[n * seq_len :].view(1, -1).to(device))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from capscale.probe import measure_model, scalar_summary
+    from capscale.probe.sinks import check_frame_path, write_frame
+    from capscale.spectrum import FrequencyTable
+
+    check_frame_path(args.out)  # before minutes of work, not after
+    if args.tokens < 2:
+        raise ValueError(f"--tokens must be >= 2, got {args.tokens}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    sites = tuple(s.strip() for s in args.sites.split(",") if s.strip())
+    layers = "auto" if args.layers == "auto" else [int(x) for x in args.layers.split(",")]
+    model, tokenizer = load_hf(Path(args.model), args.device)
+    vocab = int(model.get_input_embeddings().num_embeddings)
+    ids = tokenize(read_text(Path(args.data)), tokenizer, args.tokens)
+    if len(ids) < 2:
+        raise ValueError(f"--data {args.data!r} gives {len(ids)} tokens; need at least 2")
+    if max(ids) >= vocab:
+        raise ValueError(
+            f"the tokenizer produced id {max(ids)} but the model's vocabulary has {vocab} entries"
+        )
+    if args.freq_table:
+        table = FrequencyTable.load(args.freq_table)
+    else:
+        table = FrequencyTable.from_token_ids([ids], vocab_size=vocab)
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
+    seq_len = args.seq_len or min(512, context or 512)
+    frame = measure_model(
+        model,
+        batches(ids, seq_len, args.batch_size, args.device),
+        freq_table=table,
+        sites=sites,
+        layers=layers,
+        dtype=getattr(torch, args.dtype),
+        step=args.step,
+    )
+    out = write_frame(frame, args.out)
+    print(f"measured {len(ids)} tokens, {frame['layer'].nunique()} layers x {len(sites)} sites -> {out}")
+    for key, value in scalar_summary(frame).items():
+        print(f"  {key.split('/', 1)[1]:<28} {value:10.3f}")
+    return 0

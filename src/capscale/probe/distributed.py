@@ -1,0 +1,101 @@
+"""Exact data-parallel reduction of covariance states under ``torch.distributed``.
+
+Every rank ends with the same merged states (not rank 0 only). Two
+all-reduces of packed float64 buffers give the exact pooled moments:
+
+    N = Σ_r n_r,   M = Σ_r n_r m_r / N,
+    S = Σ_r [ S_r + n_r (m_r − M)(m_r − M)ᵀ ]
+
+which is Chan's merge with its between-means correction, applied to all ranks
+at once (the parallel-axis theorem). Memory is one copy of the states, not
+one per rank as an all-gather would need.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from capscale.probe.accumulate import Moments
+
+
+def world_size(group=None) -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size(group)
+
+
+def rank(group=None) -> int:
+    if world_size(group) == 1:
+        return 0
+    return torch.distributed.get_rank(group)
+
+
+def _comm_device(group) -> torch.device:
+    backend = torch.distributed.get_backend(group)
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def reduce_moments(
+    parts: list[Moments | None], dims: list[int | None], extra: list[float], group=None
+) -> tuple[list[Moments | None], list[float]]:
+    """Merge each entry across ranks; ``extra`` scalars (e.g. forward counts) are summed.
+
+    ``parts[i]`` may be None on a rank that never saw data for it; ``dims[i]``
+    then comes from the ranks that did. An entry with no width anywhere stays None.
+    Results live on each entry's own device (the communication device otherwise).
+    """
+    dist = torch.distributed
+    dev = _comm_device(group)
+    d = torch.tensor([-1 if x is None else int(x) for x in dims], dtype=torch.int64, device=dev)
+    dist.all_reduce(d, op=dist.ReduceOp.MAX, group=group)
+    dims = [None if x < 0 else int(x) for x in d.tolist()]
+    live = [i for i, x in enumerate(dims) if x is not None]
+
+    def local(i):
+        p = parts[i]
+        if p is None or p.count == 0:
+            return 0, torch.zeros(dims[i], dtype=torch.float64, device=dev), None
+        return p.count, p.mean.to(dev, torch.float64), p.scatter.to(dev, torch.float64)
+
+    loc = {i: local(i) for i in live}
+    # Phase 1: counts and sums → global means.
+    buf = torch.cat(
+        [torch.tensor(extra, dtype=torch.float64, device=dev)]
+        + [
+            t
+            for i in live
+            for t in (
+                torch.tensor([float(loc[i][0])], dtype=torch.float64, device=dev),
+                loc[i][1] * loc[i][0],
+            )
+        ]
+    )
+    dist.all_reduce(buf, group=group)
+    extra_out = buf[: len(extra)].tolist()
+    off, glob = len(extra), {}
+    for i in live:
+        n_all = round(float(buf[off]))
+        glob[i] = (n_all, buf[off + 1 : off + 1 + dims[i]] / max(n_all, 1))
+        off += 1 + dims[i]
+    # Phase 2: each rank's scatter about the global mean, summed.
+    parts2 = []
+    for i in live:
+        n, m, s = loc[i]
+        if n:
+            delta = m - glob[i][1]
+            parts2.append((s + n * torch.outer(delta, delta)).reshape(-1))
+        else:
+            parts2.append(torch.zeros(dims[i] * dims[i], dtype=torch.float64, device=dev))
+    buf = torch.cat(parts2) if parts2 else torch.zeros(0, dtype=torch.float64, device=dev)
+    dist.all_reduce(buf, group=group)
+    out: list[Moments | None] = [None] * len(parts)
+    off = 0
+    for i in live:
+        n_all, mean = glob[i]
+        size = dims[i] * dims[i]
+        home = parts[i].scatter.device if parts[i] is not None else dev
+        out[i] = Moments(n_all, mean.to(home), buf[off : off + size].reshape(dims[i], dims[i]).to(home))
+        off += size
+    return out, extra_out

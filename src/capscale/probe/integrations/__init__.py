@@ -1,0 +1,4 @@
+"""Framework integrations (optional extras): ``hf`` (transformers) and ``lightning``.
+
+Each module imports its framework at import time; importing this package imports neither.
+"""

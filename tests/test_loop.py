@@ -1,0 +1,189 @@
+"""The training loop end to end on the smoke preset (real default corpus)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from capscale.train.config import resolve
+from capscale.train.corpus import CorpusNotInstalledError, load_manifest
+from capscale.train.loop import train
+
+try:
+    load_manifest()
+    HAVE_CORPUS = True
+except CorpusNotInstalledError:
+    HAVE_CORPUS = False
+
+pytestmark = pytest.mark.skipif(not HAVE_CORPUS, reason="default corpus not fetched: python -m capscale.train.corpus fetch")
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _no_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "capscale", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    status = train(resolve("smoke"), out, log=lambda _m: None)
+    return out, status
+
+
+def test_smoke_run_writes_the_run_directory_contract(smoke_run):
+    out, status = smoke_run
+    assert status["status"] == "done" and status["step"] == 30
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["ffn_width"] == 4 * cfg["model"]["d_model"]
+    assert cfg["model"]["vocab_size"] % 64 == 0 and "torch" in cfg["versions"]
+    m = _metrics(out)
+    assert [r["step"] for r in m] == [5, 10, 15, 20, 25, 30]
+    assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in m)
+    evals = [r for r in m if "val_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert all({"val_loss_head", "val_loss_mid", "val_loss_tail"} <= set(r) for r in evals)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]  # it learns
+    # rare tokens are harder to predict than frequent ones
+    assert evals[-1]["val_loss_tail"] > evals[-1]["val_loss_head"]
+    assert m[-1]["lr"] < m[0]["lr"]  # linear warmdown over the last 20%
+    spectra = pd.read_parquet(out / "spectra.parquet")
+    assert set(spectra["site"]) == {"pre", "post"}
+    assert set(spectra["bucket"]) == {"all", "head", "mid", "tail"}
+    assert set(spectra["layer"]) == {0, 1}
+    assert {"soft_rank", "hard_rank", "eigenvalues", "sampling_status"} <= set(spectra.columns)
+    assert json.loads((out / "status.json").read_text())["status"] == "done"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000030.pt"]
+
+
+def test_rerun_of_a_finished_run_is_a_no_op(smoke_run):
+    out, _ = smoke_run
+    before = (out / "metrics.jsonl").read_text()
+    status = train(resolve("smoke"), out, log=lambda _m: None)
+    assert status["status"] == "done"
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    over = ["train.steps=80", "train.checkpoint_every=10"]
+    ref = tmp_path / "ref"
+    train(resolve("smoke", overrides=over), ref, log=lambda _m: None)
+    out = tmp_path / "killed"
+    args = ["train", "--preset", "smoke", *(a for o in over for a in ("--set", o)), "--out", str(out)]
+    proc = _cli(*args)
+    ckpt_dir = out / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt_dir.is_dir() and any(p.name.endswith(".pt") for p in ckpt_dir.iterdir()):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # at once: mid-run, after at least one checkpoint
+    proc.wait()
+    assert json.loads((out / "status.json").read_text())["status"] == "running", "finished before the kill"
+    resumed = _cli(*args)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert _no_timing(_metrics(out)) == _no_timing(_metrics(ref))
+    a = torch.load(ref / "checkpoints" / "step_00000080.pt", weights_only=True)
+    b = torch.load(out / "checkpoints" / "step_00000080.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["optimizer"]["state"]:
+        for name, v in a["optimizer"]["state"][k].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"]["state"][k][name])), (k, name)
+    sa, sb = pd.read_parquet(ref / "spectra.parquet"), pd.read_parquet(out / "spectra.parquet")
+    pd.testing.assert_frame_equal(sa, sb)
+
+
+def test_diverged_run_stops_cleanly(tmp_path):
+    out = tmp_path / "div"
+    status = train(resolve("smoke", overrides=["lr=1e6", "train.steps=20"]), out, log=lambda _m: None)
+    assert status["status"] == "diverged"
+    st = json.loads((out / "status.json").read_text())
+    assert st["status"] == "diverged" and "non-finite" in st["reason"]
+    m = _metrics(out)
+    assert m and m[-1]["loss"] is None  # NaN written as null, everything before kept
+    assert (out / "config.json").exists()
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_overwritten(smoke_run, tmp_path):
+    ref, _ = smoke_run
+    out = tmp_path / "corrupt"
+    train(resolve("smoke", overrides=["train.steps=10"]), out, log=lambda _m: None)
+    ckpt = out / "checkpoints" / "step_00000010.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    (out / "status.json").write_text(json.dumps({"status": "running", "step": 10, "reason": None}))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="corrupt or unreadable"):
+        train(resolve("smoke", overrides=["train.steps=10"]), out, log=lambda _m: None)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "status.json"}
+    assert all(after[k] == before[k] for k in after)
+
+
+def test_different_config_on_existing_run_dir_is_refused(smoke_run):
+    out, _ = smoke_run
+    before = (out / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"different config \(differs in \['optimizer.label', 'optimizer.name'\]"):
+        train(resolve("smoke", overrides=["optimizer=muon"]), out, log=lambda _m: None)
+    assert (out / "config.json").read_text() == before
+
+
+def test_missing_corpus_says_how_to_install(tmp_path):
+    env = {**os.environ, "CAPSCALE_HOME": str(tmp_path / "empty")}
+    proc = _cli("train", "--preset", "smoke", "--out", str(tmp_path / "r"), env=env)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "python -m capscale.train.corpus fetch" in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optimizer=lion", "unknown optimizer 'lion'"),
+    ("model.ffn_width=0", "FFN width must be"),
+    ("train.nope=1", r"unknown config key\(s\) \['train.nope'\]"),
+    ("optimizer.params.rank_fraction=0.5", "unknown hyperparameter"),
+])
+def test_bad_config_is_refused_before_anything_is_written(tmp_path, override, match):
+    proc = _cli("train", "--preset", "smoke", "--set", override, "--out", str(tmp_path / "r"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert pytest.importorskip("re").search(match, err), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_preset(tmp_path):
+    proc = _cli("train", "--preset", "huge", "--out", str(tmp_path / "r"))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "unknown preset 'huge'" in err
+
+
+def test_torchrun_two_processes_log_one_set_of_telemetry(tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+         "-m", "capscale", "train", "--preset", "smoke", "--set", "train.steps=10", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = _metrics(out)
+    assert [r["step"] for r in m] == [5, 10]
+    spectra = pd.read_parquet(out / "spectra.parquet")
+    keys = spectra[["step", "layer", "site", "bucket"]]
+    assert not keys.duplicated().any()  # one set, written by rank 0 only
+    # the reduced state covers both ranks' rows: 8 sequences per step (4 per rank) × 32 tokens
+    # × a window of 2 steps
+    row = spectra[(spectra.step == 0) & (spectra.bucket == "all")].iloc[0]
+    assert row["n_samples"] == 8 * 32 * 2

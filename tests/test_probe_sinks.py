@@ -1,0 +1,118 @@
+"""Sinks: JSONL / Parquet append-only and atomic, TensorBoard events, W&B offline, console, scalars."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_probe_sites import toy
+
+import capscale
+from capscale.probe import COLUMNS, ConsoleSink, JSONLSink, ParquetSink, scalar_summary
+from capscale.spectrum import FrequencyTable
+
+V = 50
+
+
+def ids(seed):
+    return torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(seed))
+
+
+def run(sinks, steps=3, every=1, table=None):
+    model = toy()
+    with capscale.attach(model, every=every, sinks=sinks, freq_table=table) as probe:
+        for s in range(steps):
+            model(ids(s))
+            probe.step()
+        return probe.compute(reset=False)
+
+
+def test_parquet_appends_atomically_and_reads_back(tmp_path):
+    path = tmp_path / "run" / "spectra.parquet"
+    table = FrequencyTable(np.arange(1, V + 1)[::-1].copy())
+    df = run([ParquetSink(path)], steps=3, table=table)
+    back = pd.read_parquet(path)
+    assert list(back.columns) == list(COLUMNS)
+    assert len(back) == len(df) == 3 * 2 * 2 * 4
+    assert back[["step", "layer", "site", "bucket"]].drop_duplicates().shape[0] == len(back)
+    assert back.layer.dtype == np.int64 and back.step.dtype == np.int64
+    np.testing.assert_allclose(back.soft_rank, df.soft_rank)
+    assert str(pq.read_schema(path).field("eigenvalues").type) == "list<element: double>"
+    assert [p.name for p in path.parent.iterdir()] == ["spectra.parquet"]  # no temp files left
+    # A second probe (a resumed run) appends; the rows already there are untouched.
+    run([ParquetSink(path)], steps=1)
+    again = pd.read_parquet(path)
+    assert len(again) == len(back) + 4
+    pd.testing.assert_frame_equal(again.iloc[: len(back)].reset_index(drop=True), back)
+
+
+def test_parquet_types_eigenvalues_even_when_all_insufficient(tmp_path):
+    model = toy()
+    path = tmp_path / "s.parquet"
+    with capscale.attach(model, every=1, sinks=[ParquetSink(path)]) as probe:
+        model(torch.tensor([[3]]))  # one row: every spectrum insufficient
+        probe.step()
+        model(ids(0))
+    back = pd.read_parquet(path)
+    assert list(back.sampling_status[:4]) == ["insufficient"] * 4 and back.eigenvalues[:4].isna().all()
+    assert len(back.eigenvalues.iloc[-1]) == 12
+
+
+def test_jsonl_appends_lines_with_nulls(tmp_path):
+    path = tmp_path / "spectra.jsonl"
+    model = toy()
+    with capscale.attach(model, every=1, sinks=[JSONLSink(path)]) as probe:
+        model(torch.tensor([[3]]))
+        probe.step()
+        model(ids(1))
+    lines = path.read_text().splitlines()
+    assert len(lines) == 8
+    recs = [json.loads(line) for line in lines]
+    assert recs[0]["soft_rank"] is None and recs[0]["eigenvalues"] is None and recs[0]["step"] == 0
+    assert recs[-1]["step"] == 1 and len(recs[-1]["eigenvalues"]) == 12 and recs[-1]["soft_rank"] > 1
+
+
+def test_scalar_summary_is_the_mean_over_layers():
+    df = run([], steps=1)
+    sc = scalar_summary(df)
+    pre = df[(df.site == "pre") & (df.bucket == "all")]
+    assert sc["capscale/pre/all/soft_rank"] == pytest.approx(pre.soft_rank.mean())
+    assert sc["capscale/post/all/hard_rank"] == pytest.approx(df[df.site == "post"].hard_rank.mean())
+    assert set(sc) == {f"capscale/{s}/all/{r}" for s in ("pre", "post") for r in ("soft_rank", "hard_rank")}
+
+
+def test_console_prints_one_line_per_measurement(capsys):
+    run([ConsoleSink()], steps=2)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 2 and out[0].startswith("[capscale] step 0:") and "pre/all/soft_rank=" in out[0]
+
+
+def test_tensorboard_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from capscale.probe import TensorBoardSink
+
+    df = run([TensorBoardSink(tmp_path / "tb")], steps=3, every=2)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    ev = acc.Scalars("capscale/pre/all/soft_rank")
+    assert [e.step for e in ev] == [0, 2]
+    assert ev[0].value == pytest.approx(df[(df.step == 0) & (df.site == "pre")].soft_rank.mean(), rel=1e-6)
+
+
+def test_wandb_offline(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from capscale.probe import WandbSink
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    user_run = wandb.init(project="capscale-test", dir=str(tmp_path / "a"))
+    run([WandbSink(user_run)], steps=2)  # a run it did not start: left open
+    assert user_run.summary["capscale/step"] == 1 and user_run.summary["capscale/pre/all/soft_rank"] > 1
+    user_run.finish()
+    assert list(tmp_path.glob("a/wandb/offline-run-*/run-*.wandb"))
+    run([WandbSink(project="capscale-test", dir=str(tmp_path / "b"))], steps=1)  # starts and finishes its own
+    assert wandb.run is None and list(tmp_path.glob("b/wandb/offline-run-*/run-*.wandb"))

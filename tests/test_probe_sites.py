@@ -1,0 +1,243 @@
+"""Site discovery: known architectures by name, explicit patterns or modules, clear errors.
+
+Also home of the tiny model builders the other probe tests import.
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from capscale.probe import SiteDiscoveryError, SiteSpec, discover_sites
+
+
+class MLP(nn.Module):
+    def __init__(self, d, h, act="relu2"):
+        super().__init__()
+        self.c_fc = nn.Linear(d, h)
+        self.c_proj = nn.Linear(h, d)
+        self.act = act
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        h = torch.relu(h).square() if self.act == "relu2" else torch.nn.functional.gelu(h)
+        return self.c_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.mlp = MLP(d, h)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class ToyLM(nn.Module):
+    """Names its FFN sites like capscale's GPT (``blocks.{i}.mlp.c_fc`` / ``c_proj``)."""
+
+    def __init__(self, vocab=50, d=8, h=12, layers=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d, h) for _ in range(layers))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids, targets=None):
+        x = self.emb(ids)
+        for b in self.blocks:
+            x = b(x)
+        logits = self.head(x)
+        if targets is None:
+            return logits
+        return nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def toy(seed=0, **kw):
+    torch.manual_seed(seed)
+    return ToyLM(**kw)
+
+
+def hf_gpt2(vocab=64, layers=2, d=16, seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab,
+        n_positions=32,
+        n_embd=d,
+        n_layer=layers,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def hf_llama(vocab=64, layers=2, d=16, seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=40,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def our_gpt(vocab=64, layers=2, d=16, seed=0, **kw):
+    model = pytest.importorskip("capscale.train.model", reason="capscale.train.model not importable yet")
+    torch.manual_seed(seed)
+    return model.GPT(model.GPTConfig(vocab_size=vocab, seq_len=32, n_layer=layers, n_head=2, d_model=d, **kw))
+
+
+def tl_model(vocab=64, layers=2, d=16, seed=0):
+    tl = pytest.importorskip("transformer_lens")
+    try:
+        HT, HTC = tl.HookedTransformer, tl.HookedTransformerConfig
+    except (ImportError, AttributeError):
+        pytest.skip("transformer_lens >= 4 has no HookedTransformer (blocks.{i}.mlp.hook_pre)")
+    cfg = HTC(
+        n_layers=layers,
+        d_model=d,
+        n_ctx=32,
+        d_head=8,
+        n_heads=2,
+        d_mlp=40,
+        d_vocab=vocab,
+        act_fn="gelu",
+        device="cpu",
+        seed=seed,
+    )
+    with warnings.catch_warnings():  # 3.x deprecates HookedTransformer in favour of 4.x's bridge
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return HT(cfg)
+
+
+def _names(sites):
+    return [(s.layer, s.site, s.name, s.capture) for s in sites]
+
+
+def test_toy_follows_our_gpt_naming():
+    sites = discover_sites(toy(layers=3))
+    assert _names(sites) == [
+        (i, s, f"blocks.{i}.mlp.{m}", c)
+        for i in range(3)
+        for s, m, c in (("pre", "c_fc", "output"), ("post", "c_proj", "input"))
+    ]
+    assert sites[0].feature_dim() == 12 and sites[1].feature_dim() == 12
+
+
+def test_our_gpt():
+    sites = discover_sites(our_gpt(layers=2, activation="swiglu"))
+    # SwiGLU: pre = the gate projection c_fc (not c_up), post = the input of c_proj
+    assert _names(sites)[:2] == [
+        (0, "pre", "blocks.0.mlp.c_fc", "output"),
+        (0, "post", "blocks.0.mlp.c_proj", "input"),
+    ]
+
+
+def test_hf_gpt2_conv1d():
+    sites = discover_sites(hf_gpt2())
+    assert _names(sites)[:2] == [
+        (0, "pre", "transformer.h.0.mlp.c_fc", "output"),
+        (0, "post", "transformer.h.0.mlp.c_proj", "input"),
+    ]
+    assert [s.feature_dim() for s in sites[:2]] == [64, 64]  # Conv1D: 4 x n_embd
+
+
+def test_hf_llama_gated():
+    sites = discover_sites(hf_llama())
+    assert _names(sites)[:2] == [
+        (0, "pre", "model.layers.0.mlp.gate_proj", "output"),
+        (0, "post", "model.layers.0.mlp.down_proj", "input"),
+    ]
+
+
+def test_transformer_lens_hook_points():
+    sites = discover_sites(tl_model())
+    assert _names(sites)[:2] == [
+        (0, "pre", "blocks.0.mlp.hook_pre", "output"),
+        (0, "post", "blocks.0.mlp.hook_post", "output"),
+    ]
+
+
+def test_wrapper_prefixes_and_layer_selection():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = toy(layers=4)
+
+    sites = discover_sites(Wrapper(), sites=("post",), layers=[1, -1])
+    assert _names(sites) == [
+        (1, "post", "module.blocks.1.mlp.c_proj", "input"),
+        (3, "post", "module.blocks.3.mlp.c_proj", "input"),
+    ]
+    with pytest.raises(SiteDiscoveryError, match=r"layer 7 not found; the model has layers \[0, 1, 2, 3\]"):
+        discover_sites(Wrapper(), layers=[7])
+
+
+def test_explicit_patterns_modules_and_specs():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stack = nn.ModuleList(
+                nn.ModuleDict({"up": nn.Linear(4, 6), "down": nn.Linear(6, 4)}) for _ in range(2)
+            )
+
+    m = Odd()
+    by_pattern = discover_sites(m, sites={"pre": "stack.{layer}.up", "post": ("stack.{layer}.down", "input")})
+    assert _names(by_pattern) == [
+        (0, "pre", "stack.0.up", "output"),
+        (0, "post", "stack.0.down", "input"),
+        (1, "pre", "stack.1.up", "output"),
+        (1, "post", "stack.1.down", "input"),
+    ]
+    downs = SiteSpec({1: m.stack[1]["down"], 0: m.stack[0]["down"]}, "output")
+    by_modules = discover_sites(m, sites={"pre": [b["up"] for b in m.stack], "post": downs}, layers=[1])
+    assert _names(by_modules) == [(1, "pre", "stack.1.up", "output"), (1, "post", "stack.1.down", "output")]
+    with pytest.raises(SiteDiscoveryError, match=r"site 'post' not found for layers \[1\]"):
+        discover_sites(
+            m, sites={"pre": [b["up"] for b in m.stack], "post": SiteSpec({0: m.stack[0]["down"]}, "output")}
+        )
+
+
+def test_unknown_architecture_error_lists_what_was_looked_for():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(SiteDiscoveryError) as err:
+        discover_sites(model)
+    msg = str(err.value)
+    for needle in ("Sequential", "hook_pre", "c_fc", "gate_proj", "down_proj", "{layer}", "SiteSpec"):
+        assert needle in msg
+
+
+def test_bad_specs():
+    m = toy()
+    with pytest.raises(ValueError, match="exactly once"):
+        discover_sites(m, sites={"pre": "blocks.mlp.c_fc"})
+    with pytest.raises(SiteDiscoveryError, match="matched no module"):
+        discover_sites(m, sites={"pre": "blocks.{layer}.ffn"})
+    with pytest.raises(SiteDiscoveryError, match="not a submodule"):
+        discover_sites(m, sites={"pre": [nn.Linear(2, 2)]})
+    with pytest.raises(ValueError, match="unknown site"):
+        discover_sites(m, sites=("middle",))
+    with pytest.raises(ValueError, match="capture"):
+        SiteSpec("x.{layer}", "weights")
+
+
+def test_ambiguous_layers_are_refused():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.decoder = toy(), toy()
+
+    with pytest.raises(SiteDiscoveryError, match="ambiguous"):
+        discover_sites(Two())

@@ -1,0 +1,140 @@
+"""Sweeps: planning, resumable local execution under SIGKILL, failures recorded, submitit."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from capscale.sweep import SWEEP_PRESETS, SweepSpec, load_spec, run_sweep
+from capscale.sweep.sweep import plan
+from capscale.train.corpus import CorpusNotInstalledError, load_manifest
+
+try:
+    load_manifest()
+    HAVE_CORPUS = True
+except CorpusNotInstalledError:
+    HAVE_CORPUS = False
+needs_corpus = pytest.mark.skipif(not HAVE_CORPUS, reason="default corpus not fetched")
+
+# 3 widths × 2 optimizers of the smoke preset, 20 steps, plus an arm that diverges.
+SPEC = {
+    "name": "t",
+    "base": "smoke",
+    "base_config": {"train.steps": 20, "train.checkpoint_every": 5},
+    "axes": {"ffn_mult": [1, 2, 4], "optimizer": ["adamw", "muon"]},
+    "extra": [{"axes": {"ffn_mult": [1], "optimizer": [{"name": "adamw", "label": "adamw_hot",
+                                                        "params": {"lr": 1e6}}]}}],
+}
+
+
+def _snapshot(sweep: Path) -> dict:
+    out = {}
+    for run in sorted((sweep / "runs").iterdir()):
+        st = json.loads((run / "status.json").read_text())
+        metrics = [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+                   for line in (run / "metrics.jsonl").read_text().splitlines()]
+        spectra = run / "spectra.parquet"
+        ranks = pd.read_parquet(spectra)[["step", "layer", "site", "bucket", "soft_rank", "hard_rank"]] \
+            if spectra.exists() else None
+        ckpts = sorted((run / "checkpoints").glob("*.pt"))
+        weights = torch.load(ckpts[-1], weights_only=True)["model"] if ckpts else {}
+        out[run.name] = (st["status"], st["step"], metrics, ranks, weights)
+    return out
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        sa, sb = a[name], b[name]
+        assert sa[:3] == sb[:3], name
+        if sa[3] is not None:
+            pd.testing.assert_frame_equal(sa[3], sb[3])
+        assert sa[4].keys() == sb[4].keys()
+        for k in sa[4]:  # bit-identical; the diverging arm's weights may hold NaN
+            torch.testing.assert_close(sa[4][k], sb[4][k], rtol=0, atol=0, equal_nan=True, msg=f"{name} {k}")
+
+
+def test_spec_names_and_presets():
+    runs = SweepSpec.from_dict(SPEC).runs()
+    assert sorted(runs) == sorted(
+        [f"{o}_w{w}_s0" for o in ("adamw", "muon") for w in (32, 64, 128)] + ["adamw_hot_w32_s0"])
+    assert runs["muon_w128_s0"].optimizer.name == "muon"
+    assert runs["muon_w128_s0"].model_config().ffn_dim == 128
+    for preset in SWEEP_PRESETS:
+        spec = load_spec(preset)
+        widths = {c.model_config().ffn_dim for c in spec.runs().values()}
+        labels = {c.label for c in spec.runs().values()}
+        assert len(widths) >= 3 and len(labels) >= 2, preset
+    cpu = load_spec("cpu").runs()
+    assert {c.label for c in cpu.values()} >= {"adamw", "muon", "normuon", "dion_r1_2", "dion_r1_16", "shampoo"}
+    assert any(c.train.steps == 2 * load_spec("cpu").runs()["adamw_w128_s0"].train.steps for c in cpu.values())
+    assert any(c.model_config().pos == "none" for c in cpu.values())
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"axes": {"width": [1]}}, "unknown sweep axis"),
+    ({"axes": {"ffn_mult": [1], "ffn_width": [64]}}, "not both"),
+    ({"axes": {"ffn_mult": []}}, "non-empty list"),
+    ({"axes": {"optimizer": ["sgd"]}}, "unknown optimizer 'sgd'"),
+    ({"axes": {"ffn_mult": [0]}}, "FFN width must be"),
+    ({"colour": "red"}, "unknown sweep key"),
+])
+def test_bad_specs(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SweepSpec.from_dict({"name": "x", "base": "smoke", **bad})
+
+
+def test_a_directory_holds_one_sweep(tmp_path):
+    plan(SweepSpec.from_dict(SPEC), tmp_path)
+    other = SweepSpec.from_dict({**SPEC, "axes": {"ffn_mult": [1, 2, 8], "optimizer": ["adamw"]}})
+    with pytest.raises(ValueError, match="different sweep"):
+        plan(other, tmp_path)
+
+
+@needs_corpus
+def test_sigkill_resume_equals_uninterrupted_and_divergence_is_recorded(tmp_path):
+    spec = SweepSpec.from_dict(SPEC)
+    ref = tmp_path / "ref"
+    results = run_sweep(spec, ref, workers=2, log=lambda _m: None)
+    status = {r.name: r.status for r in results}
+    assert status.pop("adamw_hot_w32_s0") == "diverged"
+    assert set(status.values()) == {"done"}
+
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(SPEC))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-c",
+           "import json,sys; from capscale.sweep import SweepSpec, run_sweep;"
+           f"run_sweep(SweepSpec.from_dict(json.load(open({str(spec_file)!r}))), {str(out)!r}, workers=2)"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 200
+    # kill once some run has a checkpoint but the sweep is not over
+    while time.time() < deadline and proc.poll() is None:
+        if list(out.glob("runs/*/checkpoints/*.pt")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)  # workers die with their parent (PDEATHSIG)
+    unfinished = [p for p in out.glob("runs/*") if not (p / "status.json").exists()
+                  or json.loads((p / "status.json").read_text())["status"] == "running"]
+    assert unfinished, "the kill came too late to test anything"
+    run_sweep(spec, out, workers=2, log=lambda _m: None)
+    _same(_snapshot(ref), _snapshot(out))
+
+
+@needs_corpus
+def test_submitit_local_executor(tmp_path):
+    pytest.importorskip("submitit")
+    spec = SweepSpec.from_dict({"name": "s", "base": "smoke", "base_config": {"train.steps": 5, "telemetry.every": 5},
+                                "axes": {"ffn_mult": [1, 2, 4], "optimizer": ["adamw"]}})
+    results = run_sweep(spec, tmp_path, executor="submitit-local", log=lambda _m: None)
+    assert sorted(r.status for r in results) == ["done"] * 3
