@@ -13,14 +13,10 @@ import pytest
 import torch
 
 from capscale.train.config import resolve
-from capscale.train.corpus import CorpusNotInstalledError, load_manifest
+from capscale.train.corpus import is_installed
 from capscale.train.loop import train
 
-try:
-    load_manifest()
-    HAVE_CORPUS = True
-except CorpusNotInstalledError:
-    HAVE_CORPUS = False
+HAVE_CORPUS = is_installed()
 
 pytestmark = pytest.mark.skipif(not HAVE_CORPUS, reason="default corpus not fetched: python -m capscale.train.corpus fetch")
 

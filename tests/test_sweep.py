@@ -13,13 +13,9 @@ import torch
 
 from capscale.sweep import SWEEP_PRESETS, SweepSpec, load_spec, run_sweep
 from capscale.sweep.sweep import plan
-from capscale.train.corpus import CorpusNotInstalledError, load_manifest
+from capscale.train.corpus import is_installed
 
-try:
-    load_manifest()
-    HAVE_CORPUS = True
-except CorpusNotInstalledError:
-    HAVE_CORPUS = False
+HAVE_CORPUS = is_installed()
 needs_corpus = pytest.mark.skipif(not HAVE_CORPUS, reason="default corpus not fetched")
 
 # 3 widths × 2 optimizers of the smoke preset, 20 steps, plus an arm that diverges.

@@ -166,14 +166,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "log_every": 10, "checkpoint_every": 500, "dtype": "bfloat16", "grad_clip": None},
         "telemetry": {"every": 200, "window": 1},
     },
-    "paper-350m": {
-        "name": "paper-350m",
-        "model": {"vocab_size": 50304, "seq_len": 512, "n_layer": 24, "n_head": 16, "d_model": 1024, "ffn_mult": 4},
-        "data": {"source": "fineweb-edu", "tokenizer": "gpt2", "max_tokens": 3_300_000_000},
-        "train": {"steps": 6000, "batch_size": 1024, "micro_batch_size": 32, "eval_every": 200, "eval_batches": 20,
-                  "log_every": 10, "checkpoint_every": 500, "dtype": "bfloat16", "grad_clip": None},
-        "telemetry": {"every": 200, "window": 1},
-    },
+}
+
+
+# 350M: 24 × 1024, FFN 1024·{1…4}; otherwise the 160M setup.
+PRESETS["paper-350m"] = {
+    **PRESETS["paper-160m"],
+    "name": "paper-350m",
+    "model": {**PRESETS["paper-160m"]["model"], "n_layer": 24, "n_head": 16, "d_model": 1024},
+    "train": {**PRESETS["paper-160m"]["train"], "micro_batch_size": 32},
 }
 
 
