@@ -203,9 +203,9 @@ class BucketedCovariance:
         if mask is not None and tuple(mask.shape) != lead:
             raise ValueError(f"mask of shape {tuple(mask.shape)} for rows of shape {lead}")
         k = len(self.buckets)
-        if is_torch(x):
+        if is_torch(x) or self.buckets[0].device is not None:
             import torch
-
+        if is_torch(x):
             b = torch.as_tensor(bucket_ids, device=x.device).reshape(-1).long()
             if b.numel():
                 lo, hi = torch.aminmax(b)
@@ -229,15 +229,35 @@ class BucketedCovariance:
         rows = x.reshape(n_rows, x.shape[-1]) if x.shape[-1] == self.dim else None
         if rows is None:
             raise ValueError(f"wrong dimension: rows have D={x.shape[-1]}, accumulator has D={self.dim}")
-        # One gather, in the input's own dtype, groups the kept rows by bucket; the
-        # gathered buffer is scratch, so each bucket centres its slice in place.
+        # Convert once to the state's dtype and backend (as a pooled update does), then
+        # one gather groups the kept rows by bucket into a reused scratch buffer (no
+        # fresh allocation per batch); each bucket centres its slice of it in place.
+        converted, _ = self.buckets[0]._rows(rows, None)
         keep = order[: bounds[k]]
-        grouped = rows.index_select(0, keep) if is_torch(rows) else rows.take(keep, axis=0)
+        if self.buckets[0].device is None and is_torch(keep):
+            keep = keep.cpu().numpy()
+        elif self.buckets[0].device is not None and not is_torch(keep):
+            keep = torch.from_numpy(keep).to(converted.device)
+        grouped = self._scratch_rows(converted, len(keep))
+        if is_torch(converted):
+            torch.index_select(converted, 0, keep, out=grouped)
+        else:
+            np.take(converted, keep, axis=0, out=grouped)
         for i, acc in enumerate(self.buckets):
             if bounds[i + 1] > bounds[i]:
-                seg, _ = acc._rows(grouped[bounds[i] : bounds[i + 1]], None)
-                acc._accumulate(seg, True)
+                acc._accumulate(grouped[bounds[i] : bounds[i + 1]], True)
         return self
+
+    def _scratch_rows(self, like, n: int):
+        """An ``[n, D]`` view of a buffer kept across batches, grown as needed."""
+        buf = getattr(self, "_scratch", None)
+        if buf is None or buf.shape[0] < n or buf.dtype != like.dtype:
+            if is_torch(like):
+                buf = like.new_empty((max(n, 1), self.dim))
+            else:
+                buf = np.empty((max(n, 1), self.dim), dtype=like.dtype)
+            self._scratch = buf
+        return buf[:n]
 
     def pooled(self) -> StreamingCovariance:
         """The all-rows state: exact Chan merge of the bucket states."""
