@@ -183,3 +183,13 @@ def test_torchrun_two_processes_log_one_set_of_telemetry(tmp_path):
     # × a window of 2 steps
     row = spectra[(spectra.step == 0) & (spectra.bucket == "all")].iloc[0]
     assert row["n_samples"] == 8 * 32 * 2
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon", "normuon", "dion", "shampoo"])
+def test_every_optimizer_trains_the_smoke_preset(tmp_path, name):
+    out = tmp_path / name
+    status = train(resolve("smoke", overrides=[f"optimizer={name}", "telemetry.enabled=false"]), out,
+                   log=lambda _m: None)
+    assert status["status"] == "done"
+    evals = [r["val_loss"] for r in _metrics(out) if "val_loss" in r]
+    assert evals[0] > evals[1] > evals[2], evals

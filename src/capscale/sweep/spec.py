@@ -153,9 +153,9 @@ SWEEP_PRESETS: dict[str, dict[str, Any]] = {
         "base": "smoke",
         "base_config": {"model.d_model": 64, "model.n_head": 2, "model.n_layer": 2, "model.seq_len": 64,
                         "data.max_tokens": 600_000, "data.tokenizer": "bytebpe:1024",
-                        "train.steps": 150, "train.batch_size": 16, "train.eval_every": 50, "train.log_every": 10,
-                        "train.checkpoint_every": 50, "telemetry.every": 25, "telemetry.window": 4},
-        "axes": {"ffn_mult": [1, 2, 4, 8], "optimizer": ["adamw", "muon"]},
+                        "train.steps": 300, "train.batch_size": 16, "train.eval_every": 50, "train.log_every": 10,
+                        "train.checkpoint_every": 50, "telemetry.every": 25, "telemetry.window": 8},
+        "axes": {"ffn_mult": [1, 2, 4, 8, 16], "optimizer": ["adamw", "muon"]},
         "analysis": {"last_k": 3},
     },
     # the CPU replication study (issue: "The CPU replication study")
