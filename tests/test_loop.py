@@ -193,3 +193,26 @@ def test_every_optimizer_trains_the_smoke_preset(tmp_path, name):
     assert status["status"] == "done"
     evals = [r["val_loss"] for r in _metrics(out) if "val_loss" in r]
     assert evals[0] > evals[1] > evals[2], evals
+
+
+def test_checkpoints_wait_for_open_windows_and_resume_from_them_exactly(tmp_path):
+    # windows [10, 14) and [20, 24): the checkpoint due at 12 waits until 14
+    over = ["telemetry.every=10", "telemetry.window=4", "train.checkpoint_every=12", "train.keep_checkpoints=10"]
+    ref = tmp_path / "ref"
+    train(resolve("smoke", overrides=over), ref, log=lambda _m: None)
+    assert [p.name for p in sorted((ref / "checkpoints").iterdir())] == [
+        "step_00000014.pt", "step_00000024.pt", "step_00000030.pt"]
+    # resume from the postponed checkpoint: drop what came after it, as a crash would
+    out = tmp_path / "resumed"
+    import shutil
+
+    shutil.copytree(ref, out)
+    for name in ("step_00000024.pt", "step_00000030.pt"):
+        (out / "checkpoints" / name).unlink()
+    (out / "status.json").write_text(json.dumps({"status": "running", "step": 14, "reason": None}))
+    train(resolve("smoke", overrides=over), out, log=lambda _m: None)
+    assert _no_timing(_metrics(out)) == _no_timing(_metrics(ref))
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "spectra.parquet"), pd.read_parquet(ref / "spectra.parquet"))
+    window = pd.read_parquet(ref / "spectra.parquet")
+    row = window[(window.step == 10) & (window.bucket == "all") & (window.site == "pre") & (window.layer == 0)]
+    assert int(row["n_samples"].iloc[0]) == 4 * 8 * 32  # the whole 4-step window, none lost to the due checkpoint

@@ -133,6 +133,11 @@ class Probe:
         """True while a measurement window is open (the current step is measured)."""
         return self._full is not None or self._monitor is not None
 
+    @property
+    def window_start(self) -> int | None:
+        """Start step of the open full-measurement window, or None when none is open."""
+        return None if self._full is None else self._full.start
+
     def step(self, step: int | None = None) -> Probe:
         """Advance to the next step (or to ``step``): closes finished windows, opens due ones.
 

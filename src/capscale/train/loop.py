@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 import capscale
+from capscale.probe.sinks import Sink
 from capscale.train.checkpoint import (
     load_checkpoint,
     list_checkpoints,
@@ -175,25 +176,20 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print
     return final
 
 
-class _Collect:
+class _Collect(Sink):
     """A probe sink that holds finished spectra until the loop writes them to the run dir."""
 
     def __init__(self) -> None:
         self.frames: list = []
 
     def write_spectra(self, frame) -> None:
-        self.frames.append(frame)
-
-    def write_scalars(self, step: int, scalars: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+        if frame is not None and not frame.empty:
+            self.frames.append(frame)
 
     def take(self):
         import pandas as pd
 
-        frames, self.frames = [f for f in self.frames if f is not None and not f.empty], []
+        frames, self.frames = self.frames, []
         return pd.concat(frames, ignore_index=True) if frames else None
 
 
@@ -213,8 +209,8 @@ def _attach_probe(cfg: RunConfig, model: GPT, freq, start: int):
 def _mid_window(probe) -> bool:
     """True if a measurement window opened before the current step is still open: a
     checkpoint now would split it, so the loop waits until it closes."""
-    window = getattr(probe, "_full", None)
-    return window is not None and window.start < probe.step_index
+    start = probe.window_start
+    return start is not None and start < probe.step_index
 
 
 def _loop(cfg, model, raw_model, opt, probe, sink, data: TokenData, freq, run: RunDir, d: Dist,
