@@ -160,7 +160,7 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print
         model = torch.nn.parallel.DistributedDataParallel(
             raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     try:
-        final = _loop(cfg, model, raw_model, opt, probe, sink, data, freq, run, d, device, start, say)
+        final = _loop(cfg, resolved, model, raw_model, opt, probe, sink, data, freq, run, d, device, start, say)
     except Diverged as exc:
         final = {"status": "diverged", "step": exc.args[1], "reason": exc.args[0]}
         if d.main:
@@ -213,7 +213,7 @@ def _mid_window(probe) -> bool:
     return start is not None and start < probe.step_index
 
 
-def _loop(cfg, model, raw_model, opt, probe, sink, data: TokenData, freq, run: RunDir, d: Dist,
+def _loop(cfg, resolved: dict, model, raw_model, opt, probe, sink, data: TokenData, freq, run: RunDir, d: Dist,
           device: torch.device, start: int, say) -> dict[str, Any]:
     t = cfg.train
     # batch_size counts sequences per optimizer step over all ranks and micro-batches;
@@ -290,8 +290,7 @@ def _loop(cfg, model, raw_model, opt, probe, sink, data: TokenData, freq, run: R
             if d.main:
                 run.append_metrics(pending)
                 payload = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
-                           "model_config": run.read_config()["model"],
-                           "optimizer_config": run.read_config()["optimizer"]}
+                           "model_config": resolved["model"], "optimizer_config": resolved["optimizer"]}
                 save_checkpoint(run.checkpoint_dir, step, payload, keep=t.keep_checkpoints)
                 run.write_status("running" if step < t.steps else "done", step)
             pending = []
