@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from capscale.sweep import SWEEP_PRESETS, SweepSpec, load_spec, run_sweep
-from capscale.sweep.sweep import plan
+from capscale.sweep.sweep import pending_runs, plan
+from capscale.train.rundir import RunDir
 from capscale.train.corpus import is_installed
 
 HAVE_CORPUS = is_installed()
@@ -91,6 +92,19 @@ def test_a_directory_holds_one_sweep(tmp_path):
     other = SweepSpec.from_dict({**SPEC, "axes": {"ffn_mult": [1, 2, 8], "optimizer": ["adamw"]}})
     with pytest.raises(ValueError, match="different sweep"):
         plan(other, tmp_path)
+
+
+def test_pending_runs_are_seed_major_and_skip_finished(tmp_path):
+    spec = SweepSpec.from_dict({**SPEC, "axes": {**SPEC["axes"], "seed": [1, 0]}, "extra": []})
+    runs = plan(spec, tmp_path)
+    RunDir(runs["adamw_w32_s0"]).write_status("done", 20)
+    RunDir(runs["muon_w32_s1"]).write_status("failed", 3, "boom")  # failed runs are retried
+    order = list(pending_runs(spec, runs))
+    assert "adamw_w32_s0" not in order and "muon_w32_s1" in order
+    seeds = [int(n.rsplit("_s", 1)[1]) for n in order]
+    assert seeds == sorted(seeds) and len(order) == len(runs) - 1
+    # within a seed the grid order stands: widths outer, optimizers inner
+    assert [n for n in order if n.endswith("_s1")][:2] == ["adamw_w32_s1", "muon_w32_s1"]
 
 
 @needs_corpus

@@ -33,6 +33,18 @@ def plan(spec: SweepSpec, out: str | Path) -> dict[str, Path]:
     return runs
 
 
+def pending_runs(spec: SweepSpec, runs: dict[str, Path]) -> dict[str, Path]:
+    """The unfinished runs, seed-major: a sweep stopped part-way leaves whole grids
+    (every width × arm of seed 0, then seed 1, ...), which is what an analysis can use."""
+    seeds = {name: cfg.train.seed for name, cfg in spec.runs().items()}
+    pending = {}
+    for name, run_dir in sorted(runs.items(), key=lambda kv: seeds[kv[0]]):  # stable: grid order within a seed
+        st = RunDir(run_dir).read_status()
+        if not (st and st["status"] in ("done", "diverged")):
+            pending[name] = run_dir
+    return pending
+
+
 def _prepare_data(spec: SweepSpec, log: Callable[[str], None]) -> None:
     """Build tokenizer and token caches once, before workers race to build them."""
     from capscale.train.data import load_data
@@ -51,12 +63,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, workers: int | None = None, e
     if executor not in ("local", "slurm", "submitit-local"):
         raise ValueError(f"executor must be local or slurm, got {executor!r}")
     runs = plan(spec, out)
-    pending = {}
-    for name, run_dir in runs.items():
-        st = RunDir(run_dir).read_status()
-        if st and st["status"] in ("done", "diverged"):
-            continue
-        pending[name] = run_dir
+    pending = pending_runs(spec, runs)
     log(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(pending)} already finished, "
         f"{len(pending)} to run -> {Path(out)}")
     if not pending:
