@@ -31,6 +31,22 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def best_of_interleaved(fns: dict, repeats: int, min_seconds: float = 2.0) -> dict:
+    """Best time of each function, run in alternation (so drift and load hit all alike),
+    at least ``repeats`` rounds and at least ``min_seconds`` of rounds."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = {k: float("inf") for k in fns}
+    rounds, t_start = 0, time.perf_counter()
+    while rounds < repeats or time.perf_counter() - t_start < min_seconds:
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+        rounds += 1
+    return best
+
+
 def bench(d: int, n: int, repeats: int) -> dict:
     rng = np.random.default_rng(0)
     x64 = rng.standard_normal((n, d)) @ (rng.standard_normal((d, d)) / np.sqrt(d)) + 1.0
@@ -65,9 +81,8 @@ def bench(d: int, n: int, repeats: int) -> dict:
             acc.update(xc, bc)
         return acc.pooled()
 
-    pooled = best_of(pooled_window, repeats)
-    bucketed = best_of(bucketed_window, repeats)
-    out["bucketed_over_pooled"] = bucketed / pooled
+    t = best_of_interleaved({"pooled": pooled_window, "bucketed": bucketed_window}, repeats)
+    out["bucketed_over_pooled"] = t["bucketed"] / t["pooled"]
     cov = StreamingCovariance(d).update(x64).covariance()
     t_eig = best_of(lambda: np.linalg.eigvalsh(cov), max(1, repeats // 2))
     t_hr = best_of(lambda: hard_rank_from_covariance(cov), repeats)

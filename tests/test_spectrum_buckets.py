@@ -188,3 +188,33 @@ def test_bucketed_bad_input():
         acc.update(np.ones((5, 3)), np.zeros(5, dtype=int))
     with pytest.raises(ValueError, match="empty batch"):
         acc.update(np.ones((0, 4)), np.zeros(0, dtype=int))
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_bucketed_non_finite_batch_changes_no_bucket(device):
+    rng = np.random.default_rng(3)
+    acc = BucketedCovariance(4, device=device)
+    acc.update(rng.normal(size=(30, 4)), np.arange(30) % 3)
+    before = [b.state_dict() for b in acc.buckets]
+    x = rng.normal(size=(9, 4))
+    x[8, 2] = np.nan  # the NaN row is in the TAIL bucket, sorted after HEAD and MID
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        acc.update(x, np.arange(9) % 3)
+    for b, st0 in zip(acc.buckets, before):
+        assert b.count == st0["count"]
+        np.testing.assert_array_equal(np.asarray(b.scatter), np.asarray(st0["scatter"]))
+
+
+def test_bucketed_host_states_take_bf16_and_masks():
+    rng = np.random.default_rng(4)
+    x = torch.tensor(rng.normal(size=(2, 40, 5)), dtype=torch.bfloat16)
+    b = torch.tensor(rng.integers(0, 3, size=(2, 40)))
+    mask = torch.tensor(rng.random((2, 40)) > 0.25)
+    acc = BucketedCovariance(5).update(x, b, mask=mask)
+    xs, bs, ms = x.double().numpy(), b.numpy(), mask.numpy()
+    for k in range(3):
+        np.testing.assert_allclose(acc.buckets[k].covariance(), np.cov(xs[ms & (bs == k)], rowvar=False),
+                                   rtol=1e-10)
+    pooled = StreamingCovariance(5).update(x, mask=mask)
+    np.testing.assert_allclose(pooled.covariance(), np.cov(xs[ms], rowvar=False), rtol=1e-10)
+    np.testing.assert_allclose(acc.pooled().covariance(), pooled.covariance(), rtol=1e-10)

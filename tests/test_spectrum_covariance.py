@@ -232,3 +232,19 @@ def test_materially_indefinite_matrix():
 def test_bad_dtype():
     with pytest.raises(ValueError, match="float64 or float32"):
         StreamingCovariance(3, dtype="int32")
+
+
+def test_scatter_is_symmetric_between_updates_and_accumulators_share_no_rows():
+    # NumPy batches update one triangle in place and share one scratch buffer: interleave
+    # accumulators of different D and read the state between batches.
+    rng = np.random.default_rng(5)
+    a, b = StreamingCovariance(7), StreamingCovariance(3)
+    xa, xb = [], []
+    for n in (5, 40, 2, 17):
+        xa.append(rng.normal(size=(n, 7)) + 4)
+        xb.append(rng.normal(size=(n + 3, 3)) - 2)
+        a.update(xa[-1])
+        b.update(xb[-1])
+        np.testing.assert_array_equal(a.scatter, a.scatter.T)
+        np.testing.assert_allclose(a.covariance(), np.cov(np.concatenate(xa), rowvar=False), rtol=1e-12)
+        np.testing.assert_allclose(b.covariance(), np.cov(np.concatenate(xb), rowvar=False), rtol=1e-12)

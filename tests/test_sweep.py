@@ -94,17 +94,16 @@ def test_a_directory_holds_one_sweep(tmp_path):
         plan(other, tmp_path)
 
 
-def test_pending_runs_are_seed_major_and_skip_finished(tmp_path):
-    spec = SweepSpec.from_dict({**SPEC, "axes": {**SPEC["axes"], "seed": [1, 0]}, "extra": []})
+def test_pending_runs_order_and_skip_finished(tmp_path):
+    spec = SweepSpec.from_dict({**SPEC, "axes": {**SPEC["axes"], "seed": [1, 0]}})
     runs = plan(spec, tmp_path)
     RunDir(runs["adamw_w32_s0"]).write_status("done", 20)
     RunDir(runs["muon_w32_s1"]).write_status("failed", 3, "boom")  # failed runs are retried
     order = list(pending_runs(spec, runs))
-    assert "adamw_w32_s0" not in order and "muon_w32_s1" in order
-    seeds = [int(n.rsplit("_s", 1)[1]) for n in order]
-    assert seeds == sorted(seeds) and len(order) == len(runs) - 1
-    # within a seed the grid order stands: widths outer, optimizers inner
-    assert [n for n in order if n.endswith("_s1")][:2] == ["adamw_w32_s1", "muon_w32_s1"]
+    assert "adamw_w32_s0" not in order and "muon_w32_s1" in order and len(order) == len(runs) - 1
+    # seed-major; within a seed the grid before the extra arm, optimizer by optimizer, widths ascending
+    grid = [f"{o}_w{w}_s{{}}" for o in ("adamw", "muon") for w in (32, 64, 128)]
+    assert order == [g.format(0) for g in grid[1:]] + ["adamw_hot_w32_s0"] + [g.format(1) for g in grid]
 
 
 @needs_corpus

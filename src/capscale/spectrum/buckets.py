@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from capscale.spectrum._arrays import is_torch, to_numpy
-from capscale.spectrum.covariance import StreamingCovariance
+from capscale.spectrum.covariance import NonFiniteError, StreamingCovariance, _all_finite, host_rows, scratch_rows
 
 BUCKETS = ("head", "mid", "tail")
 HEAD, MID, TAIL = 0, 1, 2
@@ -185,8 +185,9 @@ class BucketedCovariance:
     """One accumulator per bucket, fed in one pass; the pooled state is their exact merge.
 
     Each batch's rows are grouped by bucket (one stable sort) and every bucket
-    state is updated once, so the GEMM work equals the pooled case; ``pooled()``
-    merges the bucket states (no fourth accumulator).
+    state is updated once, so the product work equals the pooled case; ``pooled()``
+    merges the bucket states (no fourth accumulator). A batch with NaN/Inf in any
+    bucket is rejected before any bucket state changes.
     """
 
     def __init__(self, dim: int, n_buckets: int = 3, *, dtype="float64", device=None):
@@ -202,60 +203,72 @@ class BucketedCovariance:
             raise ValueError(f"bucket ids of shape {tuple(bucket_ids.shape)} for rows of shape {lead}")
         if mask is not None and tuple(mask.shape) != lead:
             raise ValueError(f"mask of shape {tuple(mask.shape)} for rows of shape {lead}")
-        k = len(self.buckets)
-        if is_torch(x) or self.buckets[0].device is not None:
-            import torch
-        if is_torch(x):
-            b = torch.as_tensor(bucket_ids, device=x.device).reshape(-1).long()
-            if b.numel():
-                lo, hi = torch.aminmax(b)
-                _check_bucket_range(int(lo), int(hi), k)
-            if mask is not None:  # masked rows get bucket k and sort past the kept ones
-                m = torch.as_tensor(mask, device=x.device).reshape(-1).bool()
-                b = torch.where(m, b, k)
-            order = torch.argsort(b, stable=True)
-            bounds = torch.searchsorted(b[order], torch.arange(k + 1, device=b.device)).tolist()
-        else:
-            b = np.asarray(to_numpy(bucket_ids)).reshape(-1).astype(np.int64)
-            if b.size:
-                _check_bucket_range(int(b.min()), int(b.max()), k)
-            if mask is not None:
-                b = np.where(np.asarray(to_numpy(mask)).reshape(-1).astype(bool), b, k)
-            order = np.argsort(b, kind="stable")
-            bounds = np.searchsorted(b[order], np.arange(k + 1)).tolist()
-        n_rows = int(b.shape[0])
-        if n_rows == 0:
-            raise ValueError(f"empty batch: activations of shape {tuple(x.shape)} hold no rows")
-        rows = x.reshape(n_rows, x.shape[-1]) if x.shape[-1] == self.dim else None
-        if rows is None:
+        if x.shape[-1] != self.dim:
             raise ValueError(f"wrong dimension: rows have D={x.shape[-1]}, accumulator has D={self.dim}")
-        # Convert once to the state's dtype and backend (as a pooled update does), then
-        # one gather groups the kept rows by bucket into a reused scratch buffer (no
-        # fresh allocation per batch); each bucket centres its slice of it in place.
-        converted, _ = self.buckets[0]._rows(rows, None)
-        keep = order[: bounds[k]]
-        if self.buckets[0].device is None and is_torch(keep):
-            keep = keep.cpu().numpy()
-        elif self.buckets[0].device is not None and not is_torch(keep):
-            keep = torch.from_numpy(keep).to(converted.device)
-        grouped = self._scratch_rows(converted, len(keep))
-        if is_torch(converted):
-            torch.index_select(converted, 0, keep, out=grouped)
+        if self.buckets[0].device is None:
+            self._update_host(x, bucket_ids, mask)
         else:
-            np.take(converted, keep, axis=0, out=grouped)
+            self._update_torch(x, bucket_ids, mask)
+        return self
+
+    def _update_host(self, x, bucket_ids, mask) -> None:
+        """NumPy states: one stable sort, then each bucket's rows are gathered (and cast) straight
+        into its slice of a shared scratch block, with a free row after each slice for the
+        between-means term; all means are checked before any state changes."""
+        k = len(self.buckets)
+        b = np.asarray(to_numpy(bucket_ids)).reshape(-1).astype(np.int64, copy=False)
+        if b.size == 0:
+            raise ValueError(f"empty batch: activations of shape {tuple(x.shape)} hold no rows")
+        _check_bucket_range(int(b.min()), int(b.max()), k)
+        if mask is not None:  # masked rows get bucket k and sort past the kept ones
+            b = np.where(np.asarray(to_numpy(mask)).reshape(-1).astype(bool), b, k)
+        order = np.argsort(b, kind="stable")
+        bounds = np.searchsorted(b[order], np.arange(k + 1)).tolist()
+        rows = host_rows(x).reshape(b.size, self.dim)  # a view: no conversion yet
+        block = scratch_rows(bounds[k] + k, self.dim, self.buckets[0].dtype)
+        parts = []
+        for i in range(k):
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi > lo:
+                sub = block[lo + i : hi + i + 1]
+                np.copyto(sub[: hi - lo], rows[order[lo:hi]], casting="unsafe")
+                parts.append((self.buckets[i], sub, hi - lo, self.buckets[i]._block_mean(sub, hi - lo)))
+        for acc, sub, n, mean in parts:
+            acc._accumulate_block(sub, n, mean)
+
+    def _update_torch(self, x, bucket_ids, mask) -> None:
+        """Torch states (e.g. on the GPU): one gather into a reused buffer, per-bucket addmm."""
+        import torch
+
+        k = len(self.buckets)
+        xt = x if is_torch(x) else torch.from_numpy(np.asarray(x))
+        b = torch.as_tensor(to_numpy(bucket_ids) if not is_torch(bucket_ids) else bucket_ids,
+                            device=xt.device).reshape(-1).long()
+        if b.numel() == 0:
+            raise ValueError(f"empty batch: activations of shape {tuple(x.shape)} hold no rows")
+        lo, hi = torch.aminmax(b)
+        _check_bucket_range(int(lo), int(hi), k)
+        if mask is not None:
+            m = torch.as_tensor(mask if is_torch(mask) else np.asarray(mask), device=xt.device).reshape(-1).bool()
+            b = torch.where(m, b, k)
+        order = torch.argsort(b, stable=True)
+        bounds = torch.searchsorted(b[order], torch.arange(k + 1, device=b.device)).tolist()
+        converted, _ = self.buckets[0]._rows(xt, None)
+        keep = order[: bounds[k]].to(converted.device)
+        grouped = self._scratch_rows(converted, len(keep))
+        torch.index_select(converted, 0, keep, out=grouped)
+        means = [grouped[bounds[i] : bounds[i + 1]].mean(0) for i in range(k)]
+        if not all(_all_finite(m) for i, m in enumerate(means) if bounds[i + 1] > bounds[i]):
+            raise NonFiniteError(f"activations contain NaN or Inf ({bounds[k]} rows, D={self.dim})")
         for i, acc in enumerate(self.buckets):
             if bounds[i + 1] > bounds[i]:
                 acc._accumulate(grouped[bounds[i] : bounds[i + 1]], True)
-        return self
 
     def _scratch_rows(self, like, n: int):
-        """An ``[n, D]`` view of a buffer kept across batches, grown as needed."""
+        """An ``[n, D]`` view of a device buffer kept across batches, grown as needed."""
         buf = getattr(self, "_scratch", None)
-        if buf is None or buf.shape[0] < n or buf.dtype != like.dtype:
-            if is_torch(like):
-                buf = like.new_empty((max(n, 1), self.dim))
-            else:
-                buf = np.empty((max(n, 1), self.dim), dtype=like.dtype)
+        if buf is None or buf.shape[0] < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = like.new_empty((max(n, 1), self.dim))
             self._scratch = buf
         return buf[:n]
 

@@ -8,9 +8,11 @@ one pass over all rows (up to float round-off). No activations are retained.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
+from scipy.linalg import blas as _blas
 
 from capscale.spectrum._arrays import dtype_name, is_torch, to_numpy, torch_dtype
 from capscale.spectrum.ranks import INDEFINITE_RTOL
@@ -30,6 +32,53 @@ class InsufficientSamplesError(ValueError):
 
 class IndefiniteCovarianceError(ValueError):
     """A materially negative eigenvalue: the matrix is not a covariance."""
+
+
+_SCRATCH = threading.local()
+
+
+def scratch_rows(n: int, dim: int, dtype: str) -> np.ndarray:
+    """An ``[n, dim]`` view of a per-thread host buffer, grown as needed.
+
+    Batches are consumed inside ``update``, so one buffer serves every NumPy
+    accumulator of a thread: no fresh N×D allocation (and its page faults) per batch.
+    """
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    buf = bufs.get(dtype)
+    if buf is None or buf.size < n * dim:
+        buf = bufs[dtype] = np.empty(n * dim, dtype=dtype)
+    return buf[: n * dim].reshape(n, dim)
+
+
+def host_rows(x) -> np.ndarray:
+    """Host NumPy view of activations, uncast where possible (the scratch copy casts);
+    torch dtypes NumPy lacks (bfloat16) become float32 on their device first."""
+    if is_torch(x) and x.dtype.is_floating_point and x.element_size() < 4:
+        import torch
+
+        x = x.detach().to(torch.float32)
+    return to_numpy(x)
+
+
+def _syrk_lower_(scatter: np.ndarray, block: np.ndarray) -> None:
+    """``scatter += blockᵀ block`` in place, lower triangle only (BLAS syrk: half a GEMM's flops).
+
+    Both operands are handed to BLAS as Fortran-ordered transposes, so nothing is copied.
+    """
+    syrk = _blas.dsyrk if scatter.dtype == np.float64 else _blas.ssyrk
+    # F-order view c = scatterᵀ: c's upper triangle is scatter's lower one.
+    syrk(1.0, block.T, beta=1.0, c=scatter.T, trans=0, lower=0, overwrite_c=1)
+
+
+def _mirror_lower_(a: np.ndarray, block: int = 256) -> None:
+    """Copy the lower triangle of a square array onto its upper one, in cache-sized blocks."""
+    d = a.shape[0]
+    for i in range(0, d, block):
+        j = min(i + block, d)
+        diag = a[i:j, i:j]
+        iu = np.triu_indices(j - i, 1)
+        diag[iu] = diag.T[iu]
+        a[i:j, j:] = a[j:, i:j].T
 
 
 def _all_finite(a) -> bool:
@@ -119,6 +168,18 @@ class StreamingCovariance:
         self.mean = self._zeros(self.dim)
         self.scatter = self._zeros(self.dim, self.dim)
 
+    @property
+    def scatter(self):
+        """Σ (x - mean)(x - mean)ᵀ, symmetric (NumPy batches fill one triangle; mirrored on read)."""
+        if self._half:
+            _mirror_lower_(self._scatter)
+            self._half = False
+        return self._scatter
+
+    @scatter.setter
+    def scatter(self, value) -> None:
+        self._scatter, self._half = value, False
+
     def _zeros(self, *shape):
         if self.device is None:
             return np.zeros(shape, dtype=self.dtype)
@@ -137,6 +198,10 @@ class StreamingCovariance:
 
     # -- accumulation ------------------------------------------------------
     def _rows(self, x, mask):
+        """Torch backend: rows ``[n, D]`` on the state's device and dtype, and whether they are
+        a private copy (then centred in place) rather than a view of the caller's tensor."""
+        import torch
+
         shape = tuple(x.shape)
         if len(shape) < 2:
             raise ValueError(f"expected activations of shape [..., {self.dim}], got {shape}")
@@ -145,27 +210,14 @@ class StreamingCovariance:
         n_rows = int(np.prod(shape[:-1]))
         if n_rows == 0:
             raise ValueError(f"empty batch: activations of shape {shape} hold no rows")
-        if self.device is None:
-            rows = to_numpy(x, self.dtype).reshape(n_rows, self.dim)
-            # A zero-copy view of the caller's data must not be centred in place.
-            if is_torch(x):
-                owned = x.device.type != "cpu" or rows.ctypes.data != x.data_ptr()
-            else:
-                owned = not (isinstance(x, np.ndarray) and np.shares_memory(rows, x))
-        else:
-            import torch
-
-            t = x if is_torch(x) else torch.from_numpy(np.asarray(x))
-            rows = t.detach().reshape(n_rows, self.dim).to(self.device, torch_dtype(self.dtype))
-            owned = rows.data_ptr() != t.data_ptr()
+        t = x if is_torch(x) else torch.from_numpy(np.asarray(x))
+        rows = t.detach().reshape(n_rows, self.dim).to(self.device, torch_dtype(self.dtype))
+        owned = rows.data_ptr() != t.data_ptr()
         if mask is not None:
             m = mask.reshape(-1) if is_torch(mask) else np.asarray(mask).reshape(-1)
             if m.shape[0] != n_rows:
                 raise ValueError(f"mask has {m.shape[0]} entries for {n_rows} rows (shape {shape})")
-            if self.device is None:
-                m = to_numpy(m).astype(bool)
-            else:
-                m = (m if is_torch(m) else torch.from_numpy(np.asarray(m))).to(self.device).bool()
+            m = (m if is_torch(m) else torch.from_numpy(np.asarray(m))).to(self.device).bool()
             rows, owned = rows[m], True  # boolean indexing copies
         return rows, owned
 
@@ -175,10 +227,63 @@ class StreamingCovariance:
         Raises on NaN/Inf before touching the state, so what was accumulated stays valid.
         A mask that keeps no row is a no-op; a batch with no rows at all is an error.
         """
-        return self._accumulate(*self._rows(x, mask))
+        if self.device is not None:
+            return self._accumulate(*self._rows(x, mask))
+        rows = self._host_rows(x, mask)
+        n = int(rows.shape[0])
+        if n:
+            block = scratch_rows(n + 1, self.dim, self.dtype)
+            np.copyto(block[:n], rows, casting="unsafe")  # the one conversion copy
+            self._accumulate_block(block, n, self._block_mean(block, n))
+        return self
+
+    def _host_rows(self, x, mask):
+        """``[n, D]`` host view of the kept rows (not yet converted or copied where avoidable)."""
+        shape = tuple(x.shape)
+        if len(shape) < 2:
+            raise ValueError(f"expected activations of shape [..., {self.dim}], got {shape}")
+        if shape[-1] != self.dim:
+            raise ValueError(f"wrong dimension: rows have D={shape[-1]}, accumulator has D={self.dim}")
+        n_rows = int(np.prod(shape[:-1]))
+        if n_rows == 0:
+            raise ValueError(f"empty batch: activations of shape {shape} hold no rows")
+        rows = host_rows(x).reshape(n_rows, self.dim)
+        if mask is not None:
+            m = to_numpy(mask).reshape(-1)
+            if m.shape[0] != n_rows:
+                raise ValueError(f"mask has {m.shape[0]} entries for {n_rows} rows (shape {shape})")
+            rows = rows[m.astype(bool)]
+        return rows
+
+    def _block_mean(self, block: np.ndarray, n: int) -> np.ndarray:
+        """Mean of ``block[:n]``; a NaN/Inf anywhere in a column makes it non-finite (a D-length check)."""
+        mean = block[:n].mean(0)
+        if not np.isfinite(mean).all():
+            raise NonFiniteError(f"activations contain NaN or Inf ({n} rows, D={self.dim})")
+        return mean
+
+    def _accumulate_block(self, block: np.ndarray, n: int, batch_mean: np.ndarray) -> None:
+        """Add rows ``block[:n]`` (scratch; ``block[n]`` is a free row) with their mean.
+
+        Centred rows plus one row √(n_a n_b / n)·(mean_b − mean_a) give, in a single
+        syrk, the batch scatter and Chan's between-means term, added into the state in place.
+        """
+        block[:n] -= batch_mean
+        if self.count == 0:
+            self.count, self.mean = n, batch_mean
+            self._scatter[...] = 0
+            k = n
+        else:
+            total = self.count + n
+            delta = batch_mean - self.mean
+            block[n] = delta * np.sqrt(self.count * n / total)
+            self.mean = self.mean + delta * (n / total)
+            self.count, k = total, n + 1
+        _syrk_lower_(self._scatter, block[:k])
+        self._half = True
 
     def _accumulate(self, rows, owned: bool) -> StreamingCovariance:
-        """Add converted rows; ``owned`` rows are scratch and get centred in place."""
+        """Torch backend: add converted rows; ``owned`` rows are scratch and get centred in place."""
         n = int(rows.shape[0])
         if n == 0:
             return self
@@ -195,16 +300,26 @@ class StreamingCovariance:
         return self
 
     def _combine(self, n_b: int, mean_b, scatter_b) -> None:
-        """Chan et al.: merge moments (n_b, mean_b, scatter_b), which this object now owns."""
+        """Chan et al.: merge moments (n_b, mean_b, scatter_b), which this object now owns.
+
+        A NumPy ``scatter_b`` needs only its lower triangle valid (see ``_syrk_lower_``).
+        """
         n_a = self.count
         if n_a == 0:
             self.count, self.mean, self.scatter = n_b, mean_b, scatter_b
+            self._half = self.device is None
             return
         n = n_a + n_b
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / n)
-        self.scatter += scatter_b
-        self.scatter += delta[:, None] * (delta * (n_a * n_b / n))[None, :]  # between-means term
+        if self.device is None:  # in place, lower triangle: no D×D temporaries
+            self._scatter += scatter_b
+            syr = _blas.dsyr if self._scatter.dtype == np.float64 else _blas.ssyr
+            syr(n_a * n_b / n, delta, lower=0, a=self._scatter.T, overwrite_a=1)
+            self._half = True
+        else:
+            self._scatter += scatter_b
+            self._scatter += delta[:, None] * (delta * (n_a * n_b / n))[None, :]  # between-means term
         self.count = n
 
     def merge(self, other: StreamingCovariance) -> StreamingCovariance:
@@ -215,7 +330,7 @@ class StreamingCovariance:
             raise ValueError(f"cannot merge D={other.dim} into D={self.dim}")
         if other.count:
             if self.count and self._native(other):  # read-only use: no copy of other's D×D state
-                self._combine(other.count, other.mean, other.scatter)
+                self._combine(other.count, other.mean, other._scatter)
             else:
                 self._combine(other.count, self._adopt(other.mean), self._adopt(other.scatter))
         return self
@@ -224,7 +339,11 @@ class StreamingCovariance:
         return other.dtype == self.dtype and str(other.device) == str(self.device)
 
     def copy(self) -> StreamingCovariance:
-        return StreamingCovariance.from_state_dict(self.state_dict(), device=self.device)
+        out = object.__new__(StreamingCovariance)
+        out.dim, out.dtype, out.device, out.count = self.dim, self.dtype, self.device, self.count
+        clone = (lambda a: a.clone()) if self.uses_torch else (lambda a: a.copy())
+        out.mean, out._scatter, out._half = clone(self.mean), clone(self._scatter), self._half
+        return out
 
     # -- results -----------------------------------------------------------
     def covariance(self):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from capscale.sweep.executors import RunResult, run_local, run_submitit, write_request
-from capscale.sweep.spec import SweepSpec
+from capscale.sweep.spec import SweepSpec, _expand
 from capscale.train.rundir import RunDir, atomic_write_json
 
 SPEC_FILE = "sweep.json"
@@ -34,11 +34,17 @@ def plan(spec: SweepSpec, out: str | Path) -> dict[str, Path]:
 
 
 def pending_runs(spec: SweepSpec, runs: dict[str, Path]) -> dict[str, Path]:
-    """The unfinished runs, seed-major: a sweep stopped part-way leaves whole grids
-    (every width × arm of seed 0, then seed 1, ...), which is what an analysis can use."""
-    seeds = {name: cfg.train.seed for name, cfg in spec.runs().items()}
+    """The unfinished runs in the order that makes a partial sweep most useful: seed-major,
+    then the grid before the extra arms, then optimizer by optimizer (each one's whole width
+    series, which a β fit needs), widths ascending."""
+    rank: dict[str, tuple] = {}
+    labels: dict[str, int] = {}
+    for arm, axes in enumerate([spec.axes] + [e.get("axes", {}) for e in spec.extra]):
+        for name, cfg in _expand(spec, axes):
+            lab = labels.setdefault(cfg.label, len(labels))
+            rank.setdefault(name, (cfg.train.seed, arm, lab, cfg.model_config().ffn_dim))
     pending = {}
-    for name, run_dir in sorted(runs.items(), key=lambda kv: seeds[kv[0]]):  # stable: grid order within a seed
+    for name, run_dir in sorted(runs.items(), key=lambda kv: rank[kv[0]]):
         st = RunDir(run_dir).read_status()
         if not (st and st["status"] in ("done", "diverged")):
             pending[name] = run_dir
