@@ -4,6 +4,10 @@ State is (count, mean, scatter) with scatter = Σ (x - mean)(x - mean)ᵀ. Batch
 and whole states combine with Chan et al.'s parallel update, including the
 between-means correction, so micro-batch, bucket and data-parallel merges equal
 one pass over all rows (up to float round-off). No activations are retained.
+
+NumPy states take each batch through one per-thread scratch buffer and one BLAS
+``syrk`` into the lower triangle of the state (the between-means term is an extra
+row of that product); the upper triangle is mirrored only when ``scatter`` is read.
 """
 
 from __future__ import annotations
