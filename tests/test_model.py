@@ -17,13 +17,7 @@ from capscale.train.model import ACTIVATIONS, GPT, POSITIONS, GPTConfig, Rotary
 V, S, D = 64, 16, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls on 2 shared cores: thread hand-offs cost more than they save
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> GPTConfig:

@@ -203,8 +203,7 @@ class BucketedCovariance:
             raise ValueError(f"bucket ids of shape {tuple(bucket_ids.shape)} for rows of shape {lead}")
         if mask is not None and tuple(mask.shape) != lead:
             raise ValueError(f"mask of shape {tuple(mask.shape)} for rows of shape {lead}")
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"wrong dimension: rows have D={x.shape[-1]}, accumulator has D={self.dim}")
+        self.buckets[0]._n_rows(x)  # shape, D and empty-batch errors, as a pooled update gives
         if self.buckets[0].device is None:
             self._update_host(x, bucket_ids, mask)
         else:
@@ -217,8 +216,6 @@ class BucketedCovariance:
         between-means term; all means are checked before any state changes."""
         k = len(self.buckets)
         b = np.asarray(to_numpy(bucket_ids)).reshape(-1).astype(np.int64, copy=False)
-        if b.size == 0:
-            raise ValueError(f"empty batch: activations of shape {tuple(x.shape)} hold no rows")
         _check_bucket_range(int(b.min()), int(b.max()), k)
         if mask is not None:  # masked rows get bucket k and sort past the kept ones
             b = np.where(np.asarray(to_numpy(mask)).reshape(-1).astype(bool), b, k)
@@ -244,8 +241,6 @@ class BucketedCovariance:
         xt = x if is_torch(x) else torch.from_numpy(np.asarray(x))
         b = torch.as_tensor(to_numpy(bucket_ids) if not is_torch(bucket_ids) else bucket_ids,
                             device=xt.device).reshape(-1).long()
-        if b.numel() == 0:
-            raise ValueError(f"empty batch: activations of shape {tuple(x.shape)} hold no rows")
         lo, hi = torch.aminmax(b)
         _check_bucket_range(int(lo), int(hi), k)
         if mask is not None:

@@ -85,6 +85,11 @@ def _mirror_lower_(a: np.ndarray, block: int = 256) -> None:
         a[i:j, j:] = a[j:, i:j].T
 
 
+def _check_mask(n_mask: int, n_rows: int, x) -> None:
+    if n_mask != n_rows:
+        raise ValueError(f"mask has {n_mask} entries for {n_rows} rows (shape {tuple(x.shape)})")
+
+
 def _all_finite(a) -> bool:
     if is_torch(a):
         import torch
@@ -203,11 +208,8 @@ class StreamingCovariance:
         return t.detach().to(device=self.device, dtype=torch_dtype(self.dtype), copy=True)
 
     # -- accumulation ------------------------------------------------------
-    def _rows(self, x, mask):
-        """Torch backend: rows ``[n, D]`` on the state's device and dtype, and whether they are
-        a private copy (then centred in place) rather than a view of the caller's tensor."""
-        import torch
-
+    def _n_rows(self, x) -> int:
+        """Rows in a batch ``[..., D]``; a clear error for a wrong shape, D or an empty batch."""
         shape = tuple(x.shape)
         if len(shape) < 2:
             raise ValueError(f"expected activations of shape [..., {self.dim}], got {shape}")
@@ -216,14 +218,21 @@ class StreamingCovariance:
         n_rows = int(np.prod(shape[:-1]))
         if n_rows == 0:
             raise ValueError(f"empty batch: activations of shape {shape} hold no rows")
+        return n_rows
+
+    def _rows(self, x, mask):
+        """Torch backend: rows ``[n, D]`` on the state's device and dtype, and whether they are
+        a private copy (then centred in place) rather than a view of the caller's tensor."""
+        import torch
+
+        n_rows = self._n_rows(x)
         t = x if is_torch(x) else torch.from_numpy(np.asarray(x))
         rows = t.detach().reshape(n_rows, self.dim).to(self.device, torch_dtype(self.dtype))
         owned = rows.data_ptr() != t.data_ptr()
         if mask is not None:
-            m = mask.reshape(-1) if is_torch(mask) else np.asarray(mask).reshape(-1)
-            if m.shape[0] != n_rows:
-                raise ValueError(f"mask has {m.shape[0]} entries for {n_rows} rows (shape {shape})")
-            m = (m if is_torch(m) else torch.from_numpy(np.asarray(m))).to(self.device).bool()
+            m = mask.reshape(-1) if is_torch(mask) else torch.from_numpy(np.asarray(mask).reshape(-1))
+            _check_mask(m.shape[0], n_rows, x)
+            m = m.to(self.device).bool()
             rows, owned = rows[m], True  # boolean indexing copies
         return rows, owned
 
@@ -245,19 +254,11 @@ class StreamingCovariance:
 
     def _host_rows(self, x, mask):
         """``[n, D]`` host view of the kept rows (not yet converted or copied where avoidable)."""
-        shape = tuple(x.shape)
-        if len(shape) < 2:
-            raise ValueError(f"expected activations of shape [..., {self.dim}], got {shape}")
-        if shape[-1] != self.dim:
-            raise ValueError(f"wrong dimension: rows have D={shape[-1]}, accumulator has D={self.dim}")
-        n_rows = int(np.prod(shape[:-1]))
-        if n_rows == 0:
-            raise ValueError(f"empty batch: activations of shape {shape} hold no rows")
+        n_rows = self._n_rows(x)
         rows = host_rows(x).reshape(n_rows, self.dim)
         if mask is not None:
             m = to_numpy(mask).reshape(-1)
-            if m.shape[0] != n_rows:
-                raise ValueError(f"mask has {m.shape[0]} entries for {n_rows} rows (shape {shape})")
+            _check_mask(m.shape[0], n_rows, x)
             rows = rows[m.astype(bool)]
         return rows
 
