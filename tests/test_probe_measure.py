@@ -1,4 +1,4 @@
-"""Post-hoc measurement: measure_model, and `capscale measure` on a HF directory loaded offline."""
+"""Post-hoc measurement: measure_model, and `capscale measure` on capscale checkpoints and HF directories."""
 
 import argparse
 
@@ -113,7 +113,7 @@ def test_cli_errors_are_clear(tmp_path):
     measure, args = _args(
         str(not_hf), "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o.parquet")
     )
-    with pytest.raises(ValueError, match="not a Hugging Face model directory"):
+    with pytest.raises(ValueError, match="nor a Hugging Face model directory"):
         measure.run(args)
     model_dir, _ = _hf_dir(tmp_path, "a b c d")
     measure, args = _args(
@@ -123,4 +123,95 @@ def test_cli_errors_are_clear(tmp_path):
         measure.run(args)
     measure, args = _args(str(model_dir), "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o.txt"))
     with pytest.raises(ValueError, match=r"\.parquet"):
+        measure.run(args)
+
+
+def _capscale_run(tmp_path):
+    """A 4-step run of our GPT on a local text with byte-level BPE, checkpointed at steps 2 and 4."""
+    from capscale.train.config import resolve
+    from capscale.train.loop import train
+
+    rng = np.random.default_rng(1)
+    words = [f"tok{i} " for i in range(40)]
+    docs = tmp_path / "corpus"
+    docs.mkdir()
+    for k in range(3):
+        (docs / f"d{k}.txt").write_text("".join(rng.choice(words, size=1500)))
+    cfg = resolve(
+        "smoke",
+        overrides={
+            "data.source": f"text:{docs}",
+            "data.tokenizer": "bytebpe:300",
+            "data.max_tokens": None,
+            "train.steps": 4,
+            "train.checkpoint_every": 2,
+            "train.keep_checkpoints": 2,
+            "train.eval_every": 4,
+            "telemetry.enabled": False,
+        },
+    )
+    run = tmp_path / "run"
+    assert train(cfg, run, log=lambda _m: None)["status"] == "done"
+    return run, docs
+
+
+def test_cli_measures_a_capscale_run_and_checkpoint(tmp_path, monkeypatch):
+    import json
+
+    from capscale.train.checkpoint import list_checkpoints
+    from capscale.train.config import RunConfig
+    from capscale.train.data import load_data
+    from capscale.train.model import GPT, GPTConfig
+
+    monkeypatch.setenv("CAPSCALE_HOME", str(tmp_path / "home"))  # tokenizer and shard caches
+    run, docs = _capscale_run(tmp_path)
+    ckpts = list_checkpoints(run / "checkpoints")
+    assert [s for s, _ in ckpts] == [2, 4]
+    out = tmp_path / "post.parquet"
+    measure, args = _args(str(run), "--data", str(docs / "d0.txt"), "--tokens", "200", "--out", str(out))
+    assert measure.run(args) == 0
+    df = pd.read_parquet(out)
+    assert set(df.step) == {4}  # the latest checkpoint's step
+    assert len(df) == 2 * 2 * 4 and set(df[df.bucket == "all"].n_samples) == {200}
+
+    # Independently: the step-4 weights, the run's tokenizer, and hooks on the MLP's
+    # own modules; float64 covariance of the captured rows.
+    config = json.loads((run / "config.json").read_text())
+    model = GPT(GPTConfig.from_dict(config["model"]))
+    model.load_state_dict(torch.load(ckpts[-1][1], weights_only=True)["model"])
+    model.eval()
+    config.pop("versions")
+    tok = load_data(RunConfig.from_dict(config).data).tokenizer
+    ids = (tok.encode((docs / "d0.txt").read_text()) + [tok.eot_id])[:200]
+    seq = 32  # the model's context (smoke preset), the CLI's default --seq-len here
+    got = {}
+
+    def keep(name):
+        return lambda mod, inp, outp: got.setdefault(name, []).append(outp.detach().double().reshape(-1, outp.shape[-1]))
+
+    hooks = [model.blocks[i].mlp.c_fc.register_forward_hook(keep(i)) for i in range(2)]
+    with torch.no_grad():
+        t = torch.tensor(ids)
+        n = len(ids) // seq
+        model(t[: n * seq].view(n, seq))
+        model(t[n * seq :].view(1, -1))
+    for h in hooks:
+        h.remove()
+    for layer in range(2):
+        x = torch.cat(got[layer]).numpy()
+        lam = np.clip(np.linalg.eigvalsh(np.cov(x.T)), 0, None)
+        hard = lam.sum() ** 2 / (lam**2).sum()
+        row = df[(df.layer == layer) & (df.site == "pre") & (df.bucket == "all")].iloc[0]
+        np.testing.assert_allclose(row.hard_rank, hard, rtol=1e-6)
+
+    # one checkpoint file, the earlier one: other weights, its own step
+    out2 = tmp_path / "early.jsonl"
+    measure, args = _args(str(ckpts[0][1]), "--data", str(docs / "d0.txt"), "--tokens", "200", "--out", str(out2))
+    measure.run(args)
+    early = pd.read_json(out2, lines=True)
+    assert set(early.step) == {2}
+    assert not np.allclose(early.soft_rank.to_numpy(), df.soft_rank.to_numpy())
+    # a context longer than the model's is refused, before any work
+    measure, args = _args(str(run), "--data", str(docs), "--out", str(out), "--seq-len", "64")
+    with pytest.raises(ValueError, match="context of 32"):
         measure.run(args)

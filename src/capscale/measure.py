@@ -1,7 +1,9 @@
 """``capscale measure MODEL --data TEXT_OR_DIR [--tokens N] --out FILE``: post-hoc spectra of a saved model.
 
-MODEL is a Hugging Face model directory (``config.json`` + weights), loaded
-offline with its own tokenizer, which turns the local text into token ids.
+MODEL is a capscale run directory (its latest checkpoint), one capscale
+checkpoint file (``checkpoints/step_XXXXXXXX.pt``), or a Hugging Face model
+directory (``config.json`` + weights), loaded offline. The model's own tokenizer
+(the run's, or the HF directory's) turns the local text into token ids.
 Every layer and both sites are measured over all tokens at once (one
 full-batch spectrum each), with HEAD/MID/TAIL buckets from the unigram counts
 of the same text (or ``--freq-table``). The output has the ``spectra.parquet``
@@ -11,14 +13,20 @@ columns (``.parquet``, ``.jsonl`` or ``.csv``).
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "model", help="a Hugging Face model directory (config.json + weights), loaded offline"
+        "model",
+        help="a capscale run directory or checkpoint file, or a Hugging Face model directory "
+        "(config.json + weights, loaded offline)",
     )
     parser.add_argument(
         "--data", required=True, help="a text file, or a directory of .txt/.md files (recursive)"
@@ -48,7 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="covariance GEMM dtype (default float64)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--step", type=int, default=0, help="value of the step column (default 0)")
+    parser.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="value of the step column (default: the checkpoint's step; 0 for a HF model)",
+    )
 
 
 def read_text(path: Path) -> list[str]:
@@ -63,13 +76,64 @@ def read_text(path: Path) -> list[str]:
     raise FileNotFoundError(f"--data {str(path)!r} does not exist")
 
 
-def load_hf(model_dir: Path, device: str):
-    """(model, tokenizer) from a HF directory, offline; a clear error for anything else."""
-    if not (model_dir / "config.json").is_file():
+@dataclass
+class Loaded:
+    """A model ready to measure, with what turns text into its token ids."""
+
+    model: Any
+    encode: Callable[[str], list[int]]
+    eos_id: int | None
+    vocab: int
+    context: int | None
+    step: int  # the checkpoint's training step (0 when unknown)
+
+
+def load_model(path: Path, device: str) -> Loaded:
+    """A capscale run directory / checkpoint, or a HF directory; a clear error for anything else."""
+    if path.is_file() and path.suffix == ".pt":
+        return load_capscale(path.parent.parent, path, device)
+    if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
+        return load_capscale(path, None, device)
+    if (path / "config.json").is_file():
+        return load_hf(path, device)
+    raise ValueError(
+        f"{str(path)!r} is neither a capscale run directory (config.json + checkpoints/), "
+        "a capscale checkpoint (.pt) nor a Hugging Face model directory (config.json + weights)"
+    )
+
+
+def load_capscale(run_dir: Path, checkpoint: Path | None, device: str) -> Loaded:
+    """Our GPT from a run's checkpoint (default: its latest), with the run's own tokenizer."""
+    from capscale.train.checkpoint import list_checkpoints, load_checkpoint
+    from capscale.train.data import tokenizer_for
+    from capscale.train.model import GPT, GPTConfig
+    from capscale.train.sources import make_source
+
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{str(run_dir)!r} has no config.json: the checkpoint's run directory is needed")
+    config = json.loads(config_path.read_text())
+    if checkpoint is None:
+        found = list_checkpoints(run_dir / "checkpoints")
+        if not found:
+            raise ValueError(f"run {str(run_dir)!r} has no checkpoint yet")
+        checkpoint = found[-1][1]
+    ckpt = load_checkpoint(checkpoint, config=config)  # validated against the run's config
+    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    data = config["data"]
+    tok = tokenizer_for(data["tokenizer"], make_source(data["source"]), cache_dir=data.get("cache_dir"))
+    vocab = int(model.cfg.vocab_size)
+    if tok.vocab_size > vocab:
         raise ValueError(
-            f"{str(model_dir)!r} is not a Hugging Face model directory (no config.json); "
-            "`capscale measure` reads HF directories (capscale checkpoints are not supported yet)"
+            f"the run's tokenizer ({data['tokenizer']}) has {tok.vocab_size} types but the model "
+            f"only {vocab} embeddings: not the tokenizer this run was trained with"
         )
+    return Loaded(model.to(device), tok.encode, tok.eot_id, vocab, int(model.cfg.seq_len), int(ckpt["step"]))
+
+
+def load_hf(model_dir: Path, device: str) -> Loaded:
+    """A HF causal LM and its tokenizer from a local directory, offline."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
@@ -81,16 +145,24 @@ def load_hf(model_dir: Path, device: str):
     except (OSError, ValueError, TypeError) as exc:
         raise ValueError(f"{str(model_dir)!r} has no usable tokenizer to read the text with: {exc}") from exc
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).to(device)
-    return model, tokenizer
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    return Loaded(
+        model,
+        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+        tokenizer.eos_token_id,
+        int(model.get_input_embeddings().num_embeddings),
+        context,
+        0,
+    )
 
 
-def tokenize(texts: list[str], tokenizer, limit: int) -> list[int]:
-    """Token ids of the texts, documents separated by EOS (when the tokenizer has one), first ``limit``."""
+def tokenize(texts: list[str], encode: Callable[[str], list[int]], eos_id: int | None, limit: int) -> list[int]:
+    """Token ids of the texts, documents separated by EOS (when there is one), first ``limit``."""
     ids: list[int] = []
     for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
+        ids += encode(text)
+        if eos_id is not None:
+            ids.append(eos_id)
         if len(ids) >= limit:
             break
     return ids[:limit]
@@ -123,9 +195,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     sites = tuple(s.strip() for s in args.sites.split(",") if s.strip())
     layers = "auto" if args.layers == "auto" else [int(x) for x in args.layers.split(",")]
-    model, tokenizer = load_hf(Path(args.model), args.device)
-    vocab = int(model.get_input_embeddings().num_embeddings)
-    ids = tokenize(read_text(Path(args.data)), tokenizer, args.tokens)
+    loaded = load_model(Path(args.model), args.device)
+    vocab = loaded.vocab
+    ids = tokenize(read_text(Path(args.data)), loaded.encode, loaded.eos_id, args.tokens)
     if len(ids) < 2:
         raise ValueError(f"--data {args.data!r} gives {len(ids)} tokens; need at least 2")
     if max(ids) >= vocab:
@@ -136,18 +208,17 @@ def run(args: argparse.Namespace) -> int:
         table = FrequencyTable.load(args.freq_table)
     else:
         table = FrequencyTable.from_token_ids([ids], vocab_size=vocab)
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
-    seq_len = args.seq_len or min(512, context or 512)
+    seq_len = args.seq_len or min(512, loaded.context or 512)
+    if loaded.context is not None and seq_len > loaded.context:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's context of {loaded.context} tokens")
     frame = measure_model(
-        model,
+        loaded.model,
         batches(ids, seq_len, args.batch_size, args.device),
         freq_table=table,
         sites=sites,
         layers=layers,
         dtype=getattr(torch, args.dtype),
-        step=args.step,
+        step=loaded.step if args.step is None else args.step,
     )
     out = write_frame(frame, args.out)
     print(f"measured {len(ids)} tokens, {frame['layer'].nunique()} layers x {len(sites)} sites -> {out}")

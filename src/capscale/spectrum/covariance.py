@@ -124,9 +124,13 @@ def clamp_spectrum(raw: np.ndarray) -> np.ndarray:
 def eigenvalues_from_covariance(cov) -> np.ndarray:
     """Descending, clamped eigenvalues of a covariance matrix (NumPy or torch), float64.
 
-    Uses ``eigvalsh`` (no eigenvectors); an accelerator tensor is decomposed on its device.
+    Uses ``eigvalsh`` (no eigenvectors); a torch matrix is decomposed by torch on its
+    device. Host tensors stay with torch too: NumPy's LAPACK is ~15% faster in
+    isolation, but inside a torch training process its OpenBLAS threads spin
+    against torch's OpenMP pool and slowed the whole loop (measured in
+    ``benchmarks/bench_probe_overhead.py``: +95% vs +61% per bucketed window of steps).
     """
-    if is_torch(cov) and cov.device.type != "cpu":
+    if is_torch(cov):
         import torch
 
         c = cov.detach().double()
@@ -134,8 +138,6 @@ def eigenvalues_from_covariance(cov) -> np.ndarray:
         if not _all_finite(c):
             raise NonFiniteError("covariance contains NaN or Inf")
         return clamp_spectrum(torch.linalg.eigvalsh(c).cpu().numpy())
-    if is_torch(cov):  # host tensors: NumPy's LAPACK path is ~15% faster than torch's at D = 256
-        cov = cov.detach().double().numpy()
     c = np.asarray(cov, dtype=np.float64)
     _check_square(c)
     if not _all_finite(c):
