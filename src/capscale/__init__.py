@@ -1,7 +1,8 @@
 """capscale: realized spectral capacity for LLM pretraining.
 
 Layers, each importing only those below it:
-``spectrum -> probe -> train -> sweep -> analysis -> report -> cli``.
+``spectrum -> probe -> train -> sweep -> analysis -> report -> cli``;
+``capscale.atomic`` (atomic file writes) sits below them all.
 Importing ``capscale`` loads only the NumPy core; torch is imported by the
 layers that need it.
 """

@@ -22,6 +22,8 @@ from typing import Any, TextIO
 
 import pandas as pd
 
+from capscale.atomic import atomic_write
+
 
 class SinkError(OSError):
     """A sink cannot write where it was told to."""
@@ -35,18 +37,6 @@ def _writable_dir(path: Path) -> Path:
     except OSError as exc:
         raise SinkError(f"capscale sink: cannot write to directory {str(path)!r}: {exc}") from exc
     return path
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: readers see the old file or the new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def arrow_table(frame: pd.DataFrame):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from capscale.analysis import Analysis, AnalysisParams, analyze, load_sweep
+from capscale.atomic import atomic_write_bytes
 from capscale.report.data import report_data
 from capscale.report.figures import render_figures
 from capscale.report.html import render_html
@@ -26,15 +26,8 @@ class ReportFiles:
 
 
 def _write(path: Path, content: str | bytes) -> None:
-    """Atomic write (temp file + rename): a report being rebuilt is never seen half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open: the umask's permissions, not 0600
-    try:
-        tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Atomic write: a report being rebuilt is never seen half-written."""
+    atomic_write_bytes(path, content.encode("utf-8") if isinstance(content, str) else content)
 
 
 def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None, **analysis_params: Any) -> ReportFiles:

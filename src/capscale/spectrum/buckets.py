@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from capscale.atomic import atomic_write_text
 from capscale.spectrum._arrays import is_torch, to_numpy
-from capscale.spectrum.covariance import NonFiniteError, StreamingCovariance, _all_finite, host_rows, scratch_rows
+from capscale.spectrum.covariance import (
+    NonFiniteError,
+    StreamingCovariance,
+    _all_finite,
+    host_rows,
+    scratch_rows,
+)
 
 BUCKETS = ("head", "mid", "tail")
 HEAD, MID, TAIL = 0, 1, 2
@@ -149,11 +154,7 @@ class FrequencyTable:
         """Write JSON (counts + human-readable stats), atomically."""
         path = Path(path)
         doc = {"format": _FORMAT, "version": 1, "stats": self.stats(), "counts": self.counts.tolist()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, separators=(",", ":"))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(doc, separators=(",", ":")))
 
     @classmethod
     def load(cls, path) -> FrequencyTable:

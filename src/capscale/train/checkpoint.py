@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from capscale.train.rundir import atomic_write_bytes
+from capscale.atomic import atomic_write_bytes
 
 FORMAT = "capscale.checkpoint"
 VERSION = 1
@@ -57,7 +57,7 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], *, keep
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, "step": step, **payload}, buf)
     path = checkpoint_path(directory, step)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), fsync=True)
     for _, old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return path

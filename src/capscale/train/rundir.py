@@ -11,31 +11,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from capscale.atomic import atomic_write_bytes
+
 STATUSES = ("running", "done", "diverged", "failed")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+    """Run state, durably: fsync'd before the rename."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode(), fsync=True)
 
 
 def _json_default(o: Any):
@@ -126,7 +114,7 @@ class RunDir:
     def truncate_metrics(self, last_step: int) -> None:
         """Keep only records with step <= last_step (resume from that checkpoint)."""
         kept = [r for r in self.read_metrics() if r.get("step", -1) <= last_step]
-        atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode(), fsync=True)
 
     # spectra
     def append_spectra(self, frame: pd.DataFrame) -> None:
@@ -142,7 +130,7 @@ class RunDir:
 
         buf = io.BytesIO()
         frame.to_parquet(buf, index=False)
-        atomic_write_bytes(self.spectra_path, buf.getvalue())
+        atomic_write_bytes(self.spectra_path, buf.getvalue(), fsync=True)
 
     def read_spectra(self) -> pd.DataFrame | None:
         return pd.read_parquet(self.spectra_path) if self.spectra_path.exists() else None

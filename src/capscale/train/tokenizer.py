@@ -16,11 +16,11 @@ multiple of 64 for fast matmuls; the padding ids never occur in the data.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from capscale.atomic import atomic_write_text
 
 EOT = "<|endoftext|>"
 _PAD_MULTIPLE = 64
@@ -206,12 +206,7 @@ class ByteBPETokenizer:
 
     def save(self, path: Path | str) -> Path:
         """Write the tokenizer JSON atomically; later ``spec()`` points at this file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(self._json)
-        os.replace(tmp, path)
+        path = atomic_write_text(path, self._json)
         self.path = path
         return path
 
