@@ -121,12 +121,15 @@ def test_cli_errors_are_clear(tmp_path):
     )
     with pytest.raises(FileNotFoundError):
         measure.run(args)
+    measure, args = _args(str(model_dir), "--out", str(tmp_path / "o.parquet"))
+    with pytest.raises(ValueError, match="--data is needed"):
+        measure.run(args)
     measure, args = _args(str(model_dir), "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o.txt"))
     with pytest.raises(ValueError, match=r"\.parquet"):
         measure.run(args)
 
 
-def _capscale_run(tmp_path):
+def _capscale_run(tmp_path, run_name="run", ffn_width=None):
     """A 4-step run of our GPT on a local text with byte-level BPE, checkpointed at steps 2 and 4."""
     from capscale.train.config import resolve
     from capscale.train.loop import train
@@ -134,7 +137,7 @@ def _capscale_run(tmp_path):
     rng = np.random.default_rng(1)
     words = [f"tok{i} " for i in range(40)]
     docs = tmp_path / "corpus"
-    docs.mkdir()
+    docs.mkdir(exist_ok=True)
     for k in range(3):
         (docs / f"d{k}.txt").write_text("".join(rng.choice(words, size=1500)))
     cfg = resolve(
@@ -148,9 +151,10 @@ def _capscale_run(tmp_path):
             "train.keep_checkpoints": 2,
             "train.eval_every": 4,
             "telemetry.enabled": False,
+            **({"model.ffn_width": ffn_width, "model.ffn_mult": None} if ffn_width else {}),
         },
     )
-    run = tmp_path / "run"
+    run = tmp_path / run_name
     assert train(cfg, run, log=lambda _m: None)["status"] == "done"
     return run, docs
 
@@ -181,7 +185,8 @@ def test_cli_measures_a_capscale_run_and_checkpoint(tmp_path, monkeypatch):
     model.load_state_dict(torch.load(ckpts[-1][1], weights_only=True)["model"])
     model.eval()
     config.pop("versions")
-    tok = load_data(RunConfig.from_dict(config).data).tokenizer
+    split = load_data(RunConfig.from_dict(config).data)
+    tok = split.tokenizer
     ids = (tok.encode((docs / "d0.txt").read_text()) + [tok.eot_id])[:200]
     seq = 32  # the model's context (smoke preset), the CLI's default --seq-len here
     got = {}
@@ -211,7 +216,50 @@ def test_cli_measures_a_capscale_run_and_checkpoint(tmp_path, monkeypatch):
     early = pd.read_json(out2, lines=True)
     assert set(early.step) == {2}
     assert not np.allclose(early.soft_rank.to_numpy(), df.soft_rank.to_numpy())
+    # no --data: the run's own validation split, bucketed by its training table
+    out3 = tmp_path / "held.parquet"
+    measure, args = _args(str(run), "--tokens", "150", "--out", str(out3))
+    measure.run(args)
+    held = pd.read_parquet(out3)
+    one = held[(held.layer == 0) & (held.site == "post")].set_index("bucket").n_samples
+    val = torch.as_tensor(np.asarray(split.val_tokens[:150], dtype=np.int64))
+    per_bucket = torch.bincount(split.frequency_table().bucket(val).long(), minlength=3).tolist()
+    assert one["all"] == 150 and [one["head"], one["mid"], one["tail"]] == per_bucket
     # a context longer than the model's is refused, before any work
     measure, args = _args(str(run), "--data", str(docs), "--out", str(out), "--seq-len", "64")
     with pytest.raises(ValueError, match="context of 32"):
         measure.run(args)
+
+
+def test_posthoc_script_measures_each_finished_run_once_and_fits_widths(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv("CAPSCALE_HOME", str(tmp_path / "home"))
+    for w in (32, 64, 128):
+        _capscale_run(tmp_path, f"sweep/runs/adamw_w{w}_s0", ffn_width=w)
+    path = Path(__file__).parents[1] / "scripts" / "posthoc_ranks.py"
+    spec = importlib.util.spec_from_file_location("posthoc_ranks", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, betas = tmp_path / "ranks.csv", tmp_path / "betas.csv"
+    argv = ["posthoc_ranks.py", str(tmp_path / "sweep"), "--tokens", "256", "--out", str(out), "--betas", str(betas)]
+    monkeypatch.setattr(sys, "argv", argv)
+    script.main()
+    ranks = pd.read_csv(out)
+    assert len(ranks) == 3 * 2 * 4 and set(ranks.width) == {32, 64, 128} and set(ranks.series) == {"adamw"}
+    assert set(ranks.step) == {4} and set(ranks[ranks.bucket == "all"].n_samples) == {256}
+    # the median over layers of what `capscale measure` gives for that run
+    measure, args = _args(str(tmp_path / "sweep/runs/adamw_w64_s0"), "--tokens", "256", "--dtype", "float32",
+                          "--out", str(tmp_path / "one.parquet"))
+    measure.run(args)
+    one = pd.read_parquet(tmp_path / "one.parquet")
+    want = one[(one.site == "post") & (one.bucket == "tail")].hard_rank.median()
+    got = ranks[(ranks.width == 64) & (ranks.site == "post") & (ranks.bucket == "tail")].hard_rank.item()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    fits = pd.read_csv(betas)
+    assert len(fits) == 2 * 4 * 2 and (fits.n == 3).all() and fits.beta.notna().all()
+    # a second pass reuses what it measured
+    monkeypatch.setattr(script, "measure_run", lambda *a: (_ for _ in ()).throw(AssertionError("re-measured")))
+    script.main()

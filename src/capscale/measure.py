@@ -1,9 +1,12 @@
-"""``capscale measure MODEL --data TEXT_OR_DIR [--tokens N] --out FILE``: post-hoc spectra of a saved model.
+"""``capscale measure MODEL [--data TEXT_OR_DIR] [--tokens N] --out FILE``: post-hoc spectra of a saved model.
 
 MODEL is a capscale run directory (its latest checkpoint), one capscale
 checkpoint file (``checkpoints/step_XXXXXXXX.pt``), or a Hugging Face model
 directory (``config.json`` + weights), loaded offline. The model's own tokenizer
-(the run's, or the HF directory's) turns the local text into token ids.
+(the run's, or the HF directory's) turns the local text into token ids. Without
+``--data`` a capscale run is measured on its own held-out validation split, bucketed
+by its training unigram table (the one its telemetry used): the same spectra as the
+run's telemetry, but from as many tokens as asked for, so N/D can be made large.
 Every layer and both sites are measured over all tokens at once (one
 full-batch spectrum each), with HEAD/MID/TAIL buckets from the unigram counts
 of the same text (or ``--freq-table``). The output has the ``spectra.parquet``
@@ -29,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(config.json + weights, loaded offline)",
     )
     parser.add_argument(
-        "--data", required=True, help="a text file, or a directory of .txt/.md files (recursive)"
+        "--data",
+        default=None,
+        help="a text file, or a directory of .txt/.md files (recursive); default for a capscale "
+        "run: its validation split, with its training HEAD/MID/TAIL table",
     )
     parser.add_argument(
         "--tokens", type=int, default=65536, help="measure the first N tokens (default 65536)"
@@ -86,6 +92,8 @@ class Loaded:
     vocab: int
     context: int | None
     step: int  # the checkpoint's training step (0 when unknown)
+    # capscale runs: (first N validation tokens, training frequency table)
+    held_out: Callable[[int], tuple[list[int], Any]] | None = None
 
 
 def load_model(path: Path, device: str) -> Loaded:
@@ -129,7 +137,17 @@ def load_capscale(run_dir: Path, checkpoint: Path | None, device: str) -> Loaded
             f"the run's tokenizer ({data['tokenizer']}) has {tok.vocab_size} types but the model "
             f"only {vocab} embeddings: not the tokenizer this run was trained with"
         )
-    return Loaded(model.to(device), tok.encode, tok.eot_id, vocab, int(model.cfg.seq_len), int(ckpt["step"]))
+
+    def held_out(limit: int):
+        from capscale.train.config import RunConfig
+        from capscale.train.data import load_data
+
+        split = load_data(RunConfig.from_dict({k: v for k, v in config.items() if k != "versions"}).data)
+        return split.val_tokens[:limit].tolist(), split.frequency_table()
+
+    return Loaded(
+        model.to(device), tok.encode, tok.eot_id, vocab, int(model.cfg.seq_len), int(ckpt["step"]), held_out
+    )
 
 
 def load_hf(model_dir: Path, device: str) -> Loaded:
@@ -197,7 +215,13 @@ def run(args: argparse.Namespace) -> int:
     layers = "auto" if args.layers == "auto" else [int(x) for x in args.layers.split(",")]
     loaded = load_model(Path(args.model), args.device)
     vocab = loaded.vocab
-    ids = tokenize(read_text(Path(args.data)), loaded.encode, loaded.eos_id, args.tokens)
+    run_table = None
+    if args.data is not None:
+        ids = tokenize(read_text(Path(args.data)), loaded.encode, loaded.eos_id, args.tokens)
+    elif loaded.held_out is not None:
+        ids, run_table = loaded.held_out(args.tokens)
+    else:
+        raise ValueError("--data is needed for a Hugging Face model (a text file or directory to measure on)")
     if len(ids) < 2:
         raise ValueError(f"--data {args.data!r} gives {len(ids)} tokens; need at least 2")
     if max(ids) >= vocab:
@@ -206,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.freq_table:
         table = FrequencyTable.load(args.freq_table)
+    elif run_table is not None:
+        table = run_table
     else:
         table = FrequencyTable.from_token_ids([ids], vocab_size=vocab)
     seq_len = args.seq_len or min(512, loaded.context or 512)

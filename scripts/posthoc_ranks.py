@@ -1,0 +1,87 @@
+"""Well-sampled ranks of every finished run of a sweep, and their width exponents.
+
+    python scripts/posthoc_ranks.py SWEEP_DIR --tokens 65536 --out ranks.csv [--betas betas.csv]
+
+For each finished run: its final checkpoint measured post hoc on the first
+``--tokens`` tokens of its own validation split, bucketed by its training unigram
+table (what ``capscale measure RUN`` does without ``--data``), full batch, float64 states
+(float32 products of centred batches, as the probe's default).
+Telemetry windows hold a few thousand tokens, so wide FFNs and the rarer buckets
+have few samples per dimension; here N/D is as large as asked for. One row per
+(run, site, bucket): the median over layers, as the paper aggregates. Runs already
+in ``--out`` (same checkpoint step and token count) are not measured again. Then
+rank ∝ width^β per (series, site, bucket, metric), fitted as ``capscale fit`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from capscale.fitcli import fit_table
+from capscale.measure import batches, load_model
+from capscale.probe import measure_model
+
+RUN_NAME = re.compile(r"^(?P<head>.+)_w(?P<width>\d+)(?P<tail>.*)_s(?P<seed>\d+)$")
+
+
+def measure_run(run: Path, tokens: int) -> pd.DataFrame:
+    loaded = load_model(run, "cpu")
+    ids, table = loaded.held_out(tokens)
+    frame = measure_model(
+        loaded.model, batches(ids, loaded.context, 8, "cpu"), freq_table=table, step=loaded.step, dtype=torch.float32
+    )
+    agg = frame.groupby(["site", "bucket"]).agg(
+        soft_rank=("soft_rank", "median"), hard_rank=("hard_rank", "median"), n_samples=("n_samples", "first"),
+        dim=("dim", "first"),
+    ).reset_index()
+    m = RUN_NAME.match(run.name)
+    agg.insert(0, "run", run.name)
+    agg.insert(1, "series", m["head"] + m["tail"])
+    agg.insert(2, "width", int(m["width"]))
+    agg.insert(3, "seed", int(m["seed"]))
+    agg.insert(4, "step", loaded.step)
+    agg["tokens"] = len(ids)
+    agg["samples_per_dim"] = agg.n_samples / agg.dim
+    return agg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sweep", type=Path)
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--betas", type=Path, default=None, help="also write the fits here (CSV)")
+    args = ap.parse_args()
+    done = pd.read_csv(args.out) if args.out.is_file() else None
+    rows = []
+    for run in sorted((args.sweep / "runs").iterdir()):
+        status = run / "status.json"
+        if not status.is_file() or json.loads(status.read_text())["status"] != "done":
+            continue
+        if done is not None:
+            old = done[done.run == run.name]
+            final = json.loads(status.read_text())["step"]
+            if len(old) and (old.step == final).all() and (old.tokens == args.tokens).all():
+                rows.append(old)
+                continue
+        rows.append(measure_run(run, args.tokens))
+        print(f"measured {run.name}", flush=True)
+    ranks = pd.concat(rows, ignore_index=True)
+    ranks.to_csv(args.out, index=False, float_format="%.6g")
+    long = ranks.melt(
+        id_vars=["series", "site", "bucket", "width"], value_vars=["soft_rank", "hard_rank"], var_name="metric"
+    )
+    betas = fit_table(long, x="width", y="value", by=["series", "site", "bucket", "metric"])
+    if args.betas:
+        betas.to_csv(args.betas, index=False, float_format="%.6g")
+    print(betas.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
