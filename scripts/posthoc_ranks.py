@@ -61,13 +61,13 @@ def main() -> None:
     done = pd.read_csv(args.out) if args.out.is_file() else None
     rows = []
     for run in sorted((args.sweep / "runs").iterdir()):
-        status = run / "status.json"
-        if not status.is_file() or json.loads(status.read_text())["status"] != "done":
+        status_path = run / "status.json"
+        status = json.loads(status_path.read_text()) if status_path.is_file() else {}
+        if status.get("status") != "done":
             continue
         if done is not None:
             old = done[done.run == run.name]
-            final = json.loads(status.read_text())["step"]
-            if len(old) and (old.step == final).all() and (old.tokens == args.tokens).all():
+            if len(old) and (old.step == status["step"]).all() and (old.tokens == args.tokens).all():
                 rows.append(old)
                 continue
         rows.append(measure_run(run, args.tokens))

@@ -15,6 +15,7 @@ from capscale.spectrum import (
     hard_rank,
     soft_rank,
 )
+from capscale.spectrum.covariance import SERIAL_EIG_MAX_DIM
 
 
 def _data(seed, n, d, offset=5.0):
@@ -248,3 +249,19 @@ def test_scatter_is_symmetric_between_updates_and_accumulators_share_no_rows():
         np.testing.assert_array_equal(a.scatter, a.scatter.T)
         np.testing.assert_allclose(a.covariance(), np.cov(np.concatenate(xa), rowvar=False), rtol=1e-12)
         np.testing.assert_allclose(b.covariance(), np.cov(np.concatenate(xb), rowvar=False), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dim", [64, SERIAL_EIG_MAX_DIM + 8])  # NumPy on one thread; torch above
+def test_host_tensors_decompose_like_arrays_on_either_path(dim):
+    x = np.random.default_rng(dim).standard_normal((2 * dim, dim)) * np.linspace(0.1, 3, dim)
+    cov = np.cov(x.T)
+    want = eigenvalues_from_covariance(cov)
+    got = eigenvalues_from_covariance(torch.from_numpy(cov).float().requires_grad_())
+    np.testing.assert_allclose(got, eigenvalues_from_covariance(cov.astype(np.float32)), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    bad = torch.from_numpy(cov.copy())
+    bad[0, 1] = float("nan")
+    with pytest.raises(NonFiniteError):
+        eigenvalues_from_covariance(bad)
+    with pytest.raises(ValueError, match="square"):
+        eigenvalues_from_covariance(torch.zeros(3, 4, dtype=torch.float64))

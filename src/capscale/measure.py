@@ -223,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise ValueError("--data is needed for a Hugging Face model (a text file or directory to measure on)")
     if len(ids) < 2:
-        raise ValueError(f"--data {args.data!r} gives {len(ids)} tokens; need at least 2")
+        source = f"--data {args.data!r}" if args.data is not None else "the run's validation split"
+        raise ValueError(f"{source} gives {len(ids)} tokens; need at least 2")
     if max(ids) >= vocab:
         raise ValueError(
             f"the tokenizer produced id {max(ids)} but the model's vocabulary has {vocab} entries"

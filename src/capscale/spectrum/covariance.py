@@ -137,26 +137,18 @@ def eigenvalues_from_covariance(cov) -> np.ndarray:
     slowed the training steps that followed. From D = 2048 torch's threaded path
     wins (0.43 s vs 0.74 s). NumPy input is decomposed by NumPy as configured.
     """
-    if is_torch(cov) and (cov.device.type != "cpu" or cov.shape[-1] > SERIAL_EIG_MAX_DIM):
-        import torch
-
-        c = cov.detach().double()
-        _check_square(c)
-        if not _all_finite(c):
-            raise NonFiniteError("covariance contains NaN or Inf")
-        return clamp_spectrum(torch.linalg.eigvalsh(c).cpu().numpy())
-    if is_torch(cov):
-        c = cov.detach().double().numpy()
-        _check_square(c)
-        if not _all_finite(c):
-            raise NonFiniteError("covariance contains NaN or Inf")
-        with _serial_blas():
-            return clamp_spectrum(np.linalg.eigvalsh(c))
-    c = np.asarray(cov, dtype=np.float64)
+    c = cov.detach().double() if is_torch(cov) else np.asarray(cov, dtype=np.float64)
     _check_square(c)
     if not _all_finite(c):
         raise NonFiniteError("covariance contains NaN or Inf")
-    return clamp_spectrum(np.linalg.eigvalsh(c))
+    if not is_torch(c):
+        return clamp_spectrum(np.linalg.eigvalsh(c))
+    if c.device.type != "cpu" or c.shape[-1] > SERIAL_EIG_MAX_DIM:
+        import torch
+
+        return clamp_spectrum(torch.linalg.eigvalsh(c).cpu().numpy())
+    with _serial_blas():
+        return clamp_spectrum(np.linalg.eigvalsh(c.numpy()))
 
 
 _BLAS_CONTROLLER = None
