@@ -1,5 +1,6 @@
 """Sweeps: planning, resumable local execution under SIGKILL, failures recorded, submitit."""
 
+import fcntl
 import json
 import signal
 import subprocess
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from capscale.sweep import SWEEP_PRESETS, SweepSpec, load_spec, run_sweep
-from capscale.sweep.sweep import pending_runs, plan
+from capscale.sweep.sweep import pending_runs, plan, select_runs, sweep_status
+from capscale.sweep.worker import LOCK
 from capscale.train.rundir import RunDir
 from capscale.train.corpus import is_installed
 
@@ -106,6 +108,53 @@ def test_pending_runs_order_and_skip_finished(tmp_path):
     assert order == [g.format(0) for g in grid[1:]] + ["adamw_hot_w32_s0"] + [g.format(1) for g in grid]
 
 
+def test_status_reads_states_and_the_lock(tmp_path):
+    spec = SweepSpec.from_dict(SPEC)
+    with pytest.raises(FileNotFoundError, match="no sweep"):
+        sweep_status(spec, tmp_path)
+    runs = plan(spec, tmp_path)
+    RunDir(runs["adamw_w32_s0"]).write_status("done", 20)
+    RunDir(runs["muon_w32_s0"]).write_status("failed", 3, "boom")
+    RunDir(runs["muon_w64_s0"]).write_status("running", 5)
+    RunDir(runs["muon_w128_s0"]).write_status("running", 10)
+    with open(runs["muon_w128_s0"] / LOCK, "w") as lock:  # a live worker holds its run's lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = {r["name"]: r for r in sweep_status(spec, tmp_path)}
+    assert list(rows)[0] == "adamw_w32_s0"  # finished first, then the resume order
+    assert rows["muon_w128_s0"]["status"] == "running" and rows["muon_w128_s0"]["step"] == 10
+    assert rows["muon_w64_s0"]["status"] == "interrupted" and rows["muon_w64_s0"]["step"] == 5
+    assert rows["muon_w32_s0"] == {"name": "muon_w32_s0", "status": "failed", "step": 3, "reason": "boom"}
+    assert rows["adamw_w64_s0"]["status"] == "not started"
+    # lock released: nobody trains muon_w128_s0 now, so it too reads as interrupted
+    assert {r["status"] for r in sweep_status(spec, tmp_path)} == {"done", "failed", "interrupted", "not started"}
+
+
+def test_only_selects_by_pattern_and_rejects_a_typo(tmp_path):
+    runs = plan(SweepSpec.from_dict(SPEC), tmp_path)
+    assert list(select_runs(runs, ["*_w32_s0"])) == ["adamw_w32_s0", "muon_w32_s0", "adamw_hot_w32_s0"]
+    assert list(select_runs(runs, ["muon_w128_s0", "adamw_w6?_s0"])) == ["adamw_w64_s0", "muon_w128_s0"]
+    assert select_runs(runs, None) == runs
+    with pytest.raises(ValueError, match="'adam_w32_s0' matches none of the sweep's 7 runs"):
+        select_runs(runs, ["adam_w32_s0"])
+
+
+@needs_corpus
+def test_cli_only_runs_the_chosen_runs(tmp_path, capsys):
+    from capscale.cli import main
+
+    cfg = tmp_path / "spec.toml"
+    cfg.write_text('name = "o"\nbase = "smoke"\n[base_config]\n"train.steps" = 5\n"telemetry.every" = 5\n'
+                   '[axes]\nffn_mult = [1, 2]\noptimizer = ["adamw", "muon"]\n')
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--config", str(cfg), "--out", str(out), "--only", "muon_*", "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["sweep", "--config", str(cfg), "--out", str(out), "--status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "sweep o: 4 runs: 2 done, 2 not started"
+    assert [(ln[:15].strip(), ln.split()[-3]) for ln in lines[1:]] == [
+        ("done", "muon_w32_s0"), ("done", "muon_w64_s0"), ("not started", "adamw_w32_s0"), ("not started", "adamw_w64_s0")]
+
+
 @needs_corpus
 def test_sigkill_resume_equals_uninterrupted_and_divergence_is_recorded(tmp_path):
     spec = SweepSpec.from_dict(SPEC)
@@ -136,6 +185,9 @@ def test_sigkill_resume_equals_uninterrupted_and_divergence_is_recorded(tmp_path
     unfinished = [p for p in out.glob("runs/*") if not (p / "status.json").exists()
                   or json.loads((p / "status.json").read_text())["status"] == "running"]
     assert unfinished, "the kill came too late to test anything"
+    states = {r["name"]: r["status"] for r in sweep_status(spec, out)}
+    assert {states[p.name] for p in unfinished} <= {"interrupted", "not started"}
+    assert "running" not in states.values()  # no worker survived its parent
     run_sweep(spec, out, workers=2, log=lambda _m: None)
     _same(_snapshot(ref), _snapshot(out))
 

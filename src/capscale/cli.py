@@ -62,13 +62,29 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="sweep directory (re-running on it resumes)")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: cores / 2)")
     p.add_argument("--executor", choices=("local", "slurm"), default="local")
+    p.add_argument("--only", action="append", metavar="PATTERN",
+                   help="run only the runs whose names match this shell pattern, e.g. 'dion_*_s0' "
+                        "(repeatable; the others stay planned)")
+    p.add_argument("--status", action="store_true", help="list each run's state and run nothing")
 
 
 def _sweep_run(args: argparse.Namespace) -> int:
-    from capscale.sweep import load_spec, run_sweep
+    from collections import Counter
 
-    results = run_sweep(load_spec(args.preset, args.config), args.out, workers=args.workers,
-                        executor=args.executor)
+    from capscale.sweep import load_spec, run_sweep
+    from capscale.sweep.sweep import select_runs, sweep_status
+
+    spec = load_spec(args.preset, args.config)
+    if args.status:
+        rows = sweep_status(spec, args.out)
+        chosen = select_runs({r["name"]: r for r in rows}, args.only)
+        counts = Counter(r["status"] for r in chosen.values())
+        print(f"sweep {spec.name}: {len(chosen)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.most_common()))
+        for name, r in chosen.items():
+            reason = f"  ({r['reason']})" if r["reason"] else ""
+            print(f"  {r['status']:<12} {name:<32} step {r['step']}{reason}")
+        return 0
+    results = run_sweep(spec, args.out, workers=args.workers, executor=args.executor, only=args.only)
     return 1 if any(r.status == "failed" for r in results) else 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Callable
 
 from capscale.sweep.executors import RunResult, run_local, run_submitit, write_request
 from capscale.sweep.spec import SweepSpec, _expand
+from capscale.sweep.worker import is_locked
 from capscale.train.rundir import RunDir, atomic_write_json
 
 SPEC_FILE = "sweep.json"
@@ -51,6 +53,40 @@ def pending_runs(spec: SweepSpec, runs: dict[str, Path]) -> dict[str, Path]:
     return pending
 
 
+def select_runs(runs: dict[str, Path], only: list[str] | None) -> dict[str, Path]:
+    """The runs whose names match any of the shell patterns ``only`` (all when None), order kept.
+
+    A pattern that matches no run is an error: a typo would otherwise run nothing, silently."""
+    if not only:
+        return runs
+    for pattern in only:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in runs):
+            raise ValueError(f"--only {pattern!r} matches none of the sweep's {len(runs)} runs "
+                             f"(names look like {next(iter(runs))!r})")
+    return {n: d for n, d in runs.items() if any(fnmatch.fnmatchcase(n, p) for p in only)}
+
+
+def sweep_status(spec: SweepSpec, out: str | Path) -> list[dict]:
+    """Each run of ``spec`` under ``out``, in the order a resumed sweep takes them: name, status,
+    step and reason. Status is the run's own, except ``not started`` (no status file yet) and
+    ``interrupted`` (says running, but no worker holds its lock: it resumes from its last
+    checkpoint). Reads only; writes nothing."""
+    out = Path(out)
+    if not (out / SPEC_FILE).exists():
+        raise FileNotFoundError(f"{out} holds no sweep ({SPEC_FILE} missing)")
+    runs = {name: out / "runs" / name for name in spec.runs()}
+    pending = pending_runs(spec, runs)
+    rows = []
+    for name in [n for n in runs if n not in pending] + list(pending):
+        st = RunDir(runs[name]).read_status() if runs[name].exists() else None
+        status = st["status"] if st else "not started"
+        if status == "running" and not is_locked(runs[name]):
+            status = "interrupted"
+        rows.append({"name": name, "status": status, "step": st["step"] if st else 0,
+                     "reason": st.get("reason") if st else None})
+    return rows
+
+
 def _prepare_data(spec: SweepSpec, log: Callable[[str], None]) -> None:
     """Build tokenizer and token caches once, before workers race to build them."""
     from capscale.train.data import load_data
@@ -64,13 +100,16 @@ def _prepare_data(spec: SweepSpec, log: Callable[[str], None]) -> None:
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, workers: int | None = None, executor: str = "local",
-              slurm: dict | None = None, log: Callable[[str], None] = print) -> list[RunResult]:
-    """Run every unfinished run of ``spec`` under ``out``; finished runs are skipped."""
+              slurm: dict | None = None, only: list[str] | None = None,
+              log: Callable[[str], None] = print) -> list[RunResult]:
+    """Run every unfinished run of ``spec`` under ``out`` (those matching ``only``, if given);
+    finished runs are skipped."""
     if executor not in ("local", "slurm", "submitit-local"):
         raise ValueError(f"executor must be local or slurm, got {executor!r}")
-    runs = plan(spec, out)
+    runs = select_runs(plan(spec, out), only)
     pending = pending_runs(spec, runs)
-    log(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(pending)} already finished, "
+    chosen = f" ({len(runs)} chosen by --only)" if only else ""
+    log(f"sweep {spec.name}: {len(runs)} runs{chosen}, {len(runs) - len(pending)} already finished, "
         f"{len(pending)} to run -> {Path(out)}")
     if not pending:
         return []

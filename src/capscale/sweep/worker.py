@@ -28,6 +28,20 @@ def die_with_parent() -> None:
         pass
 
 
+def is_locked(run_dir: str | Path) -> bool:
+    """Whether a worker holds ``run_dir`` now (a status of "running" without it means interrupted)."""
+    path = Path(run_dir) / LOCK
+    if not path.exists():
+        return False
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 def run_one(run_dir: str | Path, threads: int | None = None) -> dict:
     """Train (or resume) the run in ``run_dir``; returns its final status."""
     import torch
