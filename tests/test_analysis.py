@@ -154,3 +154,34 @@ def test_seed_spread(analysis):
                & (pts["bucket"] == "all")]["hard_rank"]
     assert row["n_seeds"] == 2
     assert (row["min"], row["median"], row["max"]) == (vals.min(), pd.Series(vals).median(), vals.max())
+
+
+def test_spans_compare_betas_on_shared_widths():
+    """A saturating curve fitted over ×1…×16 has a lower β than over ×1…×4: comparing that
+    with a ×1…×4 arm would call curvature an architecture effect. Planted: the same law
+    rank = w^0.5 up to w = 512, flat beyond, for both architectures of one optimizer."""
+    from capscale.analysis.compare import optimizer_architecture, shared_widths
+
+    law = {w: min(w, 512) ** 0.5 for w in (128, 256, 512, 1024, 2048)}
+    runs, points = [], []
+    for arch, widths in (("pos=rope", [128, 256, 512, 1024, 2048]), ("pos=none", [128, 256, 512])):
+        for w in widths:
+            rid = f"{arch}_{w}"
+            runs.append({"run_id": rid, "width": w, "setting": "muon", "arch": arch, "series": f"muon · {arch}"})
+            points.append({"run_id": rid, "site": "post", "bucket": "all", "soft_rank": 2 * law[w],
+                           "hard_rank": law[w]})
+    betas = pd.DataFrame([{"setting": "muon", "arch": a, "series": f"muon · {a}", "site": "post", "bucket": "all",
+                           **{f"{m}_{f}": v for m in ("soft", "hard", "delta")
+                              for f, v in (("beta", 0.0), ("ci_low", 0.0), ("ci_high", 0.0), ("fittable", True))}}
+                          for a in ("pos=rope", "pos=none")])
+    _, effects = optimizer_architecture(betas, pd.DataFrame(points), pd.DataFrame(runs))
+    arch = effects[effects["kind"] == "architecture"].set_index("metric")
+    assert list(arch.loc["hard", "widths"]) == [128, 256, 512]
+    assert arch.loc["hard", "span"] == pytest.approx(0.0, abs=1e-12)
+    assert arch.loc["hard", "beta_highest"] == pytest.approx(0.5)
+    # on all widths the rope arm's β is far lower: the span would have been a fake effect
+    all_widths = np.log([128, 256, 512, 1024, 2048])
+    assert 0.5 - np.polyfit(all_widths, np.log([law[w] for w in law]), 1)[0] > 0.2
+
+    assert shared_widths({"a": {1, 2, 4, 8}, "b": {1, 2, 4}, "c": {8, 16, 32}}) == (["a", "b"], [1, 2, 4])
+    assert shared_widths({"a": {1, 2, 4}, "b": {2, 4, 8}}) == ([], [])

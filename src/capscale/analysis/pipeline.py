@@ -102,7 +102,7 @@ def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = N
     fits = fit_scaling(points, per_layer, runs, FitOptions(params.confidence, params.n_resamples,
                                                            params.bootstrap_seed))
     betas = beta_table(fits)
-    cells, effects = optimizer_architecture(betas, site=params.site)
+    cells, effects = optimizer_architecture(betas, points, runs, site=params.site)
     info = runs[["run_id", "name", "series", "width", "seed"]]
     low_nd = points[points["worst_status"] != "well_sampled"].merge(info, on="run_id")
     return Analysis(

@@ -226,7 +226,8 @@ def _q5(d: dict) -> Section:
     text = ("Architecture axes varied: " + ", ".join(axes) + ". " if axes else
             "No architecture axis varied in this sweep, so only optimizer effects are shown. ")
     text += ("Optimizer effect: spread of β across optimizer settings on one architecture; architecture effect: "
-             "spread of β across architectures for one optimizer setting.")
+             "spread of β across architectures for one optimizer setting. Each spread compares β refitted on "
+             "the widths the compared series share, so that curvature over a wider range is not read as an effect.")
 
     def cell(kind):
         return lambda r: f"{num(r[f'{kind}_beta'])} {interval(r[f'{kind}_ci_low'], r[f'{kind}_ci_high'])}" if r[
@@ -236,10 +237,12 @@ def _q5(d: dict) -> Section:
         _table("β per optimizer setting × architecture (all tokens).",
                [("optimizer setting", _get("setting")), ("architecture", lambda r: r["arch"] or "(single)"),
                 ("β_soft", cell("soft")), ("β_hard", cell("hard")), ("Δβ", cell("delta"))], q["cells"]),
-        _table("Spans of β.", [("effect", _get("kind")), ("within", lambda r: r["within"] or "(single)"),
-                               ("β", _get("metric")), ("span", _get("span")), ("highest", _get("highest")),
-                               ("lowest", _get("lowest")), ("compared", _get("n_compared"))], q["effects"],
-               empty="fewer than two settings or architectures to compare"),
+        _table("Spans of β, each refitted on the widths its series share.",
+               [("effect", _get("kind")), ("within", lambda r: r["within"] or "(single)"),
+                ("β", _get("metric")), ("span", _get("span")), ("highest", _get("highest")),
+                ("lowest", _get("lowest")), ("compared", _get("n_compared")),
+                ("widths", lambda r: ", ".join(str(w) for w in r["widths"]))], q["effects"],
+               empty="fewer than two settings or architectures with 3 shared widths to compare"),
         _table("Median spans.", [("β", _get("metric")), ("optimizer", _get("optimizer_span")),
                                  ("architecture", _get("architecture_span")),
                                  ("larger", lambda r: r["larger"] or "—")], q["summary"]),
