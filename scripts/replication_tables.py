@@ -69,16 +69,21 @@ def runs_table(report: dict) -> str:
 def ranks_table(report: dict) -> str:
     pts = pd.DataFrame(report["q1_scaling"]["points"])
     pts = pts[(pts.site == "post") & (pts.bucket == "all")]
-    wide = pts.pivot_table(index=["series", "width"], columns="metric", values="median").reset_index()
+    stats = pts.pivot_table(index=["series", "width"], columns="metric", values=["median", "min", "max"])
     seeds = pts.groupby(["series", "width"]).n_seeds.max()
     loss = pd.DataFrame(report["q2_matched_loss"]["loss_by_width"]).set_index(["series", "width"])
+
+    def spread(med: float, lo: float, hi: float, nd: int, many: bool) -> str:
+        return f"{med:.{nd}f}" + (f" ({lo:.{nd}f}–{hi:.{nd}f})" if many else "")
+
     rows = []
-    for _, r in sorted(wide.iterrows(), key=lambda kv: (sort_key(kv[1].series), kv[1].width)):
-        key = (r.series, r.width)
-        lo = loss.loc[key]
-        spread = f" ({lo.val_loss_min:.3f}–{lo.val_loss_max:.3f})" if lo.n_seeds > 1 else ""
-        rows.append([label(r.series), int(r.width), int(seeds[key]), f"{r.soft_rank:.1f}", f"{r.hard_rank:.1f}",
-                     f"{r.hard_rank / r.width:.3f}", f"{lo.val_loss:.3f}{spread}"])
+    for (series, width), r in sorted(stats.iterrows(), key=lambda kv: (sort_key(kv[0][0]), kv[0][1])):
+        many = seeds[(series, width)] > 1
+        lo = loss.loc[(series, width)]
+        rows.append([label(series), int(width), int(seeds[(series, width)]),
+                     *(spread(r[("median", m)], r[("min", m)], r[("max", m)], 1, many) for m in ("soft_rank", "hard_rank")),
+                     f"{r[('median', 'hard_rank')] / width:.3f}",
+                     spread(lo.val_loss, lo.val_loss_min, lo.val_loss_max, 3, many)])
     return table(["arm", "width", "seeds", "soft rank R1", "hard rank R2", "R2 / width", "val loss"], rows)
 
 
@@ -136,6 +141,22 @@ def pairs_table(report: dict) -> str:
                   for p in report["q2_matched_loss"]["pairs"]])
 
 
+def effects_table(report: dict) -> str:
+    def name(x: str) -> str:  # an optimizer setting gets its label; an architecture ("pos=none") stays
+        return x if x.startswith("pos=") else label(x)
+
+    q = report["q5_optimizer_architecture"]
+    out = table(["effect", "within", "β", "span", "highest (β)", "lowest (β)", "shared widths"],
+                [[e["kind"], name(e["within"]), e["metric"], f"{e['span']:.2f}",
+                  f"{name(e['highest'])} ({e['beta_highest']:.2f})", f"{name(e['lowest'])} ({e['beta_lowest']:.2f})",
+                  ", ".join(map(str, e["widths"]))]
+                 for e in q["effects"]])
+    summary = table(["β", "median optimizer span", "median architecture span", "larger"],
+                    [[r["metric"], f"{r['optimizer_span']:.2f}", f"{r['architecture_span']:.2f}", r["larger"]]
+                     for r in q["summary"] if r["larger"]])
+    return out + "\n\n" + summary
+
+
 def posthoc_tables(results: Path) -> str:
     ranks = pd.read_csv(results / "posthoc_ranks.csv")
     ranks = ranks[ranks.site == "post"]
@@ -171,12 +192,13 @@ def main() -> None:
     report = json.loads((args.results / "report.json").read_text())
     sections = {
         "What ran": runs_table(report),
-        "1. Ranks per width (post-activation, all tokens; seed medians)": ranks_table(report),
+        "1. Ranks per width (post-activation, all tokens; seed median (min–max))": ranks_table(report),
         "2. Exponents (post-activation, all tokens)": betas_table(report),
         "2. Exponents per regime (post-activation)": regime_betas_table(report),
         "2. Hard rank per regime (regime val loss)": regime_capacity_table(report),
         "2b. Post hoc, 65,536 validation tokens": posthoc_tables(args.results),
         "3. Matched-loss pairs": pairs_table(report),
+        "5. Optimizer vs architecture (spans of β on shared widths)": effects_table(report),
     }
     for title, body in sections.items():
         print(f"## {title}\n\n{body}\n")
