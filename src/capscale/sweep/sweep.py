@@ -70,7 +70,8 @@ def sweep_status(spec: SweepSpec, out: str | Path) -> list[dict]:
     """Each run of ``spec`` under ``out``, in the order a resumed sweep takes them: name, status,
     step and reason. Status is the run's own, except ``not started`` (no status file yet) and
     ``interrupted`` (says running, but no worker holds its lock: it resumes from its last
-    checkpoint). Reads only; writes nothing."""
+    checkpoint; a lock taken on another node reaches here only where the shared file system
+    passes flock locks between nodes, as NFSv4 does). Reads only; writes nothing."""
     out = Path(out)
     if not (out / SPEC_FILE).exists():
         raise FileNotFoundError(f"{out} holds no sweep ({SPEC_FILE} missing)")
@@ -106,10 +107,11 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, workers: int | None = None, e
     finished runs are skipped."""
     if executor not in ("local", "slurm", "submitit-local"):
         raise ValueError(f"executor must be local or slurm, got {executor!r}")
-    runs = select_runs(plan(spec, out), only)
+    planned = plan(spec, out)
+    runs = select_runs(planned, only)
     pending = pending_runs(spec, runs)
     chosen = f" ({len(runs)} chosen by --only)" if only else ""
-    log(f"sweep {spec.name}: {len(runs)} runs{chosen}, {len(runs) - len(pending)} already finished, "
+    log(f"sweep {spec.name}: {len(planned)} runs{chosen}, {len(runs) - len(pending)} already finished, "
         f"{len(pending)} to run -> {Path(out)}")
     if not pending:
         return []
