@@ -199,3 +199,25 @@ def test_submitit_local_executor(tmp_path):
                                 "axes": {"ffn_mult": [1, 2, 4], "optimizer": ["adamw"]}})
     results = run_sweep(spec, tmp_path, executor="submitit-local", log=lambda _m: None)
     assert sorted(r.status for r in results) == ["done"] * 3
+
+
+def test_worker_refuses_a_run_another_worker_holds_but_waits_out_a_status_read(tmp_path, monkeypatch):
+    import threading
+
+    import capscale.train.loop
+    from capscale.sweep.worker import run_one
+
+    runs = plan(SweepSpec.from_dict(SPEC), tmp_path)
+    run_dir = runs["adamw_w32_s0"]
+    trained = []
+    monkeypatch.setattr(capscale.train.loop, "train", lambda cfg, d, log: trained.append(d) or {"status": "done"})
+    with open(run_dir / LOCK, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a live worker
+        with pytest.raises(RuntimeError, match="being trained by another process"):
+            run_one(run_dir)
+    assert trained == []
+
+    reader = open(run_dir / LOCK)
+    fcntl.flock(reader, fcntl.LOCK_SH)  # what `sweep --status` holds for a moment
+    threading.Timer(0.2, reader.close).start()
+    assert run_one(run_dir) == {"status": "done"} and trained == [run_dir]

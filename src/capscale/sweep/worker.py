@@ -13,10 +13,12 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 REQUEST = "request.json"
 LOCK = ".lock"
+LOCK_TRIES = 20  # × 50 ms
 
 
 def die_with_parent() -> None:
@@ -54,10 +56,16 @@ def run_one(run_dir: str | Path, threads: int | None = None) -> dict:
     run_dir = Path(run_dir)
     cfg = RunConfig.from_dict(json.loads((run_dir / REQUEST).read_text()))
     with open(run_dir / LOCK, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"{run_dir} is being trained by another process") from None
+        # ``is_locked`` (sweep --status) holds a shared lock for a moment: wait that out,
+        # but never for a run that another worker is training.
+        for attempt in range(LOCK_TRIES):
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == LOCK_TRIES - 1:
+                    raise RuntimeError(f"{run_dir} is being trained by another process") from None
+                time.sleep(0.05)
         return train(cfg, run_dir, log=lambda _m: None)
 
 
