@@ -66,6 +66,16 @@ def runs_table(report: dict) -> str:
                   for r in rows])
 
 
+def coverage_table(report: dict) -> str:
+    """Arm × width: how many seeds finished."""
+    runs = pd.DataFrame(report["runs"])
+    widths = sorted(runs.width.unique())
+    n = runs.groupby(["series", "width"]).seed.nunique()
+    return table(["arm", *map(str, widths)],
+                 [[label(s), *(str(n.get((s, w), "—")) for w in widths)]
+                  for s in sorted(runs.series.unique(), key=sort_key)])
+
+
 def ranks_table(report: dict) -> str:
     pts = pd.DataFrame(report["q1_scaling"]["points"])
     pts = pts[(pts.site == "post") & (pts.bucket == "all")]
@@ -191,6 +201,7 @@ def main() -> None:
     args = ap.parse_args()
     report = json.loads((args.results / "report.json").read_text())
     sections = {
+        "Coverage (finished seeds per arm and FFN width)": coverage_table(report),
         "What ran": runs_table(report),
         "1. Ranks per width (post-activation, all tokens; seed median (min–max))": ranks_table(report),
         "2. Exponents (post-activation, all tokens)": betas_table(report),
@@ -202,7 +213,12 @@ def main() -> None:
     }
     for title, body in sections.items():
         print(f"## {title}\n\n{body}\n")
-    print(f"## Phase regions\n\n{report['q3_asymmetry']['region_counts']}\n")
+    phase = report["q3_asymmetry"]["phase"]
+    counts = pd.Series([p["region"] for p in phase]).value_counts()
+    print("## 4. Phase regions\n\n" + ", ".join(f"{n} {r}" for r, n in counts.items()) + "\n")
+    print(table(["run", "region", "R1 / width", "R2 / width"],
+                [[p["name"], p["region"], f"{p['soft_frac']:.3f}", f"{p['hard_frac']:.3f}"]
+                 for p in phase if p["region"] != "compact"]) + "\n")
     print(f"## Reliability\n\n{len(report['reliability']['low_nd'])} of {report['reliability']['n_aggregates']} "
           "aggregates rest on records with N/D < 10\n")
 

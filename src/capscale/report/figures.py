@@ -136,8 +136,9 @@ def fig_matched(a: Analysis) -> Figure:
                 lo, hi = getattr(p, f"beta_hard_low_{side}", math.nan), getattr(p, f"beta_hard_high_{side}", math.nan)
                 if np.isfinite(beta):
                     bx.errorbar(i + off, beta, yerr=[[beta - lo], [hi - beta]], fmt="o", capsize=3, color=colors[s])
-        bx.set_xticks(range(len(pairs)), [f"{text(p.series_a)}\nvs\n{text(p.series_b)}" for p in pairs.itertuples()],
-                      fontsize=7)
+        # one slanted line per pair: stacked "a vs b" labels of long series names overlap
+        bx.set_xticks(range(len(pairs)), [f"{text(p.series_a)} vs {text(p.series_b)}" for p in pairs.itertuples()],
+                      fontsize=7, rotation=25, ha="right", rotation_mode="anchor")
         bx.set_ylabel("β_hard (95% t-interval)")
         bx.set_title("matched pairs: hard-rank scaling of each series")
     else:
