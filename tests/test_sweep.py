@@ -221,3 +221,18 @@ def test_worker_refuses_a_run_another_worker_holds_but_waits_out_a_status_read(t
     fcntl.flock(reader, fcntl.LOCK_SH)  # what `sweep --status` holds for a moment
     threading.Timer(0.2, reader.close).start()
     assert run_one(run_dir) == {"status": "done"} and trained == [run_dir]
+
+
+def test_status_into_a_closed_pipe_exits_quietly(tmp_path):
+    """`capscale sweep --status | head` must not end in a BrokenPipeError traceback."""
+    out = tmp_path / "sweep"
+    cfg = tmp_path / "spec.toml"
+    cfg.write_text('name = "p"\nbase = "smoke"\n[axes]\nffn_mult = [1, 2, 4, 8]\noptimizer = ["adamw", "muon"]\n'
+                   'seed = [0, 1, 2]\n')
+    plan(load_spec(config_file=cfg), out)
+    proc = subprocess.Popen([sys.executable, "-m", "capscale.cli", "sweep", "--config", str(cfg), "--out", str(out),
+                             "--status"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the command writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 1
+    assert err == ""

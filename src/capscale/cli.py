@@ -6,6 +6,7 @@ Subcommands register themselves in ``COMMANDS`` as (help, add_arguments, run).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
@@ -172,7 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe surfaces here, not as a traceback at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`capscale sweep --status | head`): stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, OSError) as exc:  # FileNotFoundError, the probe's SinkError, ...
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"capscale {args.command}: error: {exc}", file=sys.stderr)
