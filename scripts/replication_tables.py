@@ -20,7 +20,6 @@ import pandas as pd
 PAPER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "paper_reference" / "beta_table.csv"
 NAMES = {"adamw": "AdamW", "muon": "Muon", "normuon": "NorMuon", "dion_r1_2": "Dion (1/2)",
          "dion_r1_16": "Dion (1/16)", "shampoo": "Shampoo"}
-ORDER = list(NAMES)
 
 
 def label(series: str) -> str:

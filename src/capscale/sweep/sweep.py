@@ -35,21 +35,29 @@ def plan(spec: SweepSpec, out: str | Path) -> dict[str, Path]:
     return runs
 
 
-def pending_runs(spec: SweepSpec, runs: dict[str, Path]) -> dict[str, Path]:
-    """The unfinished runs in the order that makes a partial sweep most useful: seed-major,
-    then the grid before the extra arms, then optimizer by optimizer (each one's whole width
-    series, which a β fit needs), widths ascending."""
+FINISHED = ("done", "diverged")  # never run again; any other status is retried
+
+
+def run_order(spec: SweepSpec, names) -> list[str]:
+    """``names`` in the order that makes a partial sweep most useful: seed-major, then the
+    grid before the extra arms, then optimizer by optimizer (each one's whole width series,
+    which a β fit needs), widths ascending."""
     rank: dict[str, tuple] = {}
     labels: dict[str, int] = {}
     for arm, axes in enumerate([spec.axes] + [e.get("axes", {}) for e in spec.extra]):
         for name, cfg in _expand(spec, axes):
             lab = labels.setdefault(cfg.label, len(labels))
             rank.setdefault(name, (cfg.train.seed, arm, lab, cfg.model_config().ffn_dim))
+    return sorted(names, key=rank.__getitem__)
+
+
+def pending_runs(spec: SweepSpec, runs: dict[str, Path]) -> dict[str, Path]:
+    """The unfinished runs of ``runs``, in ``run_order``."""
     pending = {}
-    for name, run_dir in sorted(runs.items(), key=lambda kv: rank[kv[0]]):
-        st = RunDir(run_dir).read_status()
-        if not (st and st["status"] in ("done", "diverged")):
-            pending[name] = run_dir
+    for name in run_order(spec, runs):
+        st = RunDir(runs[name]).read_status()
+        if not (st and st["status"] in FINISHED):
+            pending[name] = runs[name]
     return pending
 
 
@@ -76,10 +84,12 @@ def sweep_status(spec: SweepSpec, out: str | Path) -> list[dict]:
     if not (out / SPEC_FILE).exists():
         raise FileNotFoundError(f"{out} holds no sweep ({SPEC_FILE} missing)")
     runs = {name: out / "runs" / name for name in spec.runs()}
-    pending = pending_runs(spec, runs)
+    states = {name: RunDir(run_dir).read_status() for name, run_dir in runs.items()}  # each read once
+    finished = [n for n in runs if states[n] and states[n]["status"] in FINISHED]
+    done = set(finished)
     rows = []
-    for name in [n for n in runs if n not in pending] + list(pending):
-        st = RunDir(runs[name]).read_status() if runs[name].exists() else None
+    for name in finished + [n for n in run_order(spec, runs) if n not in done]:
+        st = states[name]
         status = st["status"] if st else "not started"
         if status == "running" and not is_locked(runs[name]):
             status = "interrupted"
