@@ -107,7 +107,7 @@ def _demo_run(args: argparse.Namespace) -> int:
     run_sweep(load_spec(args.preset), args.out, workers=args.workers)
     files = build_report(args.out)
     betas = files.analysis.betas
-    print(f"\nrealized capacity, post-activation, all tokens (rank ~ width^beta, 95% t-interval):")
+    print("\nrealized capacity, post-activation, all tokens (rank ~ width^beta, 95% t-interval):")
     _print_betas(betas)
     print(f"\nreport: {files.html}\n        {files.markdown}\n        {files.json}")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
