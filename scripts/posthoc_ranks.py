@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from capscale.analysis import load_sweep
 from capscale.fitcli import fit_table
 from capscale.measure import batches, load_model
 from capscale.probe import measure_model
-
-RUN_NAME = re.compile(r"^(?P<head>.+)_w(?P<width>\d+)(?P<tail>.*)_s(?P<seed>\d+)$")
-
 
 def measure_run(run: Path, tokens: int) -> pd.DataFrame:
     loaded = load_model(run, "cpu")
@@ -40,12 +37,8 @@ def measure_run(run: Path, tokens: int) -> pd.DataFrame:
         soft_rank=("soft_rank", "median"), hard_rank=("hard_rank", "median"), n_samples=("n_samples", "first"),
         dim=("dim", "first"),
     ).reset_index()
-    m = RUN_NAME.match(run.name)
     agg.insert(0, "run", run.name)
-    agg.insert(1, "series", m["head"] + m["tail"])
-    agg.insert(2, "width", int(m["width"]))
-    agg.insert(3, "seed", int(m["seed"]))
-    agg.insert(4, "step", loaded.step)
+    agg.insert(1, "step", loaded.step)
     agg["tokens"] = len(ids)
     agg["samples_per_dim"] = agg.n_samples / agg.dim
     return agg
@@ -72,7 +65,10 @@ def main() -> None:
                 continue
         rows.append(measure_run(run, args.tokens))
         print(f"measured {run.name}", flush=True)
-    ranks = pd.concat(rows, ignore_index=True)
+    # Series, width and seed as the report names them (from each run's config, not its name).
+    runs = load_sweep(args.sweep).runs.set_index("run_id")[["series", "width", "seed"]]
+    ranks = pd.concat(rows, ignore_index=True).drop(columns=["series", "width", "seed"], errors="ignore")
+    ranks = runs.join(ranks.set_index("run"), how="inner").rename_axis("run").reset_index()
     ranks.to_csv(args.out, index=False, float_format="%.6g")
     long = ranks.melt(
         id_vars=["series", "site", "bucket", "width"], value_vars=["soft_rank", "hard_rank"], var_name="metric"

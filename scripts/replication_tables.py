@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -30,17 +29,9 @@ def label(series: str) -> str:
     return ", ".join(o.replace("pos=none", "no position") for o in out)
 
 
-def run_label(series: str) -> str:
-    """A post-hoc series named like its runs ('adamw_t1200', 'muon_nope') → the same label as ``label``."""
-    m = re.fullmatch(r"(?P<opt>.+?)(?:_t(?P<steps>\d+))?(?P<nope>_nope)?", series)
-    out = [NAMES.get(m["opt"], m["opt"])]
-    out += [f"{m['steps']} steps"] * bool(m["steps"]) + ["no position"] * bool(m["nope"])
-    return ", ".join(out)
-
-
 def sort_key(name: str) -> tuple:
     """The preset's main arms first, in optimizer order, then the extra arms."""
-    lab = label(name) if "·" in name else run_label(name)
+    lab = label(name)
     head = lab.split(",")[0]
     order = list(NAMES.values())
     return ("," in lab, order.index(head) if head in order else len(order), lab)
@@ -172,7 +163,7 @@ def posthoc_tables(results: Path) -> str:
     wide = ranks.pivot_table(index=["series", "width"], columns="bucket", values=["soft_rank", "hard_rank"],
                              aggfunc="median")
     seeds = ranks[ranks.bucket == "all"].groupby(["series", "width"]).seed.nunique()
-    rows = [[run_label(s), w, seeds[(s, w)], f"{r[('soft_rank', 'all')]:.1f}", f"{r[('hard_rank', 'all')]:.1f}",
+    rows = [[label(s), w, seeds[(s, w)], f"{r[('soft_rank', 'all')]:.1f}", f"{r[('hard_rank', 'all')]:.1f}",
              f"{r[('hard_rank', 'tail')]:.1f}"]
             for (s, w), r in sorted(wide.iterrows(), key=lambda kv: (sort_key(kv[0][0]), kv[0][1]))]
     out = table(["arm", "width", "seeds", "R1", "R2", "TAIL R2"], rows)
@@ -189,7 +180,7 @@ def posthoc_tables(results: Path) -> str:
     series = sorted(betas.series.unique(), key=sort_key)
     n = betas[(betas.bucket == "all") & (betas.metric == "hard_rank")].set_index("series").n
     out += "\n\n" + table(["arm", "points", "β_soft", "β_hard", "TAIL β_hard"],
-                          [[run_label(s), int(n.get(s, 0)), fit(s, "all", "soft_rank"), fit(s, "all", "hard_rank"),
+                          [[label(s), int(n.get(s, 0)), fit(s, "all", "soft_rank"), fit(s, "all", "hard_rank"),
                             fit(s, "tail", "hard_rank")] for s in series])
     return out
 
