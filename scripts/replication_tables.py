@@ -185,6 +185,19 @@ def posthoc_tables(results: Path) -> str:
     return out
 
 
+def steps_arm_table(report: dict) -> str:
+    """The 2×-steps AdamW runs next to Muon's 600-step runs of the same width, run by run."""
+    loss = {r["run_id"]: r["final_val_loss"] for r in report["runs"]}
+    rows = [p for p in report["q3_asymmetry"]["phase"]
+            if label(p["series"]) in ("AdamW, 1200 steps", "Muon")]
+    widths = sorted({p["width"] for p in rows if label(p["series"]) != "Muon"})
+    rows = sorted((p for p in rows if p["width"] in widths),
+                  key=lambda p: (p["width"], label(p["series"]) == "Muon", p["seed"]))
+    return table(["width", "arm", "seed", "val loss", "R1", "R2"],
+                 [[p["width"], label(p["series"]), p["seed"], f"{loss[p['run_id']]:.3f}",
+                   f"{p['soft_frac'] * p['width']:.1f}", f"{p['hard_frac'] * p['width']:.1f}"] for p in rows])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path, help="the folder with report.json and the post-hoc CSVs")
@@ -199,6 +212,7 @@ def main() -> None:
         "2. Hard rank per regime (regime val loss)": regime_capacity_table(report),
         "2b. Post hoc, 65,536 validation tokens": posthoc_tables(args.results),
         "3. Matched-loss pairs": pairs_table(report),
+        "3. The 2×-steps arm and Muon, run by run": steps_arm_table(report),
         "5. Optimizer vs architecture (spans of β on shared widths)": effects_table(report),
     }
     for title, body in sections.items():
