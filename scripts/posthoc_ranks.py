@@ -27,6 +27,7 @@ from capscale.fitcli import fit_table
 from capscale.measure import batches, load_model
 from capscale.probe import measure_model
 
+
 def measure_run(run: Path, tokens: int) -> pd.DataFrame:
     loaded = load_model(run, "cpu")
     ids, table = loaded.held_out(tokens)
