@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from capscale.analysis import load_sweep
+from capscale.analysis import run_keys
 from capscale.fitcli import fit_table
 from capscale.measure import batches, load_model
 from capscale.probe import measure_model
@@ -53,12 +53,13 @@ def main() -> None:
     ap.add_argument("--betas", type=Path, default=None, help="also write the fits here (CSV)")
     args = ap.parse_args()
     done = pd.read_csv(args.out) if args.out.is_file() else None
-    rows = []
+    rows, configs = [], {}
     for run in sorted((args.sweep / "runs").iterdir()):
         status_path = run / "status.json"
         status = json.loads(status_path.read_text()) if status_path.is_file() else {}
         if status.get("status") != "done":
             continue
+        configs[run.name] = json.loads((run / "config.json").read_text())
         if done is not None:
             old = done[done.run == run.name]
             if len(old) and (old.step == status["step"]).all() and (old.tokens == args.tokens).all():
@@ -67,7 +68,7 @@ def main() -> None:
         rows.append(measure_run(run, args.tokens))
         print(f"measured {run.name}", flush=True)
     # Series, width and seed as the report names them (from each run's config, not its name).
-    runs = load_sweep(args.sweep).runs.set_index("run_id")[["series", "width", "seed"]]
+    runs = run_keys(configs).set_index("run_id")[["series", "width", "seed"]]
     ranks = pd.concat(rows, ignore_index=True).drop(columns=["series", "width", "seed"], errors="ignore")
     ranks = runs.join(ranks.set_index("run"), how="inner").rename_axis("run").reset_index()
     ranks.to_csv(args.out, index=False, float_format="%.6g")

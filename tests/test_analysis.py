@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from synthetic_runs import DEFAULT_SERIES, WIDTHS, write_sweep, write_unfinished
 
-from capscale.analysis import PhaseThresholds, analyze, classify
+from capscale.analysis import IncompatibleRunsError, PhaseThresholds, analyze, classify, run_keys
 
 N_RESAMPLES = 400  # enough for stable intervals; keeps the suite fast
 
@@ -40,6 +40,28 @@ def test_runs_series_and_exclusions(analysis):
         "diverged": "diverged: loss is NaN at step 10", "running": "running (unfinished)"}
     assert set(excluded["width"]) == {512}  # recorded with what the config says, left out of every fit
     assert 512 not in set(analysis.points.merge(runs, on="run_id")["width"])
+
+
+def test_run_keys_from_configs_alone_name_series_as_the_sweep_does(analysis):
+    """Series keys from configs only (no telemetry read) equal load_sweep's, and depend on the set of runs."""
+    import json
+    from pathlib import Path
+
+    runs = analysis.sweep.runs
+    configs = {r: json.loads((Path(p) / "config.json").read_text()) for r, p in zip(runs.run_id, runs.path)}
+    keys = run_keys(configs)
+    cols = ["run_id", "series", "width", "seed"]
+    pd.testing.assert_frame_equal(keys[cols], runs[cols])
+    # Without the no-position runs, pos no longer varies and leaves the key; one budget per label drops steps.
+    rope_60 = {r: c for r, c in configs.items() if c["model"]["pos"] == "rope" and c["train"]["steps"] == 60}
+    assert set(run_keys(rope_60).series) == {"adamw", "muon", "dion_r1_16"}
+    bad = dict(configs)
+    first = next(iter(bad))
+    bad[first] = {**bad[first], "model": {**bad[first]["model"], "n_layer": 99}}
+    with pytest.raises(IncompatibleRunsError, match="n_layer"):
+        run_keys(bad)
+    with pytest.raises(ValueError, match="at least one"):
+        run_keys({})
 
 
 def test_recovers_planted_betas(analysis):

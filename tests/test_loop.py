@@ -161,6 +161,17 @@ def test_bad_config_is_refused_before_anything_is_written(tmp_path, override, ma
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("over, width", [
+    ({"model.ffn_width": 48}, 48),                            # absolute width replaces the preset's multiple
+    ({"model.ffn_width": 48, "model.ffn_mult": None}, 48),    # clearing the multiple keeps the width
+    ({"model.ffn_mult": None, "model.ffn_width": 48}, 48),
+    ({"model.ffn_width": 48, "model.ffn_mult": 2}, 64),       # the later override wins (2 × d_model 32)
+    ({"model.ffn_mult": None}, 128),                          # neither given: 4 × d_model
+])
+def test_ffn_width_overrides(over, width):
+    assert resolve("smoke", overrides=over).model_config().ffn_dim == width
+
+
 def test_unknown_preset(tmp_path):
     proc = _cli("train", "--preset", "huge", "--out", str(tmp_path / "r"))
     _, err = proc.communicate(timeout=60)

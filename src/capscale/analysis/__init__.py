@@ -22,6 +22,7 @@ from capscale.analysis.runs import (
     NoFinishedRunsError,
     Sweep,
     load_sweep,
+    run_keys,
 )
 from capscale.analysis.trajectories import bucket_capacity, loss_curves, rank_trajectories
 
@@ -47,6 +48,7 @@ __all__ = [
     "fit_scaling",
     "last_k_per_layer",
     "load_sweep",
+    "run_keys",
     "loss_by_width",
     "loss_curves",
     "matched_loss_pairs",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,6 +300,22 @@ def _final_losses(metrics: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def run_keys(configs: Mapping[str, dict]) -> pd.DataFrame:
+    """Series key, width and seed of runs given as ``{run_id: config}``, named as ``load_sweep`` names them.
+
+    Needs only the configs, not telemetry: a post-hoc measurement of checkpoints joins the
+    report's series through it. The configs are checked for compatibility as in ``load_sweep``;
+    the series names depend on the whole set (a step budget or an architecture axis is
+    named only where it varies), so pass the same runs the report analyses.
+    """
+    if not configs:
+        raise ValueError("run_keys needs at least one run config")
+    records = [{"run_id": run_id, "config": config} for run_id, config in configs.items()]
+    runs = pd.DataFrame([{"run_id": r["run_id"], **_config_fields(r["config"])} for r in records])
+    _name_series(runs, _check_compatible(records))
+    return runs.sort_values(["series", "width", "seed", "run_id"], ignore_index=True)
+
+
 def _runs_frame(records: list[dict], arch_axes: tuple[str, ...]) -> pd.DataFrame:
     rows = []
     for r in records:
@@ -307,6 +323,12 @@ def _runs_frame(records: list[dict], arch_axes: tuple[str, ...]) -> pd.DataFrame
         rows.append({"run_id": r["run_id"], "name": r["name"], **f, **r["final"], "status": r["status"],
                      "path": r["path"]})
     runs = pd.DataFrame(rows)
+    _name_series(runs, arch_axes)
+    return runs.sort_values(["series", "width", "seed", "run_id"], ignore_index=True)
+
+
+def _name_series(runs: pd.DataFrame, arch_axes: tuple[str, ...]) -> None:
+    """Add ``setting``, ``arch`` and ``series`` columns (in place) from label, steps and the arch axes."""
     budgets = runs.groupby("label")["steps"].nunique()
     # A run's optimizer "setting": its label, plus its step budget where the label has several.
     runs["setting"] = [
@@ -314,7 +336,6 @@ def _runs_frame(records: list[dict], arch_axes: tuple[str, ...]) -> pd.DataFrame
     ]
     runs["arch"] = [" · ".join(f"{a}={row[a]}" for a in arch_axes) for _, row in runs.iterrows()]
     runs["series"] = [s if not a else f"{s} · {a}" for s, a in zip(runs["setting"], runs["arch"])]
-    return runs.sort_values(["series", "width", "seed", "run_id"], ignore_index=True)
 
 
 def _excluded_frame(records: list[dict]) -> pd.DataFrame:

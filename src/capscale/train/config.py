@@ -225,8 +225,9 @@ def apply_overrides(d: dict[str, Any], overrides: list[str] | dict[str, Any]) ->
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"cannot set {key}: {p} is not a section")
-        if parts[0] == "model" and parts[-1] in ("ffn_width", "ffn_mult"):
-            # the two ways of giving the width exclude each other: the override wins
+        if parts[0] == "model" and parts[-1] in ("ffn_width", "ffn_mult") and value is not None:
+            # the two ways of giving the width exclude each other: the override wins. Clearing
+            # one (None) leaves the other as it is.
             node.pop("ffn_mult" if parts[-1] == "ffn_width" else "ffn_width", None)
         node[parts[-1]] = value
     return d
