@@ -10,7 +10,7 @@ from typing import Callable
 
 from capscale.sweep.executors import RunResult, run_local, run_submitit, write_request
 from capscale.sweep.spec import SweepSpec, _expand
-from capscale.sweep.worker import is_locked
+from capscale.sweep.worker import is_finished, is_locked
 from capscale.train.rundir import RunDir, atomic_write_json
 
 SPEC_FILE = "sweep.json"
@@ -35,9 +35,6 @@ def plan(spec: SweepSpec, out: str | Path) -> dict[str, Path]:
     return runs
 
 
-FINISHED = ("done", "diverged")  # never run again; any other status is retried
-
-
 def run_order(spec: SweepSpec, names) -> list[str]:
     """``names`` in the order that makes a partial sweep most useful: seed-major, then the
     grid before the extra arms, then optimizer by optimizer (each one's whole width series,
@@ -55,8 +52,7 @@ def pending_runs(spec: SweepSpec, runs: dict[str, Path]) -> dict[str, Path]:
     """The unfinished runs of ``runs``, in ``run_order``."""
     pending = {}
     for name in run_order(spec, runs):
-        st = RunDir(runs[name]).read_status()
-        if not (st and st["status"] in FINISHED):
+        if not is_finished(RunDir(runs[name]).read_status()):
             pending[name] = runs[name]
     return pending
 
@@ -85,7 +81,7 @@ def sweep_status(spec: SweepSpec, out: str | Path) -> list[dict]:
         raise FileNotFoundError(f"{out} holds no sweep ({SPEC_FILE} missing)")
     runs = {name: out / "runs" / name for name in spec.runs()}
     states = {name: RunDir(run_dir).read_status() for name, run_dir in runs.items()}  # each read once
-    finished = [n for n in runs if states[n] and states[n]["status"] in FINISHED]
+    finished = [n for n in runs if is_finished(states[n])]
     done = set(finished)
     rows = []
     for name in finished + [n for n in run_order(spec, runs) if n not in done]:

@@ -69,12 +69,20 @@ def run_one(run_dir: str | Path, threads: int | None = None) -> dict:
         return train(cfg, run_dir, log=lambda _m: None)
 
 
+FINISHED = ("done", "diverged")  # never run again; any other status is retried
+
+
+def is_finished(status: dict | None) -> bool:
+    """Whether a run's ``status.json`` content (None: not started) marks it finished."""
+    return bool(status) and status["status"] in FINISHED
+
+
 def main() -> int:
     die_with_parent()
     run_dir = sys.argv[1]
     threads = int(os.environ.get("CAPSCALE_THREADS", "0")) or None
     status = run_one(run_dir, threads)
-    return 0 if status["status"] in ("done", "diverged") else 1
+    return 0 if is_finished(status) else 1
 
 
 if __name__ == "__main__":
