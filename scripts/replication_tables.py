@@ -186,15 +186,21 @@ def posthoc_tables(results: Path) -> str:
 
 
 def steps_arm_table(report: dict) -> str:
-    """The 2×-steps AdamW runs next to Muon's 600-step runs of the same width, run by run."""
-    loss = {r["run_id"]: r["final_val_loss"] for r in report["runs"]}
-    rows = [p for p in report["q3_asymmetry"]["phase"]
-            if label(p["series"]) in ("AdamW, 1200 steps", "Muon")]
-    widths = sorted({p["width"] for p in rows if label(p["series"]) != "Muon"})
-    rows = sorted((p for p in rows if p["width"] in widths),
-                  key=lambda p: (p["width"], label(p["series"]) == "Muon", p["seed"]))
+    """The 2×-steps AdamW runs next to Muon's runs of the base budget and the same width, run by run.
+
+    Arms are picked by the runs' own fields (optimizer, steps, position encoding), not by label.
+    """
+    runs = {r["run_id"]: r for r in report["runs"]}
+    rope = [r for r in runs.values() if r["pos"] == "rope"]
+    base = min(r["steps"] for r in rope)
+    arm = {r["run_id"] for r in rope if r["optimizer"] == "adamw" and r["steps"] == 2 * base}
+    muon = {r["run_id"] for r in rope if r["optimizer"] == "muon" and r["steps"] == base}
+    phase = {p["run_id"]: p for p in report["q3_asymmetry"]["phase"]}
+    widths = {runs[i]["width"] for i in arm if i in phase}
+    rows = sorted((phase[i] for i in arm | muon if i in phase and runs[i]["width"] in widths),
+                  key=lambda p: (p["width"], p["run_id"] in muon, p["seed"]))
     return table(["width", "arm", "seed", "val loss", "R1", "R2"],
-                 [[p["width"], label(p["series"]), p["seed"], f"{loss[p['run_id']]:.3f}",
+                 [[p["width"], label(p["series"]), p["seed"], f"{runs[p['run_id']]['final_val_loss']:.3f}",
                    f"{p['soft_frac'] * p['width']:.1f}", f"{p['hard_frac'] * p['width']:.1f}"] for p in rows])
 
 
