@@ -1,0 +1,59 @@
+"""docs/replication.md against the committed results: its tables are what the results print,
+and the post-hoc exponents are the fits of the post-hoc ranks beside them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from capscale.fitcli import fit_table
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+DOC = ROOT / "docs" / "replication.md"
+
+pytestmark = pytest.mark.skipif(not (RESULTS / "report.json").is_file(), reason="no committed results")
+
+
+def _sections() -> dict[str, str]:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "replication_tables.py"), str(RESULTS)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    sections = {}
+    for block in out.split("\n## "):
+        title, _, body = block.removeprefix("## ").partition("\n")
+        sections[title.strip()] = body.strip()
+    return sections
+
+
+def test_every_table_on_the_page_is_printed_from_the_committed_results():
+    doc = DOC.read_text()
+    sections = _sections()
+    assert len(sections) >= 10, list(sections)
+    for title, body in sections.items():
+        if title == "Reliability":  # one sentence, quoted in the prose below
+            continue
+        assert body in doc, f"section {title!r} of replication_tables.py is not on the page as printed"
+    report = json.loads((RESULTS / "report.json").read_text())
+    low, n = len(report["reliability"]["low_nd"]), report["reliability"]["n_aggregates"]
+    assert f"{low} of its {n} aggregates" in doc
+    assert f"{len(report['runs'])} of the" in doc  # the status line counts the analysed runs
+
+
+def test_posthoc_betas_are_the_fits_of_the_posthoc_ranks():
+    ranks = pd.read_csv(RESULTS / "posthoc_ranks.csv")
+    stored = pd.read_csv(RESULTS / "posthoc_betas.csv")
+    long = ranks.melt(
+        id_vars=["series", "site", "bucket", "width"], value_vars=["soft_rank", "hard_rank"], var_name="metric"
+    )
+    refit = fit_table(long, x="width", y="value", by=["series", "site", "bucket", "metric"])
+    keys = ["series", "site", "bucket", "metric"]
+    merged = stored.merge(refit, on=keys, suffixes=("_stored", "_refit"), validate="one_to_one")
+    assert len(merged) == len(stored) == len(refit)
+    for col in ("beta", "ci_low", "ci_high", "n"):
+        np.testing.assert_allclose(merged[f"{col}_stored"], merged[f"{col}_refit"], rtol=1e-5, atol=1e-6)
