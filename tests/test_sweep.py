@@ -163,6 +163,8 @@ def test_sigkill_resume_equals_uninterrupted_and_divergence_is_recorded(tmp_path
     status = {r.name: r.status for r in results}
     assert status.pop("adamw_hot_w32_s0") == "diverged"
     assert set(status.values()) == {"done"}
+    # the worker module runs once per process: no runpy double-import warning in its log
+    assert not [p for p in ref.glob("runs/*/worker.log") if "found in sys.modules" in p.read_text()]
 
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(SPEC))
@@ -221,6 +223,16 @@ def test_worker_refuses_a_run_another_worker_holds_but_waits_out_a_status_read(t
     fcntl.flock(reader, fcntl.LOCK_SH)  # what `sweep --status` holds for a moment
     threading.Timer(0.2, reader.close).start()
     assert run_one(run_dir) == {"status": "done"} and trained == [run_dir]
+
+
+def test_worker_command_line_and_a_directory_without_request(tmp_path):
+    from capscale.sweep.worker import run_one
+
+    proc = subprocess.run([sys.executable, "-m", "capscale.sweep.worker"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: python -m capscale.sweep.worker RUN_DIR")
+    with pytest.raises(FileNotFoundError, match="has no request.json: not a run directory planned by a sweep"):
+        run_one(tmp_path)
+    assert not (tmp_path / LOCK).exists()  # failed before touching the directory
 
 
 def test_status_into_a_closed_pipe_exits_quietly(tmp_path):

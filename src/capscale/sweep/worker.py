@@ -54,6 +54,8 @@ def run_one(run_dir: str | Path, threads: int | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(run_dir)
+    if not (run_dir / REQUEST).is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} has no {REQUEST}: not a run directory planned by a sweep")
     cfg = RunConfig.from_dict(json.loads((run_dir / REQUEST).read_text()))
     with open(run_dir / LOCK, "w") as lock:
         # ``is_locked`` (sweep --status) holds a shared lock for a moment: wait that out,
@@ -78,6 +80,9 @@ def is_finished(status: dict | None) -> bool:
 
 
 def main() -> int:
+    if len(sys.argv) != 2:
+        print("usage: python -m capscale.sweep.worker RUN_DIR", file=sys.stderr)
+        return 2
     die_with_parent()
     run_dir = sys.argv[1]
     threads = int(os.environ.get("CAPSCALE_THREADS", "0")) or None
