@@ -45,6 +45,14 @@ def measure_run(run: Path, tokens: int) -> pd.DataFrame:
     return agg
 
 
+def fit_ranks(ranks: pd.DataFrame) -> pd.DataFrame:
+    """rank ∝ width^β per (series, site, bucket, metric) over all (run, width) points of ``ranks``."""
+    long = ranks.melt(
+        id_vars=["series", "site", "bucket", "width"], value_vars=["soft_rank", "hard_rank"], var_name="metric"
+    )
+    return fit_table(long, x="width", y="value", by=["series", "site", "bucket", "metric"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep", type=Path)
@@ -72,10 +80,7 @@ def main() -> None:
     ranks = pd.concat(rows, ignore_index=True).drop(columns=["series", "width", "seed"], errors="ignore")
     ranks = runs.join(ranks.set_index("run"), how="inner").rename_axis("run").reset_index()
     ranks.to_csv(args.out, index=False, float_format="%.6g")
-    long = ranks.melt(
-        id_vars=["series", "site", "bucket", "width"], value_vars=["soft_rank", "hard_rank"], var_name="metric"
-    )
-    betas = fit_table(long, x="width", y="value", by=["series", "site", "bucket", "metric"])
+    betas = fit_ranks(ranks)
     if args.betas:
         betas.to_csv(args.betas, index=False, float_format="%.6g")
     print(betas.to_string(index=False))

@@ -46,6 +46,9 @@ def is_locked(run_dir: str | Path) -> bool:
 
 def run_one(run_dir: str | Path, threads: int | None = None) -> dict:
     """Train (or resume) the run in ``run_dir``; returns its final status."""
+    run_dir = Path(run_dir)
+    if not (run_dir / REQUEST).is_file():  # checked before torch is loaded
+        raise FileNotFoundError(f"{str(run_dir)!r} has no {REQUEST}: not a run directory planned by a sweep")
     import torch
 
     from capscale.train.config import RunConfig
@@ -53,9 +56,6 @@ def run_one(run_dir: str | Path, threads: int | None = None) -> dict:
 
     if threads:
         torch.set_num_threads(threads)
-    run_dir = Path(run_dir)
-    if not (run_dir / REQUEST).is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} has no {REQUEST}: not a run directory planned by a sweep")
     cfg = RunConfig.from_dict(json.loads((run_dir / REQUEST).read_text()))
     with open(run_dir / LOCK, "w") as lock:
         # ``is_locked`` (sweep --status) holds a shared lock for a moment: wait that out,
