@@ -110,9 +110,11 @@ def main() -> None:
             f"{r['acc_t32_np64']:>11.2f} {r['acc_t32_t32']:>15.2f} {r['bucketed_over_pooled']:>16.3f} "
             f"{r['eigvalsh_s']:>11.4f} {r['hard_rank_speedup']:>18.0f}x"
         )
-    print("acc/GEMM: float64 rows into a float64 state over a bare float64 X.T@X;"
-          " acc t32→64: fp32 torch rows into a float64 state over the same float64 GEMM;"
-          " bucketed/pooled budget: <= 1.1")
+    print(
+        "acc/GEMM: float64 rows into a float64 state over a bare float64 X.T@X;"
+        " acc t32→64: fp32 torch rows into a float64 state over the same float64 GEMM;"
+        " bucketed/pooled budget: <= 1.1"
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,14 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    cfg = GPTConfig(vocab_size=args.vocab, seq_len=args.seq, n_layer=args.layers,
-                    n_head=args.heads, d_model=args.d_model, ffn_mult=args.ffn_mult)
+    cfg = GPTConfig(
+        vocab_size=args.vocab,
+        seq_len=args.seq,
+        n_layer=args.layers,
+        n_head=args.heads,
+        d_model=args.d_model,
+        ffn_mult=args.ffn_mult,
+    )
     torch.manual_seed(0)
     x = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
 
@@ -61,9 +67,15 @@ def main() -> None:
             fb.append(time.perf_counter() - t)
     fwd_bwd = statistics.median(fb)
 
-    variants = [("adamw", {}), ("muon", {}), ("normuon", {}),
-                ("dion", {"rank_fraction": 0.5}), ("dion", {"rank_fraction": 0.25}),
-                ("dion", {"rank_fraction": 1 / 16}), ("shampoo", {})]
+    variants = [
+        ("adamw", {}),
+        ("muon", {}),
+        ("normuon", {}),
+        ("dion", {"rank_fraction": 0.5}),
+        ("dion", {"rank_fraction": 0.25}),
+        ("dion", {"rank_fraction": 1 / 16}),
+        ("shampoo", {}),
+    ]
     runs = []
     for name, hp in variants:
         torch.manual_seed(0)
@@ -79,9 +91,13 @@ def main() -> None:
         p.grad = q.grad.clone()
     roles = ref_model.param_groups()
     torch_adamw = torch.optim.AdamW(
-        [dict(params=roles["matrix"], weight_decay=0.01),
-         dict(params=roles["embed"] + roles["head"], weight_decay=0.0)],
-        lr=3e-3, betas=(0.9, 0.95))
+        [
+            dict(params=roles["matrix"], weight_decay=0.01),
+            dict(params=roles["embed"] + roles["head"], weight_decay=0.0),
+        ],
+        lr=3e-3,
+        betas=(0.9, 0.95),
+    )
     runs.append(("torch.optim.AdamW", ref_model, torch_adamw))
 
     times: dict[str, list[float]] = {label: [] for label, _, _ in runs}
@@ -95,17 +111,21 @@ def main() -> None:
                 times[label].append(time.perf_counter() - t)
 
     n_params = runs[0][1].num_params()
-    print(f"GPT d_model={args.d_model} layers={args.layers} FFN width={cfg.ffn_dim} "
-          f"vocab={args.vocab} ({n_params / 1e6:.2f}M params); batch {args.batch}×{args.seq}; "
-          f"device {dev}, {torch.get_num_threads()} threads; {args.steps} timed steps each")
+    print(
+        f"GPT d_model={args.d_model} layers={args.layers} FFN width={cfg.ffn_dim} "
+        f"vocab={args.vocab} ({n_params / 1e6:.2f}M params); batch {args.batch}×{args.seq}; "
+        f"device {dev}, {torch.get_num_threads()} threads; {args.steps} timed steps each"
+    )
     print(f"forward+backward: {fwd_bwd * 1e3:.1f} ms (median)")
     print(f"shampoo: roots every {optimizer_defaults('shampoo')['precondition_every']} steps")
     base = statistics.fmean(times["adamw"])
     print(f"\n{'optimizer':<20}{'mean ms':>10}{'median ms':>11}{'× adamw':>9}{'% fwd+bwd':>11}")
     for label, ts in times.items():
         mean = statistics.fmean(ts)
-        print(f"{label:<20}{mean * 1e3:>10.2f}{statistics.median(ts) * 1e3:>11.2f}"
-              f"{mean / base:>9.2f}{100 * mean / fwd_bwd:>11.1f}")
+        print(
+            f"{label:<20}{mean * 1e3:>10.2f}{statistics.median(ts) * 1e3:>11.2f}"
+            f"{mean / base:>9.2f}{100 * mean / fwd_bwd:>11.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -265,9 +265,7 @@ def main() -> None:
     for c in CASES:
         if args.case and c.name not in args.case:
             continue
-        reps = args.repeats or (
-            (3 if args.quick else 8) if c.block_steps > 50 else (15 if args.quick else 40)
-        )
+        reps = args.repeats or ((3 if args.quick else 8) if c.block_steps > 50 else (15 if args.quick else 40))
         r = run_case(c, reps)
         results.append(r)
         base = r["modes"]["baseline"]

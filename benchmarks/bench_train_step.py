@@ -57,15 +57,23 @@ def main() -> None:
     ap.add_argument("--ffn-mult", type=float, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    over = [f"train.steps={args.steps}", f"model.ffn_mult={args.ffn_mult}", "telemetry.enabled=false",
-            f"train.eval_every={10**9}", f"train.checkpoint_every={10**9}", "train.progress=false",
-            f"train.log_every={args.steps}"]
+    over = [
+        f"train.steps={args.steps}",
+        f"model.ffn_mult={args.ffn_mult}",
+        "telemetry.enabled=false",
+        f"train.eval_every={10**9}",
+        f"train.checkpoint_every={10**9}",
+        "train.progress=false",
+        f"train.log_every={args.steps}",
+    ]
     cfg = resolve(args.preset, overrides=over)
     data = load_data(cfg.data)
     cfg.model["vocab_size"] = data.model_vocab_size
     tokens = args.steps * cfg.train.batch_size * cfg.model_config().seq_len
-    print(f"preset {args.preset}: d_model {cfg.model['d_model']}, FFN x{args.ffn_mult}, {args.steps} steps "
-          f"of {cfg.train.batch_size}x{cfg.model_config().seq_len} tokens, torch threads {torch.get_num_threads()}")
+    print(
+        f"preset {args.preset}: d_model {cfg.model['d_model']}, FFN x{args.ffn_mult}, {args.steps} steps "
+        f"of {cfg.train.batch_size}x{cfg.model_config().seq_len} tokens, torch threads {torch.get_num_threads()}"
+    )
     plain, loop = [], []
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both
         plain.append(tokens / plain_loop(cfg, data, args.steps))

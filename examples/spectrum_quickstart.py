@@ -25,8 +25,10 @@ for width in widths:
     rec = acc.summary()
     soft.append(rec["soft_rank"])
     hard.append(rec["hard_rank"])
-    print(f"{width:>6} {rec['soft_rank']:>10.1f} {rec['hard_rank']:>10.1f} "
-          f"{rec['samples_per_dim']:>6.1f} {rec['sampling_status']:>24}")
+    print(
+        f"{width:>6} {rec['soft_rank']:>10.1f} {rec['hard_rank']:>10.1f} "
+        f"{rec['samples_per_dim']:>6.1f} {rec['sampling_status']:>24}"
+    )
 
 for name, values in (("soft", soft), ("hard", hard)):
     fit = fit_power_law(widths, values)

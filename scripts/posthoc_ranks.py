@@ -34,10 +34,16 @@ def measure_run(run: Path, tokens: int) -> pd.DataFrame:
     frame = measure_model(
         loaded.model, batches(ids, loaded.context, 8, "cpu"), freq_table=table, step=loaded.step, dtype=torch.float32
     )
-    agg = frame.groupby(["site", "bucket"]).agg(
-        soft_rank=("soft_rank", "median"), hard_rank=("hard_rank", "median"), n_samples=("n_samples", "first"),
-        dim=("dim", "first"),
-    ).reset_index()
+    agg = (
+        frame.groupby(["site", "bucket"])
+        .agg(
+            soft_rank=("soft_rank", "median"),
+            hard_rank=("hard_rank", "median"),
+            n_samples=("n_samples", "first"),
+            dim=("dim", "first"),
+        )
+        .reset_index()
+    )
     agg.insert(0, "run", run.name)
     agg.insert(1, "step", loaded.step)
     agg["tokens"] = len(ids)

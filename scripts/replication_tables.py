@@ -17,8 +17,14 @@ from pathlib import Path
 import pandas as pd
 
 PAPER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "paper_reference" / "beta_table.csv"
-NAMES = {"adamw": "AdamW", "muon": "Muon", "normuon": "NorMuon", "dion_r1_2": "Dion (1/2)",
-         "dion_r1_16": "Dion (1/16)", "shampoo": "Shampoo"}
+NAMES = {
+    "adamw": "AdamW",
+    "muon": "Muon",
+    "normuon": "NorMuon",
+    "dion_r1_2": "Dion (1/2)",
+    "dion_r1_16": "Dion (1/16)",
+    "shampoo": "Shampoo",
+}
 
 
 def label(series: str) -> str:
@@ -51,9 +57,13 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def runs_table(report: dict) -> str:
     rows = sorted(report["runs"], key=lambda r: (sort_key(r["series"]), r["width"], r["seed"]))
-    return table(["run", "arm", "FFN width", "seed", "steps", "final val loss (nats)"],
-                 [[r["name"], label(r["series"]), r["width"], r["seed"], r["steps"], f"{r['final_val_loss']:.3f}"]
-                  for r in rows])
+    return table(
+        ["run", "arm", "FFN width", "seed", "steps", "final val loss (nats)"],
+        [
+            [r["name"], label(r["series"]), r["width"], r["seed"], r["steps"], f"{r['final_val_loss']:.3f}"]
+            for r in rows
+        ],
+    )
 
 
 def coverage_table(report: dict) -> str:
@@ -61,9 +71,10 @@ def coverage_table(report: dict) -> str:
     runs = pd.DataFrame(report["runs"])
     widths = sorted(runs.width.unique())
     n = runs.groupby(["series", "width"]).seed.nunique()
-    return table(["arm", *map(str, widths)],
-                 [[label(s), *(str(n.get((s, w), "—")) for w in widths)]
-                  for s in sorted(runs.series.unique(), key=sort_key)])
+    return table(
+        ["arm", *map(str, widths)],
+        [[label(s), *(str(n.get((s, w), "—")) for w in widths)] for s in sorted(runs.series.unique(), key=sort_key)],
+    )
 
 
 def ranks_table(report: dict) -> str:
@@ -80,10 +91,16 @@ def ranks_table(report: dict) -> str:
     for (series, width), r in sorted(stats.iterrows(), key=lambda kv: (sort_key(kv[0][0]), kv[0][1])):
         many = seeds[(series, width)] > 1
         lo = loss.loc[(series, width)]
-        rows.append([label(series), int(width), int(seeds[(series, width)]),
-                     *(spread(r[("median", m)], r[("min", m)], r[("max", m)], 1, many) for m in ("soft_rank", "hard_rank")),
-                     f"{r[('median', 'hard_rank')] / width:.3f}",
-                     spread(lo.val_loss, lo.val_loss_min, lo.val_loss_max, 3, many)])
+        rows.append(
+            [
+                label(series),
+                int(width),
+                int(seeds[(series, width)]),
+                *(spread(r[("median", m)], r[("min", m)], r[("max", m)], 1, many) for m in ("soft_rank", "hard_rank")),
+                f"{r[('median', 'hard_rank')] / width:.3f}",
+                spread(lo.val_loss, lo.val_loss_min, lo.val_loss_max, 3, many),
+            ]
+        )
     return table(["arm", "width", "seeds", "soft rank R1", "hard rank R2", "R2 / width", "val loss"], rows)
 
 
@@ -102,8 +119,17 @@ def betas_table(report: dict) -> str:
             continue
         opt = b["series"].split("·")[0].strip()
         main = label(b["series"]) == NAMES.get(opt)
-        rows.append([label(b["series"]), b["n_widths"], ci(b["beta_soft"]), ci(b["beta_hard"]), ci(b["beta_delta"]),
-                     pub(opt, "soft_rank") if main else "—", pub(opt, "hard_rank") if main else "—"])
+        rows.append(
+            [
+                label(b["series"]),
+                b["n_widths"],
+                ci(b["beta_soft"]),
+                ci(b["beta_hard"]),
+                ci(b["beta_delta"]),
+                pub(opt, "soft_rank") if main else "—",
+                pub(opt, "hard_rank") if main else "—",
+            ]
+        )
     return table(["arm", "widths", "ours β_soft", "ours β_hard", "ours Δβ", "paper β_soft", "paper β_hard"], rows)
 
 
@@ -112,9 +138,17 @@ def regime_betas_table(report: dict) -> str:
     for b in report["q4_regimes"]["betas"]:
         if b["site"] == "post":
             by.setdefault(b["series"], {})[b["bucket"]] = b
-    return table(["arm", "HEAD β_hard", "MID β_hard", "TAIL β_hard", "TAIL β_soft"],
-                 [[label(s), *(ci(d.get(k, {}).get("beta_hard")) for k in ("head", "mid", "tail")),
-                   ci(d.get("tail", {}).get("beta_soft"))] for s, d in sorted(by.items(), key=lambda kv: sort_key(kv[0]))])
+    return table(
+        ["arm", "HEAD β_hard", "MID β_hard", "TAIL β_hard", "TAIL β_soft"],
+        [
+            [
+                label(s),
+                *(ci(d.get(k, {}).get("beta_hard")) for k in ("head", "mid", "tail")),
+                ci(d.get("tail", {}).get("beta_soft")),
+            ]
+            for s, d in sorted(by.items(), key=lambda kv: sort_key(kv[0]))
+        ],
+    )
 
 
 def regime_capacity_table(report: dict) -> str:
@@ -127,18 +161,31 @@ def regime_capacity_table(report: dict) -> str:
             return "—"
         return f"{c['hard_rank']:.1f}" + (f" ({c['val_loss']:.2f})" if c.get("val_loss") is not None else "")
 
-    return table(["arm", "width", "HEAD", "MID", "TAIL"],
-                 [[label(s), w, *(cell(d.get(k)) for k in ("head", "mid", "tail"))]
-                  for (s, w), d in sorted(cap.items(), key=lambda kv: (sort_key(kv[0][0]), kv[0][1]))])
+    return table(
+        ["arm", "width", "HEAD", "MID", "TAIL"],
+        [
+            [label(s), w, *(cell(d.get(k)) for k in ("head", "mid", "tail"))]
+            for (s, w), d in sorted(cap.items(), key=lambda kv: (sort_key(kv[0][0]), kv[0][1]))
+        ],
+    )
 
 
 def pairs_table(report: dict) -> str:
-    return table(["width", "a", "b", "val loss a / b", "R1 a / b", "R2 a / b", "geometry"],
-                 [[p["width"], label(p["series_a"]), label(p["series_b"]),
-                   f"{p['val_loss_a']:.3f} / {p['val_loss_b']:.3f}",
-                   f"{p['soft_rank_all_a']:.1f} / {p['soft_rank_all_b']:.1f}",
-                   f"{p['hard_rank_all_a']:.1f} / {p['hard_rank_all_b']:.1f}", p["geometry"]]
-                  for p in report["q2_matched_loss"]["pairs"]])
+    return table(
+        ["width", "a", "b", "val loss a / b", "R1 a / b", "R2 a / b", "geometry"],
+        [
+            [
+                p["width"],
+                label(p["series_a"]),
+                label(p["series_b"]),
+                f"{p['val_loss_a']:.3f} / {p['val_loss_b']:.3f}",
+                f"{p['soft_rank_all_a']:.1f} / {p['soft_rank_all_b']:.1f}",
+                f"{p['hard_rank_all_a']:.1f} / {p['hard_rank_all_b']:.1f}",
+                p["geometry"],
+            ]
+            for p in report["q2_matched_loss"]["pairs"]
+        ],
+    )
 
 
 def effects_table(report: dict) -> str:
@@ -146,26 +193,50 @@ def effects_table(report: dict) -> str:
         return x if x.startswith("pos=") else label(x)
 
     q = report["q5_optimizer_architecture"]
-    out = table(["effect", "within", "β", "span", "highest (β)", "lowest (β)", "shared widths"],
-                [[e["kind"], name(e["within"]), e["metric"], f"{e['span']:.2f}",
-                  f"{name(e['highest'])} ({e['beta_highest']:.2f})", f"{name(e['lowest'])} ({e['beta_lowest']:.2f})",
-                  ", ".join(map(str, e["widths"]))]
-                 for e in q["effects"]])
-    summary = table(["β", "median optimizer span", "median architecture span", "larger"],
-                    [[r["metric"], f"{r['optimizer_span']:.2f}", f"{r['architecture_span']:.2f}", r["larger"]]
-                     for r in q["summary"] if r["larger"]])
+    out = table(
+        ["effect", "within", "β", "span", "highest (β)", "lowest (β)", "shared widths"],
+        [
+            [
+                e["kind"],
+                name(e["within"]),
+                e["metric"],
+                f"{e['span']:.2f}",
+                f"{name(e['highest'])} ({e['beta_highest']:.2f})",
+                f"{name(e['lowest'])} ({e['beta_lowest']:.2f})",
+                ", ".join(map(str, e["widths"])),
+            ]
+            for e in q["effects"]
+        ],
+    )
+    summary = table(
+        ["β", "median optimizer span", "median architecture span", "larger"],
+        [
+            [r["metric"], f"{r['optimizer_span']:.2f}", f"{r['architecture_span']:.2f}", r["larger"]]
+            for r in q["summary"]
+            if r["larger"]
+        ],
+    )
     return out + "\n\n" + summary
 
 
 def posthoc_tables(results: Path) -> str:
     ranks = pd.read_csv(results / "posthoc_ranks.csv")
     ranks = ranks[ranks.site == "post"]
-    wide = ranks.pivot_table(index=["series", "width"], columns="bucket", values=["soft_rank", "hard_rank"],
-                             aggfunc="median")
+    wide = ranks.pivot_table(
+        index=["series", "width"], columns="bucket", values=["soft_rank", "hard_rank"], aggfunc="median"
+    )
     seeds = ranks[ranks.bucket == "all"].groupby(["series", "width"]).seed.nunique()
-    rows = [[label(s), w, seeds[(s, w)], f"{r[('soft_rank', 'all')]:.1f}", f"{r[('hard_rank', 'all')]:.1f}",
-             f"{r[('hard_rank', 'tail')]:.1f}"]
-            for (s, w), r in sorted(wide.iterrows(), key=lambda kv: (sort_key(kv[0][0]), kv[0][1]))]
+    rows = [
+        [
+            label(s),
+            w,
+            seeds[(s, w)],
+            f"{r[('soft_rank', 'all')]:.1f}",
+            f"{r[('hard_rank', 'all')]:.1f}",
+            f"{r[('hard_rank', 'tail')]:.1f}",
+        ]
+        for (s, w), r in sorted(wide.iterrows(), key=lambda kv: (sort_key(kv[0][0]), kv[0][1]))
+    ]
     out = table(["arm", "width", "seeds", "R1", "R2", "TAIL R2"], rows)
     betas = pd.read_csv(results / "posthoc_betas.csv")
     betas = betas[betas.site == "post"]
@@ -179,9 +250,19 @@ def posthoc_tables(results: Path) -> str:
 
     series = sorted(betas.series.unique(), key=sort_key)
     n = betas[(betas.bucket == "all") & (betas.metric == "hard_rank")].set_index("series").n
-    out += "\n\n" + table(["arm", "points", "β_soft", "β_hard", "TAIL β_hard"],
-                          [[label(s), int(n.get(s, 0)), fit(s, "all", "soft_rank"), fit(s, "all", "hard_rank"),
-                            fit(s, "tail", "hard_rank")] for s in series])
+    out += "\n\n" + table(
+        ["arm", "points", "β_soft", "β_hard", "TAIL β_hard"],
+        [
+            [
+                label(s),
+                int(n.get(s, 0)),
+                fit(s, "all", "soft_rank"),
+                fit(s, "all", "hard_rank"),
+                fit(s, "tail", "hard_rank"),
+            ]
+            for s in series
+        ],
+    )
     return out
 
 
@@ -197,11 +278,24 @@ def steps_arm_table(report: dict) -> str:
     muon = {r["run_id"] for r in rope if r["optimizer"] == "muon" and r["steps"] == base}
     phase = {p["run_id"]: p for p in report["q3_asymmetry"]["phase"]}
     widths = {runs[i]["width"] for i in arm if i in phase}
-    rows = sorted((phase[i] for i in arm | muon if i in phase and runs[i]["width"] in widths),
-                  key=lambda p: (p["width"], p["run_id"] in muon, p["seed"]))
-    return table(["width", "arm", "seed", "val loss", "R1", "R2"],
-                 [[p["width"], label(p["series"]), p["seed"], f"{runs[p['run_id']]['final_val_loss']:.3f}",
-                   f"{p['soft_frac'] * p['width']:.1f}", f"{p['hard_frac'] * p['width']:.1f}"] for p in rows])
+    rows = sorted(
+        (phase[i] for i in arm | muon if i in phase and runs[i]["width"] in widths),
+        key=lambda p: (p["width"], p["run_id"] in muon, p["seed"]),
+    )
+    return table(
+        ["width", "arm", "seed", "val loss", "R1", "R2"],
+        [
+            [
+                p["width"],
+                label(p["series"]),
+                p["seed"],
+                f"{runs[p['run_id']]['final_val_loss']:.3f}",
+                f"{p['soft_frac'] * p['width']:.1f}",
+                f"{p['hard_frac'] * p['width']:.1f}",
+            ]
+            for p in rows
+        ],
+    )
 
 
 def main() -> None:
@@ -226,11 +320,21 @@ def main() -> None:
     phase = report["q3_asymmetry"]["phase"]
     counts = pd.Series([p["region"] for p in phase]).value_counts()
     print("## 4. Phase regions\n\n" + ", ".join(f"{n} {r}" for r, n in counts.items()) + "\n")
-    print(table(["run", "region", "R1 / width", "R2 / width"],
-                [[p["name"], p["region"], f"{p['soft_frac']:.3f}", f"{p['hard_frac']:.3f}"]
-                 for p in phase if p["region"] != "compact"]) + "\n")
-    print(f"## Reliability\n\n{len(report['reliability']['low_nd'])} of {report['reliability']['n_aggregates']} "
-          "aggregates rest on records with N/D < 10\n")
+    print(
+        table(
+            ["run", "region", "R1 / width", "R2 / width"],
+            [
+                [p["name"], p["region"], f"{p['soft_frac']:.3f}", f"{p['hard_frac']:.3f}"]
+                for p in phase
+                if p["region"] != "compact"
+            ],
+        )
+        + "\n"
+    )
+    print(
+        f"## Reliability\n\n{len(report['reliability']['low_nd'])} of {report['reliability']['n_aggregates']} "
+        "aggregates rest on records with N/D < 10\n"
+    )
 
 
 if __name__ == "__main__":

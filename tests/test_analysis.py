@@ -34,10 +34,17 @@ def test_runs_series_and_exclusions(analysis):
     assert len(runs) == sum(len(s.seeds) for s in DEFAULT_SERIES) * len(WIDTHS)
     assert analysis.sweep.arch_axes == ("pos",)  # pos varies → part of the series key; activation does not
     assert set(runs["series"]) == {
-        "adamw · 60 steps · pos=rope", "adamw · 120 steps · pos=rope", "muon · pos=rope",
-        "dion_r1_16 · pos=rope", "adamw · 60 steps · pos=none", "muon · pos=none"}
+        "adamw · 60 steps · pos=rope",
+        "adamw · 120 steps · pos=rope",
+        "muon · pos=rope",
+        "dion_r1_16 · pos=rope",
+        "adamw · 60 steps · pos=none",
+        "muon · pos=none",
+    }
     assert dict(zip(excluded["status"], excluded["reason"])) == {
-        "diverged": "diverged: loss is NaN at step 10", "running": "running (unfinished)"}
+        "diverged": "diverged: loss is NaN at step 10",
+        "running": "running (unfinished)",
+    }
     assert set(excluded["width"]) == {512}  # recorded with what the config says, left out of every fit
     assert 512 not in set(analysis.points.merge(runs, on="run_id")["width"])
 
@@ -113,15 +120,18 @@ def test_phase_regions(analysis):
     assert regions["dion_r1_16 · pos=rope"] == {"compact"}
 
 
-@pytest.mark.parametrize("r1, r2, region", [
-    (0.02, 0.01, "collapsed"),
-    (0.4, 0.05, "brittle"),   # balance 0.125 < 0.25
-    (0.2, 0.1, "compact"),
-    (0.7, 0.4, "broad"),
-    (0.7, 0.1, "brittle"),    # broad soft rank on a narrow hard rank
-    (0.3, 0.31, "impossible"),
-    (math.nan, 0.1, "unknown"),
-])
+@pytest.mark.parametrize(
+    "r1, r2, region",
+    [
+        (0.02, 0.01, "collapsed"),
+        (0.4, 0.05, "brittle"),  # balance 0.125 < 0.25
+        (0.2, 0.1, "compact"),
+        (0.7, 0.4, "broad"),
+        (0.7, 0.1, "brittle"),  # broad soft rank on a narrow hard rank
+        (0.3, 0.31, "impossible"),
+        (math.nan, 0.1, "unknown"),
+    ],
+)
 def test_classify(r1, r2, region):
     assert classify(r1, r2) == region
 
@@ -169,11 +179,17 @@ def test_low_nd_flagged(analysis):
 
 def test_seed_spread(analysis):
     sp = analysis.spread
-    row = sp[(sp["series"] == "muon · pos=rope") & (sp["width"] == 64) & (sp["site"] == "post")
-             & (sp["bucket"] == "all") & (sp["metric"] == "hard_rank")].iloc[0]
+    row = sp[
+        (sp["series"] == "muon · pos=rope")
+        & (sp["width"] == 64)
+        & (sp["site"] == "post")
+        & (sp["bucket"] == "all")
+        & (sp["metric"] == "hard_rank")
+    ].iloc[0]
     pts = analysis.points.merge(analysis.sweep.runs, on="run_id")
-    vals = pts[(pts["series"] == "muon · pos=rope") & (pts["width"] == 64) & (pts["site"] == "post")
-               & (pts["bucket"] == "all")]["hard_rank"]
+    vals = pts[
+        (pts["series"] == "muon · pos=rope") & (pts["width"] == 64) & (pts["site"] == "post") & (pts["bucket"] == "all")
+    ]["hard_rank"]
     assert row["n_seeds"] == 2
     assert (row["min"], row["median"], row["max"]) == (vals.min(), pd.Series(vals).median(), vals.max())
 
@@ -190,12 +206,26 @@ def test_spans_compare_betas_on_shared_widths():
         for w in widths:
             rid = f"{arch}_{w}"
             runs.append({"run_id": rid, "width": w, "setting": "muon", "arch": arch, "series": f"muon · {arch}"})
-            points.append({"run_id": rid, "site": "post", "bucket": "all", "soft_rank": 2 * law[w],
-                           "hard_rank": law[w]})
-    betas = pd.DataFrame([{"setting": "muon", "arch": a, "series": f"muon · {a}", "site": "post", "bucket": "all",
-                           **{f"{m}_{f}": v for m in ("soft", "hard", "delta")
-                              for f, v in (("beta", 0.0), ("ci_low", 0.0), ("ci_high", 0.0), ("fittable", True))}}
-                          for a in ("pos=rope", "pos=none")])
+            points.append(
+                {"run_id": rid, "site": "post", "bucket": "all", "soft_rank": 2 * law[w], "hard_rank": law[w]}
+            )
+    betas = pd.DataFrame(
+        [
+            {
+                "setting": "muon",
+                "arch": a,
+                "series": f"muon · {a}",
+                "site": "post",
+                "bucket": "all",
+                **{
+                    f"{m}_{f}": v
+                    for m in ("soft", "hard", "delta")
+                    for f, v in (("beta", 0.0), ("ci_low", 0.0), ("ci_high", 0.0), ("fittable", True))
+                },
+            }
+            for a in ("pos=rope", "pos=none")
+        ]
+    )
     _, effects = optimizer_architecture(betas, pd.DataFrame(points), pd.DataFrame(runs))
     arch = effects[effects["kind"] == "architecture"].set_index("metric")
     assert list(arch.loc["hard", "widths"]) == [128, 256, 512]

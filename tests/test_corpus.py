@@ -87,8 +87,7 @@ _installed = corpus.is_installed()
 
 @pytest.mark.skipif(
     not _installed,
-    reason="default corpus not installed: run "
-    "`python -m capscale.train.corpus fetch` (scripts/setup.sh does)",
+    reason="default corpus not installed: run `python -m capscale.train.corpus fetch` (scripts/setup.sh does)",
 )
 def test_installed_default_corpus():
     doc = corpus.load_manifest(verify=True)
@@ -145,9 +144,7 @@ def test_fineweb_streaming_path_on_local_parquet(tmp_path, monkeypatch):
     for i in range(2):  # two files, FineWeb's schema (text plus metadata columns)
         f = tmp_path / f"part-{i}.parquet"
         pq.write_table(
-            pa.table(
-                {"text": DOCS[i::2], "id": [f"<urn:{i}>"] * len(DOCS[i::2]), "score": [3.5] * len(DOCS[i::2])}
-            ),
+            pa.table({"text": DOCS[i::2], "id": [f"<urn:{i}>"] * len(DOCS[i::2]), "score": [3.5] * len(DOCS[i::2])}),
             f,
         )
         files.append(str(f))

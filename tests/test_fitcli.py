@@ -39,9 +39,19 @@ def test_published_points_give_published_beta(capsys, tmp_path):
 def test_groups_default_to_non_numeric_columns_and_numeric_ones_pool(tmp_path):
     rng = np.random.default_rng(0)
     w = np.repeat([64, 128, 256, 512], 3)
-    df = pd.concat([pd.DataFrame({"width": w, "seed": np.tile([0, 1, 2], 4), "opt": name,
-                                  "value": 2.0 * w**beta * np.exp(rng.normal(0, 0.01, w.size))})
-                    for name, beta in (("a", 0.5), ("b", 0.9))])
+    df = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "width": w,
+                    "seed": np.tile([0, 1, 2], 4),
+                    "opt": name,
+                    "value": 2.0 * w**beta * np.exp(rng.normal(0, 0.01, w.size)),
+                }
+            )
+            for name, beta in (("a", 0.5), ("b", 0.9))
+        ]
+    )
     table = fitcli.fit_table(df).set_index("opt")
     assert list(table.index) == ["a", "b"] and set(table["n"]) == {12}  # seeds pooled as replicates
     assert table.loc["a", "beta"] == pytest.approx(0.5, abs=0.02)
@@ -53,7 +63,8 @@ def test_groups_default_to_non_numeric_columns_and_numeric_ones_pool(tmp_path):
 def test_too_few_widths_is_a_row_not_a_crash(tmp_path, capsys):
     path = tmp_path / "p.csv"
     pd.DataFrame({"g": ["x", "x", "y", "y", "y"], "width": [1, 2, 1, 2, 4], "value": [1, 2, 1, 2, 4]}).to_csv(
-        path, index=False)
+        path, index=False
+    )
     assert _run([str(path)]) == 0
     out = capsys.readouterr().out
     assert "not fittable: a power-law fit needs at least 3 distinct widths, got 2" in out

@@ -18,7 +18,9 @@ from capscale.train.loop import train
 
 HAVE_CORPUS = is_installed()
 
-pytestmark = pytest.mark.skipif(not HAVE_CORPUS, reason="default corpus not fetched: python -m capscale.train.corpus fetch")
+pytestmark = pytest.mark.skipif(
+    not HAVE_CORPUS, reason="default corpus not fetched: python -m capscale.train.corpus fetch"
+)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -30,8 +32,9 @@ def _no_timing(records: list[dict]) -> list[dict]:
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "capscale", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "capscale", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -147,12 +150,15 @@ def test_missing_corpus_says_how_to_install(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("override,match", [
-    ("optimizer=lion", "unknown optimizer 'lion'"),
-    ("model.ffn_width=0", "FFN width must be"),
-    ("train.nope=1", r"unknown config key\(s\) \['train.nope'\]"),
-    ("optimizer.params.rank_fraction=0.5", "unknown hyperparameter"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("optimizer=lion", "unknown optimizer 'lion'"),
+        ("model.ffn_width=0", "FFN width must be"),
+        ("train.nope=1", r"unknown config key\(s\) \['train.nope'\]"),
+        ("optimizer.params.rank_fraction=0.5", "unknown hyperparameter"),
+    ],
+)
 def test_bad_config_is_refused_before_anything_is_written(tmp_path, override, match):
     proc = _cli("train", "--preset", "smoke", "--set", override, "--out", str(tmp_path / "r"))
     _, err = proc.communicate(timeout=120)
@@ -161,13 +167,16 @@ def test_bad_config_is_refused_before_anything_is_written(tmp_path, override, ma
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("over, width", [
-    ({"model.ffn_width": 48}, 48),                            # absolute width replaces the preset's multiple
-    ({"model.ffn_width": 48, "model.ffn_mult": None}, 48),    # clearing the multiple keeps the width
-    ({"model.ffn_mult": None, "model.ffn_width": 48}, 48),
-    ({"model.ffn_width": 48, "model.ffn_mult": 2}, 64),       # the later override wins (2 × d_model 32)
-    ({"model.ffn_mult": None}, 128),                          # neither given: 4 × d_model
-])
+@pytest.mark.parametrize(
+    "over, width",
+    [
+        ({"model.ffn_width": 48}, 48),  # absolute width replaces the preset's multiple
+        ({"model.ffn_width": 48, "model.ffn_mult": None}, 48),  # clearing the multiple keeps the width
+        ({"model.ffn_mult": None, "model.ffn_width": 48}, 48),
+        ({"model.ffn_width": 48, "model.ffn_mult": 2}, 64),  # the later override wins (2 × d_model 32)
+        ({"model.ffn_mult": None}, 128),  # neither given: 4 × d_model
+    ],
+)
 def test_ffn_width_overrides(over, width):
     assert resolve("smoke", overrides=over).model_config().ffn_dim == width
 
@@ -181,9 +190,27 @@ def test_unknown_preset(tmp_path):
 def test_torchrun_two_processes_log_one_set_of_telemetry(tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-         "-m", "capscale", "train", "--preset", "smoke", "--set", "train.steps=10", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29517",
+            "-m",
+            "capscale",
+            "train",
+            "--preset",
+            "smoke",
+            "--set",
+            "train.steps=10",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = _metrics(out)
     assert [r["step"] for r in m] == [5, 10]
@@ -199,8 +226,9 @@ def test_torchrun_two_processes_log_one_set_of_telemetry(tmp_path):
 @pytest.mark.parametrize("name", ["adamw", "muon", "normuon", "dion", "shampoo"])
 def test_every_optimizer_trains_the_smoke_preset(tmp_path, name):
     out = tmp_path / name
-    status = train(resolve("smoke", overrides=[f"optimizer={name}", "telemetry.enabled=false"]), out,
-                   log=lambda _m: None)
+    status = train(
+        resolve("smoke", overrides=[f"optimizer={name}", "telemetry.enabled=false"]), out, log=lambda _m: None
+    )
     assert status["status"] == "done"
     evals = [r["val_loss"] for r in _metrics(out) if "val_loss" in r]
     assert evals[0] > evals[1] > evals[2], evals
@@ -212,7 +240,10 @@ def test_checkpoints_wait_for_open_windows_and_resume_from_them_exactly(tmp_path
     ref = tmp_path / "ref"
     train(resolve("smoke", overrides=over), ref, log=lambda _m: None)
     assert [p.name for p in sorted((ref / "checkpoints").iterdir())] == [
-        "step_00000014.pt", "step_00000024.pt", "step_00000030.pt"]
+        "step_00000014.pt",
+        "step_00000024.pt",
+        "step_00000030.pt",
+    ]
     # resume from the postponed checkpoint: drop what came after it, as a crash would
     out = tmp_path / "resumed"
     import shutil

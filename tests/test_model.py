@@ -167,6 +167,7 @@ def test_ffn_sites_by_name(activation):
     def keep(name, output=True):
         def hook(_mod, inputs, out):
             seen[name] = (out if output else inputs[0]).detach()
+
         return hook
 
     for i in range(cfg.n_layer):

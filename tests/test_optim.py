@@ -79,9 +79,13 @@ def test_adamw_equals_torch_adamw():
     opt = build_optimizer("adamw", ours)
     roles = ref.param_groups()
     torch_opt = torch.optim.AdamW(
-        [dict(params=roles["matrix"], weight_decay=0.01),
-         dict(params=roles["embed"] + roles["head"], weight_decay=0.0)],
-        lr=3e-3, betas=(0.9, 0.95), eps=1e-8,
+        [
+            dict(params=roles["matrix"], weight_decay=0.01),
+            dict(params=roles["embed"] + roles["head"], weight_decay=0.0),
+        ],
+        lr=3e-3,
+        betas=(0.9, 0.95),
+        eps=1e-8,
     )
     g = gen()
     for _ in range(6):
@@ -151,12 +155,12 @@ def test_normuon_first_step_equalises_rows():
     p.grad = G.clone()
     opt.step()
     update = -p.detach() / (lr * muon_scale(shape))
-    O = newton_schulz(G)  # Muon's update for the same first step (momentum direction ∝ G)
-    muon_rows = O.square().mean(1)
+    ortho = newton_schulz(G)  # Muon's update for the same first step (momentum direction ∝ G)
+    muon_rows = ortho.square().mean(1)
     assert muon_rows.max() / muon_rows.min() > 1.5  # so equal rows below are NorMuon's doing
     rows = update.square().mean(1)
-    torch.testing.assert_close(rows, torch.full_like(rows, O.square().mean().item()), rtol=1e-4, atol=0)
-    torch.testing.assert_close(update.norm(), O.norm(), rtol=1e-5, atol=0)  # Frobenius kept
+    torch.testing.assert_close(rows, torch.full_like(rows, ortho.square().mean().item()), rtol=1e-4, atol=0)
+    torch.testing.assert_close(update.norm(), ortho.norm(), rtol=1e-5, atol=0)  # Frobenius kept
     assert opt.state[p]["second_momentum"].shape == (shape[0], 1)
 
 
@@ -257,8 +261,7 @@ def test_inverse_root_equals_scipy():
         inverse_root(torch.full((3, 3), float("nan")), 4, 1e-6)
 
 
-SHAMPOO_HP = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, precondition_every=1,
-                  matrix_eps=1e-6, block_size=512)
+SHAMPOO_HP = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, precondition_every=1, matrix_eps=1e-6, block_size=512)
 
 
 def _analytic_root(stat: np.ndarray) -> np.ndarray:
@@ -335,8 +338,11 @@ def test_shampoo_beats_sgd_on_ill_conditioned_quadratic():
     start = loss(torch.zeros(m, n, dtype=torch.float64))
     lam_max = float(torch.linalg.eigvalsh(A).max() * torch.linalg.eigvalsh(B).max())
     sgd = run(lambda p: torch.optim.SGD([p], lr=1.0 / lam_max))
-    shampoo = run(lambda p: single_group(
-        p, "shampoo", 0.3, **{**SHAMPOO_HP, "betas": (0.0, 0.999), "matrix_eps": 1e-10}, graft="none"))
+    shampoo = run(
+        lambda p: single_group(
+            p, "shampoo", 0.3, **{**SHAMPOO_HP, "betas": (0.0, 0.999), "matrix_eps": 1e-10}, graft="none"
+        )
+    )
     assert sgd > 1e-3 * start  # SGD is stuck on the flat directions
     assert shampoo < 1e-4 * sgd
 
@@ -440,7 +446,11 @@ def test_paper_defaults_and_groups():
     assert 1 / 16 <= optimizer_defaults("dion")["rank_fraction"] <= 1 / 2
     model = tiny_gpt()
     adamw = {g["role"]: g for g in build_optimizer("adamw", model).param_groups}
-    assert (adamw["matrix"]["weight_decay"], adamw["embed"]["weight_decay"], adamw["head"]["weight_decay"]) == (0.01, 0.0, 0.0)
+    assert (adamw["matrix"]["weight_decay"], adamw["embed"]["weight_decay"], adamw["head"]["weight_decay"]) == (
+        0.01,
+        0.0,
+        0.0,
+    )
     for name in ("muon", "normuon", "dion", "shampoo"):
         groups = {g["role"]: g for g in build_optimizer(name, model, lr=0.05, adamw_lr=1e-3).param_groups}
         assert groups["matrix"]["rule"] == name and groups["matrix"]["base_lr"] == 0.05

@@ -63,9 +63,7 @@ class Recorder:
             if cap == "output":
                 self.handles.append(mod.register_forward_hook(lambda m, a, o, key=key: self._keep(key, o)))
             else:
-                self.handles.append(
-                    mod.register_forward_pre_hook(lambda m, a, key=key: self._keep(key, a[0]))
-                )
+                self.handles.append(mod.register_forward_pre_hook(lambda m, a, key=key: self._keep(key, a[0])))
 
     def _keep(self, key, t):
         self.rows[key].append(t.detach().double().reshape(-1, t.shape[-1]).clone())

@@ -24,9 +24,7 @@ SITE = Site(0, "pre", "m", None, "output")
 def batches(seed, n, d, rows=(5, 40)):
     """Correlated rows with a far-from-zero mean that drifts from batch to batch."""
     g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(d, d, generator=g, dtype=torch.float64) * torch.rand(
-        d, generator=g, dtype=torch.float64
-    )
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64) * torch.rand(d, generator=g, dtype=torch.float64)
     out = []
     for k in range(n):
         r = int(torch.randint(rows[0], rows[1], (1,), generator=g))
@@ -70,9 +68,7 @@ def test_snapshot_then_continue_and_reset():
     for i, x in enumerate(xs):
         accumulate(x, Grouping(None, [0, x.shape[0]]), torch.float64, scratch, SITE, 0, None, acc)
         if i == 2:  # a snapshot mirrors the upper blocks; later batches still add correctly
-            np.testing.assert_allclose(
-                acc.moments().covariance().numpy(), cov(torch.cat(xs[:3]).numpy()), atol=1e-10
-            )
+            np.testing.assert_allclose(acc.moments().covariance().numpy(), cov(torch.cat(xs[:3]).numpy()), atol=1e-10)
     np.testing.assert_allclose(acc.moments().covariance().numpy(), cov(torch.cat(xs).numpy()), atol=1e-10)
     acc.reset()
     assert acc.count == 0 and not acc.scatter.any()
@@ -112,6 +108,4 @@ def test_bfloat16_rows_are_widened_not_written():
     acc = WindowMoments(130, "cpu")
     accumulate(x, Grouping(None, [0, 32]), torch.float32, Scratch(), SITE, 0, None, acc)
     assert torch.equal(x, before)  # the model's tensor is never centred in place
-    np.testing.assert_allclose(
-        acc.moments().covariance().numpy(), cov(x.double().reshape(-1, 130).numpy()), atol=1e-5
-    )
+    np.testing.assert_allclose(acc.moments().covariance().numpy(), cov(x.double().reshape(-1, 130).numpy()), atol=1e-5)

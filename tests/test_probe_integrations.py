@@ -55,9 +55,7 @@ def test_hf_trainer_callback(tmp_path):
     )
     trainer = transformers.Trainer(model=hf_gpt2(vocab=V), args=args, train_dataset=Data())
     table = FrequencyTable(np.arange(V, 0, -1))
-    cb = CapscaleCallback.add_to(
-        trainer, every=2, freq_table=table, sinks=[ParquetSink(tmp_path / "spectra.parquet")]
-    )
+    cb = CapscaleCallback.add_to(trainer, every=2, freq_table=table, sinks=[ParquetSink(tmp_path / "spectra.parquet")])
     trainer.train()
     df = pd.read_parquet(tmp_path / "spectra.parquet")
     assert sorted(df.step.unique()) == [0, 2, 4]  # every 2 steps and the last (max_steps - 1)
@@ -84,9 +82,7 @@ class LitLM:  # built lazily so that importing this module needs no lightning
             def training_step(self, batch, batch_idx):
                 (ids,) = batch
                 logits = self(ids)
-                return torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1)
-                )
+                return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
 
             def configure_optimizers(self):
                 return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -101,9 +97,7 @@ def test_lightning_callback(tmp_path):
 
     ids = torch.randint(0, V, (16, 10), generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
-    cb = CapscaleLightningCallback(
-        every=2, sites=("pre", "post"), sinks=[ParquetSink(tmp_path / "spectra.parquet")]
-    )
+    cb = CapscaleLightningCallback(every=2, sites=("pre", "post"), sinks=[ParquetSink(tmp_path / "spectra.parquet")])
     logger = L.loggers.TensorBoardLogger(str(tmp_path), name="tb", version=0)
     trainer = L.Trainer(
         max_steps=4,

@@ -79,9 +79,7 @@ def test_cli_measures_a_hf_directory_offline(tmp_path, capsys, monkeypatch):
     (data / "a.txt").write_text(text[: len(text) // 2])
     (data / "b.md").write_text(text[len(text) // 2 :])
     out = tmp_path / "spectra.parquet"
-    measure, args = _args(
-        str(model_dir), "--data", str(data), "--tokens", "300", "--out", str(out), "--seq-len", "16"
-    )
+    measure, args = _args(str(model_dir), "--data", str(data), "--tokens", "300", "--out", str(out), "--seq-len", "16")
     assert measure.run(args) == 0
     df = pd.read_parquet(out)
     assert len(df) == 2 * 2 * 4
@@ -110,15 +108,11 @@ def test_cli_errors_are_clear(tmp_path):
     not_hf = tmp_path / "ckpt"
     not_hf.mkdir()
     (tmp_path / "t.txt").write_text("hello world")
-    measure, args = _args(
-        str(not_hf), "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o.parquet")
-    )
+    measure, args = _args(str(not_hf), "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o.parquet"))
     with pytest.raises(ValueError, match="nor a Hugging Face model directory"):
         measure.run(args)
     model_dir, _ = _hf_dir(tmp_path, "a b c d")
-    measure, args = _args(
-        str(model_dir), "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o.parquet")
-    )
+    measure, args = _args(str(model_dir), "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o.parquet"))
     with pytest.raises(FileNotFoundError):
         measure.run(args)
     measure, args = _args(str(model_dir), "--out", str(tmp_path / "o.parquet"))
@@ -192,7 +186,9 @@ def test_cli_measures_a_capscale_run_and_checkpoint(tmp_path, monkeypatch):
     got = {}
 
     def keep(name):
-        return lambda mod, inp, outp: got.setdefault(name, []).append(outp.detach().double().reshape(-1, outp.shape[-1]))
+        return lambda mod, inp, outp: got.setdefault(name, []).append(
+            outp.detach().double().reshape(-1, outp.shape[-1])
+        )
 
     hooks = [model.blocks[i].mlp.c_fc.register_forward_hook(keep(i)) for i in range(2)]
     with torch.no_grad():
@@ -251,8 +247,15 @@ def test_posthoc_script_measures_each_finished_run_once_and_fits_widths(tmp_path
     assert len(ranks) == 3 * 2 * 4 and set(ranks.width) == {32, 64, 128} and set(ranks.series) == {"adamw"}
     assert set(ranks.step) == {4} and set(ranks[ranks.bucket == "all"].n_samples) == {256}
     # the median over layers of what `capscale measure` gives for that run
-    measure, args = _args(str(tmp_path / "sweep/runs/adamw_w64_s0"), "--tokens", "256", "--dtype", "float32",
-                          "--out", str(tmp_path / "one.parquet"))
+    measure, args = _args(
+        str(tmp_path / "sweep/runs/adamw_w64_s0"),
+        "--tokens",
+        "256",
+        "--dtype",
+        "float32",
+        "--out",
+        str(tmp_path / "one.parquet"),
+    )
     measure.run(args)
     one = pd.read_parquet(tmp_path / "one.parquet")
     want = one[(one.site == "post") & (one.bucket == "tail")].hard_rank.median()

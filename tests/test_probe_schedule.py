@@ -83,9 +83,7 @@ def test_window_rows_match_reference_and_reset_semantics():
         return hard_rank_from_covariance(np.cov(x.numpy(), rowvar=False))
 
     pick = lambda d: d[(d.layer == 1) & (d.site == "pre")].iloc[0]
-    assert pick(snap).n_samples == 36 and pick(snap).hard_rank == pytest.approx(
-        hard(torch.cat(xs[:3])), rel=1e-9
-    )
+    assert pick(snap).n_samples == 36 and pick(snap).hard_rank == pytest.approx(hard(torch.cat(xs[:3])), rel=1e-9)
     assert pick(full).n_samples == 48 and pick(full).hard_rank == pytest.approx(hard(torch.cat(xs)), rel=1e-9)
     assert after.empty  # reset restarted the open window and drained the rows
 
@@ -161,9 +159,7 @@ def test_monitor_level_hard_rank_without_eigendecomposition():
     mon = probe.monitor_frame()
     assert sorted(mon.step.unique()) == [0, 2, 4] and set(mon.site) == {"pre"}
     r = mon[(mon.step == 2) & (mon.layer == 0)].iloc[0]
-    assert r.hard_rank == pytest.approx(
-        hard_rank_from_covariance(np.cov(per_step[2].numpy(), rowvar=False)), rel=1e-9
-    )
+    assert r.hard_rank == pytest.approx(hard_rank_from_covariance(np.cov(per_step[2].numpy(), rowvar=False)), rel=1e-9)
     assert r.n_samples == 12
     assert [s for s, sc in scal if "capscale/monitor/pre/hard_rank" in sc] == [0, 2, 4]
     assert [s for s, sc in scal if "capscale/pre/all/soft_rank" in sc] == [0, 4]
@@ -271,18 +267,14 @@ def test_torch_compile_with_persistent_hooks():
         x = ids(step)
         compiled(x)
         if step % 2 == 0:
-            xs.append(
-                model.blocks[0].mlp.c_fc(model.blocks[0].norm(model.emb(x))).detach().double().reshape(-1, 12)
-            )
+            xs.append(model.blocks[0].mlp.c_fc(model.blocks[0].norm(model.emb(x))).detach().double().reshape(-1, 12))
         probe.step()
     df = probe.compute()
     probe.close()
     assert sorted(df.step.unique()) == [0, 2]
     row = df[(df.step == 2) & (df.layer == 0) & (df.site == "pre")].iloc[0]
     assert row.n_samples == 12
-    assert row.hard_rank == pytest.approx(
-        hard_rank_from_covariance(np.cov(xs[1].numpy(), rowvar=False)), rel=1e-9
-    )
+    assert row.hard_rank == pytest.approx(hard_rank_from_covariance(np.cov(xs[1].numpy(), rowvar=False)), rel=1e-9)
 
 
 def test_attach_validates_arguments():
@@ -296,9 +288,7 @@ def test_attach_validates_arguments():
     with pytest.raises(TypeError, match="not a sink"):
         capscale.attach(model, sinks=[object()])
     with pytest.raises(ValueError, match="monitor_sites"):
-        capscale.attach(
-            model, sites={"post": "blocks.{layer}.mlp.c_proj"}, monitor_every=2, monitor_sites=("pre",)
-        )
+        capscale.attach(model, sites={"post": "blocks.{layer}.mlp.c_proj"}, monitor_every=2, monitor_sites=("pre",))
     assert all(not m._forward_hooks for m in model.modules())
 
 
@@ -308,9 +298,7 @@ def test_explicit_batch_context_and_frequency_table_file(tmp_path):
     path = FrequencyTable(np.arange(V, 0, -1)).save(tmp_path / "freq.json")
     model = toy()
     xs = []
-    h = model.blocks[0].mlp.c_fc.register_forward_hook(
-        lambda m, a, o: xs.append(o.detach().double().reshape(-1, 12))
-    )
+    h = model.blocks[0].mlp.c_fc.register_forward_hook(lambda m, a, o: xs.append(o.detach().double().reshape(-1, 12)))
     probe = capscale.attach(model, every=1, freq_table=path, dtype=torch.float64)
     x = ids(0, b=2, s=8)
     keep = torch.ones(2, 8, dtype=torch.bool)

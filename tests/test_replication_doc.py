@@ -21,7 +21,9 @@ pytestmark = pytest.mark.skipif(not (RESULTS / "report.json").is_file(), reason=
 def _sections() -> dict[str, str]:
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "replication_tables.py"), str(RESULTS)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     sections = {}
     for block in out.split("\n## "):

@@ -35,8 +35,17 @@ def report(tmp_path_factory):
 def test_files_written(report):
     files, _, page, md = report
     assert files.html == files.out_dir / "index.html" and files.out_dir.name == "report"
-    assert set(files.figures) == {"scaling", "matched_loss", "asymmetry", "phase_map", "regimes", "bucket_loss",
-                                  "optimizer_architecture", "loss_curves", "rank_trajectories"}
+    assert set(files.figures) == {
+        "scaling",
+        "matched_loss",
+        "asymmetry",
+        "phase_map",
+        "regimes",
+        "bucket_loss",
+        "optimizer_architecture",
+        "loss_curves",
+        "rank_trajectories",
+    }
     for path in files.figures.values():
         assert path.read_bytes().startswith(b"\x89PNG")
         assert f"figures/{path.name}" in md
@@ -57,8 +66,12 @@ def test_json_holds_betas_with_intervals_for_every_label_and_bucket(report):
                     assert b["fittable"] and b["ci_low"] < b["beta"] < b["ci_high"], (label, bucket, kind)
                     assert b["boot_low"] is not None and b["n"] >= 3
     assert data["parameters"]["last_k"] == 5 and data["parameters"]["tolerance"] == 0.02
-    assert data["parameters"]["phase"] == {"collapsed_soft": 0.05, "broad_soft": 0.5, "brittle_ratio": 0.25,
-                                           "impossible_tol": 1e-9}
+    assert data["parameters"]["phase"] == {
+        "collapsed_soft": 0.05,
+        "broad_soft": 0.5,
+        "brittle_ratio": 0.25,
+        "impossible_tol": 1e-9,
+    }
     assert data["versions"]["matplotlib"]
 
 
@@ -75,9 +88,24 @@ def test_html_numbers_come_from_json(report):
 
 def test_five_questions_in_order_with_their_figures(report):
     _, _, page, _ = report
-    order = ['id="q1"', 'id="fig-scaling"', 'id="q2"', 'id="fig-matched_loss"', 'id="q3"', 'id="fig-asymmetry"',
-             'id="fig-phase_map"', 'id="q4"', 'id="fig-regimes"', 'id="fig-bucket_loss"', 'id="q5"',
-             'id="fig-optimizer_architecture"', 'id="training"', 'id="reliability"', 'id="runs"', 'id="parameters"']
+    order = [
+        'id="q1"',
+        'id="fig-scaling"',
+        'id="q2"',
+        'id="fig-matched_loss"',
+        'id="q3"',
+        'id="fig-asymmetry"',
+        'id="fig-phase_map"',
+        'id="q4"',
+        'id="fig-regimes"',
+        'id="fig-bucket_loss"',
+        'id="q5"',
+        'id="fig-optimizer_architecture"',
+        'id="training"',
+        'id="reliability"',
+        'id="runs"',
+        'id="parameters"',
+    ]
     positions = [page.index(o) for o in order]
     assert positions == sorted(positions)
 
@@ -88,8 +116,13 @@ def test_matched_pair_diverged_run_and_parameters_are_reported(report):
     assert pairs == {frozenset(("adamw · 120 steps", XSS_LABEL))}
     assert [r["status"] for r in data["excluded_runs"]] == ["diverged"]
     assert "muon_w256_rope_t60_s0_diverged" in page and "loss is NaN at step 10" in page
-    for text in ("brittle if r2/r1 &lt; 0.25", "collapsed if r1 &lt; 0.05", "broad if r1 ≥ 0.5",
-                 "median of the last 5 logged steps per layer, then median over layers", "N/D"):
+    for text in (
+        "brittle if r2/r1 &lt; 0.25",
+        "collapsed if r1 &lt; 0.05",
+        "broad if r1 ≥ 0.5",
+        "median of the last 5 logged steps per layer, then median over layers",
+        "N/D",
+    ):
         assert text in page, text
 
 
@@ -131,9 +164,21 @@ def _render(page: str, tmp_path: Path) -> dict:
     probe = tmp_path / "probe.html"
     probe.write_text(page.replace("<head>", "<head>" + PROBE, 1), encoding="utf-8")
     profile = tmp_path / "profile"
-    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--dump-dom", probe.as_uri()]
+    cmd = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--dump-dom",
+        probe.as_uri(),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False).stdout
     found = re.search(r'<pre id="capscale-probe">(.*?)</pre>', out, re.DOTALL)
     assert found, f"probe did not report; chromium printed {out[:300]!r}"
@@ -161,8 +206,9 @@ def test_report_command_and_sweep_defaults(tmp_path, capsys):
     data = json.loads((root / "report" / "report.json").read_text(encoding="utf-8"))
     assert data["parameters"]["last_k"] == 2 and data["sweep"]["name"] == "tiny"  # from sweep.json
     out = tmp_path / "elsewhere"
-    args = parser.parse_args([str(root), "--out", str(out), "--last-k", "3", "--bootstrap", "200",
-                              "--brittle-ratio", "0.3"])
+    args = parser.parse_args(
+        [str(root), "--out", str(out), "--last-k", "3", "--bootstrap", "200", "--brittle-ratio", "0.3"]
+    )
     assert report_command.run(args) == 0
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert data["parameters"]["last_k"] == 3 and data["parameters"]["phase"]["brittle_ratio"] == 0.3
@@ -178,7 +224,6 @@ def test_report_with_unfittable_series(tmp_path):
     assert any("No series is fittable" in f for f in data["summary"]["findings"])
 
 
-
 def test_minimal_sweep_without_buckets_validation_or_pre_site(tmp_path):
     """Telemetry with buckets off and post only, no evaluation logged: the report still builds."""
     import warnings
@@ -190,8 +235,9 @@ def test_minimal_sweep_without_buckets_validation_or_pre_site(tmp_path):
         spectra = pd.read_parquet(run / "spectra.parquet")
         spectra[(spectra["bucket"] == "all") & (spectra["site"] == "post")].to_parquet(run / "spectra.parquet")
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        (run / "metrics.jsonl").write_text("".join(json.dumps({k: m[k] for k in ("step", "loss")}) + "\n"
-                                                   for m in metrics))
+        (run / "metrics.jsonl").write_text(
+            "".join(json.dumps({k: m[k] for k in ("step", "loss")}) + "\n" for m in metrics)
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no empty legends, no all-NaN reductions
         files = build_report(root, n_resamples=200)

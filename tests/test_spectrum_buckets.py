@@ -51,7 +51,9 @@ def test_paper_like_zipf_split():
     st_ = ft.stats()
     shares = [st_["buckets"][b]["share"] for b in ("head", "mid", "tail")]
     assert shares[0] <= 0.33 and shares[0] + shares[1] <= 0.67 + 1e-12
-    assert st_["buckets"]["head"]["num_types"] < st_["buckets"]["mid"]["num_types"] < st_["buckets"]["tail"]["num_types"]
+    assert (
+        st_["buckets"]["head"]["num_types"] < st_["buckets"]["mid"]["num_types"] < st_["buckets"]["tail"]["num_types"]
+    )
     assert np.all(ft.bucket(np.arange(49800, 50000)) == 2)
 
 
@@ -125,6 +127,7 @@ def test_from_token_ids_range_check():
 
 
 # -- bucketed accumulation ----------------------------------------------------
+
 
 @given(st.integers(0, 2**31), st.integers(2, 8), st.lists(st.integers(1, 30), min_size=1, max_size=5))
 @settings(max_examples=60, deadline=None)
@@ -213,8 +216,7 @@ def test_bucketed_host_states_take_bf16_and_masks():
     acc = BucketedCovariance(5).update(x, b, mask=mask)
     xs, bs, ms = x.double().numpy(), b.numpy(), mask.numpy()
     for k in range(3):
-        np.testing.assert_allclose(acc.buckets[k].covariance(), np.cov(xs[ms & (bs == k)], rowvar=False),
-                                   rtol=1e-10)
+        np.testing.assert_allclose(acc.buckets[k].covariance(), np.cov(xs[ms & (bs == k)], rowvar=False), rtol=1e-10)
     pooled = StreamingCovariance(5).update(x, mask=mask)
     np.testing.assert_allclose(pooled.covariance(), np.cov(xs[ms], rowvar=False), rtol=1e-10)
     np.testing.assert_allclose(acc.pooled().covariance(), pooled.covariance(), rtol=1e-10)

@@ -173,6 +173,7 @@ def test_eigenvalues_descending_and_clamped():
 
 # -- bad input: each a clear error naming the problem -------------------------
 
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_rows_rejected_and_state_intact(bad):
     acc = StreamingCovariance(3).update(_data(11, 10, 3))

@@ -12,9 +12,15 @@ from capscale.spectrum import SAMPLING_STATUSES, sampling_status, soft_rank, spe
 
 @pytest.mark.parametrize(
     "n,d,status",
-    [(2560, 256, "well_sampled"), (2559, 256, "moderately_undersampled"), (768, 256, "moderately_undersampled"),
-     (767, 256, "severely_undersampled"), (2, 256, "severely_undersampled"), (1, 256, "insufficient"),
-     (0, 4, "insufficient")],
+    [
+        (2560, 256, "well_sampled"),
+        (2559, 256, "moderately_undersampled"),
+        (768, 256, "moderately_undersampled"),
+        (767, 256, "severely_undersampled"),
+        (2, 256, "severely_undersampled"),
+        (1, 256, "insufficient"),
+        (0, 4, "insufficient"),
+    ],
 )
 def test_sampling_status_thresholds(n, d, status):
     assert sampling_status(n, d) == status

@@ -15,8 +15,8 @@ import torch
 from capscale.sweep import SWEEP_PRESETS, SweepSpec, load_spec, run_sweep
 from capscale.sweep.sweep import pending_runs, plan, select_runs, sweep_status
 from capscale.sweep.worker import LOCK
-from capscale.train.rundir import RunDir
 from capscale.train.corpus import is_installed
+from capscale.train.rundir import RunDir
 
 HAVE_CORPUS = is_installed()
 needs_corpus = pytest.mark.skipif(not HAVE_CORPUS, reason="default corpus not fetched")
@@ -27,8 +27,9 @@ SPEC = {
     "base": "smoke",
     "base_config": {"train.steps": 20, "train.checkpoint_every": 5},
     "axes": {"ffn_mult": [1, 2, 4], "optimizer": ["adamw", "muon"]},
-    "extra": [{"axes": {"ffn_mult": [1], "optimizer": [{"name": "adamw", "label": "adamw_hot",
-                                                        "params": {"lr": 1e6}}]}}],
+    "extra": [
+        {"axes": {"ffn_mult": [1], "optimizer": [{"name": "adamw", "label": "adamw_hot", "params": {"lr": 1e6}}]}}
+    ],
 }
 
 
@@ -36,11 +37,16 @@ def _snapshot(sweep: Path) -> dict:
     out = {}
     for run in sorted((sweep / "runs").iterdir()):
         st = json.loads((run / "status.json").read_text())
-        metrics = [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
-                   for line in (run / "metrics.jsonl").read_text().splitlines()]
+        metrics = [
+            {k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+        ]
         spectra = run / "spectra.parquet"
-        ranks = pd.read_parquet(spectra)[["step", "layer", "site", "bucket", "soft_rank", "hard_rank"]] \
-            if spectra.exists() else None
+        ranks = (
+            pd.read_parquet(spectra)[["step", "layer", "site", "bucket", "soft_rank", "hard_rank"]]
+            if spectra.exists()
+            else None
+        )
         ckpts = sorted((run / "checkpoints").glob("*.pt"))
         weights = torch.load(ckpts[-1], weights_only=True)["model"] if ckpts else {}
         out[run.name] = (st["status"], st["step"], metrics, ranks, weights)
@@ -62,7 +68,8 @@ def _same(a: dict, b: dict) -> None:
 def test_spec_names_and_presets():
     runs = SweepSpec.from_dict(SPEC).runs()
     assert sorted(runs) == sorted(
-        [f"{o}_w{w}_s0" for o in ("adamw", "muon") for w in (32, 64, 128)] + ["adamw_hot_w32_s0"])
+        [f"{o}_w{w}_s0" for o in ("adamw", "muon") for w in (32, 64, 128)] + ["adamw_hot_w32_s0"]
+    )
     assert runs["muon_w128_s0"].optimizer.name == "muon"
     assert runs["muon_w128_s0"].model_config().ffn_dim == 128
     for preset in SWEEP_PRESETS:
@@ -76,14 +83,17 @@ def test_spec_names_and_presets():
     assert any(c.model_config().pos == "none" for c in cpu.values())
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"axes": {"width": [1]}}, "unknown sweep axis"),
-    ({"axes": {"ffn_mult": [1], "ffn_width": [64]}}, "not both"),
-    ({"axes": {"ffn_mult": []}}, "non-empty list"),
-    ({"axes": {"optimizer": ["sgd"]}}, "unknown optimizer 'sgd'"),
-    ({"axes": {"ffn_mult": [0]}}, "FFN width must be"),
-    ({"colour": "red"}, "unknown sweep key"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"axes": {"width": [1]}}, "unknown sweep axis"),
+        ({"axes": {"ffn_mult": [1], "ffn_width": [64]}}, "not both"),
+        ({"axes": {"ffn_mult": []}}, "non-empty list"),
+        ({"axes": {"optimizer": ["sgd"]}}, "unknown optimizer 'sgd'"),
+        ({"axes": {"ffn_mult": [0]}}, "FFN width must be"),
+        ({"colour": "red"}, "unknown sweep key"),
+    ],
+)
 def test_bad_specs(bad, match):
     with pytest.raises(ValueError, match=match):
         SweepSpec.from_dict({"name": "x", "base": "smoke", **bad})
@@ -143,8 +153,10 @@ def test_cli_only_runs_the_chosen_runs(tmp_path, capsys):
     from capscale.cli import main
 
     cfg = tmp_path / "spec.toml"
-    cfg.write_text('name = "o"\nbase = "smoke"\n[base_config]\n"train.steps" = 5\n"telemetry.every" = 5\n'
-                   '[axes]\nffn_mult = [1, 2]\noptimizer = ["adamw", "muon"]\n')
+    cfg.write_text(
+        'name = "o"\nbase = "smoke"\n[base_config]\n"train.steps" = 5\n"telemetry.every" = 5\n'
+        '[axes]\nffn_mult = [1, 2]\noptimizer = ["adamw", "muon"]\n'
+    )
     out = tmp_path / "sweep"
     assert main(["sweep", "--config", str(cfg), "--out", str(out), "--only", "muon_*", "--workers", "1"]) == 0
     capsys.readouterr()
@@ -152,7 +164,11 @@ def test_cli_only_runs_the_chosen_runs(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "sweep o: 4 runs: 2 done, 2 not started"
     assert [(ln[:15].strip(), ln.split()[-3]) for ln in lines[1:]] == [
-        ("done", "muon_w32_s0"), ("done", "muon_w64_s0"), ("not started", "adamw_w32_s0"), ("not started", "adamw_w64_s0")]
+        ("done", "muon_w32_s0"),
+        ("done", "muon_w64_s0"),
+        ("not started", "adamw_w32_s0"),
+        ("not started", "adamw_w64_s0"),
+    ]
 
 
 @needs_corpus
@@ -169,9 +185,12 @@ def test_sigkill_resume_equals_uninterrupted_and_divergence_is_recorded(tmp_path
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(SPEC))
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-c",
-           "import json,sys; from capscale.sweep import SweepSpec, run_sweep;"
-           f"run_sweep(SweepSpec.from_dict(json.load(open({str(spec_file)!r}))), {str(out)!r}, workers=2)"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import json,sys; from capscale.sweep import SweepSpec, run_sweep;"
+        f"run_sweep(SweepSpec.from_dict(json.load(open({str(spec_file)!r}))), {str(out)!r}, workers=2)",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 200
     # kill once some run has a checkpoint but the sweep is not over
@@ -184,8 +203,11 @@ def test_sigkill_resume_equals_uninterrupted_and_divergence_is_recorded(tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(0.5)  # workers die with their parent (PDEATHSIG)
-    unfinished = [p for p in out.glob("runs/*") if not (p / "status.json").exists()
-                  or json.loads((p / "status.json").read_text())["status"] == "running"]
+    unfinished = [
+        p
+        for p in out.glob("runs/*")
+        if not (p / "status.json").exists() or json.loads((p / "status.json").read_text())["status"] == "running"
+    ]
     assert unfinished, "the kill came too late to test anything"
     states = {r["name"]: r["status"] for r in sweep_status(spec, out)}
     assert {states[p.name] for p in unfinished} <= {"interrupted", "not started"}
@@ -197,8 +219,14 @@ def test_sigkill_resume_equals_uninterrupted_and_divergence_is_recorded(tmp_path
 @needs_corpus
 def test_submitit_local_executor(tmp_path):
     pytest.importorskip("submitit")
-    spec = SweepSpec.from_dict({"name": "s", "base": "smoke", "base_config": {"train.steps": 5, "telemetry.every": 5},
-                                "axes": {"ffn_mult": [1, 2, 4], "optimizer": ["adamw"]}})
+    spec = SweepSpec.from_dict(
+        {
+            "name": "s",
+            "base": "smoke",
+            "base_config": {"train.steps": 5, "telemetry.every": 5},
+            "axes": {"ffn_mult": [1, 2, 4], "optimizer": ["adamw"]},
+        }
+    )
     results = run_sweep(spec, tmp_path, executor="submitit-local", log=lambda _m: None)
     assert sorted(r.status for r in results) == ["done"] * 3
 
@@ -239,11 +267,15 @@ def test_status_into_a_closed_pipe_exits_quietly(tmp_path):
     """`capscale sweep --status | head` must not end in a BrokenPipeError traceback."""
     out = tmp_path / "sweep"
     cfg = tmp_path / "spec.toml"
-    cfg.write_text('name = "p"\nbase = "smoke"\n[axes]\nffn_mult = [1, 2, 4, 8]\noptimizer = ["adamw", "muon"]\n'
-                   'seed = [0, 1, 2]\n')
+    cfg.write_text(
+        'name = "p"\nbase = "smoke"\n[axes]\nffn_mult = [1, 2, 4, 8]\noptimizer = ["adamw", "muon"]\nseed = [0, 1, 2]\n'
+    )
     plan(load_spec(config_file=cfg), out)
-    proc = subprocess.Popen([sys.executable, "-m", "capscale.cli", "sweep", "--config", str(cfg), "--out", str(out),
-                             "--status"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "capscale.cli", "sweep", "--config", str(cfg), "--out", str(out), "--status"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.close()  # the reader is gone before the command writes anything
     err = proc.stderr.read().decode()
     assert proc.wait() == 1

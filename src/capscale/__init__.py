@@ -7,7 +7,8 @@ Importing ``capscale`` loads only the NumPy core; torch is imported by the
 layers that need it.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("capscale")

@@ -40,8 +40,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="smoke | cpu | paper-160m | paper-350m")
     src.add_argument("--config", help="a TOML/YAML run config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set optimizer=muon --set model.ffn_mult=8 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optimizer=muon --set model.ffn_mult=8 (repeatable)",
+    )
     p.add_argument("--out", required=True, help="run directory (re-running on it resumes)")
 
 
@@ -51,8 +57,10 @@ def _train_run(args: argparse.Namespace) -> int:
 
     cfg = resolve(args.preset, args.config, args.overrides)
     status = train(cfg, args.out)
-    print(f"{args.out}: {status['status']} at step {status['step']}"
-          + (f" ({status['reason']})" if status.get("reason") else ""))
+    print(
+        f"{args.out}: {status['status']} at step {status['step']}"
+        + (f" ({status['reason']})" if status.get("reason") else "")
+    )
     return 0 if status["status"] == "done" else 1
 
 
@@ -63,9 +71,13 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="sweep directory (re-running on it resumes)")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: cores / 2)")
     p.add_argument("--executor", choices=("local", "slurm"), default="local")
-    p.add_argument("--only", action="append", metavar="PATTERN",
-                   help="run only the runs whose names match this shell pattern, e.g. 'dion_*_s0' "
-                        "(repeatable; the others stay planned)")
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="PATTERN",
+        help="run only the runs whose names match this shell pattern, e.g. 'dion_*_s0' "
+        "(repeatable; the others stay planned)",
+    )
     p.add_argument("--status", action="store_true", help="list each run's state and run nothing")
 
 
@@ -120,8 +132,9 @@ def _print_betas(betas) -> None:
         parts = [f"  {r['series']:<30}"]
         for kind in ("soft", "hard"):
             if r[f"{kind}_fittable"]:
-                parts.append(f"beta_{kind} {r[f'{kind}_beta']:6.3f} [{r[f'{kind}_ci_low']:6.3f}, "
-                             f"{r[f'{kind}_ci_high']:6.3f}]")
+                parts.append(
+                    f"beta_{kind} {r[f'{kind}_beta']:6.3f} [{r[f'{kind}_ci_low']:6.3f}, {r[f'{kind}_ci_high']:6.3f}]"
+                )
             else:
                 parts.append(f"beta_{kind} not fittable ({r[f'{kind}_reason']})")
         print("  ".join(parts))
@@ -142,12 +155,21 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train (or resume) one run into a run directory", _train_args, _train_run),
     "sweep": ("run (or resume) a width x optimizer x seed sweep", _sweep_args, _sweep_run),
     "demo": ("the main job: the demo sweep on the default corpus, then its report", _demo_args, _demo_run),
-    "report": ("analyse a sweep directory and write its capacity report (HTML, Markdown, JSON)",
-               _lazy("capscale.report.command", "add_arguments"), _lazy("capscale.report.command", "run")),
-    "measure": ("post-hoc spectra of a saved model on local text",
-                _lazy("capscale.measure", "add_arguments"), _lazy("capscale.measure", "run")),
-    "fit": ("fit rank = c * width^beta for a CSV of points, one fit per group",
-            _lazy("capscale.fitcli", "add_arguments"), _lazy("capscale.fitcli", "run")),
+    "report": (
+        "analyse a sweep directory and write its capacity report (HTML, Markdown, JSON)",
+        _lazy("capscale.report.command", "add_arguments"),
+        _lazy("capscale.report.command", "run"),
+    ),
+    "measure": (
+        "post-hoc spectra of a saved model on local text",
+        _lazy("capscale.measure", "add_arguments"),
+        _lazy("capscale.measure", "run"),
+    ),
+    "fit": (
+        "fit rank = c * width^beta for a CSV of points, one fit per group",
+        _lazy("capscale.fitcli", "add_arguments"),
+        _lazy("capscale.fitcli", "run"),
+    ),
     "version": ("print the capscale version", _version_args, _version_run),
 }
 

@@ -20,8 +20,9 @@ import pandas as pd
 from capscale.spectrum import fit_power_law
 
 
-def fit_table(points: pd.DataFrame, x: str = "width", y: str = "value", by: list[str] | None = None,
-              confidence: float = 0.95) -> pd.DataFrame:
+def fit_table(
+    points: pd.DataFrame, x: str = "width", y: str = "value", by: list[str] | None = None, confidence: float = 0.95
+) -> pd.DataFrame:
     """One row per group: the group's columns, then beta, ci_low, ci_high, r2, n, note."""
     missing = [c for c in (x, y, *(by or [])) if c not in points.columns]
     if missing:
@@ -41,21 +42,24 @@ def fit_table(points: pd.DataFrame, x: str = "width", y: str = "value", by: list
             fit = fit_power_law(g[x], g[y], confidence)
             row.update(beta=fit.beta, ci_low=fit.ci_low, ci_high=fit.ci_high, r2=fit.r2, n=fit.n, note="")
         except ValueError as exc:  # < 3 widths, non-positive values: this group only
-            row.update(beta=math.nan, ci_low=math.nan, ci_high=math.nan, r2=math.nan, n=len(g),
-                       note=f"not fittable: {exc}")
+            row.update(
+                beta=math.nan, ci_low=math.nan, ci_high=math.nan, r2=math.nan, n=len(g), note=f"not fittable: {exc}"
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def format_table(table: pd.DataFrame, digits: int = 3, confidence: float = 0.95) -> str:
     """Plain-text table: group columns, β, interval, R², n (and a note where a group is not fittable)."""
+
     def num(v):
         return "—" if pd.isna(v) else f"{v:.{digits}f}"
 
     shown = table.drop(columns=["beta", "ci_low", "ci_high", "r2", "n", "note"]).astype(str)
     shown["β"] = table["beta"].map(num)
     shown[f"{confidence:.0%} interval"] = [
-        "—" if pd.isna(lo) else f"[{num(lo)}, {num(hi)}]" for lo, hi in zip(table["ci_low"], table["ci_high"])]
+        "—" if pd.isna(lo) else f"[{num(lo)}, {num(hi)}]" for lo, hi in zip(table["ci_low"], table["ci_high"])
+    ]
     shown["R²"] = table["r2"].map(num)
     shown["n"] = table["n"].astype(int).astype(str)
     if table["note"].astype(bool).any():
@@ -67,8 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("points", metavar="POINTS.csv", help="CSV with a width column, a rank column and groups")
     parser.add_argument("--x", default="width", help="width column (default: width)")
     parser.add_argument("--y", default="value", help="rank column (default: value)")
-    parser.add_argument("--by", nargs="+", metavar="COL", default=None,
-                        help="group columns (default: every other non-numeric column)")
+    parser.add_argument(
+        "--by", nargs="+", metavar="COL", default=None, help="group columns (default: every other non-numeric column)"
+    )
     parser.add_argument("--confidence", type=float, default=0.95, help="t-interval level (default 0.95)")
     parser.add_argument("--digits", type=int, default=3, help="decimals printed (default 3)")
     parser.add_argument("--out", metavar="FILE.csv", default=None, help="also write the table at full precision")

@@ -37,9 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a text file, or a directory of .txt/.md files (recursive); default for a capscale "
         "run: its validation split, with its training HEAD/MID/TAIL table",
     )
-    parser.add_argument(
-        "--tokens", type=int, default=65536, help="measure the first N tokens (default 65536)"
-    )
+    parser.add_argument("--tokens", type=int, default=65536, help="measure the first N tokens (default 65536)")
     parser.add_argument("--out", required=True, help="output file: .parquet, .jsonl or .csv")
     parser.add_argument(
         "--seq-len",
@@ -145,9 +143,7 @@ def load_capscale(run_dir: Path, checkpoint: Path | None, device: str) -> Loaded
         split = load_data(RunConfig.from_dict({k: v for k, v in config.items() if k != "versions"}).data)
         return split.val_tokens[:limit].tolist(), split.frequency_table()
 
-    return Loaded(
-        model.to(device), tok.encode, tok.eot_id, vocab, int(model.cfg.seq_len), int(ckpt["step"]), held_out
-    )
+    return Loaded(model.to(device), tok.encode, tok.eot_id, vocab, int(model.cfg.seq_len), int(ckpt["step"]), held_out)
 
 
 def load_hf(model_dir: Path, device: str) -> Loaded:
@@ -155,9 +151,7 @@ def load_hf(model_dir: Path, device: str) -> Loaded:
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
-        raise ValueError(
-            "`capscale measure` of a HF model needs transformers: pip install transformers"
-        ) from exc
+        raise ValueError("`capscale measure` of a HF model needs transformers: pip install transformers") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
@@ -226,9 +220,7 @@ def run(args: argparse.Namespace) -> int:
         source = f"--data {args.data!r}" if args.data is not None else "the run's validation split"
         raise ValueError(f"{source} gives {len(ids)} tokens; need at least 2")
     if max(ids) >= vocab:
-        raise ValueError(
-            f"the tokenizer produced id {max(ids)} but the model's vocabulary has {vocab} entries"
-        )
+        raise ValueError(f"the tokenizer produced id {max(ids)} but the model's vocabulary has {vocab} entries")
     if args.freq_table:
         table = FrequencyTable.load(args.freq_table)
     elif run_table is not None:

@@ -21,8 +21,16 @@ from capscale.spectrum import BUCKETS, SAMPLING_STATUSES
 ALL_BUCKETS = ("all", *BUCKETS)
 
 # Scalar metrics aggregated when present in spectra.parquet (the spectrum_summary fields).
-METRICS = ("soft_rank", "hard_rank", "renyi_rank_0_5", "renyi_rank_inf", "asymmetry",
-           "spectral_entropy", "participation_ratio", "early_enrichment")
+METRICS = (
+    "soft_rank",
+    "hard_rank",
+    "renyi_rank_0_5",
+    "renyi_rank_inf",
+    "asymmetry",
+    "spectral_entropy",
+    "participation_ratio",
+    "early_enrichment",
+)
 _KEYS = ["run_id", "site", "bucket"]
 _STATUS_ORDER = {s: i for i, s in enumerate(SAMPLING_STATUSES)}
 

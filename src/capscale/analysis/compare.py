@@ -27,8 +27,18 @@ from capscale.spectrum import fit_power_law
 
 MIN_WIDTHS = 3
 _METRIC = {"soft": "soft_rank", "hard": "hard_rank"}
-EFFECT_COLUMNS = ["kind", "within", "metric", "span", "n_compared", "highest", "lowest", "beta_highest",
-                  "beta_lowest", "widths"]
+EFFECT_COLUMNS = [
+    "kind",
+    "within",
+    "metric",
+    "span",
+    "n_compared",
+    "highest",
+    "lowest",
+    "beta_highest",
+    "beta_lowest",
+    "widths",
+]
 
 
 def shared_widths(widths: dict[str, set[int]], min_widths: int = MIN_WIDTHS) -> tuple[list[str], list[int]]:
@@ -43,8 +53,9 @@ def shared_widths(widths: dict[str, set[int]], min_widths: int = MIN_WIDTHS) -> 
     return [], []
 
 
-def optimizer_architecture(betas: pd.DataFrame, points: pd.DataFrame, runs: pd.DataFrame, site: str = "post",
-                           bucket: str = "all") -> tuple[pd.DataFrame, pd.DataFrame]:
+def optimizer_architecture(
+    betas: pd.DataFrame, points: pd.DataFrame, runs: pd.DataFrame, site: str = "post", bucket: str = "all"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(cells, effects). ``betas``: ``fits.beta_table`` output; ``points``: the per-run aggregates
     (``aggregate.aggregate_runs``); ``runs``: the sweep's runs table.
 
@@ -53,11 +64,13 @@ def optimizer_architecture(betas: pd.DataFrame, points: pd.DataFrame, runs: pd.D
     which series are highest and lowest and their β there, and the widths used.
     """
     sel = betas[(betas["site"] == site) & (betas["bucket"] == bucket)]
-    cols = ["setting", "arch", "series"] + [f"{m}_{f}" for m in ("soft", "hard", "delta")
-                                             for f in ("beta", "ci_low", "ci_high", "fittable")]
+    cols = ["setting", "arch", "series"] + [
+        f"{m}_{f}" for m in ("soft", "hard", "delta") for f in ("beta", "ci_low", "ci_high", "fittable")
+    ]
     cells = sel[cols].sort_values(["setting", "arch"], ignore_index=True)
     pts = points[(points["site"] == site) & (points["bucket"] == bucket)].merge(
-        runs[["run_id", "width", "setting", "arch"]], on="run_id")
+        runs[["run_id", "width", "setting", "arch"]], on="run_id"
+    )
     rows = []
     for kind, group_col, across_col in (("optimizer", "arch", "setting"), ("architecture", "setting", "arch")):
         for within, group in pts.groupby(group_col, sort=True):
@@ -72,9 +85,20 @@ def optimizer_architecture(betas: pd.DataFrame, points: pd.DataFrame, runs: pd.D
                     g = ok[(ok[across_col] == k) & ok["width"].isin(common)]
                     beta[k] = fit_power_law(g["width"], g[column]).beta
                 hi, lo = max(beta, key=beta.get), min(beta, key=beta.get)
-                rows.append({"kind": kind, "within": within, "metric": metric, "span": beta[hi] - beta[lo],
-                             "n_compared": len(keep), "highest": hi, "lowest": lo, "beta_highest": beta[hi],
-                             "beta_lowest": beta[lo], "widths": [int(w) for w in common]})
+                rows.append(
+                    {
+                        "kind": kind,
+                        "within": within,
+                        "metric": metric,
+                        "span": beta[hi] - beta[lo],
+                        "n_compared": len(keep),
+                        "highest": hi,
+                        "lowest": lo,
+                        "beta_highest": beta[hi],
+                        "beta_lowest": beta[lo],
+                        "widths": [int(w) for w in common],
+                    }
+                )
     return cells, pd.DataFrame(rows, columns=EFFECT_COLUMNS)
 
 

@@ -49,8 +49,9 @@ def _values(frame: pd.DataFrame, metric: str) -> pd.Series:
     return frame[metric]
 
 
-def fit_scaling(points: pd.DataFrame, per_layer: pd.DataFrame, runs: pd.DataFrame,
-                options: FitOptions = FitOptions()) -> pd.DataFrame:
+def fit_scaling(
+    points: pd.DataFrame, per_layer: pd.DataFrame, runs: pd.DataFrame, options: FitOptions = FitOptions()
+) -> pd.DataFrame:
     """The fits table: one row per series × site × bucket × metric (soft_rank, hard_rank, delta_beta)."""
     info = runs[["run_id", "width", "seed", *_SERIES_COLS]]
     pts = points.merge(info, on="run_id")
@@ -74,12 +75,25 @@ def _fit_one(group: pd.DataFrame, layer_group: pd.DataFrame, metric: str, option
     widths = group["width"][ok]
     n_widths = int(widths.nunique())
     per_width = widths.value_counts()
-    base = {"n": int(ok.sum()), "n_widths": n_widths, "n_seeds": int(per_width.max()) if len(per_width) else 0,
-            "widths": sorted(int(w) for w in widths.unique()),
-            # points whose records were not well sampled (N/D < 10): the fit is flagged, not hidden
-            "n_low_nd": int((group["worst_status"][ok] != "well_sampled").sum())}
-    empty = {"beta": math.nan, "ci_low": math.nan, "ci_high": math.nan, "intercept": math.nan, "r2": math.nan,
-             "stderr": math.nan, "boot_low": math.nan, "boot_high": math.nan, "boot_over": None}
+    base = {
+        "n": int(ok.sum()),
+        "n_widths": n_widths,
+        "n_seeds": int(per_width.max()) if len(per_width) else 0,
+        "widths": sorted(int(w) for w in widths.unique()),
+        # points whose records were not well sampled (N/D < 10): the fit is flagged, not hidden
+        "n_low_nd": int((group["worst_status"][ok] != "well_sampled").sum()),
+    }
+    empty = {
+        "beta": math.nan,
+        "ci_low": math.nan,
+        "ci_high": math.nan,
+        "intercept": math.nan,
+        "r2": math.nan,
+        "stderr": math.nan,
+        "boot_low": math.nan,
+        "boot_high": math.nan,
+        "boot_over": None,
+    }
     if n_widths < 3:
         dropped = int((~ok).sum())
         reason = f"not fittable: {n_widths} width(s) with finite ranks, a fit needs >= 3"
@@ -87,8 +101,18 @@ def _fit_one(group: pd.DataFrame, layer_group: pd.DataFrame, metric: str, option
             reason += f" ({dropped} run(s) with NaN ranks, e.g. too few samples)"
         return {**base, **empty, "fittable": False, "reason": reason}
     fit = fit_power_law(widths, values[ok], options.confidence)
-    out = {**base, **empty, "fittable": True, "reason": None, "beta": fit.beta, "ci_low": fit.ci_low,
-           "ci_high": fit.ci_high, "intercept": fit.intercept, "r2": fit.r2, "stderr": fit.stderr}
+    out = {
+        **base,
+        **empty,
+        "fittable": True,
+        "reason": None,
+        "beta": fit.beta,
+        "ci_low": fit.ci_low,
+        "ci_high": fit.ci_high,
+        "intercept": fit.intercept,
+        "r2": fit.r2,
+        "stderr": fit.stderr,
+    }
     out.update(_bootstrap(group, layer_group, metric, per_width, options))
     return out
 
@@ -103,15 +127,27 @@ def _bootstrap(group, layer_group, metric, per_width: pd.Series, options: FitOpt
     widths, values = widths[ok], values[ok]
     if widths.nunique() < 3 or widths.value_counts().max() < 2:
         return {"boot_low": math.nan, "boot_high": math.nan, "boot_over": None}
-    fit = bootstrap_power_law(widths, values, confidence=options.confidence, n_resamples=options.n_resamples,
-                              seed=options.bootstrap_seed)
+    fit = bootstrap_power_law(
+        widths, values, confidence=options.confidence, n_resamples=options.n_resamples, seed=options.bootstrap_seed
+    )
     return {"boot_low": fit.ci_low, "boot_high": fit.ci_high, "boot_over": over}
 
 
 def beta_table(fits: pd.DataFrame) -> pd.DataFrame:
     """Wide view of the fits: one row per series × site × bucket with β_soft, β_hard, Δβ and intervals."""
-    keep = ["beta", "ci_low", "ci_high", "boot_low", "boot_high", "boot_over", "r2", "n", "n_low_nd", "fittable",
-            "reason"]
+    keep = [
+        "beta",
+        "ci_low",
+        "ci_high",
+        "boot_low",
+        "boot_high",
+        "boot_over",
+        "r2",
+        "n",
+        "n_low_nd",
+        "fittable",
+        "reason",
+    ]
     short = {"soft_rank": "soft", "hard_rank": "hard", "delta_beta": "delta"}
     index = [*_SERIES_COLS, "site", "bucket"]
     parts = [fits[fits["metric"] == "soft_rank"].set_index(index)[["n_widths"]]]

@@ -29,8 +29,9 @@ def loss_by_width(runs: pd.DataFrame) -> pd.DataFrame:
     return grouped.agg(val_loss="median", val_loss_min="min", val_loss_max="max", n_seeds="count").reset_index()
 
 
-def matched_loss_pairs(runs: pd.DataFrame, points: pd.DataFrame, fits: pd.DataFrame,
-                       tolerance: float = 0.02, site: str = "post") -> pd.DataFrame:
+def matched_loss_pairs(
+    runs: pd.DataFrame, points: pd.DataFrame, fits: pd.DataFrame, tolerance: float = 0.02, site: str = "post"
+) -> pd.DataFrame:
     """Pairs of series whose final validation loss agrees within ``tolerance`` at a common width."""
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be >= 0 nats, got {tolerance!r}")
@@ -38,16 +39,30 @@ def matched_loss_pairs(runs: pd.DataFrame, points: pd.DataFrame, fits: pd.DataFr
     ranks = _ranks_by_width(runs, points, site)
     betas = _betas(fits, site)
     rows = []
-    candidates = (pair for _, same in losses.groupby(["width", "arch"], sort=False)
-                  for pair in itertools.combinations(same.to_dict("records"), 2))
+    candidates = (
+        pair
+        for _, same in losses.groupby(["width", "arch"], sort=False)
+        for pair in itertools.combinations(same.to_dict("records"), 2)
+    )
     for a, b in candidates:  # same width, same architecture; one row per series, so a and b differ in setting
         diff = b["val_loss"] - a["val_loss"]
         if abs(diff) > tolerance:
             continue
-        row = {"width": int(a["width"]), "arch": a["arch"], "series_a": a["series"], "series_b": b["series"],
-               "label_a": a["label"], "label_b": b["label"], "steps_a": int(a["steps"]), "steps_b": int(b["steps"]),
-               "val_loss_a": a["val_loss"], "val_loss_b": b["val_loss"], "loss_diff": diff,
-               "n_seeds_a": int(a["n_seeds"]), "n_seeds_b": int(b["n_seeds"])}
+        row = {
+            "width": int(a["width"]),
+            "arch": a["arch"],
+            "series_a": a["series"],
+            "series_b": b["series"],
+            "label_a": a["label"],
+            "label_b": b["label"],
+            "steps_a": int(a["steps"]),
+            "steps_b": int(b["steps"]),
+            "val_loss_a": a["val_loss"],
+            "val_loss_b": b["val_loss"],
+            "loss_diff": diff,
+            "n_seeds_a": int(a["n_seeds"]),
+            "n_seeds_b": int(b["n_seeds"]),
+        }
         for side, s in (("a", a), ("b", b)):
             row.update({f"{k}_{side}": v for k, v in betas.get(s["series"], {}).items()})
             row.update({f"{k}_{side}": v for k, v in ranks.get((s["series"], s["width"]), {}).items()})
@@ -80,7 +95,8 @@ def _betas(fits: pd.DataFrame, site: str) -> dict:
     for r in sel.itertuples():
         name = {"soft_rank": "soft", "hard_rank": "hard", "delta_beta": "delta"}[r.metric]
         out.setdefault(r.series, {}).update(
-            {f"beta_{name}": r.beta, f"beta_{name}_low": r.ci_low, f"beta_{name}_high": r.ci_high})
+            {f"beta_{name}": r.beta, f"beta_{name}_low": r.ci_low, f"beta_{name}_high": r.ci_high}
+        )
     return out
 
 

@@ -41,8 +41,10 @@ class PhaseThresholds:
 
     def __post_init__(self) -> None:
         if not 0 < self.collapsed_soft < self.broad_soft <= 1:
-            raise ValueError("phase thresholds need 0 < collapsed_soft < broad_soft <= 1, got "
-                             f"collapsed_soft={self.collapsed_soft}, broad_soft={self.broad_soft}")
+            raise ValueError(
+                "phase thresholds need 0 < collapsed_soft < broad_soft <= 1, got "
+                f"collapsed_soft={self.collapsed_soft}, broad_soft={self.broad_soft}"
+            )
         if not 0 < self.brittle_ratio < 1:
             raise ValueError(f"phase threshold brittle_ratio must be in (0, 1), got {self.brittle_ratio}")
         if not self.impossible_tol >= 0:
@@ -68,8 +70,13 @@ def classify(soft_frac: float, hard_frac: float, thresholds: PhaseThresholds = P
     return "compact"
 
 
-def phase_map(points: pd.DataFrame, runs: pd.DataFrame, thresholds: PhaseThresholds = PhaseThresholds(),
-              site: str = "post", bucket: str = "all") -> pd.DataFrame:
+def phase_map(
+    points: pd.DataFrame,
+    runs: pd.DataFrame,
+    thresholds: PhaseThresholds = PhaseThresholds(),
+    site: str = "post",
+    bucket: str = "all",
+) -> pd.DataFrame:
     """One row per run: its (R1/D, R2/D), balance R2/R1 and region."""
     sel = points[(points["site"] == site) & (points["bucket"] == bucket)]
     cols = ["run_id", "name", "series", "setting", "arch", "label", "width", "seed"]

@@ -59,8 +59,11 @@ class AnalysisParams:
         if unknown:
             raise ValueError(f"unknown analysis parameter(s) {unknown}; valid: {sorted(own | phase_keys)}")
         phase = options.get("phase") or {}
-        phase = phase if isinstance(phase, PhaseThresholds) else PhaseThresholds(
-            **{**phase, **{k: v for k, v in options.items() if k in phase_keys}})
+        phase = (
+            phase
+            if isinstance(phase, PhaseThresholds)
+            else PhaseThresholds(**{**phase, **{k: v for k, v in options.items() if k in phase_keys}})
+        )
         return cls(**{k: v for k, v in options.items() if k in own}, phase=phase)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,8 +102,9 @@ def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = N
     runs = sweep.runs
     per_layer = last_k_per_layer(sweep.spectra, params.last_k)
     points = aggregate_runs(per_layer)
-    fits = fit_scaling(points, per_layer, runs, FitOptions(params.confidence, params.n_resamples,
-                                                           params.bootstrap_seed))
+    fits = fit_scaling(
+        points, per_layer, runs, FitOptions(params.confidence, params.n_resamples, params.bootstrap_seed)
+    )
     betas = beta_table(fits)
     cells, effects = optimizer_architecture(betas, points, runs, site=params.site)
     info = runs[["run_id", "name", "series", "width", "seed"]]
@@ -122,7 +126,7 @@ def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = N
         cells=cells,
         effects=effects,
         effect_summary=effect_summary(effects),
-        low_nd=low_nd[["run_id", "name", "series", "width", "seed", "site", "bucket", "worst_status",
-                       "min_samples_per_dim"]].sort_values(["series", "width", "seed", "site", "bucket"],
-                                                            ignore_index=True),
+        low_nd=low_nd[
+            ["run_id", "name", "series", "width", "seed", "site", "bucket", "worst_status", "min_samples_per_dim"]
+        ].sort_values(["series", "width", "seed", "site", "bucket"], ignore_index=True),
     )

@@ -30,8 +30,17 @@ ARCH_AXES = ("activation", "pos")
 # Model keys that legitimately vary: the width itself (ffn_mult is resolved into ffn_width).
 _WIDTH_KEYS = ("ffn_width", "ffn_mult")
 # Spectra columns the analysis needs; the rest of ``spectrum_summary`` is kept when present.
-REQUIRED_SPECTRA_COLUMNS = ("step", "layer", "site", "bucket", "soft_rank", "hard_rank", "dim",
-                            "sampling_status", "samples_per_dim")
+REQUIRED_SPECTRA_COLUMNS = (
+    "step",
+    "layer",
+    "site",
+    "bucket",
+    "soft_rank",
+    "hard_rank",
+    "dim",
+    "sampling_status",
+    "samples_per_dim",
+)
 _VAL_LOSS_KEYS = ("val_loss", "val_loss_head", "val_loss_mid", "val_loss_tail")
 
 
@@ -119,8 +128,9 @@ def _locate(source) -> tuple[Path | None, dict | None, list[Path]]:
             return path, spec, dirs
         if (path / "config.json").is_file() or (path / "status.json").is_file():
             return None, None, [path]
-        raise FileNotFoundError(f"{path} is neither a sweep directory (with runs/) nor a run directory "
-                                "(with config.json)")
+        raise FileNotFoundError(
+            f"{path} is neither a sweep directory (with runs/) nor a run directory (with config.json)"
+        )
     dirs = [Path(p) for p in source]
     missing = [str(p) for p in dirs if not p.is_dir()]
     if missing:
@@ -139,8 +149,15 @@ def _read_json(path: Path) -> dict:
 
 def _read_run(run_dir: Path) -> dict[str, Any]:
     """One run's record; ``reason`` is None when it can be analysed."""
-    rec: dict[str, Any] = {"run_id": run_dir.name, "path": str(run_dir), "name": run_dir.name,
-                           "status": "unknown", "reason": None, "step": None, "config": None}
+    rec: dict[str, Any] = {
+        "run_id": run_dir.name,
+        "path": str(run_dir),
+        "name": run_dir.name,
+        "status": "unknown",
+        "reason": None,
+        "step": None,
+        "config": None,
+    }
     try:
         status = _read_json(run_dir / "status.json") if (run_dir / "status.json").is_file() else None
         config = _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
@@ -157,8 +174,11 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     rec["step"] = status.get("step")
     if rec["status"] != "done":
         detail = status.get("reason")
-        rec["reason"] = f"{rec['status']}" + (f": {detail}" if detail else "") + (
-            " (unfinished)" if rec["status"] == "running" else "")
+        rec["reason"] = (
+            f"{rec['status']}"
+            + (f": {detail}" if detail else "")
+            + (" (unfinished)" if rec["status"] == "running" else "")
+        )
         return rec
     if config is None:
         rec["reason"] = "done, but config.json is missing"
@@ -320,8 +340,9 @@ def _runs_frame(records: list[dict], arch_axes: tuple[str, ...]) -> pd.DataFrame
     rows = []
     for r in records:
         f = _config_fields(r["config"])
-        rows.append({"run_id": r["run_id"], "name": r["name"], **f, **r["final"], "status": r["status"],
-                     "path": r["path"]})
+        rows.append(
+            {"run_id": r["run_id"], "name": r["name"], **f, **r["final"], "status": r["status"], "path": r["path"]}
+        )
     runs = pd.DataFrame(rows)
     _name_series(runs, arch_axes)
     return runs.sort_values(["series", "width", "seed", "run_id"], ignore_index=True)

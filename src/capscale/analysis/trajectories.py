@@ -21,8 +21,11 @@ def rank_trajectories(spectra: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame
 
 def loss_curves(metrics: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """Per run × logged step: training loss and, on evaluation steps, the validation losses."""
-    cols = [c for c in ("step", "loss", "val_loss", "val_loss_head", "val_loss_mid", "val_loss_tail")
-            if c in metrics.columns]
+    cols = [
+        c
+        for c in ("step", "loss", "val_loss", "val_loss_head", "val_loss_mid", "val_loss_tail")
+        if c in metrics.columns
+    ]
     return metrics[["run_id", *cols]].merge(runs[_RUN_COLS], on="run_id").sort_values(["run_id", "step"])
 
 
@@ -32,9 +35,14 @@ def bucket_capacity(runs: pd.DataFrame, points: pd.DataFrame, site: str = "post"
     Capacity = the run's aggregated soft and hard rank of that bucket (and per unit width).
     """
     pts = points[(points["site"] == site) & points["bucket"].isin(BUCKETS)]
-    loss = runs.melt(id_vars=_RUN_COLS + ["setting", "arch"],
-                     value_vars=[f"final_val_loss_{b}" for b in BUCKETS], var_name="bucket", value_name="val_loss")
+    loss = runs.melt(
+        id_vars=_RUN_COLS + ["setting", "arch"],
+        value_vars=[f"final_val_loss_{b}" for b in BUCKETS],
+        var_name="bucket",
+        value_name="val_loss",
+    )
     loss["bucket"] = loss["bucket"].str.removeprefix("final_val_loss_")
     cols = ["run_id", "bucket", "soft_rank", "hard_rank", "soft_frac", "hard_frac", "worst_status"]
     return loss.merge(pts[cols], on=["run_id", "bucket"], how="left").sort_values(
-        ["series", "width", "seed", "bucket"], ignore_index=True)
+        ["series", "width", "seed", "bucket"], ignore_index=True
+    )

@@ -76,8 +76,7 @@ class Forward:
         if self.mask is not None:
             if self.mask.numel() != n_rows:
                 raise ValueError(
-                    f"{site.label}: the padding mask has {self.mask.numel()} entries for "
-                    f"{n_rows} activation rows"
+                    f"{site.label}: the padding mask has {self.mask.numel()} entries for {n_rows} activation rows"
                 )
             keep = self.mask.to(device).reshape(-1)
         if not bucketed:

@@ -383,9 +383,7 @@ class Probe:
         if distributed.world_size(self.group) > 1:
             flat, (forwards,) = distributed.reduce_moments(flat, dims, [float(window.forwards)], self.group)
             return flat, round(forwards)
-        return [
-            m if m is not None or d is None else self._empty(d) for m, d in zip(flat, dims)
-        ], window.forwards
+        return [m if m is not None or d is None else self._empty(d) for m, d in zip(flat, dims)], window.forwards
 
     def _empty(self, d: int) -> Moments:
         """The state of a site or bucket that saw no rows in a window."""
@@ -449,9 +447,7 @@ class Probe:
             flat, forwards = self._gather(window, self._mon_idx, 1)
             if not forwards:
                 return
-            recs = [
-                self._monitor_record(m, self.sites[i], window.start) for m, i in zip(flat, self._mon_idx) if m
-            ]
+            recs = [self._monitor_record(m, self.sites[i], window.start) for m, i in zip(flat, self._mon_idx) if m]
         finally:
             self._release(window)
         if self.keep:
@@ -573,9 +569,7 @@ def attach(
     if isinstance(freq_table, (str, Path)):
         freq_table = FrequencyTable.load(freq_table)
     if freq_table is not None and not isinstance(freq_table, FrequencyTable):
-        raise TypeError(
-            f"freq_table must be a FrequencyTable or a path to one, got {type(freq_table).__name__}"
-        )
+        raise TypeError(f"freq_table must be a FrequencyTable or a path to one, got {type(freq_table).__name__}")
     sinks = list(sinks)
     for s in sinks:
         if not all(callable(getattr(s, m, None)) for m in ("write_spectra", "write_scalars", "close")):

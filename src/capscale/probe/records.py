@@ -58,9 +58,7 @@ def spectrum_row(m: Moments, *, step: int, layer: int, site: str, bucket: str, m
             try:
                 eigs = eigenvalues_from_covariance(cov)
             except ValueError as exc:  # non-finite, indefinite, variance below the floor
-                raise SpectrumError(
-                    f"layer {layer} site {site!r} bucket {bucket!r} at step {step}: {exc}"
-                ) from exc
+                raise SpectrumError(f"layer {layer} site {site!r} bucket {bucket!r} at step {step}: {exc}") from exc
     row = {"step": int(step), "layer": int(layer), "site": site, "bucket": bucket, "module": module}
     row.update(spectrum_summary(eigs, m.count, dim=m.dim))
     if zero:

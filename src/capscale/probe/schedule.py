@@ -24,9 +24,7 @@ class Schedule:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if self.window > self.every:
-            raise ValueError(
-                f"window ({self.window}) must not exceed every ({self.every}): windows would overlap"
-            )
+            raise ValueError(f"window ({self.window}) must not exceed every ({self.every}): windows would overlap")
         t = self.total_steps
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
             raise ValueError(f"total_steps must be an int >= 1 or None, got {t!r}")

@@ -172,9 +172,7 @@ class TensorBoardSink(Sink):
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:  # tensorboard is an optional extra
-                raise ImportError(
-                    "TensorBoardSink needs the tensorboard package: pip install tensorboard"
-                ) from exc
+                raise ImportError("TensorBoardSink needs the tensorboard package: pip install tensorboard") from exc
             writer, self._owned = SummaryWriter(log_dir=str(log_dir)), True
         else:
             self._owned = False

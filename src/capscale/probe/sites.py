@@ -142,9 +142,7 @@ def _match(model: nn.Module, regex: str) -> dict[int, list[tuple[str, nn.Module]
 
 def _pattern_regex(pattern: str) -> str:
     if pattern.count("{layer}") != 1:
-        raise ValueError(
-            f"site pattern {pattern!r} must contain '{{layer}}' exactly once, where the layer index goes"
-        )
+        raise ValueError(f"site pattern {pattern!r} must contain '{{layer}}' exactly once, where the layer index goes")
     head, tail = pattern.split("{layer}")
     return re.escape(head) + r"(\d+)" + re.escape(tail)
 
@@ -167,9 +165,7 @@ def _resolve_modules(model: nn.Module, site: str, spec: SiteSpec) -> dict[int, l
         if not isinstance(m, nn.Module):
             raise TypeError(f"site {site!r} layer {layer}: expected an nn.Module, got {type(m).__name__}")
         if id(m) not in names:
-            raise SiteDiscoveryError(
-                f"site {site!r} layer {layer}: {type(m).__name__} is not a submodule of the model"
-            )
+            raise SiteDiscoveryError(f"site {site!r} layer {layer}: {type(m).__name__} is not a submodule of the model")
         out[layer] = [(names[id(m)], m)]
     return out
 
@@ -204,9 +200,7 @@ def discover_sites(model: nn.Module, sites: Any = SITE_NAMES, layers: Any = "aut
         captures = {s: _as_spec(s, v).capture for s, v in sites.items()}
         for s, f in found.items():
             if not f:
-                raise SiteDiscoveryError(
-                    f"site {s!r}: {sites[s]!r} matched no module of {type(model).__name__}"
-                )
+                raise SiteDiscoveryError(f"site {s!r}: {sites[s]!r} matched no module of {type(model).__name__}")
         source = "the given site patterns"
     else:
         names = tuple(sites)

@@ -10,8 +10,11 @@ the CLI imports at start-up — does not pull in matplotlib for other commands.
 
 from importlib import import_module
 
-_EXPORTS = {"ReportFiles": "capscale.report.build", "build_report": "capscale.report.build",
-            "report_data": "capscale.report.data"}
+_EXPORTS = {
+    "ReportFiles": "capscale.report.build",
+    "build_report": "capscale.report.build",
+    "report_data": "capscale.report.data",
+}
 
 __all__ = ["ReportFiles", "build_report", "report_data"]
 

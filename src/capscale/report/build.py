@@ -52,5 +52,11 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None, **ana
     _write(out / "report.json", json.dumps(data, indent=1, allow_nan=False, ensure_ascii=False) + "\n")
     _write(out / "report.md", render_markdown(data, {n: f"figures/{n}.png" for n in images}))
     _write(out / "index.html", render_html(data, images))
-    return ReportFiles(out_dir=out, html=out / "index.html", markdown=out / "report.md", json=out / "report.json",
-                       figures=figures, analysis=analysis)
+    return ReportFiles(
+        out_dir=out,
+        html=out / "index.html",
+        markdown=out / "report.md",
+        json=out / "report.json",
+        figures=figures,
+        analysis=analysis,
+    )

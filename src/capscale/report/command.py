@@ -31,8 +31,10 @@ def run(args: argparse.Namespace) -> int:
     params = {k: getattr(args, k) for k in _OPTIONS if getattr(args, k) is not None}
     files = build_report(args.sweep_dir, args.out, **params)
     sweep = files.analysis.sweep
-    print(f"analysed {len(sweep.runs)} run(s) in {sweep.runs['series'].nunique()} series; "
-          f"{len(sweep.excluded)} not analysed")
+    print(
+        f"analysed {len(sweep.runs)} run(s) in {sweep.runs['series'].nunique()} series; "
+        f"{len(sweep.excluded)} not analysed"
+    )
     for _, r in sweep.excluded.iterrows():
         print(f"  not analysed: {r['run_id']} ({r['reason']})")
     print(f"report: {files.html}")

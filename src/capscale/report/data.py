@@ -22,8 +22,19 @@ from capscale.analysis import Analysis
 
 FORMAT = "capscale.report"
 FORMAT_VERSION = 1
-_BETA_FIELDS = ("beta", "ci_low", "ci_high", "boot_low", "boot_high", "boot_over", "r2", "n", "n_low_nd",
-                "fittable", "reason")
+_BETA_FIELDS = (
+    "beta",
+    "ci_low",
+    "ci_high",
+    "boot_low",
+    "boot_high",
+    "boot_over",
+    "r2",
+    "n",
+    "n_low_nd",
+    "fittable",
+    "reason",
+)
 
 
 def jsonable(obj: Any) -> Any:
@@ -78,34 +89,84 @@ def report_data(a: Analysis) -> dict:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "sweep": {"name": a.sweep.name, "path": str(a.sweep.root) if a.sweep.root else None, "spec": a.sweep.spec,
-                  "n_runs_analysed": len(runs), "n_runs_excluded": len(a.sweep.excluded),
-                  "series": sorted(runs["series"].unique()), "labels": sorted(runs["label"].unique()),
-                  "widths": sorted(int(w) for w in runs["width"].unique()), "arch_axes": list(a.sweep.arch_axes)},
-        "parameters": {**p.to_dict(), "headline_bucket": "all",
-                       "aggregation": f"median of the last {p.last_k} logged steps per layer, then median over layers",
-                       "fit": "OLS of log rank on log width (seeds as replicate points), "
-                              f"{p.confidence:.0%} t-interval; bootstrap: percentile, {p.n_resamples} resamples"},
+        "sweep": {
+            "name": a.sweep.name,
+            "path": str(a.sweep.root) if a.sweep.root else None,
+            "spec": a.sweep.spec,
+            "n_runs_analysed": len(runs),
+            "n_runs_excluded": len(a.sweep.excluded),
+            "series": sorted(runs["series"].unique()),
+            "labels": sorted(runs["label"].unique()),
+            "widths": sorted(int(w) for w in runs["width"].unique()),
+            "arch_axes": list(a.sweep.arch_axes),
+        },
+        "parameters": {
+            **p.to_dict(),
+            "headline_bucket": "all",
+            "aggregation": f"median of the last {p.last_k} logged steps per layer, then median over layers",
+            "fit": "OLS of log rank on log width (seeds as replicate points), "
+            f"{p.confidence:.0%} t-interval; bootstrap: percentile, {p.n_resamples} resamples",
+        },
         "versions": _versions(),
         "betas": betas,
-        "q1_scaling": {"site": p.site, "fits": head,
-                       "points": _records(a.spread[a.spread["metric"].isin(["soft_rank", "hard_rank"])])},
-        "q2_matched_loss": {"tolerance": p.tolerance, "pairs": _records(a.matched),
-                            "loss_by_width": _records(a.losses)},
-        "q3_asymmetry": {"delta_beta": head, "phase": _records(a.phase),
-                         "region_counts": _records(a.phase.groupby(["series", "region"]).size()
-                                                   .rename("n_runs").reset_index()),
-                         "thresholds": p.phase.to_dict()},
+        "q1_scaling": {
+            "site": p.site,
+            "fits": head,
+            "points": _records(a.spread[a.spread["metric"].isin(["soft_rank", "hard_rank"])]),
+        },
+        "q2_matched_loss": {
+            "tolerance": p.tolerance,
+            "pairs": _records(a.matched),
+            "loss_by_width": _records(a.losses),
+        },
+        "q3_asymmetry": {
+            "delta_beta": head,
+            "phase": _records(a.phase),
+            "region_counts": _records(a.phase.groupby(["series", "region"]).size().rename("n_runs").reset_index()),
+            "thresholds": p.phase.to_dict(),
+        },
         "q4_regimes": {"betas": by_regime, "bucket_capacity": _records(_bucket_table(a))},
-        "q5_optimizer_architecture": {"arch_axes": list(a.sweep.arch_axes), "cells": _records(a.cells),
-                                      "effects": _records(a.effects), "summary": _records(a.effect_summary)},
-        "training": {"final": _records(runs, ["run_id", "series", "width", "seed", "final_val_loss",
-                                              "final_val_loss_head", "final_val_loss_mid", "final_val_loss_tail"])},
+        "q5_optimizer_architecture": {
+            "arch_axes": list(a.sweep.arch_axes),
+            "cells": _records(a.cells),
+            "effects": _records(a.effects),
+            "summary": _records(a.effect_summary),
+        },
+        "training": {
+            "final": _records(
+                runs,
+                [
+                    "run_id",
+                    "series",
+                    "width",
+                    "seed",
+                    "final_val_loss",
+                    "final_val_loss_head",
+                    "final_val_loss_mid",
+                    "final_val_loss_tail",
+                ],
+            )
+        },
         "reliability": {"low_nd": _records(a.low_nd), "n_aggregates": len(a.points)},
-        "runs": _records(runs, ["run_id", "name", "series", "label", "optimizer", "steps", "width", "seed",
-                                *a.sweep.arch_axes, "final_val_loss", "status"]),
-        "excluded_runs": _records(a.sweep.excluded, ["run_id", "name", "status", "reason", "step", "label", "width",
-                                                     "seed"]),
+        "runs": _records(
+            runs,
+            [
+                "run_id",
+                "name",
+                "series",
+                "label",
+                "optimizer",
+                "steps",
+                "width",
+                "seed",
+                *a.sweep.arch_axes,
+                "final_val_loss",
+                "status",
+            ],
+        ),
+        "excluded_runs": _records(
+            a.sweep.excluded, ["run_id", "name", "status", "reason", "step", "label", "width", "seed"]
+        ),
     }
     data = jsonable(data)
     data["summary"] = {"headline": data["q1_scaling"]["fits"], "findings": findings(data)}
@@ -122,8 +183,14 @@ def _versions() -> dict:
     import matplotlib
     import scipy
 
-    return {"capscale": capscale.__version__, "python": platform.python_version(), "numpy": np.__version__,
-            "scipy": scipy.__version__, "pandas": pd.__version__, "matplotlib": matplotlib.__version__}
+    return {
+        "capscale": capscale.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "pandas": pd.__version__,
+        "matplotlib": matplotlib.__version__,
+    }
 
 
 def findings(d: dict) -> list[str]:
@@ -135,9 +202,11 @@ def findings(d: dict) -> list[str]:
     if fit:
         hi = max(fit, key=lambda b: b["beta_hard"]["beta"])
         lo = min(fit, key=lambda b: b["beta_hard"]["beta"])
-        out.append(f"Hard-rank scaling ({site}-activation, all tokens): highest β_hard {hi['series']} "
-                   f"{_beta_text(hi['beta_hard'])}, lowest {lo['series']} {_beta_text(lo['beta_hard'])}; "
-                   f"{len(fit)} of {n_series} series fittable.")
+        out.append(
+            f"Hard-rank scaling ({site}-activation, all tokens): highest β_hard {hi['series']} "
+            f"{_beta_text(hi['beta_hard'])}, lowest {lo['series']} {_beta_text(lo['beta_hard'])}; "
+            f"{len(fit)} of {n_series} series fittable."
+        )
     else:
         out.append(f"No series is fittable: a fit needs at least 3 widths with finite ranks ({n_series} series).")
     pairs = d["q2_matched_loss"]["pairs"]
@@ -148,8 +217,10 @@ def findings(d: dict) -> list[str]:
             widths.setdefault((p["series_a"], p["series_b"]), []).append(p["width"])
         listed = "; ".join(f"{a} vs {b} at width {', '.join(map(str, ws))}" for (a, b), ws in widths.items())
         diff = sum(p["geometry"] == "different" for p in pairs)
-        out.append(f"Matched loss (within {tol:g} nats): {listed}. In {diff} of these {len(pairs)} matches the "
-                   "β intervals of the two series are disjoint: same loss, different spectral geometry.")
+        out.append(
+            f"Matched loss (within {tol:g} nats): {listed}. In {diff} of these {len(pairs)} matches the "
+            "β intervals of the two series are disjoint: same loss, different spectral geometry."
+        )
     else:
         out.append(f"Matched loss: no two series agree in final validation loss within {tol:g} nats at a common width.")
     counts: dict[str, int] = {}
@@ -165,20 +236,26 @@ def findings(d: dict) -> list[str]:
     summ = {r["metric"]: r for r in d["q5_optimizer_architecture"]["summary"]}
     hard = summ.get("hard", {})
     if hard.get("larger"):
-        out.append(f"Optimizer vs architecture (β_hard): median optimizer span {_fmt(hard['optimizer_span'])}, "
-                   f"median architecture span {_fmt(hard['architecture_span'])}: "
-                   f"the {hard['larger']} effect is larger.")
+        out.append(
+            f"Optimizer vs architecture (β_hard): median optimizer span {_fmt(hard['optimizer_span'])}, "
+            f"median architecture span {_fmt(hard['architecture_span'])}: "
+            f"the {hard['larger']} effect is larger."
+        )
     elif not d["q5_optimizer_architecture"]["arch_axes"]:
         out.append("No architecture axis varied in this sweep: only optimizer effects can be compared.")
     low = d["reliability"]["low_nd"]
     if low:
-        out.append(f"Reliability: {len(low)} of {d['reliability']['n_aggregates']} aggregates rest on records "
-                   "with N/D below 10 (not well sampled); they are flagged in the tables.")
+        out.append(
+            f"Reliability: {len(low)} of {d['reliability']['n_aggregates']} aggregates rest on records "
+            "with N/D below 10 (not well sampled); they are flagged in the tables."
+        )
     if d["excluded_runs"]:
         kinds: dict[str, int] = {}
         for r in d["excluded_runs"]:
             kinds[r["status"]] = kinds.get(r["status"], 0) + 1
-        out.append(f"{len(d['excluded_runs'])} run(s) not analysed (" +
-                   ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + "); listed under Runs.")
+        out.append(
+            f"{len(d['excluded_runs'])} run(s) not analysed ("
+            + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+            + "); listed under Runs."
+        )
     return out
-

@@ -95,8 +95,7 @@ def fig_scaling(a: Analysis) -> Figure:
             err = [g["median"] - g["min"], g["max"] - g["median"]]
             fit = fits[(fits["series"] == series) & (fits["metric"] == metric)].iloc[0]
             label = text(series) + (f"  β={fit['beta']:.2f}" if fit["fittable"] else "  (not fittable)")
-            ax.errorbar(g["width"], g["median"], yerr=err, fmt="o", ms=4, capsize=2, color=colors[series],
-                        label=label)
+            ax.errorbar(g["width"], g["median"], yerr=err, fmt="o", ms=4, capsize=2, color=colors[series], label=label)
             if fit["fittable"]:
                 ax.plot(widths, np.exp(fit["intercept"]) * widths ** fit["beta"], color=colors[series], lw=1.2)
         _width_axis(ax)
@@ -116,13 +115,29 @@ def fig_matched(a: Analysis) -> Figure:
     for series, g in a.losses.dropna(subset=["val_loss"]).groupby("series"):
         g = g.sort_values("width")
         err = [g["val_loss"] - g["val_loss_min"], g["val_loss_max"] - g["val_loss"]]
-        ax.errorbar(g["width"], g["val_loss"], yerr=err, fmt="o-", ms=4, capsize=2, lw=1, color=colors[series],
-                    label=text(series))
+        ax.errorbar(
+            g["width"],
+            g["val_loss"],
+            yerr=err,
+            fmt="o-",
+            ms=4,
+            capsize=2,
+            lw=1,
+            color=colors[series],
+            label=text(series),
+        )
     m = a.matched
     if len(m):
         for side in "ab":
-            ax.scatter(m["width"], m[f"val_loss_{side}"], s=110, facecolors="none", edgecolors="k", lw=1,
-                       label="matched (within tolerance)" if side == "a" else None)
+            ax.scatter(
+                m["width"],
+                m[f"val_loss_{side}"],
+                s=110,
+                facecolors="none",
+                edgecolors="k",
+                lw=1,
+                label="matched (within tolerance)" if side == "a" else None,
+            )
     _width_axis(ax)
     ax.set_xlabel("FFN width D")
     ax.set_ylabel("final validation loss (nats)")
@@ -137,13 +152,25 @@ def fig_matched(a: Analysis) -> Figure:
                 if np.isfinite(beta):
                     bx.errorbar(i + off, beta, yerr=[[beta - lo], [hi - beta]], fmt="o", capsize=3, color=colors[s])
         # one slanted line per pair: stacked "a vs b" labels of long series names overlap
-        bx.set_xticks(range(len(pairs)), [f"{text(p.series_a)} vs {text(p.series_b)}" for p in pairs.itertuples()],
-                      fontsize=7, rotation=25, ha="right", rotation_mode="anchor")
+        bx.set_xticks(
+            range(len(pairs)),
+            [f"{text(p.series_a)} vs {text(p.series_b)}" for p in pairs.itertuples()],
+            fontsize=7,
+            rotation=25,
+            ha="right",
+            rotation_mode="anchor",
+        )
         bx.set_ylabel("β_hard (95% t-interval)")
         bx.set_title("matched pairs: hard-rank scaling of each series")
     else:
-        bx.text(0.5, 0.5, "no pair of series matched\nwithin the tolerance", ha="center", va="center",
-                transform=bx.transAxes)
+        bx.text(
+            0.5,
+            0.5,
+            "no pair of series matched\nwithin the tolerance",
+            ha="center",
+            va="center",
+            transform=bx.transAxes,
+        )
         bx.set_axis_off()
     return fig
 
@@ -162,7 +189,8 @@ def fig_asymmetry(a: Analysis) -> Figure:
     ax.set_xlabel("Δβ = β_soft − β_hard (95% t-interval)")
     ax.set_title(f"soft–hard asymmetry of scaling ({_site_label(a)})")
     pts = a.points[(a.points["site"] == a.params.site) & (a.points["bucket"] == "all")].merge(
-        a.sweep.runs[["run_id", "series", "width"]], on="run_id")
+        a.sweep.runs[["run_id", "series", "width"]], on="run_id"
+    )
     pts = pts.assign(asym=np.log(pts["soft_rank"] / pts["hard_rank"]))
     for series, g in pts.groupby("series"):
         med = g.groupby("width")["asym"].median()
@@ -189,22 +217,33 @@ def fig_phase(a: Analysis) -> Figure:
     below = np.minimum(t.brittle_ratio * xs, xs)
     ax.fill_between(xs, lo, xs, where=xs < t.collapsed_soft, color=REGION_COLORS["collapsed"], lw=0)
     ax.fill_between(xs, lo, below, where=xs >= t.collapsed_soft, color=REGION_COLORS["brittle"], lw=0)
-    ax.fill_between(xs, below, xs, where=(xs >= t.collapsed_soft) & (xs < t.broad_soft),
-                    color=REGION_COLORS["compact"], lw=0)
+    ax.fill_between(
+        xs, below, xs, where=(xs >= t.collapsed_soft) & (xs < t.broad_soft), color=REGION_COLORS["compact"], lw=0
+    )
     ax.fill_between(xs, below, xs, where=xs >= t.broad_soft, color=REGION_COLORS["broad"], lw=0)
     x_collapsed = math.sqrt(lo * t.collapsed_soft)
-    labels = {"impossible\n(R2 > R1)": (math.sqrt(lo), 0.5),
-              "collapsed": (x_collapsed, max(lo * 1.2, x_collapsed / 3)),
-              "brittle": (math.sqrt(t.collapsed_soft), lo * 1.5),
-              "compact": (math.sqrt(t.collapsed_soft * t.broad_soft), None),
-              "broad": (math.sqrt(t.broad_soft), None)}
+    labels = {
+        "impossible\n(R2 > R1)": (math.sqrt(lo), 0.5),
+        "collapsed": (x_collapsed, max(lo * 1.2, x_collapsed / 3)),
+        "brittle": (math.sqrt(t.collapsed_soft), lo * 1.5),
+        "compact": (math.sqrt(t.collapsed_soft * t.broad_soft), None),
+        "broad": (math.sqrt(t.broad_soft), None),
+    }
     for name, (x, y) in labels.items():
         if y is None:  # between the brittle diagonal and R2 = R1, on a log scale
             y = x * math.sqrt(t.brittle_ratio)
         ax.text(x, y, name, ha="center", va="center", fontsize=9, color="0.25", style="italic")
     for series, g in ph.groupby("series"):
-        ax.scatter(g["soft_frac"], g["hard_frac"], s=18 + 10 * np.log2(g["width"] / g["width"].min() + 1),
-                   color=colors[series], edgecolors="k", lw=0.4, label=text(series), zorder=3)
+        ax.scatter(
+            g["soft_frac"],
+            g["hard_frac"],
+            s=18 + 10 * np.log2(g["width"] / g["width"].min() + 1),
+            color=colors[series],
+            edgecolors="k",
+            lw=0.4,
+            label=text(series),
+            zorder=3,
+        )
     ax.plot(xs, xs, color="k", lw=1)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -230,8 +269,12 @@ def fig_regimes(a: Analysis) -> Figure | None:
             sub = b[b["bucket"] == bucket].set_index("series").reindex(series)
             x = np.arange(len(series)) + (j - (len(ALL_BUCKETS) - 1) / 2) * width
             beta = sub[f"{kind}_beta"].to_numpy(dtype=float)
-            err = np.array([beta - sub[f"{kind}_ci_low"].to_numpy(dtype=float),
-                            sub[f"{kind}_ci_high"].to_numpy(dtype=float) - beta])
+            err = np.array(
+                [
+                    beta - sub[f"{kind}_ci_low"].to_numpy(dtype=float),
+                    sub[f"{kind}_ci_high"].to_numpy(dtype=float) - beta,
+                ]
+            )
             ax.bar(x, beta, width, yerr=err, capsize=2, color=BUCKET_COLORS[bucket], label=bucket.upper())
         ax.set_xticks(np.arange(len(series)), [text(s) for s in series], rotation=25, ha="right", fontsize=8)
         ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
@@ -275,10 +318,17 @@ def fig_opt_arch(a: Analysis) -> Figure:
     for r in cells.itertuples():
         if not (r.soft_fittable and r.hard_fittable):
             continue
-        ax.errorbar(r.soft_beta, r.hard_beta, xerr=[[r.soft_beta - r.soft_ci_low], [r.soft_ci_high - r.soft_beta]],
-                    yerr=[[r.hard_beta - r.hard_ci_low], [r.hard_ci_high - r.hard_beta]],
-                    fmt=_MARKERS[archs.index(r.arch) % len(_MARKERS)], ms=7, capsize=2,
-                    color=cmap(settings.index(r.setting) % cmap.N), label=text(r.series))
+        ax.errorbar(
+            r.soft_beta,
+            r.hard_beta,
+            xerr=[[r.soft_beta - r.soft_ci_low], [r.soft_ci_high - r.soft_beta]],
+            yerr=[[r.hard_beta - r.hard_ci_low], [r.hard_ci_high - r.hard_beta]],
+            fmt=_MARKERS[archs.index(r.arch) % len(_MARKERS)],
+            ms=7,
+            capsize=2,
+            color=cmap(settings.index(r.setting) % cmap.N),
+            label=text(r.series),
+        )
     lim = ax.get_xlim()[0], ax.get_xlim()[1]
     ax.plot(lim, lim, color="0.5", lw=0.8, ls=":", label="β_hard = β_soft (Δβ = 0)")
     ax.set_xlabel("β_soft (95% t-interval)")
@@ -317,8 +367,9 @@ def fig_loss_curves(a: Analysis) -> Figure | None:
             v = g.dropna(subset=["val_loss"])
             ax.plot(v["step"], v["val_loss"], "o", ms=3, color=c)
 
-    return _per_series(a, curves, draw, "loss (nats)",
-                       "loss curves: training (lines), validation (dots); colour = width")
+    return _per_series(
+        a, curves, draw, "loss (nats)", "loss curves: training (lines), validation (dots); colour = width"
+    )
 
 
 def fig_trajectories(a: Analysis) -> Figure:
@@ -329,8 +380,15 @@ def fig_trajectories(a: Analysis) -> Figure:
         ax.plot(g["step"], g["soft_frac"], color=c, lw=1, label=label)
         ax.plot(g["step"], g["hard_frac"], color=c, lw=1, ls="--")
 
-    return _per_series(a, tr, draw, "rank / width", f"rank trajectories ({_site_label(a)}, all tokens; median over "
-                       "layers): R1/D solid, R2/D dashed; colour = width", logy=True)
+    return _per_series(
+        a,
+        tr,
+        draw,
+        "rank / width",
+        f"rank trajectories ({_site_label(a)}, all tokens; median over "
+        "layers): R1/D solid, R2/D dashed; colour = width",
+        logy=True,
+    )
 
 
 # name → (drawer, caption); the report shows them in this order, each in its question's section

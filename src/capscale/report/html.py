@@ -46,8 +46,7 @@ def _table(t: Table) -> str:
     for i, row in enumerate(t.rows):
         cls = ' class="flag"' if t.flagged and t.flagged[i] else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>")
-    table = (f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>'
-             f'<tbody>{"".join(body)}</tbody></table></div>')
+    table = f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
     caption = escape(t.caption)
     if t.collapsed:
         return f"<details><summary>{caption} ({len(t.rows)} rows)</summary>{table}</details>"
@@ -57,8 +56,10 @@ def _table(t: Table) -> str:
 def _figure(name: str, image: bytes) -> str:
     caption = FIGURES[name][1]
     data = base64.b64encode(image).decode("ascii")
-    return (f'<figure id="fig-{name}"><img src="data:image/png;base64,{data}" alt="{escape(caption)}">'
-            f"<figcaption>{escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure id="fig-{name}"><img src="data:image/png;base64,{data}" alt="{escape(caption)}">'
+        f"<figcaption>{escape(caption)}</figcaption></figure>"
+    )
 
 
 def _section(s: Section, images: dict[str, bytes]) -> str:
@@ -77,20 +78,24 @@ def render_html(data: dict, images: dict[str, bytes]) -> str:
     title = f"capscale report — {sweep['name']}"
     nav = "".join(f'<li><a href="#{s.anchor}">{escape(s.title)}</a></li>' for s in body)
     findings = "".join(f"<li>{escape(f)}</li>" for f in data["summary"]["findings"])
-    subtitle = (f"{sweep['n_runs_analysed']} runs analysed in {len(sweep['series'])} series, FFN widths "
-                f"{', '.join(str(w) for w in sweep['widths'])}; generated {data['generated']} by capscale "
-                f"{data['versions']['capscale']}.")
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{escape(title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{escape(title)}</h1>",
-        f'<p class="subtitle">{escape(subtitle)}</p>',
-        '<div class="summary"><h3>Summary</h3>',
-        _table(headline_table(data)),
-        f"<ul>{findings}</ul></div>",
-        f"<nav><ol>{nav}</ol></nav>",
-        *(_section(s, images) for s in body),
-        "</body></html>",
-    ])
+    subtitle = (
+        f"{sweep['n_runs_analysed']} runs analysed in {len(sweep['series'])} series, FFN widths "
+        f"{', '.join(str(w) for w in sweep['widths'])}; generated {data['generated']} by capscale "
+        f"{data['versions']['capscale']}."
+    )
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{escape(title)}</title><style>{CSS}</style></head><body>",
+            f"<h1>{escape(title)}</h1>",
+            f'<p class="subtitle">{escape(subtitle)}</p>',
+            '<div class="summary"><h3>Summary</h3>',
+            _table(headline_table(data)),
+            f"<ul>{findings}</ul></div>",
+            f"<nav><ol>{nav}</ol></nav>",
+            *(_section(s, images) for s in body),
+            "</body></html>",
+        ]
+    )

@@ -74,10 +74,20 @@ def _flag(row: dict) -> bool:
     return not row["beta_hard"]["fittable"] or bool(row["beta_hard"]["n_low_nd"])
 
 
-def _table(caption: str, columns: list[tuple[str, Callable[[dict], str]]], rows: list[dict],
-           flag: Callable[[dict], bool] | None = None, **kw) -> Table:
-    return Table(caption=caption, headers=[h for h, _ in columns], rows=[[f(r) for _, f in columns] for r in rows],
-                 flagged=[bool(flag(r)) for r in rows] if flag else [], **kw)
+def _table(
+    caption: str,
+    columns: list[tuple[str, Callable[[dict], str]]],
+    rows: list[dict],
+    flag: Callable[[dict], bool] | None = None,
+    **kw,
+) -> Table:
+    return Table(
+        caption=caption,
+        headers=[h for h, _ in columns],
+        rows=[[f(r) for _, f in columns] for r in rows],
+        flagged=[bool(flag(r)) for r in rows] if flag else [],
+        **kw,
+    )
 
 
 def _get(key: str, digits: int = 3) -> Callable[[dict], str]:
@@ -88,13 +98,21 @@ def _get(key: str, digits: int = 3) -> Callable[[dict], str]:
 
 
 def headline_table(d: dict) -> Table:
-    cols = [("series", _get("series")), ("β_soft [95% CI]", lambda r: beta(r["beta_soft"])),
-            ("β_hard [95% CI]", lambda r: beta(r["beta_hard"])), ("Δβ [95% CI]", lambda r: beta(r["beta_delta"])),
-            ("R² soft", lambda r: num(r["beta_soft"]["r2"])), ("R² hard", lambda r: num(r["beta_hard"]["r2"])),
-            ("runs", lambda r: num(r["beta_soft"]["n"])), ("widths", _get("n_widths")), ("notes", _notes)]
+    cols = [
+        ("series", _get("series")),
+        ("β_soft [95% CI]", lambda r: beta(r["beta_soft"])),
+        ("β_hard [95% CI]", lambda r: beta(r["beta_hard"])),
+        ("Δβ [95% CI]", lambda r: beta(r["beta_delta"])),
+        ("R² soft", lambda r: num(r["beta_soft"]["r2"])),
+        ("R² hard", lambda r: num(r["beta_hard"]["r2"])),
+        ("runs", lambda r: num(r["beta_soft"]["n"])),
+        ("widths", _get("n_widths")),
+        ("notes", _notes),
+    ]
     site = d["parameters"]["site"]
-    return _table(f"Scaling exponents, {site}-activation, all tokens (rank ∝ width^β).", cols,
-                  d["summary"]["headline"], _flag)
+    return _table(
+        f"Scaling exponents, {site}-activation, all tokens (rank ∝ width^β).", cols, d["summary"]["headline"], _flag
+    )
 
 
 def _beta_columns(with_bucket: bool, with_site: bool) -> list:
@@ -103,13 +121,16 @@ def _beta_columns(with_bucket: bool, with_site: bool) -> list:
         cols.append(("site", _get("site")))
     if with_bucket:
         cols.append(("tokens", lambda r: r["bucket"].upper()))
-    cols += [("β_soft [95% CI]", lambda r: beta(r["beta_soft"])),
-             ("β_soft bootstrap", lambda r: boot(r["beta_soft"])),
-             ("β_hard [95% CI]", lambda r: beta(r["beta_hard"])),
-             ("β_hard bootstrap", lambda r: boot(r["beta_hard"])),
-             ("Δβ [95% CI]", lambda r: beta(r["beta_delta"])),
-             ("R² soft / hard", lambda r: f"{num(r['beta_soft']['r2'])} / {num(r['beta_hard']['r2'])}"),
-             ("n", lambda r: num(r["beta_soft"]["n"])), ("notes", _notes)]
+    cols += [
+        ("β_soft [95% CI]", lambda r: beta(r["beta_soft"])),
+        ("β_soft bootstrap", lambda r: boot(r["beta_soft"])),
+        ("β_hard [95% CI]", lambda r: beta(r["beta_hard"])),
+        ("β_hard bootstrap", lambda r: boot(r["beta_hard"])),
+        ("Δβ [95% CI]", lambda r: beta(r["beta_delta"])),
+        ("R² soft / hard", lambda r: f"{num(r['beta_soft']['r2'])} / {num(r['beta_hard']['r2'])}"),
+        ("n", lambda r: num(r["beta_soft"]["n"])),
+        ("notes", _notes),
+    ]
     return cols
 
 
@@ -121,24 +142,48 @@ def _q1(d: dict) -> Section:
             points.setdefault((p["series"], p["site"], p["width"]), {})[p["metric"]] = p
 
     def spread(metric):
-        return lambda r: (f"{num(r[metric]['median'], 1)} [{num(r[metric]['min'], 1)}, {num(r[metric]['max'], 1)}]"
-                          if metric in r else "—")
+        return lambda r: (
+            f"{num(r[metric]['median'], 1)} [{num(r[metric]['min'], 1)}, {num(r[metric]['max'], 1)}]"
+            if metric in r
+            else "—"
+        )
 
     prow = [{"series": s, "site": site, "width": w, **v} for (s, site, w), v in sorted(points.items())]
-    return Section("q1", "1. Does added width become capacity? Rank vs width, per optimizer", [
-        ("Each run is aggregated to one rank per site and token bucket (the paper's rule, stated under Parameters); "
-         "β is the OLS slope of log rank on log width over the runs of a series (seeds as replicate points). "
-         "β = 1: every added unit of width becomes a variance-carrying direction; β < 1: capacity grows slower than "
-         "width. The soft rank R1 counts directions carrying any variance, the hard rank R2 the directions the "
-         "energy actually spreads over."),
-    ], ["scaling"], [
-        _table("β per series and site, all tokens (t-interval and bootstrap interval).",
-               _beta_columns(False, True), rows, _flag),
-        _table("Aggregated ranks per width: median over seeds [min, max].",
-               [("series", _get("series")), ("site", _get("site")), ("width", _get("width")),
-                ("R1", spread("soft_rank")), ("R2", spread("hard_rank")),
-                ("seeds", lambda r: num(r.get("soft_rank", {}).get("n_seeds")))], prow, collapsed=True),
-    ])
+    return Section(
+        "q1",
+        "1. Does added width become capacity? Rank vs width, per optimizer",
+        [
+            (
+                "Each run is aggregated to one rank per site and token bucket (the paper's rule, stated under Parameters); "
+                "β is the OLS slope of log rank on log width over the runs of a series (seeds as replicate points). "
+                "β = 1: every added unit of width becomes a variance-carrying direction; β < 1: capacity grows slower than "
+                "width. The soft rank R1 counts directions carrying any variance, the hard rank R2 the directions the "
+                "energy actually spreads over."
+            ),
+        ],
+        ["scaling"],
+        [
+            _table(
+                "β per series and site, all tokens (t-interval and bootstrap interval).",
+                _beta_columns(False, True),
+                rows,
+                _flag,
+            ),
+            _table(
+                "Aggregated ranks per width: median over seeds [min, max].",
+                [
+                    ("series", _get("series")),
+                    ("site", _get("site")),
+                    ("width", _get("width")),
+                    ("R1", spread("soft_rank")),
+                    ("R2", spread("hard_rank")),
+                    ("seeds", lambda r: num(r.get("soft_rank", {}).get("n_seeds"))),
+                ],
+                prow,
+                collapsed=True,
+            ),
+        ],
+    )
 
 
 def _pair_beta(row: dict, kind: str, side: str) -> str:
@@ -148,28 +193,59 @@ def _pair_beta(row: dict, kind: str, side: str) -> str:
 
 def _q2(d: dict) -> Section:
     q = d["q2_matched_loss"]
-    cols = [("width", _get("width")), ("series A", _get("series_a")), ("series B", _get("series_b")),
-            ("val loss A", _get("val_loss_a", 4)), ("val loss B", _get("val_loss_b", 4)),
-            ("B − A", _get("loss_diff", 4)),
-            ("β_hard A", lambda r: _pair_beta(r, "hard", "a")), ("β_hard B", lambda r: _pair_beta(r, "hard", "b")),
-            ("β_soft A / B", lambda r: f"{num(r.get('beta_soft_a'))} / {num(r.get('beta_soft_b'))}"),
-            ("Δβ A / B", lambda r: f"{num(r.get('beta_delta_a'))} / {num(r.get('beta_delta_b'))}")]
+    cols = [
+        ("width", _get("width")),
+        ("series A", _get("series_a")),
+        ("series B", _get("series_b")),
+        ("val loss A", _get("val_loss_a", 4)),
+        ("val loss B", _get("val_loss_b", 4)),
+        ("B − A", _get("loss_diff", 4)),
+        ("β_hard A", lambda r: _pair_beta(r, "hard", "a")),
+        ("β_hard B", lambda r: _pair_beta(r, "hard", "b")),
+        ("β_soft A / B", lambda r: f"{num(r.get('beta_soft_a'))} / {num(r.get('beta_soft_b'))}"),
+        ("Δβ A / B", lambda r: f"{num(r.get('beta_delta_a'))} / {num(r.get('beta_delta_b'))}"),
+    ]
     for bucket in ALL_BUCKETS:
-        cols.append((f"R2/D {bucket.upper()} A / B",
-                     lambda r, b=bucket: f"{num(r.get(f'hard_frac_{b}_a'))} / {num(r.get(f'hard_frac_{b}_b'))}"))
-    cols += [("log(R1/R2) A / B", lambda r: f"{num(r.get('asymmetry_a'))} / {num(r.get('asymmetry_b'))}"),
-             ("geometry", _get("geometry"))]
-    losses = [("series", _get("series")), ("width", _get("width")), ("val loss", _get("val_loss", 4)),
-              ("min", _get("val_loss_min", 4)), ("max", _get("val_loss_max", 4)), ("seeds", _get("n_seeds"))]
-    return Section("q2", "2. Same loss, same geometry? Matched-loss pairs", [
-        (f"Pairs of series (different optimizer or step budget, same architecture) whose final validation loss, "
-         f"median over seeds, agrees within {q['tolerance']:g} nats at a common width. 'different': the β_soft or "
-         "β_hard t-intervals of the two series are disjoint — equal loss, different spectral geometry."),
-    ], ["matched_loss"], [
-        _table("Matched-loss pairs.", cols, q["pairs"], lambda r: r["geometry"] == "different",
-               empty="no pair of series agrees within the tolerance at a common width"),
-        _table("Final validation loss per series and width.", losses, q["loss_by_width"], collapsed=True),
-    ])
+        cols.append(
+            (
+                f"R2/D {bucket.upper()} A / B",
+                lambda r, b=bucket: f"{num(r.get(f'hard_frac_{b}_a'))} / {num(r.get(f'hard_frac_{b}_b'))}",
+            )
+        )
+    cols += [
+        ("log(R1/R2) A / B", lambda r: f"{num(r.get('asymmetry_a'))} / {num(r.get('asymmetry_b'))}"),
+        ("geometry", _get("geometry")),
+    ]
+    losses = [
+        ("series", _get("series")),
+        ("width", _get("width")),
+        ("val loss", _get("val_loss", 4)),
+        ("min", _get("val_loss_min", 4)),
+        ("max", _get("val_loss_max", 4)),
+        ("seeds", _get("n_seeds")),
+    ]
+    return Section(
+        "q2",
+        "2. Same loss, same geometry? Matched-loss pairs",
+        [
+            (
+                f"Pairs of series (different optimizer or step budget, same architecture) whose final validation loss, "
+                f"median over seeds, agrees within {q['tolerance']:g} nats at a common width. 'different': the β_soft or "
+                "β_hard t-intervals of the two series are disjoint — equal loss, different spectral geometry."
+            ),
+        ],
+        ["matched_loss"],
+        [
+            _table(
+                "Matched-loss pairs.",
+                cols,
+                q["pairs"],
+                lambda r: r["geometry"] == "different",
+                empty="no pair of series agrees within the tolerance at a common width",
+            ),
+            _table("Final validation loss per series and width.", losses, q["loss_by_width"], collapsed=True),
+        ],
+    )
 
 
 def _q3(d: dict) -> Section:
@@ -181,112 +257,258 @@ def _q3(d: dict) -> Section:
     regions = [*REGIONS, "unknown"]
     count_rows = [{"series": s, **c} for s, c in sorted(counts.items())]
     delta = [b for b in d["betas"] if b["bucket"] == "all"]
-    return Section("q3", "3. How is capacity structured? Asymmetry Δβ and the phase map", [
-        ("Δβ = β_soft − β_hard: how much faster the count of used directions grows than the count of directions "
-         "sharing the energy. Δβ > 0 means the spectrum grows more unequal with width."),
-        (f"Phase regions (r1 = R1/D, r2 = R2/D; thresholds are parameters — the paper gives none): impossible if "
-         f"r2 > r1; collapsed if r1 < {t['collapsed_soft']:g}; brittle if r2/r1 < {t['brittle_ratio']:g} "
-         f"(asymmetry log(R1/R2) > {math.log(1 / t['brittle_ratio']):.2f}); broad if r1 ≥ {t['broad_soft']:g}; "
-         "compact otherwise. Each run's final aggregated ranks, bucket all."),
-    ], ["asymmetry", "phase_map"], [
-        _table("Δβ per series and site, all tokens.",
-               [("series", _get("series")), ("site", _get("site")), ("Δβ [95% CI]", lambda r: beta(r["beta_delta"])),
-                ("Δβ bootstrap", lambda r: boot(r["beta_delta"])), ("β_soft", lambda r: num(r["beta_soft"]["beta"])),
-                ("β_hard", lambda r: num(r["beta_hard"]["beta"])), ("notes", _notes)], delta, _flag),
-        _table("Runs per phase region.", [("series", _get("series"))] + [
-            (reg, lambda r, reg=reg: str(r.get(reg, 0))) for reg in regions], count_rows),
-        _table("Phase map points (one per run).",
-               [("run", _get("name")), ("series", _get("series")), ("width", _get("width")), ("seed", _get("seed")),
-                ("R1/D", _get("soft_frac")), ("R2/D", _get("hard_frac")), ("R2/R1", _get("balance")),
-                ("region", _get("region")), ("sampling", _get("worst_status"))], q["phase"],
-               lambda r: r["region"] == "impossible" or r["worst_status"] != "well_sampled", collapsed=True),
-    ])
+    return Section(
+        "q3",
+        "3. How is capacity structured? Asymmetry Δβ and the phase map",
+        [
+            (
+                "Δβ = β_soft − β_hard: how much faster the count of used directions grows than the count of directions "
+                "sharing the energy. Δβ > 0 means the spectrum grows more unequal with width."
+            ),
+            (
+                f"Phase regions (r1 = R1/D, r2 = R2/D; thresholds are parameters — the paper gives none): impossible if "
+                f"r2 > r1; collapsed if r1 < {t['collapsed_soft']:g}; brittle if r2/r1 < {t['brittle_ratio']:g} "
+                f"(asymmetry log(R1/R2) > {math.log(1 / t['brittle_ratio']):.2f}); broad if r1 ≥ {t['broad_soft']:g}; "
+                "compact otherwise. Each run's final aggregated ranks, bucket all."
+            ),
+        ],
+        ["asymmetry", "phase_map"],
+        [
+            _table(
+                "Δβ per series and site, all tokens.",
+                [
+                    ("series", _get("series")),
+                    ("site", _get("site")),
+                    ("Δβ [95% CI]", lambda r: beta(r["beta_delta"])),
+                    ("Δβ bootstrap", lambda r: boot(r["beta_delta"])),
+                    ("β_soft", lambda r: num(r["beta_soft"]["beta"])),
+                    ("β_hard", lambda r: num(r["beta_hard"]["beta"])),
+                    ("notes", _notes),
+                ],
+                delta,
+                _flag,
+            ),
+            _table(
+                "Runs per phase region.",
+                [("series", _get("series"))] + [(reg, lambda r, reg=reg: str(r.get(reg, 0))) for reg in regions],
+                count_rows,
+            ),
+            _table(
+                "Phase map points (one per run).",
+                [
+                    ("run", _get("name")),
+                    ("series", _get("series")),
+                    ("width", _get("width")),
+                    ("seed", _get("seed")),
+                    ("R1/D", _get("soft_frac")),
+                    ("R2/D", _get("hard_frac")),
+                    ("R2/R1", _get("balance")),
+                    ("region", _get("region")),
+                    ("sampling", _get("worst_status")),
+                ],
+                q["phase"],
+                lambda r: r["region"] == "impossible" or r["worst_status"] != "well_sampled",
+                collapsed=True,
+            ),
+        ],
+    )
 
 
 def _q4(d: dict) -> Section:
     q = d["q4_regimes"]
-    cap = [("series", _get("series")), ("width", _get("width")), ("tokens", lambda r: r["bucket"].upper()),
-           ("final val loss", _get("val_loss", 4)), ("R1", _get("soft_rank", 1)), ("R2", _get("hard_rank", 1)),
-           ("R1/D", _get("soft_frac")), ("R2/D", _get("hard_frac"))]
-    return Section("q4", "4. Where does capacity form? β by token regime", [
-        ("HEAD / MID / TAIL: token types by corpus frequency (the leading third of occurrences, the next third, "
-         "the rest); a row is bucketed by its input token. Rare-token (TAIL) representations are where learning is "
-         "hardest; the paper reports AdamW β_hard ≈ 0.44 there against ≈ 1.02 for Muon (GPT-2 160M)."),
-        "Per-bucket validation loss is shown beside the per-bucket capacity of the same runs.",
-    ], ["regimes", "bucket_loss"], [
-        _table("β by token regime.", _beta_columns(True, False), q["betas"], _flag),
-        _table("Per-bucket final validation loss and capacity (median over seeds).", cap, q["bucket_capacity"],
-               collapsed=True),
-    ])
+    cap = [
+        ("series", _get("series")),
+        ("width", _get("width")),
+        ("tokens", lambda r: r["bucket"].upper()),
+        ("final val loss", _get("val_loss", 4)),
+        ("R1", _get("soft_rank", 1)),
+        ("R2", _get("hard_rank", 1)),
+        ("R1/D", _get("soft_frac")),
+        ("R2/D", _get("hard_frac")),
+    ]
+    return Section(
+        "q4",
+        "4. Where does capacity form? β by token regime",
+        [
+            (
+                "HEAD / MID / TAIL: token types by corpus frequency (the leading third of occurrences, the next third, "
+                "the rest); a row is bucketed by its input token. Rare-token (TAIL) representations are where learning is "
+                "hardest; the paper reports AdamW β_hard ≈ 0.44 there against ≈ 1.02 for Muon (GPT-2 160M)."
+            ),
+            "Per-bucket validation loss is shown beside the per-bucket capacity of the same runs.",
+        ],
+        ["regimes", "bucket_loss"],
+        [
+            _table("β by token regime.", _beta_columns(True, False), q["betas"], _flag),
+            _table(
+                "Per-bucket final validation loss and capacity (median over seeds).",
+                cap,
+                q["bucket_capacity"],
+                collapsed=True,
+            ),
+        ],
+    )
 
 
 def _q5(d: dict) -> Section:
     q = d["q5_optimizer_architecture"]
     axes = q["arch_axes"]
-    text = ("Architecture axes varied: " + ", ".join(axes) + ". " if axes else
-            "No architecture axis varied in this sweep, so only optimizer effects are shown. ")
-    text += ("Optimizer effect: spread of β across optimizer settings on one architecture; architecture effect: "
-             "spread of β across architectures for one optimizer setting. Each spread compares β refitted on "
-             "the widths the compared series share, so that curvature over a wider range is not read as an effect.")
+    text = (
+        "Architecture axes varied: " + ", ".join(axes) + ". "
+        if axes
+        else "No architecture axis varied in this sweep, so only optimizer effects are shown. "
+    )
+    text += (
+        "Optimizer effect: spread of β across optimizer settings on one architecture; architecture effect: "
+        "spread of β across architectures for one optimizer setting. Each spread compares β refitted on "
+        "the widths the compared series share, so that curvature over a wider range is not read as an effect."
+    )
 
     def cell(kind):
-        return lambda r: f"{num(r[f'{kind}_beta'])} {interval(r[f'{kind}_ci_low'], r[f'{kind}_ci_high'])}" if r[
-            f"{kind}_fittable"] else "not fittable"
+        return lambda r: (
+            f"{num(r[f'{kind}_beta'])} {interval(r[f'{kind}_ci_low'], r[f'{kind}_ci_high'])}"
+            if r[f"{kind}_fittable"]
+            else "not fittable"
+        )
 
-    return Section("q5", "5. Optimizer or architecture: which moves β more?", [text], ["optimizer_architecture"], [
-        _table("β per optimizer setting × architecture (all tokens).",
-               [("optimizer setting", _get("setting")), ("architecture", lambda r: r["arch"] or "(single)"),
-                ("β_soft", cell("soft")), ("β_hard", cell("hard")), ("Δβ", cell("delta"))], q["cells"]),
-        _table("Spans of β, each refitted on the widths its series share.",
-               [("effect", _get("kind")), ("within", lambda r: r["within"] or "(single)"),
-                ("β", _get("metric")), ("span", _get("span")), ("highest", _get("highest")),
-                ("lowest", _get("lowest")), ("compared", _get("n_compared")),
-                ("widths", lambda r: ", ".join(str(w) for w in r["widths"]))], q["effects"],
-               empty="fewer than two settings or architectures with 3 shared widths to compare"),
-        _table("Median spans.", [("β", _get("metric")), ("optimizer", _get("optimizer_span")),
-                                 ("architecture", _get("architecture_span")),
-                                 ("larger", lambda r: r["larger"] or "—")], q["summary"]),
-    ])
+    return Section(
+        "q5",
+        "5. Optimizer or architecture: which moves β more?",
+        [text],
+        ["optimizer_architecture"],
+        [
+            _table(
+                "β per optimizer setting × architecture (all tokens).",
+                [
+                    ("optimizer setting", _get("setting")),
+                    ("architecture", lambda r: r["arch"] or "(single)"),
+                    ("β_soft", cell("soft")),
+                    ("β_hard", cell("hard")),
+                    ("Δβ", cell("delta")),
+                ],
+                q["cells"],
+            ),
+            _table(
+                "Spans of β, each refitted on the widths its series share.",
+                [
+                    ("effect", _get("kind")),
+                    ("within", lambda r: r["within"] or "(single)"),
+                    ("β", _get("metric")),
+                    ("span", _get("span")),
+                    ("highest", _get("highest")),
+                    ("lowest", _get("lowest")),
+                    ("compared", _get("n_compared")),
+                    ("widths", lambda r: ", ".join(str(w) for w in r["widths"])),
+                ],
+                q["effects"],
+                empty="fewer than two settings or architectures with 3 shared widths to compare",
+            ),
+            _table(
+                "Median spans.",
+                [
+                    ("β", _get("metric")),
+                    ("optimizer", _get("optimizer_span")),
+                    ("architecture", _get("architecture_span")),
+                    ("larger", lambda r: r["larger"] or "—"),
+                ],
+                q["summary"],
+            ),
+        ],
+    )
 
 
 def _training(d: dict) -> Section:
-    cols = [("run", _get("run_id")), ("series", _get("series")), ("width", _get("width")), ("seed", _get("seed")),
-            ("val loss", _get("final_val_loss", 4)), ("HEAD", _get("final_val_loss_head", 4)),
-            ("MID", _get("final_val_loss_mid", 4)), ("TAIL", _get("final_val_loss_tail", 4))]
-    return Section("training", "Training: loss curves and rank trajectories", [
-        ("Ranks per unit width over training (median over layers) show whether the final aggregate was taken on a "
-         "plateau or while ranks were still moving."),
-    ], ["loss_curves", "rank_trajectories"], [_table("Final validation losses per run.", cols, d["training"]["final"],
-                                                     collapsed=True)])
+    cols = [
+        ("run", _get("run_id")),
+        ("series", _get("series")),
+        ("width", _get("width")),
+        ("seed", _get("seed")),
+        ("val loss", _get("final_val_loss", 4)),
+        ("HEAD", _get("final_val_loss_head", 4)),
+        ("MID", _get("final_val_loss_mid", 4)),
+        ("TAIL", _get("final_val_loss_tail", 4)),
+    ]
+    return Section(
+        "training",
+        "Training: loss curves and rank trajectories",
+        [
+            (
+                "Ranks per unit width over training (median over layers) show whether the final aggregate was taken on a "
+                "plateau or while ranks were still moving."
+            ),
+        ],
+        ["loss_curves", "rank_trajectories"],
+        [_table("Final validation losses per run.", cols, d["training"]["final"], collapsed=True)],
+    )
 
 
 def _reliability(d: dict) -> Section:
     low = d["reliability"]["low_nd"]
-    cols = [("run", _get("name")), ("series", _get("series")), ("width", _get("width")), ("seed", _get("seed")),
-            ("site", _get("site")), ("tokens", lambda r: r["bucket"].upper()), ("sampling", _get("worst_status")),
-            ("min N/D", _get("min_samples_per_dim", 1))]
-    text = (f"{len(low)} of {d['reliability']['n_aggregates']} aggregates (run × site × bucket) use records with "
-            "fewer than 10 samples per dimension (N/D); their ranks are biased low by sampling, most in TAIL buckets "
-            "and at large widths. They are kept in the fits and flagged (highlighted rows; 'N/D < 10' in the notes)."
-            if low else "Every aggregate rests on well-sampled records (N/D ≥ 10).")
-    return Section("reliability", "Reliability: samples per dimension", [text], [], [
-        _table("Aggregates with N/D below 10.", cols, low, lambda r: True, collapsed=len(low) > 12)])
+    cols = [
+        ("run", _get("name")),
+        ("series", _get("series")),
+        ("width", _get("width")),
+        ("seed", _get("seed")),
+        ("site", _get("site")),
+        ("tokens", lambda r: r["bucket"].upper()),
+        ("sampling", _get("worst_status")),
+        ("min N/D", _get("min_samples_per_dim", 1)),
+    ]
+    text = (
+        f"{len(low)} of {d['reliability']['n_aggregates']} aggregates (run × site × bucket) use records with "
+        "fewer than 10 samples per dimension (N/D); their ranks are biased low by sampling, most in TAIL buckets "
+        "and at large widths. They are kept in the fits and flagged (highlighted rows; 'N/D < 10' in the notes)."
+        if low
+        else "Every aggregate rests on well-sampled records (N/D ≥ 10)."
+    )
+    return Section(
+        "reliability",
+        "Reliability: samples per dimension",
+        [text],
+        [],
+        [_table("Aggregates with N/D below 10.", cols, low, lambda r: True, collapsed=len(low) > 12)],
+    )
 
 
 def _runs(d: dict) -> Section:
-    excluded = [("run", _get("run_id")), ("name", _get("name")), ("status", _get("status")),
-                ("reason", _get("reason")), ("step", _get("step")), ("label", _get("label")), ("width", _get("width"))]
+    excluded = [
+        ("run", _get("run_id")),
+        ("name", _get("name")),
+        ("status", _get("status")),
+        ("reason", _get("reason")),
+        ("step", _get("step")),
+        ("label", _get("label")),
+        ("width", _get("width")),
+    ]
     arch = d["sweep"]["arch_axes"]
-    analysed = [("run", _get("run_id")), ("name", _get("name")), ("series", _get("series")),
-                ("optimizer", _get("optimizer")), ("steps", _get("steps")), ("width", _get("width")),
-                ("seed", _get("seed"))] + [(a, _get(a)) for a in arch] + [("final val loss", _get("final_val_loss", 4))]
-    return Section("runs", "Runs", [
-        (f"{d['sweep']['n_runs_analysed']} run(s) analysed, {d['sweep']['n_runs_excluded']} not analysed "
-         "(failed, diverged, unfinished or unreadable runs are listed here and left out of every fit).")
-    ], [], [
-        _table("Runs not analysed.", excluded, d["excluded_runs"], lambda r: r["status"] in ("failed", "diverged")),
-        _table("Runs analysed.", analysed, d["runs"], collapsed=True),
-    ])
+    analysed = (
+        [
+            ("run", _get("run_id")),
+            ("name", _get("name")),
+            ("series", _get("series")),
+            ("optimizer", _get("optimizer")),
+            ("steps", _get("steps")),
+            ("width", _get("width")),
+            ("seed", _get("seed")),
+        ]
+        + [(a, _get(a)) for a in arch]
+        + [("final val loss", _get("final_val_loss", 4))]
+    )
+    return Section(
+        "runs",
+        "Runs",
+        [
+            (
+                f"{d['sweep']['n_runs_analysed']} run(s) analysed, {d['sweep']['n_runs_excluded']} not analysed "
+                "(failed, diverged, unfinished or unreadable runs are listed here and left out of every fit)."
+            )
+        ],
+        [],
+        [
+            _table("Runs not analysed.", excluded, d["excluded_runs"], lambda r: r["status"] in ("failed", "diverged")),
+            _table("Runs analysed.", analysed, d["runs"], collapsed=True),
+        ],
+    )
 
 
 def _parameters(d: dict) -> Section:
@@ -296,8 +518,12 @@ def _parameters(d: dict) -> Section:
         ("last_k", p["last_k"], p["aggregation"]),
         ("tolerance", p["tolerance"], "matched-loss tolerance on the final validation loss (nats)"),
         ("confidence", p["confidence"], p["fit"]),
-        ("n_resamples", p["n_resamples"], "bootstrap resamples (seed " + str(p["bootstrap_seed"]) + "); over seeds "
-         "when every width has ≥ 3, else over the layers of the width's runs"),
+        (
+            "n_resamples",
+            p["n_resamples"],
+            "bootstrap resamples (seed " + str(p["bootstrap_seed"]) + "); over seeds "
+            "when every width has ≥ 3, else over the layers of the width's runs",
+        ),
         ("site", p["site"], "headline site (paper: post-activation)"),
         ("collapsed_soft", ph["collapsed_soft"], "phase map: collapsed if R1/D below"),
         ("brittle_ratio", ph["brittle_ratio"], "phase map: brittle if R2/R1 below"),
@@ -305,21 +531,47 @@ def _parameters(d: dict) -> Section:
         ("impossible_tol", ph["impossible_tol"], "phase map: impossible if R2/D > (R1/D)·(1 + tol)"),
     ]
     versions = [{"package": k, "version": v} for k, v in d["versions"].items()]
-    return Section("parameters", "Parameters and versions", [], [], [
-        _table("Analysis parameters.", [("parameter", lambda r: r[0]),
-                                        ("value", lambda r: f"{r[1]:g}" if isinstance(r[1], float) else str(r[1])),
-                                        ("meaning", lambda r: r[2])], rows),
-        _table("Versions.", [("package", _get("package")), ("version", _get("version"))], versions),
-    ])
+    return Section(
+        "parameters",
+        "Parameters and versions",
+        [],
+        [],
+        [
+            _table(
+                "Analysis parameters.",
+                [
+                    ("parameter", lambda r: r[0]),
+                    ("value", lambda r: f"{r[1]:g}" if isinstance(r[1], float) else str(r[1])),
+                    ("meaning", lambda r: r[2]),
+                ],
+                rows,
+            ),
+            _table("Versions.", [("package", _get("package")), ("version", _get("version"))], versions),
+        ],
+    )
 
 
 def _appendix(d: dict) -> Section:
-    return Section("all-betas", "Appendix: every fit", [
-        "β_soft, β_hard and Δβ for every series × site × token bucket (also in report.json under 'betas')."
-    ], [], [_table("All fits.", _beta_columns(True, True), d["betas"], _flag, collapsed=True)])
+    return Section(
+        "all-betas",
+        "Appendix: every fit",
+        ["β_soft, β_hard and Δβ for every series × site × token bucket (also in report.json under 'betas')."],
+        [],
+        [_table("All fits.", _beta_columns(True, True), d["betas"], _flag, collapsed=True)],
+    )
 
 
 def sections(d: dict) -> list[Section]:
     """The report body in order: the five questions, then training, reliability, runs, parameters."""
-    return [_q1(d), _q2(d), _q3(d), _q4(d), _q5(d), _training(d), _reliability(d), _runs(d), _parameters(d),
-            _appendix(d)]
+    return [
+        _q1(d),
+        _q2(d),
+        _q3(d),
+        _q4(d),
+        _q5(d),
+        _training(d),
+        _reliability(d),
+        _runs(d),
+        _parameters(d),
+        _appendix(d),
+    ]

@@ -33,11 +33,19 @@ def _table(t: Table) -> str:
 def render_markdown(data: dict, figure_files: dict[str, str]) -> str:
     """``figure_files``: figure name → path relative to report.md."""
     sweep = data["sweep"]
-    out = [f"# capscale report — {_cell(sweep['name'])}", "",
-           (f"{sweep['n_runs_analysed']} runs analysed in {len(sweep['series'])} series, FFN widths "
+    out = [
+        f"# capscale report — {_cell(sweep['name'])}",
+        "",
+        (
+            f"{sweep['n_runs_analysed']} runs analysed in {len(sweep['series'])} series, FFN widths "
             f"{', '.join(str(w) for w in sweep['widths'])}; generated {data['generated']} by capscale "
-            f"{data['versions']['capscale']}. Rows marked ⚑ are flagged (not fittable, N/D < 10, or as noted)."), "",
-           "## Summary", "", _table(headline_table(data))]
+            f"{data['versions']['capscale']}. Rows marked ⚑ are flagged (not fittable, N/D < 10, or as noted)."
+        ),
+        "",
+        "## Summary",
+        "",
+        _table(headline_table(data)),
+    ]
     out += [f"- {_cell(f)}" for f in data["summary"]["findings"]]
     for s in sections(data):
         out += ["", f"## {_cell(s.title)}", ""]

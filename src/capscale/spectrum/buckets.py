@@ -72,9 +72,7 @@ class FrequencyTable:
 
     # -- construction ------------------------------------------------------
     @classmethod
-    def from_token_ids(
-        cls, batches: Iterable, vocab_size: int | None = None, cuts=(0.33, 0.67)
-    ) -> FrequencyTable:
+    def from_token_ids(cls, batches: Iterable, vocab_size: int | None = None, cuts=(0.33, 0.67)) -> FrequencyTable:
         """Count token ids from any iterable of id arrays (NumPy, torch, lists)."""
         counts = np.zeros(0 if vocab_size is None else int(vocab_size), dtype=np.int64)
         for ids in batches:
@@ -84,9 +82,7 @@ class FrequencyTable:
             if not np.issubdtype(a.dtype, np.integer):
                 raise ValueError(f"token ids must be integers, got dtype {a.dtype}")
             if a.min() < 0 or (vocab_size is not None and a.max() >= vocab_size):
-                raise ValueError(
-                    f"token id out of range [0, {vocab_size}): min {a.min()}, max {a.max()}"
-                )
+                raise ValueError(f"token id out of range [0, {vocab_size}): min {a.min()}, max {a.max()}")
             b = np.bincount(a, minlength=counts.size)
             if b.size > counts.size:
                 counts = np.pad(counts, (0, b.size - counts.size))
@@ -166,9 +162,7 @@ class FrequencyTable:
 
     def __eq__(self, other) -> bool:
         return (
-            isinstance(other, FrequencyTable)
-            and self.cuts == other.cuts
-            and np.array_equal(self.counts, other.counts)
+            isinstance(other, FrequencyTable) and self.cuts == other.cuts and np.array_equal(self.counts, other.counts)
         )
 
     def __repr__(self) -> str:
@@ -240,8 +234,11 @@ class BucketedCovariance:
 
         k = len(self.buckets)
         xt = x if is_torch(x) else torch.from_numpy(np.asarray(x))
-        b = torch.as_tensor(to_numpy(bucket_ids) if not is_torch(bucket_ids) else bucket_ids,
-                            device=xt.device).reshape(-1).long()
+        b = (
+            torch.as_tensor(to_numpy(bucket_ids) if not is_torch(bucket_ids) else bucket_ids, device=xt.device)
+            .reshape(-1)
+            .long()
+        )
         lo, hi = torch.aminmax(b)
         _check_bucket_range(int(lo), int(hi), k)
         if mask is not None:

@@ -109,8 +109,7 @@ def clamp_spectrum(raw: np.ndarray) -> np.ndarray:
     max_abs = float(np.abs(raw).max())
     if max_abs <= EIG_FLOOR:
         raise ValueError(
-            f"all-zero variance: every eigenvalue is ≤ {EIG_FLOOR:g} (constant features?); "
-            "ranks are undefined"
+            f"all-zero variance: every eigenvalue is ≤ {EIG_FLOOR:g} (constant features?); ranks are undefined"
         )
     lo = float(raw.min())
     if lo < -INDEFINITE_RTOL * max_abs:
@@ -182,9 +181,7 @@ class StreamingCovariance:
     def __init__(self, dim: int, *, dtype: Any = "float64", device: Any = None):
         dim = int(dim)
         if dim < 2:
-            raise ValueError(
-                f"dim must be >= 2, got {dim}: a spectrum of one eigenvalue has rank 1 by definition"
-            )
+            raise ValueError(f"dim must be >= 2, got {dim}: a spectrum of one eigenvalue has rank 1 by definition")
         self.dim = dim
         self.dtype = dtype_name(dtype)
         self.device = device
@@ -377,9 +374,7 @@ class StreamingCovariance:
     def covariance(self):
         """Unbiased covariance ``scatter / (N - 1)`` in float64 (NumPy, or torch on the state's device)."""
         if self.count < 2:
-            raise InsufficientSamplesError(
-                f"need at least 2 samples for a covariance, have {self.count}"
-            )
+            raise InsufficientSamplesError(f"need at least 2 samples for a covariance, have {self.count}")
         if self.device is None:
             return self.scatter.astype(np.float64) / (self.count - 1)
         return self.scatter.double() / (self.count - 1)

@@ -51,8 +51,12 @@ def _result(name: str, run_dir: Path, seconds: float, stderr: str = "") -> RunRe
     return RunResult(name, status, st.get("step"), reason, seconds)
 
 
-def run_local(runs: dict[str, Path], *, workers: int | None = None,
-              on_event: Callable[[str, RunResult | None], None] = lambda *_: None) -> list[RunResult]:
+def run_local(
+    runs: dict[str, Path],
+    *,
+    workers: int | None = None,
+    on_event: Callable[[str, RunResult | None], None] = lambda *_: None,
+) -> list[RunResult]:
     """Run each pending run dir in a subprocess, ``workers`` at a time."""
     workers = workers or default_workers()
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -64,8 +68,12 @@ def run_local(runs: dict[str, Path], *, workers: int | None = None,
         while queue and len(active) < workers:
             name, run_dir = queue.pop(0)
             err = open(run_dir / "worker.log", "w")
-            proc = subprocess.Popen([sys.executable, "-m", "capscale.sweep.worker", str(run_dir)],
-                                    env=env, stdout=subprocess.DEVNULL, stderr=err)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "capscale.sweep.worker", str(run_dir)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
             active[name] = (proc, run_dir, time.perf_counter(), err)
             on_event(name, None)
         time.sleep(0.2)
@@ -78,8 +86,14 @@ def run_local(runs: dict[str, Path], *, workers: int | None = None,
     return results
 
 
-def run_submitit(runs: dict[str, Path], folder: Path, *, local: bool = False, slurm: dict | None = None,
-                 on_event: Callable[[str, RunResult | None], None] = lambda *_: None) -> list[RunResult]:
+def run_submitit(
+    runs: dict[str, Path],
+    folder: Path,
+    *,
+    local: bool = False,
+    slurm: dict | None = None,
+    on_event: Callable[[str, RunResult | None], None] = lambda *_: None,
+) -> list[RunResult]:
     """One submitit job per run: SLURM (``slurm`` = executor parameters) or submitit's local executor."""
     try:
         import submitit

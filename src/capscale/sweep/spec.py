@@ -56,8 +56,14 @@ class SweepSpec:
         return spec
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "base": self.base, "base_config": self.base_config, "axes": self.axes,
-                "extra": self.extra, "analysis": self.analysis}
+        return {
+            "name": self.name,
+            "base": self.base,
+            "base_config": self.base_config,
+            "axes": self.axes,
+            "extra": self.extra,
+            "analysis": self.analysis,
+        }
 
     def runs(self) -> dict[str, RunConfig]:
         """All run configs by run name (grid first, then extra arms; duplicates merged)."""
@@ -151,10 +157,21 @@ SWEEP_PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "name": "demo",
         "base": "smoke",
-        "base_config": {"model.d_model": 64, "model.n_head": 2, "model.n_layer": 2, "model.seq_len": 64,
-                        "data.max_tokens": 600_000, "data.tokenizer": "bytebpe:1024",
-                        "train.steps": 300, "train.batch_size": 16, "train.eval_every": 50, "train.log_every": 10,
-                        "train.checkpoint_every": 50, "telemetry.every": 25, "telemetry.window": 8},
+        "base_config": {
+            "model.d_model": 64,
+            "model.n_head": 2,
+            "model.n_layer": 2,
+            "model.seq_len": 64,
+            "data.max_tokens": 600_000,
+            "data.tokenizer": "bytebpe:1024",
+            "train.steps": 300,
+            "train.batch_size": 16,
+            "train.eval_every": 50,
+            "train.log_every": 10,
+            "train.checkpoint_every": 50,
+            "telemetry.every": 25,
+            "telemetry.window": 8,
+        },
         "axes": {"ffn_mult": [1, 2, 4, 8, 16], "optimizer": ["adamw", "muon"]},
         "analysis": {"last_k": 3},
     },
@@ -164,16 +181,26 @@ SWEEP_PRESETS: dict[str, dict[str, Any]] = {
         "base": "cpu",
         "axes": {
             "ffn_mult": [1, 2, 4, 8, 16],
-            "optimizer": ["adamw", "muon", "normuon",
-                          {"name": "dion", "label": "dion_r1_2", "params": {"rank_fraction": 0.5}},
-                          {"name": "dion", "label": "dion_r1_16", "params": {"rank_fraction": 0.0625}},
-                          "shampoo"],
+            "optimizer": [
+                "adamw",
+                "muon",
+                "normuon",
+                {"name": "dion", "label": "dion_r1_2", "params": {"rank_fraction": 0.5}},
+                {"name": "dion", "label": "dion_r1_16", "params": {"rank_fraction": 0.0625}},
+                "shampoo",
+            ],
             "seed": [0, 1, 2],
         },
         "extra": [
             {"axes": {"ffn_mult": [1, 2, 4, 8, 16], "optimizer": ["adamw"], "seed": [0, 1, 2], "steps": [1200]}},
-            {"axes": {"ffn_mult": [1, 2, 4, 8, 16], "optimizer": ["adamw", "muon"], "seed": [0],
-                      "arch": [{"label": "nope", "model": {"pos": "none"}}]}},
+            {
+                "axes": {
+                    "ffn_mult": [1, 2, 4, 8, 16],
+                    "optimizer": ["adamw", "muon"],
+                    "seed": [0],
+                    "arch": [{"label": "nope", "model": {"pos": "none"}}],
+                }
+            },
         ],
         "analysis": {"last_k": 5},
     },
@@ -182,9 +209,13 @@ SWEEP_PRESETS: dict[str, dict[str, Any]] = {
         "base": "paper-160m",
         "axes": {
             "ffn_mult": [1, 2, 3, 4, 5, 6, 7, 8],
-            "optimizer": ["adamw", "muon", "normuon",
-                          {"name": "dion", "label": "dion_r1_2", "params": {"rank_fraction": 0.5}},
-                          {"name": "dion", "label": "dion_r1_16", "params": {"rank_fraction": 0.0625}}],
+            "optimizer": [
+                "adamw",
+                "muon",
+                "normuon",
+                {"name": "dion", "label": "dion_r1_2", "params": {"rank_fraction": 0.5}},
+                {"name": "dion", "label": "dion_r1_16", "params": {"rank_fraction": 0.0625}},
+            ],
         },
         "extra": [{"axes": {"ffn_mult": [1, 2, 3, 4, 5, 6, 7, 8], "optimizer": ["adamw"], "steps": [12000]}}],
         "analysis": {"last_k": 5},

@@ -5,8 +5,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from capscale.sweep.executors import RunResult, run_local, run_submitit, write_request
 from capscale.sweep.spec import SweepSpec, _expand
@@ -65,8 +65,10 @@ def select_runs(runs: dict[str, Path], only: list[str] | None) -> dict[str, Path
         return runs
     for pattern in only:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in runs):
-            raise ValueError(f"--only {pattern!r} matches none of the sweep's {len(runs)} runs "
-                             f"(names look like {next(iter(runs))!r})")
+            raise ValueError(
+                f"--only {pattern!r} matches none of the sweep's {len(runs)} runs "
+                f"(names look like {next(iter(runs))!r})"
+            )
     return {n: d for n, d in runs.items() if any(fnmatch.fnmatchcase(n, p) for p in only)}
 
 
@@ -89,8 +91,14 @@ def sweep_status(spec: SweepSpec, out: str | Path) -> list[dict]:
         status = st["status"] if st else "not started"
         if status == "running" and not is_locked(runs[name]):
             status = "interrupted"
-        rows.append({"name": name, "status": status, "step": st["step"] if st else 0,
-                     "reason": st.get("reason") if st else None})
+        rows.append(
+            {
+                "name": name,
+                "status": status,
+                "step": st["step"] if st else 0,
+                "reason": st.get("reason") if st else None,
+            }
+        )
     return rows
 
 
@@ -106,9 +114,16 @@ def _prepare_data(spec: SweepSpec, log: Callable[[str], None]) -> None:
             load_data(cfg.data, log=log)
 
 
-def run_sweep(spec: SweepSpec, out: str | Path, *, workers: int | None = None, executor: str = "local",
-              slurm: dict | None = None, only: list[str] | None = None,
-              log: Callable[[str], None] = print) -> list[RunResult]:
+def run_sweep(
+    spec: SweepSpec,
+    out: str | Path,
+    *,
+    workers: int | None = None,
+    executor: str = "local",
+    slurm: dict | None = None,
+    only: list[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[RunResult]:
     """Run every unfinished run of ``spec`` under ``out`` (those matching ``only``, if given);
     finished runs are skipped."""
     if executor not in ("local", "slurm", "submitit-local"):
@@ -117,8 +132,10 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, workers: int | None = None, e
     runs = select_runs(planned, only)
     pending = pending_runs(spec, runs)
     chosen = f" ({len(runs)} chosen by --only)" if only else ""
-    log(f"sweep {spec.name}: {len(planned)} runs{chosen}, {len(runs) - len(pending)} already finished, "
-        f"{len(pending)} to run -> {Path(out)}")
+    log(
+        f"sweep {spec.name}: {len(planned)} runs{chosen}, {len(runs) - len(pending)} already finished, "
+        f"{len(pending)} to run -> {Path(out)}"
+    )
     if not pending:
         return []
     _prepare_data(spec, log)
@@ -130,16 +147,21 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, workers: int | None = None, e
             return
         done[0] += 1
         extra = f" ({res.reason})" if res.status != "done" and res.reason else ""
-        log(f"  {res.status:<8} {name} in {res.seconds:.0f}s{extra}  [{done[0]}/{len(pending)}, "
-            f"{time.perf_counter() - t0:.0f}s elapsed]")
+        log(
+            f"  {res.status:<8} {name} in {res.seconds:.0f}s{extra}  [{done[0]}/{len(pending)}, "
+            f"{time.perf_counter() - t0:.0f}s elapsed]"
+        )
 
     if executor == "local":
         results = run_local(pending, workers=workers, on_event=on_event)
     else:
-        results = run_submitit(pending, Path(out) / "submitit", local=executor == "submitit-local",
-                               slurm=slurm, on_event=on_event)
+        results = run_submitit(
+            pending, Path(out) / "submitit", local=executor == "submitit-local", slurm=slurm, on_event=on_event
+        )
     bad = [r for r in results if r.status not in ("done",)]
-    log(f"sweep {spec.name}: {len(results) - len(bad)} done, "
+    log(
+        f"sweep {spec.name}: {len(results) - len(bad)} done, "
         f"{sum(r.status == 'diverged' for r in results)} diverged, {sum(r.status == 'failed' for r in results)} failed "
-        f"in {time.perf_counter() - t0:.0f}s")
+        f"in {time.perf_counter() - t0:.0f}s"
+    )
     return results

@@ -74,7 +74,5 @@ def load_checkpoint(path: Path, *, config: dict) -> dict[str, Any]:
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}, expected {VERSION}")
     if ckpt.get("model_config") != config.get("model") or ckpt.get("optimizer_config") != config.get("optimizer"):
-        raise CheckpointError(
-            f"checkpoint {path} was written for a different model/optimizer config than this run's"
-        )
+        raise CheckpointError(f"checkpoint {path} was written for a different model/optimizer config than this run's")
     return ckpt

@@ -115,7 +115,12 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         d = copy.deepcopy(d)
         _check_keys(d, cls, "")
-        sections = {"optimizer": OptimizerConfig, "data": DataConfig, "train": TrainConfig, "telemetry": TelemetryConfig}
+        sections = {
+            "optimizer": OptimizerConfig,
+            "data": DataConfig,
+            "train": TrainConfig,
+            "telemetry": TelemetryConfig,
+        }
         kwargs: dict[str, Any] = {k: v for k, v in d.items() if k not in sections}
         for key, kind in sections.items():
             if key in d:
@@ -133,7 +138,9 @@ def _check_keys(d: Any, kind: type, prefix: str) -> None:
     valid = {f.name for f in fields(kind)}
     unknown = sorted(set(d) - valid)
     if unknown:
-        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid: {sorted(prefix + v for v in valid)}")
+        raise ValueError(
+            f"unknown config key(s) {[prefix + k for k in unknown]}; valid: {sorted(prefix + v for v in valid)}"
+        )
 
 
 # -- presets ------------------------------------------------------------------
@@ -144,8 +151,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "smoke",
         "model": {"seq_len": 32, "n_layer": 2, "n_head": 2, "d_model": 32, "ffn_mult": 4},
         "data": {"tokenizer": "bytebpe:512", "max_tokens": 200_000},
-        "train": {"steps": 30, "batch_size": 8, "eval_every": 10, "eval_batches": 2, "log_every": 5,
-                  "checkpoint_every": 10, "progress": False},
+        "train": {
+            "steps": 30,
+            "batch_size": 8,
+            "eval_every": 10,
+            "eval_batches": 2,
+            "log_every": 5,
+            "checkpoint_every": 10,
+            "progress": False,
+        },
         "telemetry": {"every": 10, "window": 2},
     },
     # the CPU study: small GPT, FFN ×1…×16 across a sweep
@@ -153,8 +167,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "cpu",
         "model": {"seq_len": 128, "n_layer": 4, "n_head": 4, "d_model": 128, "ffn_mult": 4},
         "data": {"tokenizer": "bytebpe:4096"},
-        "train": {"steps": 600, "batch_size": 16, "eval_every": 100, "eval_batches": 8, "log_every": 10,
-                  "checkpoint_every": 100},
+        "train": {
+            "steps": 600,
+            "batch_size": 16,
+            "eval_every": 100,
+            "eval_batches": 8,
+            "log_every": 10,
+            "checkpoint_every": 100,
+        },
         "telemetry": {"every": 25, "window": 4},
     },
     # the paper's GPT-2 160M: 12 × 768, FFN 768·{1…8}, 512 tokens × 1024 sequences, 6000 steps
@@ -162,8 +182,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "paper-160m",
         "model": {"vocab_size": 50304, "seq_len": 512, "n_layer": 12, "n_head": 12, "d_model": 768, "ffn_mult": 4},
         "data": {"source": "fineweb-edu", "tokenizer": "gpt2", "max_tokens": 3_300_000_000},
-        "train": {"steps": 6000, "batch_size": 1024, "micro_batch_size": 64, "eval_every": 200, "eval_batches": 20,
-                  "log_every": 10, "checkpoint_every": 500, "dtype": "bfloat16", "grad_clip": None},
+        "train": {
+            "steps": 6000,
+            "batch_size": 1024,
+            "micro_batch_size": 64,
+            "eval_every": 200,
+            "eval_batches": 20,
+            "log_every": 10,
+            "checkpoint_every": 500,
+            "dtype": "bfloat16",
+            "grad_clip": None,
+        },
         "telemetry": {"every": 200, "window": 1},
     },
 }
@@ -209,8 +238,14 @@ def _parse_value(text: str) -> Any:
 
 
 # Shorthands accepted by --set, e.g. ``--set optimizer=muon``.
-_ALIASES = {"optimizer": "optimizer.name", "width": "model.ffn_width", "ffn_mult": "model.ffn_mult",
-            "steps": "train.steps", "seed": "train.seed", "lr": "optimizer.params.lr"}
+_ALIASES = {
+    "optimizer": "optimizer.name",
+    "width": "model.ffn_width",
+    "ffn_mult": "model.ffn_mult",
+    "steps": "train.steps",
+    "seed": "train.seed",
+    "lr": "optimizer.params.lr",
+}
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
@@ -240,8 +275,9 @@ def _split_override(text: str) -> tuple[str, Any]:
     return key.strip(), _parse_value(value.strip())
 
 
-def resolve(preset: str | None = None, config_file: str | Path | None = None,
-            overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
+def resolve(
+    preset: str | None = None, config_file: str | Path | None = None, overrides: list[str] | dict[str, Any] = ()
+) -> RunConfig:
     """Preset and/or file, then overrides → a validated ``RunConfig``."""
     d: dict[str, Any] = {}
     if preset is not None:

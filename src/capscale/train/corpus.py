@@ -165,9 +165,7 @@ def _extract_works(sdist: Path, out: Path) -> list[dict]:
             (out / file).write_text(text, encoding="utf-8", newline="\n")
             section = file[: -len(".txt")]
             title = meta.get(section, "title", fallback=section.replace("_", " "))
-            works.append(
-                {"file": file, "title": title, "chars": len(text), "sha256": _sha256_file(out / file)}
-            )
+            works.append({"file": file, "title": title, "chars": len(text), "sha256": _sha256_file(out / file)})
     if len(works) != N_WORKS:
         raise ValueError(f"expected {N_WORKS} works in {sdist}, found {len(works)}")
     return works

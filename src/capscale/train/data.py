@@ -264,9 +264,7 @@ class TokenData:
         n = shard.n_tokens
         self.n_train = n - int(round(n * val_fraction))
         if self.n_train < 2 or n - self.n_train < 2:
-            raise ValueError(
-                f"{n} tokens cannot be split into train and validation with val_fraction={val_fraction}"
-            )
+            raise ValueError(f"{n} tokens cannot be split into train and validation with val_fraction={val_fraction}")
         self.train_tokens = shard.tokens[: self.n_train]
         self.val_tokens = shard.tokens[self.n_train :]
 
@@ -307,8 +305,7 @@ class TokenData:
         width, need = seq_len + 1, batch_size * world_size
         if self.n_train // width < need:
             raise ValueError(
-                f"the training split has {self.n_train:,} tokens: too few for "
-                f"{need} disjoint windows of {width} tokens"
+                f"the training split has {self.n_train:,} tokens: too few for {need} disjoint windows of {width} tokens"
             )
         rng = np.random.default_rng([_TRAIN_STREAM, seed, step, micro_step])
         phase = int(rng.integers(0, min(seq_len, self.n_train - need * width) + 1))
@@ -397,9 +394,7 @@ class TokenData:
         return table
 
 
-def load_data(
-    config: DataConfig | None = None, *, log: Callable[[str], None] | None = None, **overrides
-) -> TokenData:
+def load_data(config: DataConfig | None = None, *, log: Callable[[str], None] | None = None, **overrides) -> TokenData:
     """Source + tokenizer + shard + split in one call: ``load_data(tokenizer="bytes")``."""
     cfg = config or DataConfig()
     if overrides:

@@ -14,10 +14,11 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,8 +27,8 @@ import torch.distributed as dist
 import capscale
 from capscale.probe.sinks import Sink
 from capscale.train.checkpoint import (
-    load_checkpoint,
     list_checkpoints,
+    load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -73,8 +74,12 @@ def _device(name: str, d: Dist) -> torch.device:
 
 
 def _versions() -> dict[str, str]:
-    return {"capscale": capscale.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
+    return {
+        "capscale": capscale.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _comparable(cfg: dict) -> dict:
@@ -100,8 +105,11 @@ class Diverged(RuntimeError):
 
 def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) ``cfg`` in directory ``out``; returns the final status dict."""
-    d = _init_distributed("cuda" if (cfg.train.device == "auto" and torch.cuda.is_available())
-                          or cfg.train.device.startswith("cuda") else "cpu")
+    d = _init_distributed(
+        "cuda"
+        if (cfg.train.device == "auto" and torch.cuda.is_available()) or cfg.train.device.startswith("cuda")
+        else "cpu"
+    )
     device = _device(cfg.train.device, d)
     if cfg.train.dtype == "bfloat16" and device.type != "cuda":
         raise ValueError("train.dtype=bfloat16 is for CUDA; on CPU bf16 matmul is ~100x slower: use float32")
@@ -158,7 +166,8 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print
     model = raw_model
     if d.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+            raw_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     try:
         final = _loop(cfg, resolved, model, raw_model, opt, probe, sink, data, freq, run, d, device, start, say)
     except Diverged as exc:
@@ -200,9 +209,19 @@ def _attach_probe(cfg: RunConfig, model: GPT, freq, start: int):
     from capscale.probe import attach
 
     sink = _Collect()
-    probe = attach(model, sites=tuple(tel.sites), freq_table=freq if tel.buckets else None, every=tel.every,
-                   window=tel.window, dtype=tel.dtype, monitor_every=tel.monitor_every,
-                   total_steps=cfg.train.steps, start_step=start, sinks=[sink], mode="train")
+    probe = attach(
+        model,
+        sites=tuple(tel.sites),
+        freq_table=freq if tel.buckets else None,
+        every=tel.every,
+        window=tel.window,
+        dtype=tel.dtype,
+        monitor_every=tel.monitor_every,
+        total_steps=cfg.train.steps,
+        start_step=start,
+        sinks=[sink],
+        mode="train",
+    )
     return probe, sink
 
 
@@ -213,17 +232,34 @@ def _mid_window(probe) -> bool:
     return start is not None and start < probe.step_index
 
 
-def _loop(cfg, resolved: dict, model, raw_model, opt, probe, sink, data: TokenData, freq, run: RunDir, d: Dist,
-          device: torch.device, start: int, say) -> dict[str, Any]:
+def _loop(
+    cfg,
+    resolved: dict,
+    model,
+    raw_model,
+    opt,
+    probe,
+    sink,
+    data: TokenData,
+    freq,
+    run: RunDir,
+    d: Dist,
+    device: torch.device,
+    start: int,
+    say,
+) -> dict[str, Any]:
     t = cfg.train
     # batch_size counts sequences per optimizer step over all ranks and micro-batches;
     # micro_batch_size is one forward on one rank (default: no accumulation).
     micro = t.micro_batch_size or t.batch_size // d.world_size
     if micro < 1 or t.batch_size % (micro * d.world_size):
-        raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of micro_batch_size ({micro}) "
-                         f"x world size ({d.world_size})")
+        raise ValueError(
+            f"train.batch_size ({t.batch_size}) must be a multiple of micro_batch_size ({micro}) "
+            f"x world size ({d.world_size})"
+        )
     accum = t.batch_size // (micro * d.world_size)
     seq = cfg.model_config().seq_len
+
     def autocast():  # a fresh context per use; bf16 autocast only on CUDA (checked at start)
         return torch.autocast("cuda", dtype=torch.bfloat16) if t.dtype == "bfloat16" else nullcontext()
 
@@ -243,8 +279,9 @@ def _loop(cfg, resolved: dict, model, raw_model, opt, probe, sink, data: TokenDa
         model.train()
         loss_sum = torch.zeros((), device=device)
         for m in range(accum):
-            x, y = data.train_batch(micro, seq, seed=t.seed, step=it, micro_step=m,
-                                    rank=d.rank, world_size=d.world_size, device=device)
+            x, y = data.train_batch(
+                micro, seq, seed=t.seed, step=it, micro_step=m, rank=d.rank, world_size=d.world_size, device=device
+            )
             sync = model.no_sync() if (d.world_size > 1 and m < accum - 1) else nullcontext()
             with sync, autocast():
                 _, loss = model(x, y)
@@ -277,11 +314,14 @@ def _loop(cfg, resolved: dict, model, raw_model, opt, probe, sink, data: TokenDa
         is_eval = step % t.eval_every == 0 or step == t.steps
         if step % t.log_every == 0 or is_eval:
             now = time.perf_counter()
-            rec = {"step": step, "loss": loss_val, "lr": opt.param_groups[0]["lr"],
-                   "tokens_per_s": tokens_since / max(now - t_since, 1e-9)}
+            rec = {
+                "step": step,
+                "loss": loss_val,
+                "lr": opt.param_groups[0]["lr"],
+                "tokens_per_s": tokens_since / max(now - t_since, 1e-9),
+            }
             if is_eval:
-                rec.update(evaluate(model, raw_model, data, freq, micro, seq, t.eval_batches, d, device,
-                                    autocast))
+                rec.update(evaluate(model, raw_model, data, freq, micro, seq, t.eval_batches, d, device, autocast))
             pending.append(rec)
             tokens_since, t_since = 0, time.perf_counter()
         due = due or step % t.checkpoint_every == 0
@@ -289,8 +329,13 @@ def _loop(cfg, resolved: dict, model, raw_model, opt, probe, sink, data: TokenDa
             due = False
             if d.main:
                 run.append_metrics(pending)
-                payload = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
-                           "model_config": resolved["model"], "optimizer_config": resolved["optimizer"]}
+                payload = {
+                    "model": raw_model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "rng": rng_state(),
+                    "model_config": resolved["model"],
+                    "optimizer_config": resolved["optimizer"],
+                }
                 save_checkpoint(run.checkpoint_dir, step, payload, keep=t.keep_checkpoints)
                 run.write_status("running" if step < t.steps else "done", step)
             pending = []
@@ -304,8 +349,9 @@ def _loop(cfg, resolved: dict, model, raw_model, opt, probe, sink, data: TokenDa
 
 
 @torch.no_grad()
-def evaluate(model, raw_model, data: TokenData, freq, batch: int, seq: int, n_batches: int, d: Dist,
-             device, autocast) -> dict[str, float]:
+def evaluate(
+    model, raw_model, data: TokenData, freq, batch: int, seq: int, n_batches: int, d: Dist, device, autocast
+) -> dict[str, float]:
     """Validation loss overall and per HEAD/MID/TAIL bucket of the *target* token."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # all, head, mid, tail

@@ -60,19 +60,13 @@ class GPTConfig:
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):
             _check_int(name, getattr(self, name))
         if self.d_model % self.n_head:
-            raise ValueError(
-                f"GPTConfig: d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
-            )
+            raise ValueError(f"GPTConfig: d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"GPTConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}"
-            )
+            raise ValueError(f"GPTConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.pos not in POSITIONS:
             raise ValueError(f"GPTConfig.pos must be one of {POSITIONS}, got {self.pos!r}")
         if self.pos == "rope" and self.head_dim % 2:
-            raise ValueError(
-                f"GPTConfig: RoPE needs an even head dim, got d_model/n_head = {self.head_dim}"
-            )
+            raise ValueError(f"GPTConfig: RoPE needs an even head dim, got d_model/n_head = {self.head_dim}")
         if not isinstance(self.qk_norm, bool):
             raise ValueError(f"GPTConfig.qk_norm must be a bool, got {self.qk_norm!r}")
         if not (isinstance(self.rope_base, (int, float)) and self.rope_base > 1):
@@ -82,9 +76,7 @@ class GPTConfig:
                 "GPTConfig: give ffn_width (absolute) or ffn_mult (× d_model), not both "
                 f"(got ffn_width={self.ffn_width}, ffn_mult={self.ffn_mult})"
             )
-        if self.ffn_width is not None and (
-            isinstance(self.ffn_width, bool) or not isinstance(self.ffn_width, int)
-        ):
+        if self.ffn_width is not None and (isinstance(self.ffn_width, bool) or not isinstance(self.ffn_width, int)):
             raise ValueError(f"GPTConfig.ffn_width must be an int, got {self.ffn_width!r}")
         if self.ffn_mult is not None:
             if isinstance(self.ffn_mult, bool) or not isinstance(self.ffn_mult, (int, float)):
@@ -158,8 +150,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, S, D = x.shape
-        q, k, v = (lin(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)
-                   for lin in (self.c_q, self.c_k, self.c_v))
+        q, k, v = (
+            lin(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2) for lin in (self.c_q, self.c_k, self.c_v)
+        )
         if self.qk_norm:  # bounds attention logits; modded-nanoGPT's stabiliser
             q, k = rms_norm(q), rms_norm(k)
         if self.rotary is not None:
@@ -247,8 +240,10 @@ class GPT(nn.Module):
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
         loss = F.cross_entropy(
-            logits.float().view(B * S, -1), targets.reshape(B * S),
-            ignore_index=-1, reduction=reduction,
+            logits.float().view(B * S, -1),
+            targets.reshape(B * S),
+            ignore_index=-1,
+            reduction=reduction,
         )
         return logits, (loss if reduction == "mean" else loss.view(B, S))
 

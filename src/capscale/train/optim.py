@@ -158,17 +158,17 @@ def _normuon_rule(opt: Optimizer, group: dict) -> None:
         if p.grad is None:
             continue
         state, direction = _muon_momentum(opt, p, group)
-        O = newton_schulz(direction, group["ns_steps"], _ns_dtype(group["ns_dtype"], p.device)).float()
+        ortho = newton_schulz(direction, group["ns_steps"], _ns_dtype(group["ns_dtype"], p.device)).float()
         if "second_momentum" not in state:
             state["second_momentum"] = torch.zeros_like(p[:, :1])  # one per row (neuron)
         v = state["second_momentum"]
-        frob = O.norm()
-        v.lerp_(O.square().mean(dim=1, keepdim=True).to(v.dtype), 1 - beta2)
-        O.div_(v.float().sqrt().add_(1e-10))
+        frob = ortho.norm()
+        v.lerp_(ortho.square().mean(dim=1, keepdim=True).to(v.dtype), 1 - beta2)
+        ortho.div_(v.float().sqrt().add_(1e-10))
         # keep the orthogonalised update's Frobenius norm: only its row balance changes
-        O.mul_(frob / O.norm().add_(1e-10))
+        ortho.mul_(frob / ortho.norm().add_(1e-10))
         p.mul_(1 - lr * wd)
-        p.add_(O.to(p.dtype), alpha=-lr * muon_scale(p.shape))
+        p.add_(ortho.to(p.dtype), alpha=-lr * muon_scale(p.shape))
 
 
 def dion_rank(shape: torch.Size | tuple[int, ...], rank_fraction: float) -> int:
@@ -210,8 +210,11 @@ def shampoo_tiles(shape: torch.Size | tuple[int, ...], block_size: int) -> list[
     2020 and Shi et al. 2023), which bounds the factor size and the ``eigh`` cost.
     """
     rows, cols = shape[0], shape[1]
-    return [(slice(r, min(r + block_size, rows)), slice(c, min(c + block_size, cols)))
-            for r in range(0, rows, block_size) for c in range(0, cols, block_size)]
+    return [
+        (slice(r, min(r + block_size, rows)), slice(c, min(c + block_size, cols)))
+        for r in range(0, rows, block_size)
+        for c in range(0, cols, block_size)
+    ]
 
 
 def _shampoo_rule(opt: Optimizer, group: dict) -> None:
@@ -269,8 +272,7 @@ _RULE_KEYS = {
     "muon": ("momentum", "nesterov", "weight_decay", "ns_steps", "ns_dtype"),
     "normuon": ("momentum", "nesterov", "weight_decay", "ns_steps", "ns_dtype", "beta2"),
     "dion": ("momentum", "weight_decay", "rank_fraction", "eps", "seed"),
-    "shampoo": ("betas", "eps", "weight_decay", "precondition_every", "matrix_eps",
-                "block_size", "graft"),
+    "shampoo": ("betas", "eps", "weight_decay", "precondition_every", "matrix_eps", "block_size", "graft"),
 }
 
 
@@ -313,8 +315,9 @@ class HybridOptimizer(Optimizer):
 # --------------------------------------------------------------------------- configs
 
 
-def _check_number(cls: str, name: str, value: Any, lo: float, hi: float = math.inf,
-                  lo_open: bool = False, hi_open: bool = False) -> None:
+def _check_number(
+    cls: str, name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False
+) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
@@ -338,8 +341,16 @@ def _check_betas(cls: str, obj: Any, name: str) -> None:
 
 
 def _adamw_group(params: list, role: str, lr: float, betas: tuple, eps: float, wd: float) -> dict:
-    return {"params": params, "role": role, "rule": "adamw", "lr": lr, "base_lr": lr,
-            "betas": betas, "eps": eps, "weight_decay": wd}
+    return {
+        "params": params,
+        "role": role,
+        "rule": "adamw",
+        "lr": lr,
+        "base_lr": lr,
+        "betas": betas,
+        "eps": eps,
+        "weight_decay": wd,
+    }
 
 
 @dataclass(frozen=True)
@@ -359,8 +370,10 @@ class AdamWConfig:
         _check_number(name, "weight_decay", self.weight_decay, 0.0)
 
     def param_groups(self, roles: dict[str, list]) -> list[dict]:
-        return [_adamw_group(roles[r], r, self.lr, self.betas, self.eps,
-                             self.weight_decay if r == "matrix" else 0.0) for r in ROLES]
+        return [
+            _adamw_group(roles[r], r, self.lr, self.betas, self.eps, self.weight_decay if r == "matrix" else 0.0)
+            for r in ROLES
+        ]
 
 
 @dataclass(frozen=True)
@@ -382,11 +395,11 @@ class _MatrixConfig(ABC):
         """The matrix group's rule and its hyperparameters."""
 
     def param_groups(self, roles: dict[str, list]) -> list[dict]:
-        matrix = {"params": roles["matrix"], "role": "matrix", "base_lr": self.lr,
-                  **self._matrix_group()}
+        matrix = {"params": roles["matrix"], "role": "matrix", "base_lr": self.lr, **self._matrix_group()}
         matrix["lr"] = self.lr
-        return [matrix] + [_adamw_group(roles[r], r, self.adamw_lr, self.adamw_betas,
-                                        self.adamw_eps, 0.0) for r in ("embed", "head")]
+        return [matrix] + [
+            _adamw_group(roles[r], r, self.adamw_lr, self.adamw_betas, self.adamw_eps, 0.0) for r in ("embed", "head")
+        ]
 
 
 @dataclass(frozen=True)
@@ -411,9 +424,14 @@ class MuonConfig(_MatrixConfig):
         self._check_adamw()
 
     def _matrix_group(self) -> dict:
-        return {"rule": "muon", "momentum": self.momentum, "nesterov": self.nesterov,
-                "weight_decay": self.weight_decay, "ns_steps": self.ns_steps,
-                "ns_dtype": self.ns_dtype}
+        return {
+            "rule": "muon",
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+            "weight_decay": self.weight_decay,
+            "ns_steps": self.ns_steps,
+            "ns_dtype": self.ns_dtype,
+        }
 
 
 @dataclass(frozen=True)
@@ -448,8 +466,14 @@ class DionConfig(_MatrixConfig):
         self._check_adamw()
 
     def _matrix_group(self) -> dict:
-        return {"rule": "dion", "momentum": self.momentum, "weight_decay": self.weight_decay,
-                "rank_fraction": self.rank_fraction, "eps": self.eps, "seed": self.seed}
+        return {
+            "rule": "dion",
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "rank_fraction": self.rank_fraction,
+            "eps": self.eps,
+            "seed": self.seed,
+        }
 
 
 @dataclass(frozen=True)
@@ -492,10 +516,16 @@ class ShampooConfig(_MatrixConfig):
         self._check_adamw()
 
     def _matrix_group(self) -> dict:
-        return {"rule": "shampoo", "betas": self.betas, "eps": self.eps,
-                "weight_decay": self.weight_decay, "precondition_every": self.precondition_every,
-                "matrix_eps": self.matrix_eps, "block_size": self.block_size,
-                "graft": self.graft}
+        return {
+            "rule": "shampoo",
+            "betas": self.betas,
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+            "precondition_every": self.precondition_every,
+            "matrix_eps": self.matrix_eps,
+            "block_size": self.block_size,
+            "graft": self.graft,
+        }
 
 
 OPTIMIZERS: dict[str, type] = {
@@ -515,9 +545,7 @@ def optimizer_config(name: str, **overrides: Any):
     valid = sorted(f.name for f in fields(cls))
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        raise ValueError(
-            f"unknown hyperparameter(s) {unknown} for optimizer {name!r}; valid: {valid}"
-        )
+        raise ValueError(f"unknown hyperparameter(s) {unknown} for optimizer {name!r}; valid: {valid}")
     return cls(**overrides)
 
 

@@ -93,8 +93,9 @@ class RunDir:
     def append_metrics(self, records: list[dict]) -> None:
         if not records:
             return
-        lines = "".join(json.dumps({k: _finite_or_none(v) for k, v in r.items()}, default=_json_default) + "\n"
-                        for r in records)
+        lines = "".join(
+            json.dumps({k: _finite_or_none(v) for k, v in r.items()}, default=_json_default) + "\n" for r in records
+        )
         with open(self.metrics_path, "a") as f:
             f.write(lines)
             f.flush()

@@ -203,8 +203,7 @@ class HFStreamingSource(Source):
         for example in ds:
             if self.text_field not in example:
                 raise ValueError(
-                    f"{self.describe()}: records have no field {self.text_field!r} "
-                    f"(fields: {sorted(example)})"
+                    f"{self.describe()}: records have no field {self.text_field!r} (fields: {sorted(example)})"
                 )
             text = example[self.text_field]
             if text is not None:
@@ -240,9 +239,7 @@ def make_source(spec: str | dict | Source | None = None) -> Source:
             spec.setdefault("path", FINEWEB_REPOS[kind])
             kind = "hf"
         if kind not in SOURCES:
-            raise ValueError(
-                f"unknown source kind {kind!r}; choose one of {sorted(SOURCES) + sorted(FINEWEB_REPOS)}"
-            )
+            raise ValueError(f"unknown source kind {kind!r}; choose one of {sorted(SOURCES) + sorted(FINEWEB_REPOS)}")
         try:
             return SOURCES[kind](**spec)
         except TypeError as e:

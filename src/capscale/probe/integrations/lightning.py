@@ -36,9 +36,7 @@ class CapscaleLightningCallback(Callback):
         kw = dict(self.attach_kwargs)
         if "total_steps" not in kw:
             total = (
-                trainer.max_steps
-                if trainer.max_steps and trainer.max_steps > 0
-                else trainer.estimated_stepping_batches
+                trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
             )
             kw["total_steps"] = int(total) if total != float("inf") else None
         kw.setdefault("start_step", trainer.global_step)
