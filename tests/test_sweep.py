@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
+from capscale.rundir import RunDir
 from capscale.sweep import SWEEP_PRESETS, SweepSpec, load_spec, run_sweep
 from capscale.sweep.sweep import pending_runs, plan, select_runs, sweep_status
 from capscale.sweep.worker import LOCK
 from capscale.train.corpus import is_installed
-from capscale.train.rundir import RunDir
 
 HAVE_CORPUS = is_installed()
 needs_corpus = pytest.mark.skipif(not HAVE_CORPUS, reason="default corpus not fetched")

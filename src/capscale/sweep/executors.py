@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from capscale.rundir import RunDir
 from capscale.sweep.worker import REQUEST, run_one
-from capscale.train.rundir import RunDir
 
 
 @dataclass
@@ -119,7 +119,7 @@ def run_submitit(
 
 
 def write_request(run_dir: Path, cfg_dict: dict) -> None:
-    from capscale.train.rundir import atomic_write_json
+    from capscale.rundir import atomic_write_json
 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / REQUEST

@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from capscale.rundir import RunDir, atomic_write_json
 from capscale.sweep.executors import RunResult, run_local, run_submitit, write_request
 from capscale.sweep.spec import SweepSpec, _expand
 from capscale.sweep.worker import is_finished, is_locked
-from capscale.train.rundir import RunDir, atomic_write_json
 
 SPEC_FILE = "sweep.json"
 

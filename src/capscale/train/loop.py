@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 import capscale
 from capscale.probe.sinks import Sink
+from capscale.rundir import RunDir
 from capscale.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -37,7 +38,6 @@ from capscale.train.config import RunConfig
 from capscale.train.data import TokenData, load_data
 from capscale.train.model import GPT
 from capscale.train.optim import build_optimizer
-from capscale.train.rundir import RunDir
 from capscale.train.schedule import lr_factor
 
 # Keys that may differ between the first launch of a run and its resumption.

@@ -1,4 +1,7 @@
-"""The run directory: the contract between train, sweep and analysis (DESIGN.md).
+"""The run directory: the contract between train, sweep, analysis and users' own loops.
+
+Torch-free, so every layer (analysis and report included) reads run directories
+through this one module; the format is documented in ``docs/run-format.md``.
 
 ``config.json`` · ``metrics.jsonl`` · ``spectra.parquet`` · ``status.json`` ·
 ``checkpoints/``. Whole files are written atomically (temp file + rename);
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,31 @@ import pandas as pd
 
 from capscale.atomic import atomic_write_bytes
 
-STATUSES = ("running", "done", "diverged", "failed")
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SPECTRA_FILE = "spectra.parquet"
+STATUS_FILE = "status.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class RunStatus(str, Enum):
+    """A run's state in ``status.json``; compares equal to its string value."""
+
+    RUNNING = "running"
+    DONE = "done"
+    DIVERGED = "diverged"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def finished(self) -> bool:
+        """Done or diverged: a sweep does not run it again (a failed run is retried)."""
+        return self in (RunStatus.DONE, RunStatus.DIVERGED)
+
+
+STATUSES = tuple(s.value for s in RunStatus)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -48,23 +76,23 @@ class RunDir:
     # paths
     @property
     def config_path(self) -> Path:
-        return self.path / "config.json"
+        return self.path / CONFIG_FILE
 
     @property
     def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
+        return self.path / METRICS_FILE
 
     @property
     def spectra_path(self) -> Path:
-        return self.path / "spectra.parquet"
+        return self.path / SPECTRA_FILE
 
     @property
     def status_path(self) -> Path:
-        return self.path / "status.json"
+        return self.path / STATUS_FILE
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINT_DIR
 
     def create(self) -> None:
         try:
@@ -84,10 +112,10 @@ class RunDir:
     def read_status(self) -> dict | None:
         return json.loads(self.status_path.read_text()) if self.status_path.exists() else None
 
-    def write_status(self, status: str, step: int, reason: str | None = None, **extra: Any) -> None:
+    def write_status(self, status: RunStatus | str, step: int, reason: str | None = None, **extra: Any) -> None:
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-        atomic_write_json(self.status_path, {"status": status, "step": step, "reason": reason, **extra})
+        atomic_write_json(self.status_path, {"status": str(RunStatus(status)), "step": step, "reason": reason, **extra})
 
     # metrics
     def append_metrics(self, records: list[dict]) -> None:
