@@ -12,7 +12,7 @@ so window-end work (reduction, eigvalsh, records) is inside the timed steps.
 
 Columns: ratio (blocks) = the median over blocks of (probe block time / the
 baseline block run just before it), robust to bursts of load from other
-processes; floor = 1 + the DESIGN.md floor below. Cadence cases add: ms/window =
+processes; floor = 1 + the in-loop floor below. Cadence cases add: ms/window =
 the measured step's extra time (its forward, the eigvalsh and the records), median
 over blocks; amortised = 1 + ms/window / (every x baseline median step), the
 headline figure there, since 199 unmeasured steps carry ±1-2% of load noise that
@@ -32,7 +32,7 @@ Cases:
   st-cpu-200  the same model at the paper's cadence: one measured step per 200.
   both-sites  the same, every step, pre- and post-activation sites.
 
-For every case it also prints the floor DESIGN.md names: the covariance GEMM
+For every case it also prints the in-loop floor: the covariance GEMM
 (2·N·D² flops per site per forward) at this machine's measured matmul speed
 plus one eigvalsh per accumulator per window, as a fraction of the baseline step.
 """

@@ -1,6 +1,6 @@
 """Aggregate per-step, per-layer spectra to one value per run × site × bucket (the paper's rule).
 
-Convention (Jha & Reagen; DESIGN.md "Scaling fit"): for every layer, the median of
+Convention (Jha & Reagen; docs/conventions.md "Scaling fits"): for every layer, the median of
 the **last k logged steps** (k = ``last_k``, paper: 5), then the **median over
 layers**. The last k steps are chosen by step number before missing values are
 dropped, so an undersampled ("insufficient", NaN) record is skipped, not replaced

@@ -1,6 +1,6 @@
 """From accumulated states to records: the spectra table rows and per-step scalar summaries.
 
-The table follows DESIGN.md's ``spectra.parquet`` contract: one row per
+The table follows the ``spectra.parquet`` contract of docs/run-format.md: one row per
 (step, layer, site, bucket) with every ``spectrum_summary`` field and the
 eigenvalues (descending, float64) as a list column.
 """

@@ -1,6 +1,6 @@
 """capscale.spectrum: the pure numerics of realized spectral capacity (NumPy; torch optional).
 
-Knows nothing of models. See DESIGN.md for the conventions these follow.
+Knows nothing of models. docs/conventions.md states the conventions these follow.
 """
 
 from capscale.spectrum.buckets import BUCKETS, BucketedCovariance, FrequencyTable

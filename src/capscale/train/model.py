@@ -1,7 +1,7 @@
 """The paper's GPT: a modded-nanoGPT-style decoder, readable in one sitting.
 
 RoPE, QK RMSNorm, ReLU² FFN, parameter-free pre-LN RMSNorm, no biases, untied
-``lm_head`` (DESIGN.md, "The paper's training setup"), with switches for the
+``lm_head`` (docs/conventions.md, "The paper's training setup"), with switches for the
 architecture interventions the experiments vary: FFN width, activation,
 positional encoding, heads, depth, d_model.
 

@@ -12,7 +12,7 @@ Every group carries ``base_lr``; the training loop sets
 tensors and plain numbers only, so ``state_dict()`` round-trips through
 ``torch.save`` / ``torch.load(weights_only=True)`` and resumes bit-identically.
 
-Rules (paper hyperparameters as defaults, DESIGN.md):
+Rules (paper hyperparameters as defaults, docs/conventions.md):
 
 * ``adamw``   — decoupled weight decay; the arithmetic of ``torch.optim.AdamW``.
 * ``muon``    — Nesterov momentum → Newton–Schulz orthogonalisation (fp32 on CPU,
