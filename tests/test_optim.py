@@ -514,3 +514,61 @@ def test_muon_auto_uses_bf16_on_cuda_and_matches_torch():
     ours.step()
     ref.step()
     torch.testing.assert_close(p_ours, p_ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.fixture
+def scratch_registry():
+    """Declarations made inside a test are removed afterwards."""
+    from capscale.train.optim import OPTIMIZERS, RULES, SPECS
+
+    before = set(SPECS)
+    yield
+    for name in set(SPECS) - before:
+        del SPECS[name], OPTIMIZERS[name], RULES[name]
+
+
+def test_one_declaration_makes_an_optimizer(scratch_registry):
+    """A config class with @register is everything: by name, hyperparameter checks, group keys, matrix-only."""
+    from dataclasses import dataclass
+
+    from capscale.train.optim import SPECS, MatrixConfig, register
+
+    @register("signsgd_test")
+    @dataclass(frozen=True)
+    class SignConfig(MatrixConfig):
+        lr: float = 0.01
+        weight_decay: float = 0.0
+
+        @staticmethod
+        def rule(opt, group):
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+    assert SPECS["signsgd_test"].keys == ("weight_decay",) and SPECS["signsgd_test"].matrix_only
+    model = tiny_gpt()
+    opt = build_optimizer("signsgd_test", model, lr=0.5)
+    matrix = next(g for g in opt.param_groups if g["role"] == "matrix")
+    assert matrix["rule"] == "signsgd_test" and matrix["weight_decay"] == 0.0
+    w = matrix["params"][0]
+    before = w.detach().clone()
+    w.grad = torch.randn_like(w)
+    opt.step()
+    torch.testing.assert_close(w.detach(), before - 0.5 * w.grad.sign())
+    with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['momentum'\]"):
+        optimizer_config("signsgd_test", momentum=0.9)
+    with pytest.raises(ValueError, match="2-D matrices only"):
+        single_group(torch.nn.Parameter(torch.zeros(4)), "signsgd_test", 0.1, weight_decay=0.0)
+    with pytest.raises(ValueError, match="declared twice"):
+        register("signsgd_test")(SignConfig)
+
+
+def test_registry_keys_are_what_the_groups_carry():
+    """Every declared optimizer's matrix group carries exactly its derived keys (nothing missing, nothing extra)."""
+    from capscale.train.optim import SPECS
+
+    model = tiny_gpt()
+    for name, spec in SPECS.items():
+        group = next(g for g in build_optimizer(name, model).param_groups if g["role"] == "matrix")
+        assert set(group) - {"params", "role", "rule", "lr", "base_lr"} == set(spec.keys), name
+        assert group["rule"] == name
