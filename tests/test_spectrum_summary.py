@@ -66,3 +66,30 @@ def test_bad_summary_input():
 def test_core_imports_without_torch():
     code = "import sys, capscale, capscale.spectrum; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_metric_table_is_the_one_source():
+    """Summary fields, aggregated metrics and report columns all come from SPECTRUM_METRICS;
+    each table entry agrees with its standalone function in capscale.spectrum.ranks."""
+    from capscale import spectrum
+    from capscale.analysis import METRICS
+    from capscale.analysis.aggregate import REPORT_COLUMNS
+    from capscale.spectrum import SPECTRUM_METRICS
+
+    lam = np.array([5.0, 3.0, 1.0, 0.5, 1e-12])
+    rec = spectrum_summary(lam, n_samples=100)
+    names = [m.name for m in SPECTRUM_METRICS]
+    assert [k for k in rec if k in names] == names
+    assert METRICS == tuple(m.name for m in SPECTRUM_METRICS if m.aggregated)
+    assert "lambda_max" in rec and "lambda_max" not in METRICS
+    assert REPORT_COLUMNS == ("soft_rank", "hard_rank", "soft_frac", "hard_frac")
+    for m in SPECTRUM_METRICS:
+        if m.frac:
+            assert rec[f"{m.name}_frac_dim"] == rec[m.name] / 5
+    reference = {n: getattr(spectrum, n)(lam) for n in ("soft_rank", "hard_rank", "asymmetry", "spectral_entropy")}
+    reference["renyi_rank_0_5"] = spectrum.renyi_rank(lam, 0.5)
+    reference["renyi_rank_inf"] = spectrum.renyi_rank(lam, np.inf)
+    reference["early_enrichment"] = spectrum.early_enrichment(lam)
+    reference["participation_ratio"] = spectrum.participation_ratio(lam)
+    for name, value in reference.items():
+        assert rec[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name

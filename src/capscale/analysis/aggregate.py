@@ -16,21 +16,17 @@ from __future__ import annotations
 import pandas as pd
 
 from capscale.spectrum import BUCKETS, SAMPLING_STATUSES
+from capscale.spectrum.summary import AGGREGATED_METRICS, REPORT_METRICS, SPECTRUM_METRICS
 
 # The bucket values of spectra.parquet: every token ("all"), then the frequency regimes.
 ALL_BUCKETS = ("all", *BUCKETS)
 
-# Scalar metrics aggregated when present in spectra.parquet (the spectrum_summary fields).
-METRICS = (
-    "soft_rank",
-    "hard_rank",
-    "renyi_rank_0_5",
-    "renyi_rank_inf",
-    "asymmetry",
-    "spectral_entropy",
-    "participation_ratio",
-    "early_enrichment",
-)
+# Scalar metrics aggregated when present in spectra.parquet: those the spectrum metric table marks aggregated.
+METRICS = AGGREGATED_METRICS
+# Metrics also aggregated as a fraction of D: (metric, fraction column), e.g. ("soft_rank", "soft_frac").
+FRACTIONS = tuple((m.name, m.frac) for m in SPECTRUM_METRICS if m.aggregated and m.frac is not None)
+# The report's rank columns: each shown metric, then the fractions of D of those that have one.
+REPORT_COLUMNS = tuple(m.name for m in REPORT_METRICS) + tuple(m.frac for m in REPORT_METRICS if m.frac)
 _KEYS = ["run_id", "site", "bucket"]
 _STATUS_ORDER = {s: i for i, s in enumerate(SAMPLING_STATUSES)}
 
@@ -67,8 +63,8 @@ def aggregate_runs(per_layer: pd.DataFrame) -> pd.DataFrame:
     out["n_steps"] = grouped["n_steps"].max()
     out["worst_status"] = grouped["worst_status"].agg(lambda s: _status_name(s.map(_STATUS_ORDER).max()))
     out["min_samples_per_dim"] = grouped["min_samples_per_dim"].min()
-    out["soft_frac"] = out["soft_rank"] / out["dim"]
-    out["hard_frac"] = out["hard_rank"] / out["dim"]
+    for metric, frac in FRACTIONS:
+        out[frac] = out[metric] / out["dim"]
     return out.reset_index()
 
 

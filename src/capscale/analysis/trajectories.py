@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from capscale.analysis.aggregate import REPORT_COLUMNS
 from capscale.spectrum import BUCKETS
 
 _RUN_COLS = ["run_id", "series", "width", "seed"]
@@ -42,7 +43,7 @@ def bucket_capacity(runs: pd.DataFrame, points: pd.DataFrame, site: str = "post"
         value_name="val_loss",
     )
     loss["bucket"] = loss["bucket"].str.removeprefix("final_val_loss_")
-    cols = ["run_id", "bucket", "soft_rank", "hard_rank", "soft_frac", "hard_frac", "worst_status"]
+    cols = ["run_id", "bucket", *REPORT_COLUMNS, "worst_status"]
     return loss.merge(pts[cols], on=["run_id", "bucket"], how="left").sort_values(
         ["series", "width", "seed", "bucket"], ignore_index=True
     )

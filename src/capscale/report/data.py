@@ -19,6 +19,8 @@ import pandas as pd
 
 import capscale
 from capscale.analysis import Analysis
+from capscale.analysis.aggregate import REPORT_COLUMNS
+from capscale.spectrum.summary import REPORT_METRICS
 
 FORMAT = "capscale.report"
 FORMAT_VERSION = 1
@@ -112,7 +114,7 @@ def report_data(a: Analysis) -> dict:
         "q1_scaling": {
             "site": p.site,
             "fits": head,
-            "points": _records(a.spread[a.spread["metric"].isin(["soft_rank", "hard_rank"])]),
+            "points": _records(a.spread[a.spread["metric"].isin([m.name for m in REPORT_METRICS])]),
         },
         "q2_matched_loss": {
             "tolerance": p.tolerance,
@@ -175,7 +177,7 @@ def report_data(a: Analysis) -> dict:
 
 def _bucket_table(a: Analysis) -> pd.DataFrame:
     """Per series × width × bucket: seed-median final val loss and capacity (R1/D, R2/D)."""
-    cols = ["val_loss", "soft_rank", "hard_rank", "soft_frac", "hard_frac"]
+    cols = ["val_loss", *REPORT_COLUMNS]
     return a.buckets.groupby(["series", "width", "bucket"])[cols].median().reset_index()
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capscale.analysis import ALL_BUCKETS, REGIONS
+from capscale.spectrum.summary import REPORT_METRICS
 
 
 @dataclass
@@ -138,7 +139,7 @@ def _q1(d: dict) -> Section:
     rows = [b for b in d["betas"] if b["bucket"] == "all"]
     points: dict[tuple, dict] = {}
     for p in d["q1_scaling"]["points"]:
-        if p["bucket"] == "all" and p["metric"] in ("soft_rank", "hard_rank"):
+        if p["bucket"] == "all" and p["metric"] in [m.name for m in REPORT_METRICS]:
             points.setdefault((p["series"], p["site"], p["width"]), {})[p["metric"]] = p
 
     def spread(metric):
@@ -175,9 +176,8 @@ def _q1(d: dict) -> Section:
                     ("series", _get("series")),
                     ("site", _get("site")),
                     ("width", _get("width")),
-                    ("R1", spread("soft_rank")),
-                    ("R2", spread("hard_rank")),
-                    ("seeds", lambda r: num(r.get("soft_rank", {}).get("n_seeds"))),
+                    *[(m.label, spread(m.name)) for m in REPORT_METRICS],
+                    ("seeds", lambda r: num(r.get(REPORT_METRICS[0].name, {}).get("n_seeds"))),
                 ],
                 prow,
                 collapsed=True,
@@ -321,10 +321,8 @@ def _q4(d: dict) -> Section:
         ("width", _get("width")),
         ("tokens", lambda r: r["bucket"].upper()),
         ("final val loss", _get("val_loss", 4)),
-        ("R1", _get("soft_rank", 1)),
-        ("R2", _get("hard_rank", 1)),
-        ("R1/D", _get("soft_frac")),
-        ("R2/D", _get("hard_frac")),
+        *[(m.label, _get(m.name, 1)) for m in REPORT_METRICS],
+        *[(f"{m.label}/D", _get(m.frac)) for m in REPORT_METRICS if m.frac],
     ]
     return Section(
         "q4",

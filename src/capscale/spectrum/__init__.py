@@ -28,6 +28,8 @@ from capscale.spectrum.ranks import (
 )
 from capscale.spectrum.summary import (
     SAMPLING_STATUSES,
+    SPECTRUM_METRICS,
+    Metric,
     sampling_status,
     spectrum_summary,
 )
@@ -36,9 +38,11 @@ __all__ = [
     "BUCKETS",
     "EIG_FLOOR",
     "SAMPLING_STATUSES",
+    "SPECTRUM_METRICS",
     "BucketedCovariance",
     "FrequencyTable",
     "IndefiniteCovarianceError",
+    "Metric",
     "InsufficientSamplesError",
     "NonFiniteError",
     "PowerLawFit",

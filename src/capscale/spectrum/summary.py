@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,18 +23,37 @@ SAMPLING_STATUSES = (
     "insufficient",
 )
 
-RANK_FIELDS = (
-    "soft_rank",
-    "hard_rank",
-    "renyi_rank_0_5",
-    "renyi_rank_inf",
-    "asymmetry",
-    "spectral_entropy",
-    "participation_ratio",
-    "early_enrichment",
-    "lambda_max",
-    "trace",
+
+@dataclass(frozen=True)
+class Metric:
+    """One scalar of a spectrum: the single declaration from which the summary fields, the
+    aggregated metrics (``capscale.analysis``) and the report's rank columns are derived."""
+
+    name: str
+    # (eigenvalues, the metrics declared before it) → value; derived metrics reuse earlier ones
+    compute: Callable[[np.ndarray, dict], float]
+    description: str
+    aggregated: bool = True  # aggregated per run × site × bucket by the analysis
+    label: str | None = None  # column label in the report's rank tables; None: not shown there
+    frac: str | None = None  # also as a fraction of D: ``<name>_frac_dim`` / ``_frac_max``, aggregated as ``frac``
+
+
+SPECTRUM_METRICS: tuple[Metric, ...] = (
+    Metric("soft_rank", lambda lam, m: ranks.soft_rank(lam), "R1 = exp(−Σ p log p)", label="R1", frac="soft_frac"),
+    Metric("hard_rank", lambda lam, m: ranks.hard_rank(lam), "R2 = (Σλ)² / Σλ²", label="R2", frac="hard_frac"),
+    Metric("renyi_rank_0_5", lambda lam, m: ranks.renyi_rank(lam, 0.5), "Rényi rank R½ = (Σ √p)²"),
+    Metric("renyi_rank_inf", lambda lam, m: ranks.renyi_rank(lam, math.inf), "R∞ = 1 / max p"),
+    Metric("asymmetry", lambda lam, m: math.log(m["soft_rank"] / m["hard_rank"]), "log(R1 / R2) ≥ 0"),
+    Metric("spectral_entropy", lambda lam, m: math.log(m["soft_rank"]), "−Σ p log p (nats)"),
+    Metric("participation_ratio", lambda lam, m: m["hard_rank"], "= hard_rank"),
+    Metric("early_enrichment", lambda lam, m: ranks.early_enrichment(lam), "NerVE early eigenvalue enrichment"),
+    Metric("lambda_max", lambda lam, m: float(lam.max()), "largest eigenvalue", aggregated=False),
+    Metric("trace", lambda lam, m: float(lam.sum()), "Σλ (total variance)", aggregated=False),
 )
+
+RANK_FIELDS = tuple(m.name for m in SPECTRUM_METRICS)
+AGGREGATED_METRICS = tuple(m.name for m in SPECTRUM_METRICS if m.aggregated)
+REPORT_METRICS = tuple(m for m in SPECTRUM_METRICS if m.label is not None)
 
 
 def sampling_status(n_samples: int, dim: int) -> str:
@@ -78,21 +99,10 @@ def spectrum_summary(eigs, n_samples: int, *, dim: int | None = None) -> dict:
     if eigs is None or n < 2:
         rec.update({k: math.nan for k in RANK_FIELDS})
     else:
-        r1, r2 = ranks.soft_rank(lam), ranks.hard_rank(lam)
-        rec.update(
-            soft_rank=r1,
-            hard_rank=r2,
-            renyi_rank_0_5=ranks.renyi_rank(lam, 0.5),
-            renyi_rank_inf=ranks.renyi_rank(lam, math.inf),
-            asymmetry=math.log(r1 / r2),
-            spectral_entropy=math.log(r1),
-            participation_ratio=r2,
-            early_enrichment=ranks.early_enrichment(lam),
-            lambda_max=float(lam.max()),
-            trace=float(lam.sum()),
-        )
-    for kind in ("soft", "hard"):
-        r = rec[f"{kind}_rank"]
-        rec[f"{kind}_rank_frac_dim"] = r / dim
-        rec[f"{kind}_rank_frac_max"] = r / max_rank if max_rank > 0 else math.nan
+        for m in SPECTRUM_METRICS:
+            rec[m.name] = m.compute(lam, rec)
+    for m in SPECTRUM_METRICS:
+        if m.frac is not None:
+            rec[f"{m.name}_frac_dim"] = rec[m.name] / dim
+            rec[f"{m.name}_frac_max"] = rec[m.name] / max_rank if max_rank > 0 else math.nan
     return rec
