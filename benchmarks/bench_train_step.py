@@ -68,10 +68,10 @@ def main() -> None:
     ]
     cfg = resolve(args.preset, overrides=over)
     data = load_data(cfg.data)
-    cfg.model["vocab_size"] = data.model_vocab_size
+    cfg = cfg.with_vocab(data.model_vocab_size)
     tokens = args.steps * cfg.train.batch_size * cfg.model_config().seq_len
     print(
-        f"preset {args.preset}: d_model {cfg.model['d_model']}, FFN x{args.ffn_mult}, {args.steps} steps "
+        f"preset {args.preset}: d_model {cfg.model.d_model}, FFN x{args.ffn_mult}, {args.steps} steps "
         f"of {cfg.train.batch_size}x{cfg.model_config().seq_len} tokens, torch threads {torch.get_num_threads()}"
     )
     plain, loop = [], []

@@ -258,3 +258,36 @@ def test_checkpoints_wait_for_open_windows_and_resume_from_them_exactly(tmp_path
     window = pd.read_parquet(ref / "spectra.parquet")
     row = window[(window.step == 10) & (window.bucket == "all") & (window.site == "pre") & (window.layer == 0)]
     assert int(row["n_samples"].iloc[0]) == 4 * 8 * 32  # the whole 4-step window, none lost to the due checkpoint
+
+
+@pytest.mark.parametrize("every", [10, 1])
+def test_diverged_means_the_same_at_every_telemetry_cadence(tmp_path, every):
+    """Non-finite activations (caught by the probe when it measures every step) are a divergence too."""
+    out = tmp_path / f"every{every}"
+    over = ["lr=1e12", "train.steps=10", f"telemetry.every={every}", "telemetry.window=1"]
+    status = train(resolve("smoke", overrides=over), out, log=lambda _m: None)
+    st = json.loads((out / "status.json").read_text())
+    assert status["status"] == st["status"] == "diverged", st
+    assert status["step"] == st["step"] and 1 <= st["step"] <= 10
+    assert "non-finite" in st["reason"]
+    # finished: running it again does not retry it
+    assert train(resolve("smoke", overrides=over), out, log=lambda _m: None)["status"] == "diverged"
+
+
+def test_metrics_are_on_disk_at_every_log_step_and_progress_is_plain_lines(tmp_path):
+    """`tail -f metrics.jsonl` follows the run: each log step is written before the next step,
+    not at the next checkpoint; outside a terminal, progress is one log line per log step."""
+    out = tmp_path / "flush"
+    seen: list[tuple[str, int]] = []
+
+    def log(msg: str) -> None:
+        if msg.startswith("step "):
+            on_disk = _metrics(out)
+            seen.append((msg, on_disk[-1]["step"] if on_disk else 0))
+
+    over = ["train.steps=12", "train.log_every=2", "train.checkpoint_every=100", "train.progress=true"]
+    over += ["telemetry.enabled=false"]
+    train(resolve("smoke", overrides=over), out, log=log)
+    assert [int(m.split()[1].split("/")[0]) for m, _ in seen] == [2, 4, 6, 8, 10, 12]
+    assert all(m.split()[1].split("/")[0] == str(step) for m, step in seen), seen
+    assert all("\r" not in m and m.split()[1].endswith("/12") for m, _ in seen)

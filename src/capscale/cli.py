@@ -6,6 +6,7 @@ Subcommands register themselves in ``COMMANDS`` as (help, add_arguments, run).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import sys
@@ -56,6 +57,7 @@ def _train_run(args: argparse.Namespace) -> int:
     from capscale.train.loop import train
 
     cfg = resolve(args.preset, args.config, args.overrides)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # the run's log lines
     status = train(cfg, args.out)
     print(
         f"{args.out}: {status['status']} at step {status['step']}"

@@ -9,13 +9,77 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field, fields
+import math
+import re
+import types
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from capscale.train.data import DataConfig
 from capscale.train.model import GPTConfig
 from capscale.train.optim import optimizer_config
+
+Schedule = Literal["warmdown", "cosine", "constant"]  # warmdown: the paper's
+TrainDtype = Literal["float32", "bfloat16"]  # bfloat16: autocast, on CUDA only
+GemmDtype = Literal["float32", "float64"]  # the probe's per-batch covariance GEMM
+Site = Literal["pre", "post"]
+# "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N", "mps"
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+_MAX_SEED = 2**63 - 1  # torch.manual_seed's range (and NumPy's SeedSequence takes it)
+
+
+def _matches(value: Any, kind: Any) -> bool:
+    """Whether ``value`` is of the annotated type ``kind`` (as a config file can give it)."""
+    origin = get_origin(kind)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, k) for k in get_args(kind))
+    if origin is Literal:
+        return isinstance(value, str) and value in get_args(kind)
+    if origin is tuple:
+        item = get_args(kind)[0]
+        return isinstance(value, tuple) and all(_matches(v, item) for v in value)
+    if origin is dict or kind is dict:
+        return isinstance(value, dict)
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:  # booleans are ints to Python, not to a config
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def _describe(kind: Any) -> str:
+    origin = get_origin(kind)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(k) for k in get_args(kind))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in get_args(kind))
+    if origin is tuple:
+        return f"a list of ({_describe(get_args(kind)[0])})"
+    if origin is dict or kind is dict:
+        return "a table/mapping"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _check_types(obj: Any, section: str) -> None:
+    """Refuse, in one line naming the key, a field whose value does not have its annotated type."""
+    hints = get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if not _matches(value, hints[f.name]):
+            raise ValueError(f"{section}.{f.name} must be {_describe(hints[f.name])}, got {value!r}")
+
+
+def _check_at_least(section: str, obj: Any, names: tuple[str, ...], lo: int) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < lo:
+            raise ValueError(f"{section}.{name} must be >= {lo}, got {value!r}")
 
 
 @dataclass
@@ -24,6 +88,10 @@ class OptimizerConfig:
     label: str | None = None  # grouping/display label, e.g. "dion_r1_16"; defaults to name
     params: dict[str, Any] = field(default_factory=dict)  # overrides of the optimizer's defaults
 
+    def __post_init__(self) -> None:
+        _check_types(self, "optimizer")
+        optimizer_config(self.name, **self.params)  # unknown names/params and bad values fail here
+
 
 @dataclass
 class TrainConfig:
@@ -31,7 +99,7 @@ class TrainConfig:
     batch_size: int = 16  # sequences per optimizer step (all micro-batches, all ranks)
     micro_batch_size: int | None = None  # sequences per forward; None = batch_size (no accumulation)
     seed: int = 0
-    schedule: str = "warmdown"  # "warmdown" (paper) | "cosine" | "constant"
+    schedule: Schedule = "warmdown"
     warmup_steps: int = 0
     warmdown_frac: float = 0.2
     eval_every: int = 50
@@ -39,11 +107,29 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 1
-    dtype: str = "float32"  # "bfloat16" autocast on CUDA only
-    device: str = "auto"
+    dtype: TrainDtype = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     grad_clip: float | None = None  # the paper does not clip
     compile: bool = False
-    progress: bool = True
+    progress: bool = True  # a progress bar in a terminal, log lines otherwise
+
+    def __post_init__(self) -> None:
+        _check_types(self, "train")
+        positive = ("steps", "batch_size", "micro_batch_size", "eval_every", "eval_batches", "log_every")
+        _check_at_least("train", self, (*positive, "checkpoint_every", "keep_checkpoints"), 1)
+        _check_at_least("train", self, ("seed", "warmup_steps"), 0)
+        if self.seed > _MAX_SEED:
+            raise ValueError(f"train.seed must be at most 2**63 - 1, got {self.seed}")
+        if self.batch_size % (self.micro_batch_size or self.batch_size):
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        if not 0 <= self.warmdown_frac <= 1:
+            raise ValueError(f"train.warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"train.grad_clip must be > 0 or null (no clipping), got {self.grad_clip}")
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
 
 @dataclass
@@ -51,52 +137,51 @@ class TelemetryConfig:
     enabled: bool = True
     every: int = 50  # full measurement cadence (steps)
     window: int = 1  # consecutive steps accumulated per measurement
-    sites: tuple[str, ...] = ("pre", "post")
+    sites: tuple[Site, ...] = ("pre", "post")
     buckets: bool = True
     monitor_every: int | None = None  # cheap hard-rank monitoring cadence (None = off)
-    dtype: str | None = None  # per-batch covariance GEMM dtype (None: the activations'); states are float64
+    dtype: GemmDtype | None = None  # per-batch covariance GEMM dtype (None: the activations'); states are float64
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sites, list):  # TOML/JSON give lists
+            self.sites = tuple(self.sites)
+        _check_types(self, "telemetry")
+        _check_at_least("telemetry", self, ("every", "window", "monitor_every"), 1)
+        if self.window > self.every:
+            raise ValueError(f"telemetry.window ({self.window}) must not exceed telemetry.every ({self.every})")
+        if not self.sites or len(set(self.sites)) != len(self.sites):
+            raise ValueError(f"telemetry.sites must be a non-empty list of distinct sites, got {list(self.sites)}")
 
 
 @dataclass
 class RunConfig:
     name: str = "run"
-    model: dict[str, Any] = field(default_factory=dict)  # GPTConfig fields; vocab_size is set from the tokenizer
+    model: GPTConfig = field(default_factory=GPTConfig)  # vocab_size is set from the tokenizer at train time
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = GPTConfig.from_dict(self.model)
         self.validate()
 
     def validate(self) -> None:
-        self.model_config()  # GPTConfig validates the model section
-        optimizer_config(self.optimizer.name, **self.optimizer.params)  # unknown names/params fail here
-        t = self.train
-        for key in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "checkpoint_every"):
-            if not isinstance(getattr(t, key), int) or getattr(t, key) < 1:
-                raise ValueError(f"train.{key} must be a positive int, got {getattr(t, key)!r}")
-        mb = t.micro_batch_size or t.batch_size
-        if mb < 1 or t.batch_size % mb:
-            raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of micro_batch_size ({mb})")
-        if t.schedule not in ("warmdown", "cosine", "constant"):
-            raise ValueError(f"train.schedule must be warmdown, cosine or constant, got {t.schedule!r}")
-        if not 0 <= t.warmdown_frac <= 1:
-            raise ValueError(f"train.warmdown_frac must be in [0, 1], got {t.warmdown_frac}")
-        if t.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"train.dtype must be float32 or bfloat16, got {t.dtype!r}")
+        _check_types(self, "run")
+        if not isinstance(self.data.val_fraction, (int, float)) or isinstance(self.data.val_fraction, bool):
+            raise ValueError(f"data.val_fraction must be a number in (0, 1), got {self.data.val_fraction!r}")
         if self.data.cache_dir is not None:
             raise ValueError("data.cache_dir is machine-specific: set $CAPSCALE_HOME instead")
         if not 0 < self.data.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
-        tel = self.telemetry
-        if tel.every < 1 or tel.window < 1:
-            raise ValueError("telemetry.every and telemetry.window must be >= 1")
-        if not set(tel.sites) <= {"pre", "post"} or not tel.sites:
-            raise ValueError(f"telemetry.sites must be a non-empty subset of ('pre', 'post'), got {tel.sites}")
 
     def model_config(self) -> GPTConfig:
-        return GPTConfig.from_dict(self.model)
+        return self.model
+
+    def with_vocab(self, vocab_size: int) -> RunConfig:
+        """A copy whose model has the tokenizer's vocabulary (this config is left as it is)."""
+        return replace(self, model=replace(self.model, vocab_size=vocab_size))
 
     @property
     def label(self) -> str:
@@ -105,7 +190,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; the model section carries the resolved absolute ``ffn_width``."""
         d = asdict(self)
-        m = self.model_config()
+        m = self.model
         d["model"] = {**m.to_dict(), "ffn_width": m.ffn_dim, "ffn_mult": None}
         d["optimizer"]["label"] = self.label
         d["telemetry"]["sites"] = list(self.telemetry.sites)
@@ -122,13 +207,14 @@ class RunConfig:
             "telemetry": TelemetryConfig,
         }
         kwargs: dict[str, Any] = {k: v for k, v in d.items() if k not in sections}
+        if "model" in kwargs:
+            if not isinstance(kwargs["model"], dict):
+                raise ValueError(f"config section model must be a table/mapping, got {kwargs['model']!r}")
+            kwargs["model"] = GPTConfig.from_dict(kwargs["model"])
         for key, kind in sections.items():
             if key in d:
                 _check_keys(d[key], kind, key + ".")
-                sec = dict(d[key])
-                if key == "telemetry" and "sites" in sec:
-                    sec["sites"] = tuple(sec["sites"])
-                kwargs[key] = kind(**sec)
+                kwargs[key] = kind(**d[key])
         return cls(**kwargs)
 
 
@@ -208,25 +294,34 @@ PRESETS["paper-350m"] = {
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML or YAML config into a plain dict."""
+    """Read a TOML, YAML or JSON config into a plain dict; one line naming the file if it cannot."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        return tomllib.loads(text)
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ValueError(f"config file must be .toml, .yaml/.yml or .json, got {path.name}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
 
-        data = yaml.safe_load(text)
-        return data or {}
-    if path.suffix == ".json":
-        return json.loads(text)
-    raise ValueError(f"config file must be .toml, .yaml/.yml or .json, got {path.name}")
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:  # e.g. a !!python/... tag, which safe_load refuses
+                raise ValueError(" ".join(str(exc).split())) from exc
+    except ValueError as exc:  # also TOML/JSON syntax and UnicodeDecodeError
+        raise ValueError(f"cannot read config file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a table/mapping at the top, got {type(data).__name__}")
+    return data
 
 
 def _parse_value(text: str) -> Any:

@@ -10,9 +10,11 @@ same command on the same directory resumes from the newest one.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -25,8 +27,10 @@ import torch
 import torch.distributed as dist
 
 import capscale
+from capscale.probe.accumulate import NonFiniteActivationError
 from capscale.probe.sinks import Sink
-from capscale.rundir import RunDir
+from capscale.rundir import RunDir, RunStatus
+from capscale.spectrum import FrequencyTable
 from capscale.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -34,11 +38,13 @@ from capscale.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from capscale.train.config import RunConfig
+from capscale.train.config import RunConfig, TrainConfig
 from capscale.train.data import TokenData, load_data
 from capscale.train.model import GPT
-from capscale.train.optim import build_optimizer
+from capscale.train.optim import HybridOptimizer, build_optimizer
 from capscale.train.schedule import lr_factor
+
+_LOG = logging.getLogger("capscale.train")
 
 # Keys that may differ between the first launch of a run and its resumption.
 _VOLATILE = ("versions",)
@@ -100,21 +106,56 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 class Diverged(RuntimeError):
-    pass
+    """The run diverged (non-finite loss or activations) at optimizer update ``step``."""
+
+    def __init__(self, reason: str, step: int):
+        super().__init__(reason)
+        self.reason, self.step = reason, step
 
 
-def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) ``cfg`` in directory ``out``; returns the final status dict."""
-    d = _init_distributed(
-        "cuda"
-        if (cfg.train.device == "auto" and torch.cuda.is_available()) or cfg.train.device.startswith("cuda")
-        else "cpu"
-    )
-    device = _device(cfg.train.device, d)
-    if cfg.train.dtype == "bfloat16" and device.type != "cuda":
+def _device_kind(t: TrainConfig) -> str:
+    """The device type the run will use; one clear line if this machine cannot give it."""
+    name, cuda = t.device, torch.cuda.is_available()
+    if name.startswith("cuda"):
+        if not cuda:
+            raise ValueError(f"train.device={name}, but CUDA is not available here: use auto or cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"train.device={name}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("train.device=mps, but MPS is not available here: use auto or cpu")
+    kind = "cuda" if name.startswith("cuda") or (name == "auto" and cuda) else ("mps" if name == "mps" else "cpu")
+    if t.dtype == "bfloat16" and kind != "cuda":
         raise ValueError("train.dtype=bfloat16 is for CUDA; on CPU bf16 matmul is ~100x slower: use float32")
+    return kind
+
+
+def _micro_batches(t: TrainConfig, d: Dist) -> tuple[int, int]:
+    """(sequences per forward on one rank, micro-batches per optimizer step).
+
+    batch_size counts sequences per optimizer step over all ranks and micro-batches;
+    micro_batch_size is one forward on one rank (default: no accumulation).
+    """
+    micro = t.micro_batch_size or t.batch_size // d.world_size
+    if micro < 1 or t.batch_size % (micro * d.world_size):
+        raise ValueError(
+            f"train.batch_size ({t.batch_size}) must be a multiple of micro_batch_size ({micro}) "
+            f"x world size ({d.world_size})"
+        )
+    return micro, t.batch_size // (micro * d.world_size)
+
+
+def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) ``cfg`` in directory ``out``; returns the final status dict.
+
+    ``log`` receives the run's messages (default: the ``capscale.train`` logger).
+    Everything that can be refused is refused before the run directory is touched.
+    """
+    d = _init_distributed(_device_kind(cfg.train))
+    device = _device(cfg.train.device, d)
+    micro, accum = _micro_batches(cfg.train, d)
     run = RunDir(out)
-    say = log if d.main else (lambda _msg: None)
+    say = (log or _LOG.info) if d.main else (lambda _msg: None)
 
     # Data first: the tokenizer decides the model's vocabulary. Rank 0 builds caches.
     if d.main:
@@ -123,8 +164,7 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print
         dist.barrier()
     if not d.main:
         data = load_data(cfg.data)
-    cfg.model["vocab_size"] = data.model_vocab_size
-    cfg.validate()
+    cfg = cfg.with_vocab(data.model_vocab_size)
     resolved = {**cfg.to_dict(), "versions": _versions()}
 
     existing = run.read_config()
@@ -134,16 +174,78 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print
             f"{_diff_keys(_comparable(existing), _comparable(resolved))}); use another --out"
         )
     status = run.read_status()
-    if status and status["status"] in ("done", "diverged"):
+    if status and status["status"] in (RunStatus.DONE, RunStatus.DIVERGED):
         say(f"{run.path}: already {status['status']} at step {status['step']}")
         return status
     if d.main:
         run.create()
         run.write_config(resolved)
 
+    state = _setup(cfg, resolved, run, d, device, data, micro, accum, say)
+    try:
+        final = _loop(state)
+    except Diverged as exc:
+        final = {"status": RunStatus.DIVERGED.value, "step": exc.step, "reason": exc.reason}
+        if d.main:
+            run.write_status(RunStatus.DIVERGED, exc.step, exc.reason)
+        say(f"diverged: {exc.reason}")
+    except BaseException as exc:
+        if d.main and not isinstance(exc, KeyboardInterrupt):
+            run.write_status(RunStatus.FAILED, state.start, f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if state.probe is not None:
+            state.probe.close(flush=False)
+    return final
+
+
+@dataclass
+class RunState:
+    """Everything one run trains with, made once by :func:`_setup` (torchtitan's ``Trainer``, in spirit)."""
+
+    cfg: RunConfig  # with the tokenizer's vocabulary
+    resolved: dict  # what config.json holds
+    run: RunDir
+    dist: Dist
+    device: torch.device
+    data: TokenData
+    freq: FrequencyTable
+    raw_model: GPT
+    model: torch.nn.Module  # raw_model, or its DistributedDataParallel wrapper
+    opt: HybridOptimizer
+    probe: Any  # capscale.probe.Probe, or None with telemetry off
+    sink: _Collect | None
+    micro: int  # sequences per forward on this rank
+    accum: int  # forwards per optimizer step
+    start: int  # optimizer updates already done (resume point)
+    say: Callable[[str], None]
+
+    @property
+    def seq(self) -> int:
+        return self.cfg.model.seq_len
+
+    def autocast(self):
+        """A fresh context per use; bf16 autocast only on CUDA (checked at start)."""
+        if self.cfg.train.dtype == "bfloat16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+
+def _setup(
+    cfg: RunConfig,
+    resolved: dict,
+    run: RunDir,
+    d: Dist,
+    device: torch.device,
+    data: TokenData,
+    micro: int,
+    accum: int,
+    say: Callable[[str], None],
+) -> RunState:
+    """Model, optimizer and probe, restored from the newest checkpoint if there is one."""
     freq = data.frequency_table()
     torch.manual_seed(cfg.train.seed)
-    raw_model = GPT(cfg.model_config()).to(device)
+    raw_model = GPT(cfg.model).to(device)
     opt = build_optimizer(cfg.optimizer.name, raw_model, **cfg.optimizer.params)
     start = 0
     ckpts = list_checkpoints(run.checkpoint_dir)
@@ -158,7 +260,7 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print
     if d.main:  # drop anything logged after the checkpoint: it will be redone identically
         run.truncate_metrics(start)
         run.truncate_spectra(start - 1)
-        run.write_status("running", start)
+        run.write_status(RunStatus.RUNNING, start)
 
     # Checkpoints fall between measurement windows, so a probe re-attached at the
     # resume step rebuilds exactly the windows an uninterrupted run would have.
@@ -168,21 +270,9 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print
         model = torch.nn.parallel.DistributedDataParallel(
             raw_model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    try:
-        final = _loop(cfg, resolved, model, raw_model, opt, probe, sink, data, freq, run, d, device, start, say)
-    except Diverged as exc:
-        final = {"status": "diverged", "step": exc.args[1], "reason": exc.args[0]}
-        if d.main:
-            run.write_status("diverged", exc.args[1], exc.args[0])
-        say(f"diverged: {exc.args[0]}")
-    except BaseException as exc:
-        if d.main and not isinstance(exc, KeyboardInterrupt):
-            run.write_status("failed", start, f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        if probe is not None:
-            probe.close(flush=False)
-    return final
+    return RunState(
+        cfg, resolved, run, d, device, data, freq, raw_model, model, opt, probe, sink, micro, accum, start, say
+    )
 
 
 class _Collect(Sink):
@@ -232,84 +322,111 @@ def _mid_window(probe) -> bool:
     return start is not None and start < probe.step_index
 
 
-def _loop(
-    cfg,
-    resolved: dict,
-    model,
-    raw_model,
-    opt,
-    probe,
-    sink,
-    data: TokenData,
-    freq,
-    run: RunDir,
-    d: Dist,
-    device: torch.device,
-    start: int,
-    say,
-) -> dict[str, Any]:
-    t = cfg.train
-    # batch_size counts sequences per optimizer step over all ranks and micro-batches;
-    # micro_batch_size is one forward on one rank (default: no accumulation).
-    micro = t.micro_batch_size or t.batch_size // d.world_size
-    if micro < 1 or t.batch_size % (micro * d.world_size):
-        raise ValueError(
-            f"train.batch_size ({t.batch_size}) must be a multiple of micro_batch_size ({micro}) "
-            f"x world size ({d.world_size})"
+class _Progress:
+    """A tqdm bar in a terminal; elsewhere (logs, sweep workers) one plain line per log step."""
+
+    def __init__(self, s: RunState):
+        t, self.say, self.total = s.cfg.train, s.say, s.cfg.train.steps
+        self.enabled = t.progress and s.dist.main
+        self.bar = None
+        if self.enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=t.steps, initial=s.start, desc=s.cfg.name, unit="step", dynamic_ncols=True)
+
+    def step(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}")
+
+    def logged(self, rec: dict) -> None:
+        if self.enabled and self.bar is None:
+            extra = f" val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+            self.say(
+                f"step {rec['step']}/{self.total} loss {rec['loss']:.4f}{extra} "
+                f"lr {rec['lr']:.3g} {rec['tokens_per_s']:,.0f} tok/s"
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _train_step(s: RunState, it: int) -> float:
+    """Forward and backward of every micro-batch of iteration ``it``; returns the mean loss (all ranks)."""
+    d = s.dist
+    s.model.train()
+    loss_sum = torch.zeros((), device=s.device)
+    for m in range(s.accum):
+        x, y = s.data.train_batch(
+            s.micro,
+            s.seq,
+            seed=s.cfg.train.seed,
+            step=it,
+            micro_step=m,
+            rank=d.rank,
+            world_size=d.world_size,
+            device=s.device,
         )
-    accum = t.batch_size // (micro * d.world_size)
-    seq = cfg.model_config().seq_len
+        sync = s.model.no_sync() if (d.world_size > 1 and m < s.accum - 1) else nullcontext()
+        try:
+            with sync, s.autocast():
+                _, loss = s.model(x, y)
+                (loss / s.accum).backward()
+        except NonFiniteActivationError as exc:
+            # the same meaning as a non-finite loss, whatever the telemetry cadence
+            reason = f"non-finite activations (NaN or Inf) at layer {exc.layer} {exc.site} at step {it + 1}"
+            raise Diverged(reason, it + 1) from exc
+        loss_sum += loss.detach()
+    if s.cfg.train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(s.raw_model.parameters(), s.cfg.train.grad_clip)
+    loss_val = float(loss_sum) / s.accum
+    if d.world_size > 1:
+        lt = torch.tensor([loss_val], device=s.device)
+        dist.all_reduce(lt)
+        loss_val = float(lt) / d.world_size
+    return loss_val
 
-    def autocast():  # a fresh context per use; bf16 autocast only on CUDA (checked at start)
-        return torch.autocast("cuda", dtype=torch.bfloat16) if t.dtype == "bfloat16" else nullcontext()
 
-    bar = None
-    if t.progress and d.main:
-        from tqdm.auto import tqdm
+def _checkpoint(s: RunState, step: int) -> None:
+    if s.dist.main:
+        payload = {
+            "model": s.raw_model.state_dict(),
+            "optimizer": s.opt.state_dict(),
+            "rng": rng_state(),
+            "model_config": s.resolved["model"],
+            "optimizer_config": s.resolved["optimizer"],
+        }
+        save_checkpoint(s.run.checkpoint_dir, step, payload, keep=s.cfg.train.keep_checkpoints)
+        s.run.write_status(RunStatus.RUNNING if step < s.cfg.train.steps else RunStatus.DONE, step)
+    if s.dist.world_size > 1:
+        dist.barrier()
 
-        bar = tqdm(total=t.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
 
-    pending: list[dict] = []
+def _loop(s: RunState) -> dict[str, Any]:
+    t, main = s.cfg.train, s.dist.main
+    progress = _Progress(s)
     due = False  # a checkpoint waiting for a measurement window to close
     tokens_since, t_since = 0, time.perf_counter()
-    for it in range(start, t.steps):
+    for it in range(s.start, t.steps):
         factor = lr_factor(it, t.steps, kind=t.schedule, warmup=t.warmup_steps, warmdown_frac=t.warmdown_frac)
-        for group in opt.param_groups:
+        for group in s.opt.param_groups:
             group["lr"] = group["base_lr"] * factor
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        for m in range(accum):
-            x, y = data.train_batch(
-                micro, seq, seed=t.seed, step=it, micro_step=m, rank=d.rank, world_size=d.world_size, device=device
-            )
-            sync = model.no_sync() if (d.world_size > 1 and m < accum - 1) else nullcontext()
-            with sync, autocast():
-                _, loss = model(x, y)
-                (loss / accum).backward()
-            loss_sum += loss.detach()
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip)
-        loss_val = float(loss_sum) / accum
-        if d.world_size > 1:
-            lt = torch.tensor([loss_val], device=device)
-            dist.all_reduce(lt)
-            loss_val = float(lt) / d.world_size
+        loss_val = _train_step(s, it)
         step = it + 1
         if not math.isfinite(loss_val):
-            if d.main:
-                run.append_metrics(pending + [{"step": step, "loss": loss_val, "lr": opt.param_groups[0]["lr"]}])
+            if main:
+                s.run.append_metrics([{"step": step, "loss": loss_val, "lr": s.opt.param_groups[0]["lr"]}])
             raise Diverged(f"non-finite training loss ({loss_val}) at step {step}", step)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if probe is not None:
-            probe.step()
-            frame = sink.take()
-            if d.main and frame is not None:
-                run.append_spectra(frame)
-        tokens_since += t.batch_size * seq
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_val:.3f}")
+        s.opt.step()
+        s.opt.zero_grad(set_to_none=True)
+        if s.probe is not None:
+            s.probe.step()
+            frame = s.sink.take()
+            if main and frame is not None:
+                s.run.append_spectra(frame)
+        tokens_since += t.batch_size * s.seq
+        progress.step(loss_val)
 
         is_eval = step % t.eval_every == 0 or step == t.steps
         if step % t.log_every == 0 or is_eval:
@@ -317,54 +434,41 @@ def _loop(
             rec = {
                 "step": step,
                 "loss": loss_val,
-                "lr": opt.param_groups[0]["lr"],
+                "lr": s.opt.param_groups[0]["lr"],
                 "tokens_per_s": tokens_since / max(now - t_since, 1e-9),
             }
             if is_eval:
-                rec.update(evaluate(model, raw_model, data, freq, micro, seq, t.eval_batches, d, device, autocast))
-            pending.append(rec)
+                rec.update(evaluate(s))
+            if main:  # at every log step, so `tail -f metrics.jsonl` follows the run
+                s.run.append_metrics([rec])
+            progress.logged(rec)
             tokens_since, t_since = 0, time.perf_counter()
         due = due or step % t.checkpoint_every == 0
-        if (due and not (probe is not None and _mid_window(probe))) or step == t.steps:
+        if (due and not (s.probe is not None and _mid_window(s.probe))) or step == t.steps:
             due = False
-            if d.main:
-                run.append_metrics(pending)
-                payload = {
-                    "model": raw_model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "rng": rng_state(),
-                    "model_config": resolved["model"],
-                    "optimizer_config": resolved["optimizer"],
-                }
-                save_checkpoint(run.checkpoint_dir, step, payload, keep=t.keep_checkpoints)
-                run.write_status("running" if step < t.steps else "done", step)
-            pending = []
-            if d.world_size > 1:
-                dist.barrier()
-    if bar is not None:
-        bar.close()
-    if d.main:  # also when resuming a run whose last checkpoint was already the final one
-        run.write_status("done", t.steps)
-    return {"status": "done", "step": t.steps, "reason": None}
+            _checkpoint(s, step)
+    progress.close()
+    if main:  # also when resuming a run whose last checkpoint was already the final one
+        s.run.write_status(RunStatus.DONE, t.steps)
+    return {"status": RunStatus.DONE.value, "step": t.steps, "reason": None}
 
 
 @torch.no_grad()
-def evaluate(
-    model, raw_model, data: TokenData, freq, batch: int, seq: int, n_batches: int, d: Dist, device, autocast
-) -> dict[str, float]:
+def evaluate(s: RunState) -> dict[str, float]:
     """Validation loss overall and per HEAD/MID/TAIL bucket of the *target* token."""
-    model.eval()
+    d, device = s.dist, s.device
+    s.model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # all, head, mid, tail
     counts = torch.zeros(4, dtype=torch.float64, device=device)
-    n = min(n_batches, data.num_val_batches(batch, seq, d.world_size))
+    n = min(s.cfg.train.eval_batches, s.data.num_val_batches(s.micro, s.seq, d.world_size))
     if n < 1:
-        raise ValueError(f"the validation split is too small for one batch of {batch}x{seq}")
+        raise ValueError(f"the validation split is too small for one batch of {s.micro}x{s.seq}")
     # eval-mode forwards are not captured: the probe (mode="train") measures training forwards
-    for x, y in data.val_batches(batch, seq, n, rank=d.rank, world_size=d.world_size, device=device):
-        with autocast():
-            _, tok_loss = raw_model(x, y, reduction="none")
+    for x, y in s.data.val_batches(s.micro, s.seq, n, rank=d.rank, world_size=d.world_size, device=device):
+        with s.autocast():
+            _, tok_loss = s.raw_model(x, y, reduction="none")
         tok_loss = tok_loss.double().reshape(-1)
-        b = freq.bucket(y.reshape(-1)).long()
+        b = s.freq.bucket(y.reshape(-1)).long()
         sums[0] += tok_loss.sum()
         counts[0] += tok_loss.numel()
         sums[1:] += torch.zeros(3, dtype=torch.float64, device=device).index_add_(0, b, tok_loss)
@@ -376,5 +480,5 @@ def evaluate(
     out = {"val_loss": mean[0]}
     for i, name in enumerate(("head", "mid", "tail"), start=1):
         out[f"val_loss_{name}"] = mean[i] if counts[i] > 0 else float("nan")
-    model.train()
+    s.model.train()
     return out
