@@ -126,7 +126,7 @@ def _device_kind(t: TrainConfig) -> str:
         raise ValueError("train.device=mps, but MPS is not available here: use auto or cpu")
     kind = "cuda" if name.startswith("cuda") or (name == "auto" and cuda) else ("mps" if name == "mps" else "cpu")
     if t.dtype == "bfloat16" and kind != "cuda":
-        raise ValueError("train.dtype=bfloat16 is for CUDA; on CPU bf16 matmul is ~100x slower: use float32")
+        raise ValueError("train.dtype=bfloat16 is bf16 autocast on CUDA; on CPU use float32")
     return kind
 
 

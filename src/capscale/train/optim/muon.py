@@ -22,8 +22,8 @@ NS_DTYPES = ("auto", "float32", "bfloat16")
 def newton_schulz(G: Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> Tensor:
     """Approximate orthogonalisation U·S'·Vᵀ ≈ U·Vᵀ of a 2-D ``G`` (S' ∈ ~[0.7, 1.2]).
 
-    Quintic Newton–Schulz iteration computed in ``dtype`` (fp32 on CPU, where bf16
-    matmul is ~100× slower; bf16 is fine on CUDA); returned in ``G``'s dtype.
+    Quintic Newton–Schulz iteration computed in ``dtype`` (``ns_dtype="auto"``: fp32 on
+    CPU, bf16 on CUDA, as Keller Jordan's Muon); returned in ``G``'s dtype.
     """
     if G.dim() != 2:
         raise ValueError(f"newton_schulz needs a 2-D matrix, got shape {tuple(G.shape)}")
