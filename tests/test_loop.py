@@ -287,7 +287,11 @@ def test_metrics_are_on_disk_at_every_log_step_and_progress_is_plain_lines(tmp_p
 
     over = ["train.steps=12", "train.log_every=2", "train.checkpoint_every=100", "train.progress=true"]
     over += ["telemetry.enabled=false"]
-    train(resolve("smoke", overrides=over), out, log=log)
+    cfg = resolve("smoke", overrides=over)
+    before = cfg.to_dict()
+    train(cfg, out, log=log)
+    assert cfg.to_dict() == before  # the loop works on a copy with the tokenizer's vocabulary
+    assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] != before["model"]["vocab_size"]
     assert [int(m.split()[1].split("/")[0]) for m, _ in seen] == [2, 4, 6, 8, 10, 12]
     assert all(m.split()[1].split("/")[0] == str(step) for m, step in seen), seen
     assert all("\r" not in m and m.split()[1].endswith("/12") for m, _ in seen)
