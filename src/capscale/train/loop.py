@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 import capscale
 from capscale.probe.sinks import Sink
-from capscale.rundir import RunDir
+from capscale.rundir import RunDir, RunStatus
 from capscale.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -104,7 +104,16 @@ class Diverged(RuntimeError):
 
 
 def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) ``cfg`` in directory ``out``; returns the final status dict."""
+    """Run (or resume) ``cfg`` in directory ``out``; returns the final status dict.
+
+    One process writes a run directory at a time: a second ``train`` on it is
+    refused at once (``RunLockedError`` naming the holder); rank 0 holds the lock.
+    """
+    with RunDir(out).lock() if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+        return _train(cfg, out, log=log)
+
+
+def _train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     d = _init_distributed(
         "cuda"
         if (cfg.train.device == "auto" and torch.cuda.is_available()) or cfg.train.device.startswith("cuda")
@@ -134,7 +143,7 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print
             f"{_diff_keys(_comparable(existing), _comparable(resolved))}); use another --out"
         )
     status = run.read_status()
-    if status and status["status"] in ("done", "diverged"):
+    if status and RunStatus(status["status"]).finished:
         say(f"{run.path}: already {status['status']} at step {status['step']}")
         return status
     if d.main:
@@ -158,7 +167,7 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print
     if d.main:  # drop anything logged after the checkpoint: it will be redone identically
         run.truncate_metrics(start)
         run.truncate_spectra(start - 1)
-        run.write_status("running", start)
+        run.write_status(RunStatus.RUNNING, start)
 
     # Checkpoints fall between measurement windows, so a probe re-attached at the
     # resume step rebuilds exactly the windows an uninterrupted run would have.
@@ -171,13 +180,13 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] = print
     try:
         final = _loop(cfg, resolved, model, raw_model, opt, probe, sink, data, freq, run, d, device, start, say)
     except Diverged as exc:
-        final = {"status": "diverged", "step": exc.args[1], "reason": exc.args[0]}
+        final = {"status": RunStatus.DIVERGED.value, "step": exc.args[1], "reason": exc.args[0]}
         if d.main:
-            run.write_status("diverged", exc.args[1], exc.args[0])
+            run.write_status(RunStatus.DIVERGED, exc.args[1], exc.args[0])
         say(f"diverged: {exc.args[0]}")
     except BaseException as exc:
         if d.main and not isinstance(exc, KeyboardInterrupt):
-            run.write_status("failed", start, f"{type(exc).__name__}: {exc}")
+            run.write_status(RunStatus.FAILED, start, f"{type(exc).__name__}: {exc}")
         raise
     finally:
         if probe is not None:
@@ -337,15 +346,15 @@ def _loop(
                     "optimizer_config": resolved["optimizer"],
                 }
                 save_checkpoint(run.checkpoint_dir, step, payload, keep=t.keep_checkpoints)
-                run.write_status("running" if step < t.steps else "done", step)
+                run.write_status(RunStatus.RUNNING if step < t.steps else RunStatus.DONE, step)
             pending = []
             if d.world_size > 1:
                 dist.barrier()
     if bar is not None:
         bar.close()
     if d.main:  # also when resuming a run whose last checkpoint was already the final one
-        run.write_status("done", t.steps)
-    return {"status": "done", "step": t.steps, "reason": None}
+        run.write_status(RunStatus.DONE, t.steps)
+    return {"status": RunStatus.DONE.value, "step": t.steps, "reason": None}
 
 
 @torch.no_grad()
