@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from capscale.rundir import (
-    LOCK_FILE,
     SPECTRA_FILE,
     RunDir,
     RunDirError,
@@ -156,7 +155,11 @@ def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
         with RunDir(tmp_path).lock(wait=0):  # a sweep worker holds it around train, which takes it too
             pass
         assert json.loads(run.lock_path.read_text())["pid"] == os.getpid()
-    assert run.lock_path.read_text() == ""  # released: no stale record
+    assert not run.lock_path.exists()  # released: the lock file it made is gone
+    run.lock_path.write_text("")  # a lock file someone else made stays, without a stale record
+    with run.lock(wait=0):
+        pass
+    assert run.lock_path.read_text() == ""
     with run.lock(wait=0):
         pass
 
@@ -169,7 +172,7 @@ def test_a_lock_on_a_new_directory_leaves_no_trace_if_nothing_was_written(tmp_pa
     assert not run.path.exists()
     with run.lock():
         run.write_status(RunStatus.RUNNING, 0)
-    assert sorted(p.name for p in run.path.iterdir()) == [LOCK_FILE, "status.json"]
+    assert sorted(p.name for p in run.path.iterdir()) == ["status.json"]
 
 
 def test_orphaned_temp_files_are_removed_when_the_lock_is_taken(tmp_path):

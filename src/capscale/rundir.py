@@ -145,9 +145,9 @@ class RunDir:
         its resume. Re-entrant within one process (a sweep worker holds it around
         ``train``, which takes it too). ``wait`` (seconds) only outlasts a momentary
         shared lock taken by a status query. On first acquisition the temp files
-        left by killed writers are removed (no writer can own them now). A directory
-        that the lock itself created and that holds nothing else on release is
-        removed again: refused input leaves no trace.
+        left by killed writers are removed (no writer can own them now). The lock
+        file, and a directory, that the lock itself created are removed on release
+        (the directory only if empty): refused input leaves no trace.
         """
         key = os.path.realpath(self.lock_path)
         held = _HELD.get(key)
@@ -163,6 +163,7 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RunDirError(f"cannot create run directory {self.path}: {exc.strerror}") from exc
+        made_lock_file = not self.lock_path.exists()
         fd = self._acquire(wait)
         _HELD[key] = [fd, 1]
         try:
@@ -172,13 +173,11 @@ class RunDir:
             yield self
         finally:
             del _HELD[key]
-            try:
+            with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)  # no stale record: an empty .lock is a free one
-            except OSError:
-                pass
-            if created and {p.name for p in self.path.iterdir()} == {LOCK_FILE}:
-                self.lock_path.unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
+                if made_lock_file:  # removed while still held: ``_acquire`` re-checks the inode it locked
+                    self.lock_path.unlink()
+                if created and not any(self.path.iterdir()):
                     self.path.rmdir()
             os.close(fd)  # releases the flock
 

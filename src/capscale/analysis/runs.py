@@ -98,9 +98,13 @@ def load_sweep(source: str | Path | Iterable[str | Path]) -> Sweep:
     if not included:
         summary = ", ".join(f"{s}: {n}" for s, n in excluded_df["status"].value_counts().items()) or "none found"
         where = str(root) if root is not None else "the given run directories"
+        reasons = "; ".join(f"{r['run_id']}: {r['reason']}" for r in excluded[:3]) + (
+            "; ..." if len(excluded) > 3 else ""
+        )
         raise NoFinishedRunsError(
             f"no finished runs to analyse in {where} ({len(excluded)} run(s); {summary}); "
             "a run is analysed once its status.json says 'done' and its spectra.parquet is readable"
+            + (f" — {reasons}" if reasons else "")
         )
     arch_axes = _check_compatible(included)
     runs = _runs_frame(included, arch_axes)
@@ -194,6 +198,8 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         rec["reason"] = f"done, but config.json lacks the key {exc}"
     except (OSError, ValueError) as exc:
         rec["reason"] = f"done, but unreadable: {exc}"
+    if rec["reason"]:
+        rec["reason"] = " ".join(str(rec["reason"]).split())  # one line, whatever the library said
     return rec
 
 
