@@ -259,3 +259,12 @@ def test_the_probe_sink_holds_no_rows_between_writes(tmp_path):
         sink.write_spectra(_frame(step))
     assert not any(isinstance(v, (pd.DataFrame,)) or type(v).__name__ == "Table" for v in vars(sink).values())
     assert len(pq.ParquetDataset(tmp_path / SPECTRA_FILE).read()) == 12
+
+
+def test_parts_with_different_columns_read_as_one_frame(tmp_path):
+    run = RunDir(tmp_path)
+    run.append_spectra(_frame(5).drop(columns=["soft_rank"]))  # an older writer without that column
+    run.append_spectra(_frame(10))
+    df = run.read_spectra(columns=["step", "soft_rank"])
+    assert list(df["step"]) == [5] * 4 + [10] * 4
+    assert df["soft_rank"].iloc[:4].isna().all() and df["soft_rank"].iloc[4:].notna().all()

@@ -430,14 +430,15 @@ def _write_part(path: Path, table, seq: int | None = None) -> Path:
         first, last = int(mm["min"].as_py()), int(mm["max"].as_py())
     else:
         first = last = 0
-    parts = _parts(path)
-    if seq is None:
-        seq = parts[-1][0] + 1 if parts else 0
+    rewrite = seq is not None
+    if seq is None:  # names only, no Path objects: this listing is the one cost that grows with the run
+        seq = 1 + max((int(m.group(1)) for n in os.listdir(path) if (m := _PART.match(n))), default=-1)
     target = path / f"part-{seq:08d}-{first:08d}-{last:08d}.parquet"
     atomic_write(target, lambda tmp: pq.write_table(table, tmp), fsync=True)
-    for n, _, _, p in parts:  # a part of the same number (a rewrite) goes once its successor is in place
-        if n == seq and p != target:
-            p.unlink()
+    if rewrite:  # a part of the same number goes once its successor is in place
+        for n, _, _, p in _parts(path):
+            if n == seq and p != target:
+                p.unlink()
     return target
 
 
@@ -473,7 +474,10 @@ def read_spectra(path: str | Path, columns: list[str] | None = None) -> pd.DataF
     parts = spectra_parts(path)
     if not parts:
         return None
-    tables = [pq.read_table(p, columns=columns) for _, _, p in parts]
+    tables = []
+    for _, _, p in parts:  # a part written by an older capscale may lack a newer column: null there
+        names = set(pq.read_schema(p).names)
+        tables.append(pq.read_table(p, columns=None if columns is None else [c for c in columns if c in names]))
     return pa.concat_tables(tables, promote_options="default").to_pandas()
 
 
