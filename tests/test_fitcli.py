@@ -1,6 +1,7 @@
 """``capscale fit``: refits the paper's published points to its published β; groups, bad input."""
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,43 @@ def test_bad_input_is_a_clear_error(tmp_path):
         _run([str(POINTS)])
     with pytest.raises(ValueError, match="'metric' must be numeric"):
         _run([str(POINTS), "--x", "ffn_hidden_dim", "--y", "metric"])
+
+
+def test_missing_and_non_finite_rows_are_left_out_alike_and_said(tmp_path, capsys):
+    path = tmp_path / "p.csv"
+    width = [1, 2, 4, 8, 8, 8]
+    pd.DataFrame({"width": width, "value": [1.0, 2.0, 4.0, 8.0, np.nan, np.inf]}).to_csv(path, index=False)
+    assert _run([str(path), "--out", str(tmp_path / "t.csv")]) == 0
+    table = pd.read_csv(tmp_path / "t.csv")
+    assert table["beta"].iloc[0] == pytest.approx(1.0) and table["n"].iloc[0] == 4
+    assert table["note"].iloc[0] == "2 row(s) with a missing or non-finite width/value left out"
+    assert "2 row(s) with a missing or non-finite" in capsys.readouterr().out
+
+
+def _write(path, text):
+    path.write_text(text) if isinstance(text, str) else path.write_bytes(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "content, extra, message",
+    [
+        ("width,value\n", [], r"p\.csv: the CSV has columns \['width', 'value'\] but no rows"),
+        ("", [], r"p\.csv is not a readable CSV"),
+        (b"width,value\n1,\xff\xfe\n", [], r"p\.csv is not a readable CSV"),
+        ("width,value\n1,1\n2,2\n4,4\n", ["--confidence", "2"], r"--confidence must be in \(0, 1\), got 2\.0"),
+        ("width,value\n1,1\n2,2\n4,4\n", ["--confidence", "0"], r"--confidence must be in \(0, 1\)"),
+        ("width,value\n1,1\n2,2\n4,4\n", ["--digits", "-1"], r"--digits must be >= 0"),
+        ("width,rank\n1,1\n", [], r"p\.csv: column\(s\) \['value'\] not in the CSV"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_file_or_argument(tmp_path, capsys, content, extra, message):
+    from capscale.cli import main
+
+    points = _write(tmp_path / "p.csv", content)
+    out = tmp_path / "t.csv"
+    assert main(["fit", points, "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("capscale fit: error: ")
+    assert re.search(message, err), err
+    assert not out.exists()

@@ -39,8 +39,10 @@ def test_parquet_appends_atomically_and_reads_back(tmp_path):
     assert back[["step", "layer", "site", "bucket"]].drop_duplicates().shape[0] == len(back)
     assert back.layer.dtype == np.int64 and back.step.dtype == np.int64
     np.testing.assert_allclose(back.soft_rank, df.soft_rank)
-    assert str(pq.read_schema(path).field("eigenvalues").type) == "list<element: double>"
-    assert [p.name for p in path.parent.iterdir()] == ["spectra.parquet"]  # no temp files left
+    parts = sorted(path.iterdir())  # a dataset: one part file per window, no temp files left
+    assert [p.name for p in parts] == [f"part-{i:08d}-{i:08d}-{i:08d}.parquet" for i in range(3)]
+    assert all(str(pq.read_schema(p).field("eigenvalues").type) == "list<element: double>" for p in parts)
+    assert [p.name for p in path.parent.iterdir()] == ["spectra.parquet"]
     # A second probe (a resumed run) appends; the rows already there are untouched.
     run([ParquetSink(path)], steps=1)
     again = pd.read_parquet(path)

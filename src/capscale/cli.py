@@ -53,6 +53,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_run(args: argparse.Namespace) -> int:
+    from capscale.rundir import RunStatus
     from capscale.train.config import resolve
     from capscale.train.loop import train
 
@@ -63,7 +64,7 @@ def _train_run(args: argparse.Namespace) -> int:
         f"{args.out}: {status['status']} at step {status['step']}"
         + (f" ({status['reason']})" if status.get("reason") else "")
     )
-    return 0 if status["status"] == "done" else 1
+    return 0 if status["status"] == RunStatus.DONE else 1
 
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
@@ -86,6 +87,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 def _sweep_run(args: argparse.Namespace) -> int:
     from collections import Counter
 
+    from capscale.rundir import RunStatus
     from capscale.sweep import load_spec, run_sweep
     from capscale.sweep.sweep import select_runs, sweep_status
 
@@ -100,7 +102,7 @@ def _sweep_run(args: argparse.Namespace) -> int:
             print(f"  {r['status']:<12} {name:<32} step {r['step']}{reason}")
         return 0
     results = run_sweep(spec, args.out, workers=args.workers, executor=args.executor, only=args.only)
-    return 1 if any(r.status == "failed" for r in results) else 0
+    return 1 if any(r.status == RunStatus.FAILED for r in results) else 0
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,8 @@ points), or of the columns named with ``--by``. Other numeric columns (a seed, a
 layer) are pooled as replicate points. Prints one row per group — β, its t-interval,
 R², n — the paper's method (``capscale.spectrum.fit_power_law``), so published or
 foreign results can be refit and compared. A group with fewer than 3 widths is
-reported as not fittable.
+reported as not fittable. Rows whose width or rank is missing or not finite
+(NaN, ±Inf) are left out of their group's fit, and its note says how many.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from capscale.spectrum import fit_power_law
@@ -27,6 +29,8 @@ def fit_table(
     missing = [c for c in (x, y, *(by or [])) if c not in points.columns]
     if missing:
         raise ValueError(f"column(s) {missing} not in the CSV; its columns are {list(points.columns)}")
+    if points.empty:
+        raise ValueError(f"the CSV has columns {list(points.columns)} but no rows")
     for col in (x, y):
         if not pd.api.types.is_numeric_dtype(points[col]):
             raise ValueError(f"column {col!r} must be numeric (got values like {points[col].iloc[0]!r})")
@@ -37,14 +41,17 @@ def fit_table(
     for key, g in groups:
         key = key if isinstance(key, tuple) else (key,)
         row = dict(zip(by, key))
-        g = g.dropna(subset=[x, y])
+        finite = np.isfinite(g[x].to_numpy(float)) & np.isfinite(g[y].to_numpy(float))
+        dropped = (
+            f"{int((~finite).sum())} row(s) with a missing or non-finite {x}/{y} left out" if not finite.all() else ""
+        )
+        g = g[finite]
         try:
             fit = fit_power_law(g[x], g[y], confidence)
-            row.update(beta=fit.beta, ci_low=fit.ci_low, ci_high=fit.ci_high, r2=fit.r2, n=fit.n, note="")
+            row.update(beta=fit.beta, ci_low=fit.ci_low, ci_high=fit.ci_high, r2=fit.r2, n=fit.n, note=dropped)
         except ValueError as exc:  # < 3 widths, non-positive values: this group only
-            row.update(
-                beta=math.nan, ci_low=math.nan, ci_high=math.nan, r2=math.nan, n=len(g), note=f"not fittable: {exc}"
-            )
+            note = "; ".join(filter(None, [f"not fittable: {exc}", dropped]))
+            row.update(beta=math.nan, ci_low=math.nan, ci_high=math.nan, r2=math.nan, n=len(g), note=note)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -81,9 +88,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     path = Path(args.points)
+    if not 0 < args.confidence < 1:
+        raise ValueError(f"--confidence must be in (0, 1), got {args.confidence}")
+    if args.digits < 0:
+        raise ValueError(f"--digits must be >= 0, got {args.digits}")
     if not path.is_file():
         raise FileNotFoundError(f"no such points file: {path}")
-    table = fit_table(pd.read_csv(path), args.x, args.y, args.by, args.confidence)
+    try:
+        points = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable CSV: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    try:
+        table = fit_table(points, args.x, args.y, args.by, args.confidence)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     print(format_table(table, args.digits, args.confidence))
     if args.out:
         table.to_csv(args.out, index=False)

@@ -16,11 +16,12 @@ columns (``.parquet``, ``.jsonl`` or ``.csv``).
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from capscale.rundir import CHECKPOINT_DIR, CONFIG_FILE, RunDir
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 
@@ -98,9 +99,9 @@ def load_model(path: Path, device: str) -> Loaded:
     """A capscale run directory / checkpoint, or a HF directory; a clear error for anything else."""
     if path.is_file() and path.suffix == ".pt":
         return load_capscale(path.parent.parent, path, device)
-    if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
+    if (path / CHECKPOINT_DIR).is_dir() and (path / CONFIG_FILE).is_file():
         return load_capscale(path, None, device)
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file():  # the HF model directory's own config.json
         return load_hf(path, device)
     raise ValueError(
         f"{str(path)!r} is neither a capscale run directory (config.json + checkpoints/), "
@@ -115,12 +116,12 @@ def load_capscale(run_dir: Path, checkpoint: Path | None, device: str) -> Loaded
     from capscale.train.model import GPT, GPTConfig
     from capscale.train.sources import make_source
 
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{str(run_dir)!r} has no config.json: the checkpoint's run directory is needed")
-    config = json.loads(config_path.read_text())
+    run = RunDir(run_dir)
+    config = run.read_config()  # one line naming the file if it is not a JSON object
+    if config is None:
+        raise ValueError(f"{str(run_dir)!r} has no {CONFIG_FILE}: the checkpoint's run directory is needed")
     if checkpoint is None:
-        found = list_checkpoints(run_dir / "checkpoints")
+        found = list_checkpoints(run.checkpoint_dir)
         if not found:
             raise ValueError(f"run {str(run_dir)!r} has no checkpoint yet")
         checkpoint = found[-1][1]

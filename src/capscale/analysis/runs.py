@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow.parquet as pq
+
+from capscale.rundir import CONFIG_FILE, STATUS_FILE, RunDir, RunStatus, read_spectra, spectra_columns
 
 # Model keys that may vary within one analysis and then become part of the series key.
 ARCH_AXES = ("activation", "pos")
@@ -97,9 +98,13 @@ def load_sweep(source: str | Path | Iterable[str | Path]) -> Sweep:
     if not included:
         summary = ", ".join(f"{s}: {n}" for s, n in excluded_df["status"].value_counts().items()) or "none found"
         where = str(root) if root is not None else "the given run directories"
+        reasons = "; ".join(f"{r['run_id']}: {r['reason']}" for r in excluded[:3]) + (
+            "; ..." if len(excluded) > 3 else ""
+        )
         raise NoFinishedRunsError(
             f"no finished runs to analyse in {where} ({len(excluded)} run(s); {summary}); "
             "a run is analysed once its status.json says 'done' and its spectra.parquet is readable"
+            + (f" — {reasons}" if reasons else "")
         )
     arch_axes = _check_compatible(included)
     runs = _runs_frame(included, arch_axes)
@@ -126,7 +131,7 @@ def _locate(source) -> tuple[Path | None, dict | None, list[Path]]:
             spec = _read_json(path / "sweep.json") if (path / "sweep.json").is_file() else None
             dirs = sorted(p for p in (path / "runs").iterdir() if p.is_dir())
             return path, spec, dirs
-        if (path / "config.json").is_file() or (path / "status.json").is_file():
+        if (path / CONFIG_FILE).is_file() or (path / STATUS_FILE).is_file():
             return None, None, [path]
         raise FileNotFoundError(
             f"{path} is neither a sweep directory (with runs/) nor a run directory (with config.json)"
@@ -143,7 +148,7 @@ def _locate(source) -> tuple[Path | None, dict | None, list[Path]]:
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
 
@@ -158,10 +163,11 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         "step": None,
         "config": None,
     }
+    run = RunDir(run_dir)
     try:
-        status = _read_json(run_dir / "status.json") if (run_dir / "status.json").is_file() else None
-        config = _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
-    except ValueError as exc:
+        status = run.read_status()
+        config = run.read_config()
+    except (OSError, ValueError) as exc:
         rec["reason"] = str(exc)
         return rec
     if config is not None:
@@ -172,12 +178,12 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         return rec
     rec["status"] = str(status.get("status", "unknown"))
     rec["step"] = status.get("step")
-    if rec["status"] != "done":
+    if rec["status"] != RunStatus.DONE:
         detail = status.get("reason")
         rec["reason"] = (
             f"{rec['status']}"
             + (f": {detail}" if detail else "")
-            + (" (unfinished)" if rec["status"] == "running" else "")
+            + (" (unfinished)" if rec["status"] == RunStatus.RUNNING else "")
         )
         return rec
     if config is None:
@@ -185,25 +191,29 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         return rec
     try:
         _config_fields(config)
-        rec["spectra"] = _read_spectra(run_dir / "spectra.parquet", rec["run_id"])
-        rec["metrics"] = _read_metrics(run_dir / "metrics.jsonl", rec["run_id"])
+        rec["spectra"] = _read_spectra(run, rec["run_id"])
+        rec["metrics"] = _read_metrics(run, rec["run_id"])
         rec["final"] = _final_losses(rec["metrics"])
     except KeyError as exc:
         rec["reason"] = f"done, but config.json lacks the key {exc}"
     except (OSError, ValueError) as exc:
         rec["reason"] = f"done, but unreadable: {exc}"
+    if rec["reason"]:
+        rec["reason"] = " ".join(str(rec["reason"]).split())  # one line, whatever the library said
     return rec
 
 
-def _read_spectra(path: Path, run_id: str) -> pd.DataFrame:
-    if not path.is_file():
+def _read_spectra(run: RunDir, run_id: str) -> pd.DataFrame:
+    path = run.spectra_path
+    if not path.exists():
         raise FileNotFoundError(f"{path.name} is missing")
-    columns = [c for c in pq.read_schema(path).names if c != "eigenvalues"]
+    # Lazily: every column but the eigenvalue lists, which no analysis needs.
+    columns = [c for c in spectra_columns(path) if c != "eigenvalues"]
     missing = [c for c in REQUIRED_SPECTRA_COLUMNS if c not in columns]
     if missing:
         raise ValueError(f"{path.name} lacks column(s) {missing}")
-    df = pd.read_parquet(path, columns=columns)
-    if df.empty:
+    df = read_spectra(path, columns)
+    if df is None or df.empty:
         raise ValueError(f"{path.name} has no rows")
     # A run resumed from a checkpoint may record a window again: the later record wins.
     df = df.drop_duplicates(["step", "layer", "site", "bucket"], keep="last")
@@ -211,41 +221,41 @@ def _read_spectra(path: Path, run_id: str) -> pd.DataFrame:
     return df
 
 
-def _read_metrics(path: Path, run_id: str) -> pd.DataFrame:
-    """metrics.jsonl, tolerating only a torn last line (an append cut short)."""
-    rows = []
-    if path.is_file():
-        lines = path.read_text().splitlines()
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i == len(lines) - 1:
-                    break
-                raise ValueError(f"{path.name} line {i + 1} is not valid JSON") from None
-    df = pd.DataFrame(rows)
+def _read_metrics(run: RunDir, run_id: str) -> pd.DataFrame:
+    """metrics.jsonl by the run directory's one rule: a torn last line is dropped (with a logged
+    warning) and the complete records before it stand; a damaged line elsewhere excludes the run."""
+    df = pd.DataFrame(run.read_metrics())
     if df.empty:
         df = pd.DataFrame({"step": pd.Series(dtype="int64")})
     if "step" not in df.columns:
-        raise ValueError(f"{path.name} rows lack 'step'")
+        raise ValueError(f"{run.metrics_path.name} rows lack 'step'")
     df = df.drop_duplicates("step", keep="last")  # re-logged after a resume: the later record wins
     df.insert(0, "run_id", run_id)
     return df
 
 
+def _section(config: dict, name: str) -> dict:
+    value = config[name]
+    if not isinstance(value, dict):
+        raise ValueError(f"config {name} must be a table (a JSON object), got {value!r}")
+    return value
+
+
+def _int_field(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def _config_fields(config: dict) -> dict[str, Any]:
-    """The config fields the analysis uses; a KeyError names what is missing."""
-    model, opt, train = config["model"], config["optimizer"], config["train"]
-    width = model["ffn_width"]
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"config model.ffn_width must be a positive int, got {width!r}")
+    """The config fields the analysis uses; a KeyError names what is missing, a ValueError what is malformed."""
+    model, opt, train = _section(config, "model"), _section(config, "optimizer"), _section(config, "train")
+    width = _int_field(model["ffn_width"], "model.ffn_width", 1)
     return {
         "label": str(opt.get("label") or opt["name"]),
         "optimizer": str(opt["name"]),
-        "steps": int(train["steps"]),
-        "seed": int(train.get("seed", 0)),
+        "steps": _int_field(train["steps"], "train.steps", 1),
+        "seed": _int_field(train.get("seed", 0), "train.seed", 0),
         "width": width,
         "d_model": model.get("d_model"),
         **{axis: model.get(axis) for axis in ARCH_AXES},

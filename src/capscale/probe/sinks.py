@@ -4,8 +4,8 @@ A sink receives each finished full measurement as a spectra table
 (``write_spectra``) and per-step scalar summaries (``write_scalars``), which
 include the cheap monitoring level. File sinks are append-only and atomic:
 JSONL appends whole lines with one ``write`` on an ``O_APPEND`` descriptor;
-Parquet rewrites a temp file next to the target and renames it over, so a
-reader (or a crash) never sees a half-written file. Every sink checks at
+Parquet adds one part file per write to a dataset directory (temp file +
+rename), so a reader (or a crash) never sees a half-written file. Every sink checks at
 construction that it can write, so a bad path fails at ``attach`` time, not
 hours into a run.
 """
@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import pandas as pd
 
 from capscale.atomic import atomic_write
+from capscale.rundir import arrow_table, write_spectra_part
 
 
 class SinkError(OSError):
@@ -37,17 +38,6 @@ def _writable_dir(path: Path) -> Path:
     except OSError as exc:
         raise SinkError(f"capscale sink: cannot write to directory {str(path)!r}: {exc}") from exc
     return path
-
-
-def arrow_table(frame: pd.DataFrame):
-    """A spectra frame as an Arrow table, eigenvalues typed ``list<double>`` even when all null."""
-    import pyarrow as pa
-
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    if "eigenvalues" in table.column_names:
-        i = table.column_names.index("eigenvalues")
-        table = table.set_column(i, "eigenvalues", table.column("eigenvalues").cast(pa.list_(pa.float64())))
-    return table
 
 
 FRAME_SUFFIXES = (".parquet", ".jsonl", ".csv")
@@ -130,35 +120,23 @@ class JSONLSink(Sink):
 
 
 class ParquetSink(Sink):
-    """All spectra rows in one Parquet file, rewritten atomically (temp file + rename) per write.
+    """Spectra rows as a Parquet dataset at ``path``: one part file per write (per window).
 
-    Rows already in an existing file are kept (a resumed run appends), and are
-    never modified. The eigenvalues column is ``list<double>``.
+    A write costs the same at window 500 as at window 5 and the sink holds no rows
+    between writes; ``pd.read_parquet(path)`` reads the whole dataset. Rows already
+    there are kept (a resumed run appends) and never modified; an older
+    single-file ``path`` becomes the dataset's first part. The eigenvalues column
+    is ``list<double>``.
     """
 
     def __init__(self, path):
         self.path = Path(path)
         _writable_dir(self.path.parent)
-        self._table = None
-
-    def _load(self):
-        import pyarrow.parquet as pq
-
-        if self._table is None and self.path.exists():
-            self._table = pq.read_table(self.path)
-        return self._table
 
     def write_spectra(self, frame: pd.DataFrame) -> None:
         if frame.empty:
             return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        new = arrow_table(frame)
-        old = self._load()
-        table = new if old is None else pa.concat_tables([old, new], promote_options="default")
-        atomic_write(self.path, lambda tmp: pq.write_table(table, tmp))
-        self._table = table
+        write_spectra_part(self.path, frame)
 
 
 class TensorBoardSink(Sink):

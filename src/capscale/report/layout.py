@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capscale.analysis import ALL_BUCKETS, REGIONS
+from capscale.rundir import RunStatus
 from capscale.spectrum.summary import REPORT_METRICS
 
 
@@ -503,7 +504,12 @@ def _runs(d: dict) -> Section:
         ],
         [],
         [
-            _table("Runs not analysed.", excluded, d["excluded_runs"], lambda r: r["status"] in ("failed", "diverged")),
+            _table(
+                "Runs not analysed.",
+                excluded,
+                d["excluded_runs"],
+                lambda r: r["status"] in (RunStatus.FAILED, RunStatus.DIVERGED),
+            ),
             _table("Runs analysed.", analysed, d["runs"], collapsed=True),
         ],
     )

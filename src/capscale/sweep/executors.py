@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from capscale.rundir import RunDir
+from capscale.rundir import RunDir, RunStatus
 from capscale.sweep.worker import REQUEST, run_one
 
 
@@ -40,14 +40,14 @@ def _status(run_dir: Path) -> dict | None:
 
 def _result(name: str, run_dir: Path, seconds: float, stderr: str = "") -> RunResult:
     st = _status(run_dir) or {}
-    status = st.get("status", "failed")
+    status = st.get("status", RunStatus.FAILED.value)
     reason = st.get("reason")
-    if status == "running":  # the process ended without finishing: it failed before it could say so
-        status, reason = "failed", (stderr.strip().splitlines() or ["worker exited early"])[-1]
-        RunDir(run_dir).write_status("failed", st.get("step", 0), reason)
+    if status == RunStatus.RUNNING:  # the process ended without finishing: it failed before it could say so
+        status, reason = RunStatus.FAILED.value, (stderr.strip().splitlines() or ["worker exited early"])[-1]
+        RunDir(run_dir).write_status(RunStatus.FAILED, st.get("step", 0), reason)
     if not st:
         reason = (stderr.strip().splitlines() or ["worker exited before writing a status"])[-1]
-        RunDir(run_dir).write_status("failed", 0, reason)
+        RunDir(run_dir).write_status(RunStatus.FAILED, 0, reason)
     return RunResult(name, status, st.get("step"), reason, seconds)
 
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from capscale.rundir import RunDir, atomic_write_json
+from capscale.rundir import RunDir, RunStatus, atomic_write_json
 from capscale.sweep.executors import RunResult, run_local, run_submitit, write_request
 from capscale.sweep.spec import SweepSpec, _expand
 from capscale.sweep.worker import is_finished, is_locked
@@ -89,7 +89,7 @@ def sweep_status(spec: SweepSpec, out: str | Path) -> list[dict]:
     for name in finished + [n for n in run_order(spec, runs) if n not in done]:
         st = states[name]
         status = st["status"] if st else "not started"
-        if status == "running" and not is_locked(runs[name]):
+        if status == RunStatus.RUNNING and not is_locked(runs[name]):
             status = "interrupted"
         rows.append(
             {
@@ -146,7 +146,7 @@ def run_sweep(
             log(f"  start  {name}")
             return
         done[0] += 1
-        extra = f" ({res.reason})" if res.status != "done" and res.reason else ""
+        extra = f" ({res.reason})" if res.status != RunStatus.DONE and res.reason else ""
         log(
             f"  {res.status:<8} {name} in {res.seconds:.0f}s{extra}  [{done[0]}/{len(pending)}, "
             f"{time.perf_counter() - t0:.0f}s elapsed]"
@@ -158,10 +158,11 @@ def run_sweep(
         results = run_submitit(
             pending, Path(out) / "submitit", local=executor == "submitit-local", slurm=slurm, on_event=on_event
         )
-    bad = [r for r in results if r.status not in ("done",)]
+    bad = [r for r in results if r.status != RunStatus.DONE]
     log(
         f"sweep {spec.name}: {len(results) - len(bad)} done, "
-        f"{sum(r.status == 'diverged' for r in results)} diverged, {sum(r.status == 'failed' for r in results)} failed "
+        f"{sum(r.status == RunStatus.DIVERGED for r in results)} diverged, "
+        f"{sum(r.status == RunStatus.FAILED for r in results)} failed "
         f"in {time.perf_counter() - t0:.0f}s"
     )
     return results

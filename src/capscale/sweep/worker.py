@@ -13,11 +13,12 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
+from capscale.rundir import LOCK_FILE, RunDir, RunStatus
+
 REQUEST = "request.json"
-LOCK = ".lock"
+LOCK = LOCK_FILE
 LOCK_TRIES = 20  # × 50 ms
 
 
@@ -57,26 +58,18 @@ def run_one(run_dir: str | Path, threads: int | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     cfg = RunConfig.from_dict(json.loads((run_dir / REQUEST).read_text()))
-    with open(run_dir / LOCK, "w") as lock:
-        # ``is_locked`` (sweep --status) holds a shared lock for a moment: wait that out,
-        # but never for a run that another worker is training.
-        for attempt in range(LOCK_TRIES):
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if attempt == LOCK_TRIES - 1:
-                    raise RuntimeError(f"{run_dir} is being trained by another process") from None
-                time.sleep(0.05)
+    # The run directory's lock (``train`` takes it too, re-entrantly): it waits out the
+    # momentary shared lock of ``is_locked`` (sweep --status), never a run another worker trains.
+    with RunDir(run_dir).lock(wait=LOCK_TRIES * 0.05):
         return train(cfg, run_dir, log=lambda _m: None)
 
 
-FINISHED = ("done", "diverged")  # never run again; any other status is retried
+FINISHED = tuple(s.value for s in RunStatus if s.finished)  # never run again; any other status is retried
 
 
 def is_finished(status: dict | None) -> bool:
     """Whether a run's ``status.json`` content (None: not started) marks it finished."""
-    return bool(status) and status["status"] in FINISHED
+    return bool(status) and RunStatus(status["status"]).finished
 
 
 def main() -> int:

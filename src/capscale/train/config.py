@@ -301,27 +301,34 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
         raise ValueError(f"config file must be .toml, .yaml/.yml or .json, got {path.name}")
     try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            data = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            try:
-                data = yaml.safe_load(text) or {}
-            except yaml.YAMLError as exc:  # e.g. a !!python/... tag, which safe_load refuses
-                raise ValueError(" ".join(str(exc).split())) from exc
-    except ValueError as exc:  # also TOML/JSON syntax and UnicodeDecodeError
-        raise ValueError(f"cannot read config file {path}: {exc}") from exc
+        data = _parse_config_text(path.read_text(encoding="utf-8"), path.suffix)
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not UTF-8 text") from None
+    except ValueError as exc:  # one line naming the file, whatever the parser said
+        raise ValueError(f"config file {path} cannot be read: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a table/mapping at the top, got {type(data).__name__}")
+        raise ValueError(f"config file {path} must hold a table of keys, not {type(data).__name__}")
     return data
+
+
+def _parse_config_text(text: str, suffix: str) -> Any:
+    if suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        return tomllib.loads(text)  # TOMLDecodeError is a ValueError
+    if suffix == ".json":
+        return json.loads(text)
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}  # safe_load: a !!python/... tag is refused, never run
+    except yaml.YAMLError as exc:
+        hint = (
+            " (Python object tags are refused: configs are read with yaml.safe_load)" if "python/" in str(exc) else ""
+        )
+        raise ValueError(f"{type(exc).__name__}: {exc}{hint}") from None
 
 
 def _parse_value(text: str) -> Any:

@@ -150,7 +150,14 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] | None 
 
     ``log`` receives the run's messages (default: the ``capscale.train`` logger).
     Everything that can be refused is refused before the run directory is touched.
+    One process writes a run directory at a time: a second ``train`` on it is
+    refused at once (``RunLockedError`` naming the holder); rank 0 holds the lock.
     """
+    with RunDir(out).lock() if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+        return _train(cfg, out, log=log)
+
+
+def _train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] | None) -> dict[str, Any]:
     d = _init_distributed(_device_kind(cfg.train))
     device = _device(cfg.train.device, d)
     micro, accum = _micro_batches(cfg.train, d)
@@ -174,7 +181,7 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] | None 
             f"{_diff_keys(_comparable(existing), _comparable(resolved))}); use another --out"
         )
     status = run.read_status()
-    if status and status["status"] in (RunStatus.DONE, RunStatus.DIVERGED):
+    if status and RunStatus(status["status"]).finished:
         say(f"{run.path}: already {status['status']} at step {status['step']}")
         return status
     if d.main:
