@@ -710,7 +710,7 @@ def attach(
     if out is not None and distributed.rank(group) == 0:  # every check above passed: now write
         from capscale.probe.runwriter import RunWriter
 
-        run = RunWriter(out, run_config, start_step=start_step)
+        run = RunWriter(out, run_config, start_step=start_step, total_steps=total_steps)
         sinks.append(run)
     probe = Probe(
         model,

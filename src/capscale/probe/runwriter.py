@@ -23,9 +23,13 @@ from capscale.runformat import make_config
 class RunWriter(Sink):
     """The run-directory sink behind ``attach(out=...)``; its ``log`` is ``probe.log``."""
 
-    def __init__(self, out, run_config, *, start_step: int = 0, writer: str = "capscale.attach"):
+    def __init__(
+        self, out, run_config, *, start_step: int = 0, total_steps: int | None = None, writer="capscale.attach"
+    ):
         path = Path(out)
         config = make_config(run_config, name=str((run_config or {}).get("name") or path.name), writer=writer)
+        if total_steps is not None:
+            config["train"].setdefault("steps", int(total_steps))  # the step budget, unless said otherwise
         run = RunDir(path)
         if path.exists() and not path.is_dir():
             raise ValueError(f"out={str(path)!r} is a file, not a run directory")

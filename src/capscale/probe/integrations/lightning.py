@@ -90,6 +90,10 @@ class LightningCallback(Callback):
         if self.probe is not None:
             self.probe.close()
 
+    def on_exception(self, trainer, pl_module, exception):
+        if self.probe is not None:  # the open window is incomplete: dropped; the run is marked failed
+            self.probe.__exit__(type(exception), exception, exception.__traceback__)
+
 
 def model_root(module, sites=SITE_NAMES, layers="auto") -> str | None:
     """The name of the one child of ``module`` that holds every FFN site, else None (``module`` itself)."""
