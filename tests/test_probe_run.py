@@ -194,3 +194,16 @@ def test_a_healthy_run_does_not_warn(one_thread):
     with warnings.catch_warnings():
         warnings.simplefilter("error", NothingCapturedWarning)
         run()
+
+
+def test_callbacks_are_lazy_top_level_exports():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, capscale; heavy = [m for m in ('torch', 'transformers', 'lightning') if m in sys.modules]; "
+        "assert not heavy, heavy; print(capscale.LightningCallback.__module__)"
+    )
+    pytest.importorskip("lightning")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "capscale.probe.integrations.lightning"
