@@ -24,9 +24,13 @@ def scalars(logdir, tag):
     return out
 
 
-def test_hf_trainer_callback(tmp_path):
+def test_hf_trainer_callback(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("tensorboard")
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     import capscale
     from capscale.rundir import RunDir
 
@@ -51,7 +55,7 @@ def test_hf_trainer_callback(tmp_path):
         logging_steps=1,
         eval_strategy="steps",
         eval_steps=5,
-        report_to=["tensorboard"],
+        report_to=["tensorboard", "wandb"],
         save_strategy="no",
         use_cpu=True,
         disable_tqdm=True,
@@ -70,6 +74,9 @@ def test_hf_trainer_callback(tmp_path):
         model=hf_gpt2(vocab=V), args=args, train_dataset=Data(), eval_dataset=Data(), callbacks=[cb]
     )
     trainer.train()
+    summary = dict(wandb.run.summary) if wandb.run is not None else {}
+    if wandb.run is not None:
+        wandb.run.finish()
     df = pd.read_parquet(tmp_path / "spectra.parquet")
     assert sorted(df.step.unique()) == [0, 2, 4]  # every 2 steps and the last (max_steps - 1)
     assert len(df) == 3 * 2 * 2 * 4
@@ -82,6 +89,9 @@ def test_hf_trainer_callback(tmp_path):
     assert tb[0] == pytest.approx(at0.soft_rank.median(), rel=1e-6)
     assert sorted(scalars(tmp_path / "out", "capscale/hard_rank/layer01/post")) == [0, 2, 4]
     assert sorted(scalars(tmp_path / "out", "train/loss")) == [1, 2, 3, 4, 5]  # HF's own, untouched
+    # W&B (the trainer's own run): the last measurement on capscale's step axis
+    assert summary["capscale/step"] == 4 and summary["capscale/hard_rank/layer01/post"] > 1
+    assert summary["capscale/eigenvalues/layer00/pre"]["_type"] == "histogram"
     # readable after training: the DataFrame and the run directory
     assert cb.probe is not None and not cb.probe.active
     pd.testing.assert_frame_equal(cb.probe.compute(reset=False), df, check_dtype=False)
