@@ -55,3 +55,23 @@ def test_declared_width_and_variant(tmp_path, one_thread):
     runs = load_sweep(tmp_path).runs.set_index("run_id")
     assert (runs["width"] == 600).all()  # a declared width wins over the measured one
     assert sorted(runs["series"]) == ["sgd · variant=a", "sgd · variant=b"]
+
+
+def test_a_run_written_by_hand_is_analysed(tmp_path, one_thread):
+    """docs/run-format.md is enough: a config naming only the optimizer, a status, spectra rows."""
+    import json
+    import shutil
+
+    for width in (6, 12, 24):
+        _run(tmp_path / "src" / f"w{width}", "sgd", width)
+        hand = tmp_path / "root" / "by_hand" / f"w{width}"
+        hand.mkdir(parents=True)
+        shutil.copy(tmp_path / "src" / f"w{width}" / "spectra.parquet", hand / "spectra.parquet")
+        (hand / "config.json").write_text(json.dumps({"optimizer": "mine"}))
+        (hand / "status.json").write_text(json.dumps({"status": "done", "step": 3}))
+    runs = load_sweep(tmp_path / "root").runs
+    assert sorted(runs.width) == [6, 12, 24] and set(runs.series) == {"mine"} and (runs.steps == 3).all()
+    newer = tmp_path / "root" / "by_hand" / "w6" / "config.json"
+    newer.write_text(json.dumps({"optimizer": "mine", "format_version": 2}))
+    ex = load_sweep(tmp_path / "root").excluded
+    assert "format_version 2" in ex.set_index("run_id").loc["by_hand/w6", "reason"]
