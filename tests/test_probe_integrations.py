@@ -151,7 +151,7 @@ def test_lightning_callback(tmp_path):
     trainer = L.Trainer(
         max_steps=4,
         accumulate_grad_batches=2,
-        logger=logger,
+        logger=[logger, L.loggers.CSVLogger(str(tmp_path), name="csv", version=0)],
         callbacks=[cb],
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -170,6 +170,10 @@ def test_lightning_callback(tmp_path):
     assert sorted(tb) == [0, 2, 3]
     assert tb[0] == pytest.approx(df[(df.step == 0) & (df.site == "post")].soft_rank.median(), rel=1e-6)
     assert sorted(scalars(tmp_path / "tb", "capscale/hard_rank_per_width/layer00/pre")) == [0, 2, 3]
+    csv = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")  # any other logger: log_metrics
+    csv = csv.dropna(subset=["capscale/soft_rank/median/post"]).set_index("step")
+    assert sorted(csv.index) == [0, 2, 3]
+    assert csv.loc[0, "capscale/soft_rank/median/post"] == pytest.approx(tb[0], rel=1e-5)
     run = RunDir(tmp_path / "run")
     assert run.read_status() == {"status": "done", "step": 4, "reason": None}
     metrics = {m["step"]: m for m in run.read_metrics()}
