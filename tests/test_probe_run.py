@@ -83,6 +83,9 @@ def test_bad_run_config_is_refused_before_anything_is_written(tmp_path):
         capscale.attach(model, run_config={"optimizer": "sgd"})
     with pytest.raises(RuntimeError, match="out=RUN_DIR"):
         capscale.attach(model).log(0, loss=1.0)
+    pytest.importorskip("transformers")
+    with pytest.raises(RunConfigError, match="optimizer"):  # when the callback is made, not at train start
+        capscale.HFCallback(out=tmp_path / "r", run_config={"seed": 0})
 
 
 def test_a_finished_run_is_not_overwritten(tmp_path, one_thread):

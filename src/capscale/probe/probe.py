@@ -704,13 +704,10 @@ def attach(
         root = model.get_submodule(root)
     if persistent_hooks is None:
         persistent_hooks = _is_compiled(model)
-    if out is None and run_config is not None:
-        raise ValueError("run_config is written to a run directory: give out=RUN_DIR too")
-    run = None
-    if out is not None:
-        from capscale.probe.runwriter import RunWriter, make_config
+    from capscale.probe.runwriter import RunWriter, check_run_config
 
-        make_config(run_config, name="check", writer="check")  # every rank refuses a bad config, not only rank 0
+    check_run_config(out, run_config)  # on every rank, not only the one that writes
+    run = None
     if out is not None and distributed.rank(group) == 0:  # every check above passed: now write
         run = RunWriter(out, run_config, start_step=start_step, total_steps=total_steps)
         sinks.append(run)

@@ -85,6 +85,14 @@ class RunWriter(Sink):
             self.run.write_status("failed", int(step), error)
 
 
+def check_run_config(out, run_config) -> None:
+    """Refuse a bad ``out`` / ``run_config`` pair now (e.g. when a callback is made), not at train start."""
+    if out is None and run_config is not None:
+        raise ValueError("run_config is written to a run directory: give out=RUN_DIR too")
+    if out is not None:
+        make_config(run_config, name="check", writer="check")
+
+
 def _read_existing(run: RunDir) -> tuple[dict | None, dict | None]:
     try:
         return run.read_status(), run.read_config()

@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from capscale.probe.probe import Probe, attach
+from capscale.probe.runwriter import check_run_config
 from capscale.probe.sinks import Sink, TensorBoardSink, WandbSink
 
 # Trainer log keys → run metrics (docs/run-format.md)
@@ -38,6 +39,7 @@ class HFCallback(TrainerCallback):
 
     def __init__(self, *, out=None, run_config=None, sinks=(), **attach_kwargs):
         self.out, self.run_config = out, run_config
+        check_run_config(out, run_config)
         self.sinks = list(sinks)
         self.attach_kwargs = attach_kwargs
         self.probe: Probe | None = None

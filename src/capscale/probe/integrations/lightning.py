@@ -25,6 +25,7 @@ except ImportError:  # the standalone package
     from pytorch_lightning.callbacks import Callback
 
 from capscale.probe.probe import Probe, attach
+from capscale.probe.runwriter import check_run_config
 from capscale.probe.sinks import Sink, TensorBoardSink, WandbSink
 from capscale.probe.sites import SITE_NAMES, SiteDiscoveryError, discover_sites
 
@@ -36,6 +37,7 @@ class LightningCallback(Callback):
 
     def __init__(self, *, out=None, run_config=None, sinks=(), token_ids: Callable | None = None, **attach_kwargs):
         self.out, self.run_config = out, run_config
+        check_run_config(out, run_config)
         self.sinks = list(sinks)
         self.token_ids = token_ids
         self.attach_kwargs = attach_kwargs
