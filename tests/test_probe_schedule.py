@@ -44,7 +44,7 @@ def test_measured_steps_windows_and_micro_batches():
     probe.close()
     assert [s for s, a in seen.items() if a] == [0, 1, 4, 5, 8, 9, 10]
     with pytest.raises(RuntimeError, match="closed"):
-        probe.compute()
+        probe.step()  # compute() still returns the kept rows after close
 
 
 def test_records_step_labels_and_sample_counts():

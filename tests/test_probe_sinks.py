@@ -97,12 +97,25 @@ def test_tensorboard_events(tmp_path):
 
     from capscale.probe import TensorBoardSink
 
-    df = run([TensorBoardSink(tmp_path / "tb")], steps=3, every=2)
-    acc = EventAccumulator(str(tmp_path / "tb"))
+    table = FrequencyTable(np.arange(1, V + 1)[::-1].copy())
+    df = run([TensorBoardSink(tmp_path / "tb")], steps=3, every=2, table=table)
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0, "scalars": 0})
     acc.Reload()
-    ev = acc.Scalars("capscale/pre/all/soft_rank")
-    assert [e.step for e in ev] == [0, 2]
-    assert ev[0].value == pytest.approx(df[(df.step == 0) & (df.site == "pre")].soft_rank.mean(), rel=1e-6)
+    ev = acc.Scalars("capscale/soft_rank/median/pre")  # the headline: median over layers, as the report
+    assert [e.step for e in ev] == [0, 2]  # at the measured steps
+    at0 = df[(df.step == 0) & (df.bucket == "all")].set_index(["site", "layer"])
+    assert ev[0].value == pytest.approx(at0.loc["pre"].soft_rank.median(), rel=1e-6)
+    layer1 = acc.Scalars("capscale/hard_rank_per_width/layer01/post")[0].value
+    assert layer1 == pytest.approx(at0.loc[("post", 1), "hard_rank"] / 12, rel=1e-6)
+    tail = df[(df.step == 0) & (df.bucket == "tail") & (df.site == "post")].soft_rank.median()
+    assert acc.Scalars("capscale/soft_rank/tail/post")[0].value == pytest.approx(tail, rel=1e-6)
+    assert acc.Scalars("capscale/samples_per_dim/layer00/pre")[0].value == pytest.approx(12 / 12)
+    assert acc.Scalars("capscale/undersampled_layers/pre")[0].value == 2  # N/D = 1 in both layers
+    hist = acc.Histograms("capscale/eigenvalues/layer00/pre")
+    assert [h.step for h in hist] == [0, 2]
+    eigs = np.log10(at0.loc[("pre", 0), "eigenvalues"])
+    assert hist[0].histogram_value.num == 12 and hist[0].histogram_value.sum == pytest.approx(eigs.sum(), rel=1e-5)
+    assert not [t for t in acc.Tags()["scalars"] if not t.startswith("capscale/")]
 
 
 def test_wandb_offline(tmp_path, monkeypatch):
@@ -113,7 +126,9 @@ def test_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     user_run = wandb.init(project="capscale-test", dir=str(tmp_path / "a"))
     run([WandbSink(user_run)], steps=2)  # a run it did not start: left open
-    assert user_run.summary["capscale/step"] == 1 and user_run.summary["capscale/pre/all/soft_rank"] > 1
+    assert user_run.summary["capscale/step"] == 1 and user_run.summary["capscale/soft_rank/median/pre"] > 1
+    assert user_run.summary["capscale/hard_rank/layer01/post"] > 1
+    assert user_run.summary["capscale/eigenvalues/layer00/pre"]["_type"] == "histogram"
     user_run.finish()
     assert list(tmp_path.glob("a/wandb/offline-run-*/run-*.wandb"))
     run([WandbSink(project="capscale-test", dir=str(tmp_path / "b"))], steps=1)  # starts and finishes its own

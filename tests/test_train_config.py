@@ -63,7 +63,11 @@ def test_bad_override_is_one_line_and_writes_nothing(tmp_path, capsys, override,
 
 
 BAD_FILES = [
-    ("c.yaml", "train: !!python/object/apply:os.system ['true']\n", r"config file .*c\.yaml cannot be read: .*yaml\.safe_load"),
+    (
+        "c.yaml",
+        "train: !!python/object/apply:os.system ['true']\n",
+        r"config file .*c\.yaml cannot be read: .*yaml\.safe_load",
+    ),
     ("c.toml", "[train\nsteps = 3\n", r"config file .*c\.toml cannot be read"),
     ("c.json", "{not json", r"config file .*c\.json cannot be read"),
     ("c.json", "[1, 2]", r"config file .*c\.json must hold a table of keys"),

@@ -17,14 +17,21 @@ except PackageNotFoundError:  # running from a source tree without install
 
 from capscale import spectrum  # noqa: E402
 
-__all__ = ["__version__", "attach", "spectrum"]
+__all__ = ["HFCallback", "LightningCallback", "__version__", "attach", "spectrum"]
+
+# Loaded on first use, so that ``import capscale`` stays NumPy-only: ``attach``
+# imports torch, the callbacks their frameworks.
+_LAZY = {
+    "attach": ("capscale.probe", "attach"),
+    "HFCallback": ("capscale.probe.integrations.hf", "HFCallback"),
+    "LightningCallback": ("capscale.probe.integrations.lightning", "LightningCallback"),
+}
 
 
 def __getattr__(name: str):
-    # ``capscale.attach`` is the probe's one-line entry point; it imports torch,
-    # so it is loaded on first use and ``import capscale`` stays NumPy-only.
-    if name == "attach":
-        from capscale.probe import attach
+    if name in _LAZY:
+        from importlib import import_module
 
-        return attach
+        module, attr = _LAZY[name]
+        return getattr(import_module(module), attr)
     raise AttributeError(f"module 'capscale' has no attribute {name!r}")

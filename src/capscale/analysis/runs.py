@@ -1,8 +1,10 @@
 """Load run directories (the train → analysis contract) into tidy pandas frames.
 
 A run directory holds ``config.json``, ``metrics.jsonl``, ``spectra.parquet`` and
-``status.json``; a sweep directory holds ``runs/<run_name>/`` and, optionally,
-``sweep.json``. Only runs whose status is ``done`` are analysed; every other run
+``status.json`` (the format of ``docs/run-format.md``, whatever wrote it); a sweep
+directory holds ``runs/<run_name>/`` and, optionally, ``sweep.json``; any other
+directory is searched for run directories at any depth. A run whose config does not
+say its FFN width is analysed at its measured width (the ``dim`` of its spectra). Only runs whose status is ``done`` are analysed; every other run
 (running, failed, diverged, unreadable) is *recorded* in ``Sweep.excluded`` with
 its reason so the report can list it — one bad run never stops an analysis.
 
@@ -25,9 +27,10 @@ from typing import Any
 import pandas as pd
 
 from capscale.rundir import CONFIG_FILE, STATUS_FILE, RunDir, RunStatus, read_spectra, spectra_columns
+from capscale.runformat import resolve_config
 
 # Model keys that may vary within one analysis and then become part of the series key.
-ARCH_AXES = ("activation", "pos")
+ARCH_AXES = ("activation", "pos", "variant")
 # Model keys that legitimately vary: the width itself (ffn_mult is resolved into ffn_width).
 _WIDTH_KEYS = ("ffn_width", "ffn_mult")
 # Spectra columns the analysis needs; the rest of ``spectrum_summary`` is kept when present.
@@ -85,7 +88,7 @@ def load_sweep(source: str | Path | Iterable[str | Path]) -> Sweep:
     root, spec, run_dirs = _locate(source)
     included, excluded, spectra, metrics = [], [], [], []
     for run_dir in run_dirs:
-        rec = _read_run(run_dir)
+        rec = _read_run(run_dir, _run_id(run_dir, root))
         if rec["reason"] is None:
             included.append(rec)
             spectra.append(rec.pop("spectra"))
@@ -131,11 +134,15 @@ def _locate(source) -> tuple[Path | None, dict | None, list[Path]]:
             spec = _read_json(path / "sweep.json") if (path / "sweep.json").is_file() else None
             dirs = sorted(p for p in (path / "runs").iterdir() if p.is_dir())
             return path, spec, dirs
-        if (path / CONFIG_FILE).is_file() or (path / STATUS_FILE).is_file():
+        if _is_run_dir(path):
             return None, None, [path]
-        raise FileNotFoundError(
-            f"{path} is neither a sweep directory (with runs/) nor a run directory (with config.json)"
-        )
+        dirs = _find_run_dirs(path)
+        if not dirs:
+            raise FileNotFoundError(
+                f"{path} is neither a sweep directory (with runs/) nor a run directory (with config.json), "
+                "and holds no run directory below it"
+            )
+        return path, None, dirs
     dirs = [Path(p) for p in source]
     missing = [str(p) for p in dirs if not p.is_dir()]
     if missing:
@@ -145,6 +152,31 @@ def _locate(source) -> tuple[Path | None, dict | None, list[Path]]:
     return None, None, dirs
 
 
+def _is_run_dir(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() or (path / STATUS_FILE).is_file()
+
+
+def _find_run_dirs(root: Path) -> list[Path]:
+    """Run directories at any depth below ``root`` (a run's own subdirectories are not searched)."""
+    found = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if _is_run_dir(sub):
+            found.append(sub)
+        else:
+            found += _find_run_dirs(sub)
+    return found
+
+
+def _run_id(run_dir: Path, root: Path | None) -> str:
+    # Found at any depth, runs are named by their path below the root: names stay unique.
+    if root is not None and run_dir.parent != root / "runs":
+        try:
+            return run_dir.relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return run_dir.name
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -152,10 +184,10 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def _read_run(run_dir: Path) -> dict[str, Any]:
+def _read_run(run_dir: Path, run_id: str | None = None) -> dict[str, Any]:
     """One run's record; ``reason`` is None when it can be analysed."""
     rec: dict[str, Any] = {
-        "run_id": run_dir.name,
+        "run_id": run_id or run_dir.name,
         "path": str(run_dir),
         "name": run_dir.name,
         "status": "unknown",
@@ -190,8 +222,10 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         rec["reason"] = "done, but config.json is missing"
         return rec
     try:
-        _config_fields(config)
         rec["spectra"] = _read_spectra(run, rec["run_id"])
+        dims = sorted(int(d) for d in rec["spectra"]["dim"].dropna().unique())
+        rec["config"] = config = resolve_config(config, final_step=rec["step"], dims=dims)
+        _config_fields(config)
         rec["metrics"] = _read_metrics(run, rec["run_id"])
         rec["final"] = _final_losses(rec["metrics"])
     except KeyError as exc:

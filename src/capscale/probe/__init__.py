@@ -11,7 +11,7 @@ Knows nothing of training: it sees forwards, steps and sinks.
 
 from capscale.probe.accumulate import NonFiniteActivationError
 from capscale.probe.posthoc import measure_model
-from capscale.probe.probe import MODES, Probe, attach
+from capscale.probe.probe import MODES, NothingCapturedWarning, Probe, attach
 from capscale.probe.records import COLUMNS, SpectrumError, scalar_summary
 from capscale.probe.schedule import Schedule
 from capscale.probe.sinks import (
@@ -42,6 +42,7 @@ __all__ = [
     "ConsoleSink",
     "JSONLSink",
     "NonFiniteActivationError",
+    "NothingCapturedWarning",
     "ParquetSink",
     "Probe",
     "Schedule",

@@ -12,6 +12,7 @@ once when no window is open.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,10 @@ MODES = ("train", "eval", "any")
 MONITOR_COLUMNS = ("step", "layer", "site", "module", "n_samples", "dim", "hard_rank", "trace")
 
 
+class NothingCapturedWarning(UserWarning):
+    """A measurement window closed without a captured forward (once per probe; the message says why)."""
+
+
 @dataclass
 class _Window:
     """One open measurement: states per site index, and how many forwards it captured."""
@@ -56,6 +61,8 @@ class _Window:
     end: int
     states: dict[int, Any] = field(default_factory=dict)
     forwards: int = 0
+    skipped: int = 0  # root forwards in the other train/eval mode: not captured
+    stray: int = 0  # site activations outside any root forward
 
 
 def _as_dtype(dtype) -> torch.dtype | None:
@@ -122,6 +129,12 @@ class Probe:
         self._pool: dict[tuple[str, int], list[WindowMoments]] = {}
         self._scratch = {i: Scratch() for i in range(len(sites))}
         self._closed = False
+        self._run = None  # the run-directory writer (attach(out=...)); also one of the sinks
+        self._writes_elsewhere = False
+        self._error: str | None = None
+        self._warned = False
+        self._emitted = False
+        self._closing = False
         if persistent_hooks:
             self._install()
         self._open_windows()
@@ -187,8 +200,13 @@ class Probe:
         field and the eigenvalues. ``reset`` drops the returned finished rows and
         restarts the open window's accumulation (labelled with the current step).
         Under torch.distributed every rank must call it (it reduces across ranks).
+        After ``close()`` it returns the kept rows not yet returned.
         """
-        self._check_open()
+        if self._closed:
+            rows = list(self._records)
+            if reset:
+                self._records = []
+            return to_frame(rows)
         rows = list(self._records)
         if self._full is not None:
             rows += self._rows(self._full, release=reset)
@@ -196,7 +214,29 @@ class Probe:
                 self._full = _Window(self.step_index, self._full.end)
         if reset:
             self._records = []
+        self._emitted = self._emitted or bool(rows)
         return to_frame(rows)
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory this probe writes (``attach(out=...)``), or None."""
+        return None if self._run is None else self._run.path
+
+    def log(self, step: int | None = None, **metrics) -> None:
+        """Append metrics for ``step`` (default: the current step) to the run's metrics.jsonl.
+
+        ``loss`` (training), ``val_loss`` (and ``val_loss_head/mid/tail``) are the
+        names the report reads; any other number is kept. Calls for the same step
+        merge into one record. Needs ``attach(..., out=RUN_DIR)``; works after
+        ``close()`` too (e.g. a final evaluation).
+        """
+        if self._run is None:
+            if self._writes_elsewhere:  # another rank writes the run directory
+                return
+            raise RuntimeError("probe.log writes to a run directory: attach(model, ..., out=RUN_DIR, run_config={...})")
+        self._run.log(self.step_index if step is None else step, metrics)
+        if self._closed:
+            self._run.flush_metrics()
 
     def monitor_frame(self, reset: bool = False) -> pd.DataFrame:
         """The monitoring level's records (hard rank from tr(C)²/‖C‖²_F, no eigendecomposition)."""
@@ -218,21 +258,30 @@ class Probe:
         """Flush (optionally), remove every hook and close the sinks. Idempotent."""
         if self._closed:
             return
+        error = self._error if not flush else None
+        self._closing = True
         try:
             if flush:
                 self.flush()
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             self._remove()
             self._full = self._monitor = None
             self._closed = True
             for sink in self.sinks:
                 sink.close()
+            if self._run is not None and distributed.rank(self.group) == 0:
+                self._run.finish(self.step_index, error if error is not None or flush else "closed without flush")
 
     def __enter__(self) -> Probe:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # After an error the open window is incomplete: keep what was finished, drop it.
+        if exc_type is not None:
+            self._error = f"{exc_type.__name__}: {exc}"
         self.close(flush=exc_type is None)
 
     def __repr__(self) -> str:
@@ -293,6 +342,10 @@ class Probe:
         if not self.active:
             return
         capture = self.mode == "any" or (self.mode == "train") == module.training
+        if not capture:
+            for w in (self._full, self._monitor):
+                if w is not None:
+                    w.skipped += 1
         ids, mask = _ids_and_mask(args, kwargs)
         given_ids, given_mask, buckets = self._explicit or (None, None, None)
         if given_ids is not None:  # what probe.batch() gave wins over what the inputs hold
@@ -322,6 +375,10 @@ class Probe:
     def _on_site(self, i: int, x) -> None:
         fwd = self._fwd
         if fwd is None or not fwd.capture:
+            if fwd is None:
+                for w in (self._full, self._monitor):
+                    if w is not None:
+                        w.stray += 1
             return
         full = self._full is not None and i in self._full_set
         mon = self._monitor is not None and i in self._mon_set
@@ -434,9 +491,13 @@ class Probe:
 
     def _finish_full(self) -> None:
         window, self._full = self._full, None
+        captured = bool(window.states)  # before _rows releases them
         rows = self._rows(window, release=True)
+        if not rows or not captured:
+            self._warn_empty(window)
         if not rows:
             return
+        self._emitted = True
         if self.keep:
             self._records.extend(rows)
         self._emit(window.start, rows, scalar_summary(rows))
@@ -446,6 +507,7 @@ class Probe:
         try:
             flat, forwards = self._gather(window, self._mon_idx, 1)
             if not forwards:
+                self._warn_empty(window)
                 return
             recs = [self._monitor_record(m, self.sites[i], window.start) for m, i in zip(flat, self._mon_idx) if m]
         finally:
@@ -453,6 +515,41 @@ class Probe:
         if self.keep:
             self.monitor_records.extend(recs)
         self._emit(window.start, None, monitor_summary(recs))
+
+    def _warn_empty(self, window: _Window) -> None:
+        """Say once why a window captured nothing, and how to fix it: a probe never records nothing silently."""
+        if self._warned:
+            return
+        if self._closing and self._emitted and not (window.forwards or window.skipped or window.stray):
+            return  # training ended as a window opened: nothing was missed
+        root = type(self._root).__name__
+        where = f"the measurement window at step {window.start}"
+        if window.forwards:
+            why = (
+                f"{where} saw {window.forwards} forward(s) of the root ({root}) but none of the FFN sites ran "
+                f"inside them ({', '.join(sorted({s.label for s in self.sites})[:3])}, ...): the probe is attached "
+                "to a model that is not the one training, or to sites its forward does not use"
+            )
+        elif window.skipped:
+            mode = "eval" if self.mode == "train" else "train"
+            why = (
+                f"{where} captured nothing: {window.skipped} forward(s) ran with the model in {mode} mode and the "
+                f"probe has mode={self.mode!r}. Call model.train() before training (from_pretrained returns a "
+                "model in eval mode), or attach(..., mode='any')"
+            )
+        elif window.stray:
+            why = (
+                f"{where} captured nothing: the FFN sites ran {window.stray} time(s), but never inside a forward "
+                f"of the root module ({root}). Your loop calls a submodule directly: pass attach(..., root=NAME) "
+                "naming the module it calls (e.g. root='model')"
+            )
+        else:
+            why = (
+                f"{where} captured nothing: the model ran no forward before the window closed at step "
+                f"{self.step_index}. Call probe.step() once per optimizer step, after that step's forwards"
+            )
+        self._warned = True
+        warnings.warn(f"capscale: {why}.", NothingCapturedWarning, stacklevel=4)
 
     @staticmethod
     def _monitor_record(m: Moments, site: Site, step: int) -> dict:
@@ -535,6 +632,8 @@ def attach(
     keep: bool = True,
     group=None,
     persistent_hooks: bool | None = None,
+    out: str | Path | None = None,
+    run_config: dict | None = None,
 ) -> Probe:
     """Attach spectral telemetry to ``model``; returns a :class:`Probe` (also a context manager).
 
@@ -561,6 +660,11 @@ def attach(
     group: the torch.distributed process group to reduce over (default: world).
     persistent_hooks: keep hooks registered between measured steps (needed under
         torch.compile; default: only for an already compiled model).
+    out, run_config: write a run directory as the run goes (docs/run-format.md), which
+        ``capscale report`` analyses: config.json from ``run_config`` (``optimizer``
+        or ``label`` names the series; ``seed``, ``ffn_width``, ``variant``, ``steps``),
+        spectra after every window, ``probe.log(step, loss=..., val_loss=...)``
+        metrics, status "done" on ``close()``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -600,7 +704,14 @@ def attach(
         root = model.get_submodule(root)
     if persistent_hooks is None:
         persistent_hooks = _is_compiled(model)
-    return Probe(
+    from capscale.probe.runwriter import RunWriter, check_run_config
+
+    check_run_config(out, run_config)  # on every rank, not only the one that writes
+    run = None
+    if out is not None and distributed.rank(group) == 0:  # every check above passed: now write
+        run = RunWriter(out, run_config, start_step=start_step, total_steps=total_steps)
+        sinks.append(run)
+    probe = Probe(
         model,
         found,
         schedule=schedule,
@@ -618,3 +729,5 @@ def attach(
         persistent_hooks=persistent_hooks,
         start_step=start_step,
     )
+    probe._run, probe._writes_elsewhere = run, out is not None
+    return probe

@@ -140,7 +140,12 @@ class ParquetSink(Sink):
 
 
 class TensorBoardSink(Sink):
-    """Scalar summaries as TensorBoard events (``torch.utils.tensorboard.SummaryWriter``)."""
+    """TensorBoard events (``torch.utils.tensorboard.SummaryWriter``) at the measured step.
+
+    Each measurement: the dashboard scalars (per-layer and median ranks, rank/width,
+    N/D; see ``capscale.probe.dashboard``) and an eigenvalue histogram per site;
+    the monitoring level's scalars as they come.
+    """
 
     def __init__(self, log_dir=None, *, writer=None):
         if writer is None:
@@ -156,9 +161,23 @@ class TensorBoardSink(Sink):
             self._owned = False
         self.writer = writer
 
+    def write_spectra(self, frame: pd.DataFrame) -> None:
+        if frame.empty:
+            return
+        from capscale.probe.dashboard import dashboard_scalars, eigenvalue_histograms, frame_step
+
+        step = frame_step(frame)
+        for k, v in dashboard_scalars(frame).items():
+            self.writer.add_scalar(k, v, step)
+        for k, values in eigenvalue_histograms(frame).items():
+            self.writer.add_histogram(k, values, step)
+        self.writer.flush()
+
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        from capscale.probe.dashboard import is_monitor_key
+
         for k, v in scalars.items():
-            if math.isfinite(v):
+            if is_monitor_key(k) and math.isfinite(v):
                 self.writer.add_scalar(k, v, step)
         self.writer.flush()
 
@@ -170,7 +189,8 @@ class TensorBoardSink(Sink):
 
 
 class WandbSink(Sink):
-    """Scalar summaries to Weights & Biases, on their own ``capscale/step`` axis.
+    """Dashboard scalars and eigenvalue histograms (``wandb.Histogram``) to Weights & Biases,
+    on their own ``capscale/step`` axis: the measured step.
 
     Uses ``run`` if given, else the active ``wandb.run``, else ``wandb.init(**init_kwargs)``
     (then finished on close). Works with ``WANDB_MODE=offline``.
@@ -193,8 +213,21 @@ class WandbSink(Sink):
         self.run.define_metric(self.STEP_KEY)
         self.run.define_metric("capscale/*", step_metric=self.STEP_KEY)
 
+    def write_spectra(self, frame: pd.DataFrame) -> None:
+        if frame.empty:
+            return
+        import wandb
+
+        from capscale.probe.dashboard import dashboard_scalars, eigenvalue_histograms, frame_step
+
+        data: dict[str, Any] = dashboard_scalars(frame)
+        data.update({k: wandb.Histogram(v) for k, v in eigenvalue_histograms(frame).items()})
+        self.run.log({**data, self.STEP_KEY: frame_step(frame)})
+
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
-        data = {k: v for k, v in scalars.items() if math.isfinite(v)}
+        from capscale.probe.dashboard import is_monitor_key
+
+        data = {k: v for k, v in scalars.items() if is_monitor_key(k) and math.isfinite(v)}
         if data:
             self.run.log({**data, self.STEP_KEY: step})
 

@@ -19,7 +19,11 @@ _OPTIONS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a sweep directory (with runs/) or one run directory")
+    parser.add_argument(
+        "sweep_dir",
+        metavar="SWEEP_DIR",
+        help="a sweep directory (with runs/), one run directory, or any directory with run directories below it",
+    )
     parser.add_argument("--out", metavar="DIR", default=None, help="output directory (default SWEEP_DIR/report)")
     for dest, (flag, kind, help_) in _OPTIONS.items():
         parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_)

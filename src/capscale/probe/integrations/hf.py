@@ -1,72 +1,154 @@
-"""Hugging Face ``Trainer`` integration: attach at train start, step with the trainer,
-log through its own reporting integrations (TensorBoard, W&B, …).
+"""Hugging Face ``Trainer`` integration: one callback line per run.
 
-    trainer = Trainer(model=model, args=TrainingArguments(..., report_to=["tensorboard"]), ...)
-    CapscaleCallback.add_to(trainer, every=200, freq_table=table, sinks=[ParquetSink(run / "spectra.parquet")])
+    trainer = Trainer(model=model, args=TrainingArguments(..., report_to=["tensorboard"]), ...,
+                      callbacks=[capscale.HFCallback(every=50, out="runs/adamw_w1024",
+                                                     run_config={"optimizer": "adamw", "seed": 0})])
     trainer.train()
 
-Scalar summaries reach the trainer's loggers by being added to the ``logs``
-of the next ``on_log`` event (the callback asks for one at the end of every
-measured window). The reporting callbacks must see those logs after we have
-added to them, so ``add_to`` puts this callback first; passed through
-``Trainer(callbacks=[...])`` it comes after them and only its own sinks get
-the records.
+The probe attaches at train start and steps with the trainer. Measurements go
+straight to the trainer's TensorBoard writer and W&B run at the *measured* step
+(``report_to``), whatever the callback order; the trainer's loss and eval loss
+go into the run directory's ``metrics.jsonl``. After ``train()``,
+``cb.probe.compute()`` returns the spectra and the run directory is complete.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
+from pathlib import Path
+
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
 from capscale.probe.probe import Probe, attach
-from capscale.probe.sinks import ScalarBuffer
+from capscale.probe.runwriter import check_run_config
+from capscale.probe.sinks import Sink, TensorBoardSink, WandbSink
+
+# Trainer log keys → run metrics (docs/run-format.md)
+_METRICS = {"loss": "loss", "eval_loss": "val_loss", "learning_rate": "lr"}
 
 
-class CapscaleCallback(TrainerCallback):
-    """Runs a :class:`~capscale.probe.Probe` inside ``Trainer.train``; kwargs go to ``attach``.
+class HFCallback(TrainerCallback):
+    """Runs a :class:`~capscale.probe.Probe` inside ``Trainer.train``; ``out``, ``run_config`` and kwargs go to ``attach``.
 
     ``total_steps`` (the last step is always measured) and ``start_step``
-    default to the trainer's ``max_steps`` and ``global_step``.
+    default to the trainer's ``max_steps`` and ``global_step``; ``run_config``'s
+    ``steps`` to ``max_steps``.
     """
 
-    def __init__(self, *, sinks=(), **attach_kwargs):
+    def __init__(self, *, out=None, run_config=None, sinks=(), **attach_kwargs):
+        self.out, self.run_config = out, run_config
+        check_run_config(out, run_config)
         self.sinks = list(sinks)
         self.attach_kwargs = attach_kwargs
         self.probe: Probe | None = None
-        self._buffer = ScalarBuffer()
-        self._pending: dict[str, float] = {}
+        self._handler: CallbackHandler | None = None
 
     @classmethod
-    def add_to(cls, trainer, **kwargs) -> CapscaleCallback:
-        """Create one and register it ahead of the trainer's reporting callbacks."""
+    def add_to(cls, trainer, **kwargs) -> HFCallback:
+        """Create one and add it to ``trainer`` (the same as passing it in ``callbacks=[...]``)."""
         cb = cls(**kwargs)
-        trainer.callback_handler.callbacks.insert(0, cb)
+        trainer.add_callback(cb)
         return cb
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         kw = dict(self.attach_kwargs)
-        kw.setdefault("total_steps", state.max_steps if state.max_steps and state.max_steps > 0 else None)
+        max_steps = state.max_steps if state.max_steps and state.max_steps > 0 else None
+        kw.setdefault("total_steps", max_steps)
         kw.setdefault("start_step", state.global_step)
-        self.probe = attach(model, sinks=[*self.sinks, self._buffer], **kw)
+        run_config = self.run_config
+        if self.out is not None and run_config is not None and max_steps and "steps" not in run_config:
+            run_config = {**run_config, "steps": max_steps}
+        self._handler = _calling_handler()
+        sinks = list(self.sinks)
+        if state.is_world_process_zero:
+            sinks.append(_TrainerLoggers(self, args))
+        self.probe = attach(model, sinks=sinks, out=self.out, run_config=run_config, **kw)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.probe.step(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.probe.step(state.global_step)
-        self._collect(control)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._pending and logs is not None:
-            logs.update(self._pending)
-            self._pending = {}
+        if self.probe is None or self.out is None or not logs:
+            return
+        metrics = {_METRICS[k]: v for k, v in logs.items() if k in _METRICS and isinstance(v, (int, float))}
+        if metrics:
+            self.probe.log(state.global_step, **metrics)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.probe is not None:
             self.probe.close()
-            self._collect(control)
 
-    def _collect(self, control) -> None:
-        for _, scalars in self._buffer.pop():
-            self._pending.update(scalars)
-        if self._pending:
-            control.should_log = True
+    def _callback(self, name: str):
+        handler = self._handler
+        for cb in handler.callbacks if handler is not None else ():
+            if type(cb).__name__ == name:
+                return cb
+        return None
+
+
+class _TrainerLoggers(Sink):
+    """The trainer's own TensorBoard writer and W&B run, found when a measurement is ready."""
+
+    def __init__(self, cb: HFCallback, args):
+        self.cb, self.args = cb, args
+        report_to = args.report_to if isinstance(args.report_to, (list, tuple)) else [args.report_to]
+        self.report_to = {str(r) for r in report_to or ()}
+        self._tb: TensorBoardSink | None = None
+        self._tb_writer = None
+        self._wandb: WandbSink | None = None
+
+    def _sinks(self) -> list[Sink]:
+        out = []
+        if "tensorboard" in self.report_to or "all" in self.report_to:
+            hf_tb = self.cb._callback("TensorBoardCallback")
+            writer = getattr(hf_tb, "tb_writer", None)
+            if writer is None and self._tb is None:  # no trainer writer to share: our own, where HF's would be
+                log_dir = os.getenv("TENSORBOARD_LOGGING_DIR") or str(Path(self.args.output_dir) / "runs" / "capscale")
+                self._tb = TensorBoardSink(log_dir)
+            elif writer is not None and writer is not self._tb_writer:
+                self._tb, self._tb_writer = TensorBoardSink(writer=writer), writer
+            out.append(self._tb)
+        if "wandb" in self.report_to or "all" in self.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                if self._wandb is None or self._wandb.run is not wandb.run:
+                    self._wandb = WandbSink(run=wandb.run)
+                out.append(self._wandb)
+        return out
+
+    def write_spectra(self, frame) -> None:
+        for sink in self._sinks():
+            sink.write_spectra(frame)
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        for sink in self._sinks():
+            sink.write_scalars(step, scalars)
+
+    def close(self) -> None:
+        for sink in (self._tb, self._wandb):
+            if sink is not None:
+                sink.close()
+
+
+def _calling_handler() -> CallbackHandler | None:
+    # The trainer hands its callbacks no reference to itself or its other
+    # callbacks; the handler that is calling us holds both.
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, CallbackHandler):
+                return obj
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+CapscaleCallback = HFCallback  # the earlier name

@@ -1,16 +1,22 @@
 """Lightning ``Callback``: attach at train start, step with the trainer, log through ``trainer.loggers``.
 
     trainer = L.Trainer(max_steps=..., logger=TensorBoardLogger(...),
-                        callbacks=[CapscaleLightningCallback(every=200, freq_table=table)])
+                        callbacks=[capscale.LightningCallback(every=200, out="runs/muon_w512",
+                                                              run_config={"optimizer": "muon"})])
 
-The probe is attached to the LightningModule, whose ``forward`` is the root
-that supplies token ids; if ``training_step`` does not call ``self(...)``,
-pass ``root="model"`` (the submodule that is called) or ``token_ids=fn``
-(batch → ids).
+The probe finds the model inside the LightningModule by itself: when one child
+module (e.g. ``self.model``) holds every FFN site, that child is the root whose
+forward supplies the token ids, so ``training_step`` may call ``self(...)`` or
+``self.model(...)``. Pass ``root=`` (a submodule name) or ``token_ids=fn``
+(batch → ids) to choose otherwise. Measurements reach every logger at the
+measured step (TensorBoard and W&B with histograms); the training loss (the
+``training_step`` output) and ``val_loss`` (as logged by ``self.log``) go into
+the run directory.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 try:
@@ -19,18 +25,23 @@ except ImportError:  # the standalone package
     from pytorch_lightning.callbacks import Callback
 
 from capscale.probe.probe import Probe, attach
-from capscale.probe.sinks import ScalarBuffer
+from capscale.probe.runwriter import check_run_config
+from capscale.probe.sinks import Sink, TensorBoardSink, WandbSink
+from capscale.probe.sites import SITE_NAMES, SiteDiscoveryError, discover_sites
+
+_VAL_KEYS = ("val_loss", "val/loss", "validation_loss", "valid_loss")
 
 
-class CapscaleLightningCallback(Callback):
-    """Runs a :class:`~capscale.probe.Probe` during ``Trainer.fit``; kwargs go to ``attach``."""
+class LightningCallback(Callback):
+    """Runs a :class:`~capscale.probe.Probe` during ``Trainer.fit``; ``out``, ``run_config`` and kwargs go to ``attach``."""
 
-    def __init__(self, *, sinks=(), token_ids: Callable | None = None, **attach_kwargs):
+    def __init__(self, *, out=None, run_config=None, sinks=(), token_ids: Callable | None = None, **attach_kwargs):
+        self.out, self.run_config = out, run_config
+        check_run_config(out, run_config)
         self.sinks = list(sinks)
         self.token_ids = token_ids
         self.attach_kwargs = attach_kwargs
         self.probe: Probe | None = None
-        self._buffer = ScalarBuffer()
 
     def on_train_start(self, trainer, pl_module):
         kw = dict(self.attach_kwargs)
@@ -40,7 +51,16 @@ class CapscaleLightningCallback(Callback):
             )
             kw["total_steps"] = int(total) if total != float("inf") else None
         kw.setdefault("start_step", trainer.global_step)
-        self.probe = attach(pl_module, sinks=[*self.sinks, self._buffer], **kw)
+        if "root" not in kw:
+            kw["root"] = model_root(pl_module, kw.get("sites", SITE_NAMES), kw.get("layers", "auto"))
+        run_config = self.run_config
+        if self.out is not None and run_config is not None and kw["total_steps"] and "steps" not in run_config:
+            run_config = {**run_config, "steps": kw["total_steps"]}
+        sinks = list(self.sinks)
+        if trainer.is_global_zero:
+            sinks += [_logger_sink(logger) for logger in trainer.loggers]
+        self.probe = attach(pl_module, sinks=sinks, out=self.out, run_config=run_config, **kw)
+        self._step, self._losses = trainer.global_step, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.probe.step(trainer.global_step)
@@ -48,18 +68,77 @@ class CapscaleLightningCallback(Callback):
             self.probe.batch(token_ids=self.token_ids(batch))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         self.probe.step(trainer.global_step)
-        self._log(trainer)
+        if self.out is None:
+            return
+        if loss is not None:
+            self._losses.append(float(loss.detach()) if hasattr(loss, "detach") else float(loss))
+        if trainer.global_step != self._step and self._losses:  # an optimizer step ended: its micro-batches' mean
+            self.probe.log(trainer.global_step, loss=sum(self._losses) / len(self._losses))
+            self._losses = []
+        self._step = trainer.global_step
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.probe is None or self.out is None or trainer.sanity_checking:
+            return
+        for key in _VAL_KEYS:
+            value = trainer.callback_metrics.get(key)
+            if value is not None and math.isfinite(float(value)):
+                self.probe.log(trainer.global_step, val_loss=float(value))
+                return
 
     def on_train_end(self, trainer, pl_module):
         if self.probe is not None:
             self.probe.close()
-            self._log(trainer)
 
-    def _log(self, trainer) -> None:
-        items = self._buffer.pop()
-        if not trainer.is_global_zero:
+    def on_exception(self, trainer, pl_module, exception):
+        if self.probe is not None:  # the open window is incomplete: dropped; the run is marked failed
+            self.probe.__exit__(type(exception), exception, exception.__traceback__)
+
+
+def model_root(module, sites=SITE_NAMES, layers="auto") -> str | None:
+    """The name of the one child of ``module`` that holds every FFN site, else None (``module`` itself)."""
+    try:
+        found = discover_sites(module, sites, layers)
+    except (SiteDiscoveryError, ValueError, TypeError):
+        return None  # attach reports the problem itself
+    heads = {s.name.split(".", 1)[0] if "." in s.name else None for s in found}
+    if len(heads) == 1 and None not in heads:
+        (head,) = heads
+        if head in dict(module.named_children()):
+            return head
+    return None
+
+
+class _LoggerSink(Sink):
+    """Any Lightning logger: the dashboard scalars through ``log_metrics`` at the measured step."""
+
+    def __init__(self, logger):
+        self.logger = logger
+
+    def write_spectra(self, frame) -> None:
+        if frame.empty:
             return
-        for step, scalars in items:
-            for logger in trainer.loggers:
-                logger.log_metrics(scalars, step=step)
+        from capscale.probe.dashboard import dashboard_scalars, frame_step
+
+        self.logger.log_metrics(dashboard_scalars(frame), step=frame_step(frame))
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        from capscale.probe.dashboard import is_monitor_key
+
+        data = {k: v for k, v in scalars.items() if is_monitor_key(k)}
+        if data:
+            self.logger.log_metrics(data, step=step)
+
+
+def _logger_sink(logger) -> Sink:
+    kind = type(logger).__name__
+    if kind == "TensorBoardLogger":  # histograms as well
+        return TensorBoardSink(writer=logger.experiment)
+    if kind == "WandbLogger":
+        return WandbSink(run=logger.experiment)
+    return _LoggerSink(logger)
+
+
+CapscaleLightningCallback = LightningCallback  # the earlier name
