@@ -243,7 +243,7 @@ def _long_arm(d: int) -> dict[str, list]:
     return {
         "ffn_mult": [1, 2, 4],
         "optimizer": ["adamw", "muon"],
-        "seed": [0] if d == 96 else [0, 1, 2],  # d_model 96 costs as much as the rest: one seed
+        "seed": [0, 1, 2],
         "steps": [short, long],
         "arch": [{"label": f"d{d}", "model": {"d_model": d, "n_head": heads}}],  # head size 32 throughout
     }
