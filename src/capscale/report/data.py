@@ -19,6 +19,7 @@ import pandas as pd
 
 import capscale
 from capscale.analysis import Analysis
+from capscale.report.trajectory import trajectory_data
 
 FORMAT = "capscale.report"
 FORMAT_VERSION = 1
@@ -148,6 +149,7 @@ def report_data(a: Analysis) -> dict:
             )
         },
         "reliability": {"low_nd": _records(a.low_nd), "n_aggregates": len(a.points)},
+        "beta_trajectory": trajectory_data(a),
         "runs": _records(
             runs,
             [
