@@ -121,7 +121,7 @@ def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = N
     cells, effects = optimizer_architecture(betas, points, runs, site=params.site)
     info = runs[["run_id", "name", "series", "width", "seed"]]
     # β at every shared step: a fit per step, so the trajectory's bootstrap is smaller
-    traj_options = FitOptions(params.confidence, TRAJECTORY_RESAMPLES, params.bootstrap_seed)
+    traj_options = FitOptions(params.confidence, min(params.n_resamples, TRAJECTORY_RESAMPLES), params.bootstrap_seed)
     traj = beta_trajectories(sweep.spectra, runs, traj_options)
     pairs = series_pairs(runs)
     low_nd = points[points["worst_status"] != "well_sampled"].merge(info, on="run_id")

@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from capscale.analysis import Analysis
+from capscale.analysis.pipeline import TRAJECTORY_RESAMPLES
 
 _FIT_FIELDS = [
     "series",
@@ -64,6 +65,7 @@ def trajectory_data(a: Analysis) -> dict:
     return {
         "site": a.params.site,
         "confidence": a.params.confidence,
+        "n_resamples": min(a.params.n_resamples, TRAJECTORY_RESAMPLES),
         "fits": records(a.beta_trajectory, _FIT_FIELDS),
         "pairs": records(a.pair_trajectory, _PAIR_FIELDS),
         "separation": [{**r, "sentence": sentence(r, a.beta_trajectory)} for r in sep.to_dict(orient="records")],
@@ -160,7 +162,8 @@ def section(d: dict):
     text = [
         "β fitted at every logged step that all widths of a series share (each run's ranks of that one step, "
         "median over layers; seeds as replicate points), against tokens seen. Two series separate at a step "
-        "when their intervals are disjoint; steps where either fit uses a record with N/D below 10 are left out."
+        "when their t-intervals are disjoint; steps where either fit uses a record with N/D below 10 are left out. "
+        f"Bootstrap intervals here use {t.get('n_resamples', '—')} resamples per fit."
     ]
     text += [r["sentence"] for r in t["separation"]] or ["No two series share an architecture and a step budget."]
     cols = [
