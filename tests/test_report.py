@@ -45,6 +45,7 @@ def test_files_written(report):
         "optimizer_architecture",
         "loss_curves",
         "rank_trajectories",
+        "beta_trajectory",
     }
     for path in files.figures.values():
         assert path.read_bytes().startswith(b"\x89PNG")
@@ -189,7 +190,7 @@ def _render(page: str, tmp_path: Path) -> dict:
 def test_renders_in_headless_chromium(report, tmp_path):
     _, _, page, _ = report
     result = _render(page, tmp_path / "report")
-    assert result == {"n": 9, "bad": [], "errors": []}
+    assert result == {"n": 10, "bad": [], "errors": []}
     # the probe itself catches a broken figure and a script error (so a pass above means something)
     broken = page.replace("data:image/png;base64,iVBOR", "data:image/png;base64,AAAA", 1)
     broken = broken.replace("</body>", "<script>undefined_function()</script></body>")

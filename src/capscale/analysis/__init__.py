@@ -24,7 +24,14 @@ from capscale.analysis.runs import (
     load_sweep,
     run_keys,
 )
-from capscale.analysis.trajectories import bucket_capacity, loss_curves, rank_trajectories
+from capscale.analysis.trajectories import (
+    beta_trajectories,
+    bucket_capacity,
+    loss_curves,
+    pair_trajectories,
+    rank_trajectories,
+    separation,
+)
 
 __all__ = [
     "ALL_BUCKETS",
@@ -42,6 +49,7 @@ __all__ = [
     "aggregate_runs",
     "analyze",
     "beta_table",
+    "beta_trajectories",
     "bucket_capacity",
     "classify",
     "effect_summary",
@@ -52,9 +60,11 @@ __all__ = [
     "loss_curves",
     "matched_loss_pairs",
     "optimizer_architecture",
+    "pair_trajectories",
     "phase_map",
     "rank_trajectories",
     "run_keys",
     "seed_spread",
+    "separation",
     "tidy",
 ]

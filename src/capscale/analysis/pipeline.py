@@ -14,9 +14,18 @@ from capscale.analysis.fits import FitOptions, beta_table, fit_scaling
 from capscale.analysis.matched import loss_by_width, matched_loss_pairs
 from capscale.analysis.phase import PhaseThresholds, phase_map
 from capscale.analysis.runs import Sweep, load_sweep
-from capscale.analysis.trajectories import bucket_capacity, loss_curves, rank_trajectories
+from capscale.analysis.trajectories import (
+    beta_trajectories,
+    bucket_capacity,
+    loss_curves,
+    pair_trajectories,
+    rank_trajectories,
+    separation,
+    series_pairs,
+)
 
 SITES = ("pre", "post")
+TRAJECTORY_RESAMPLES = 200  # bootstrap size of each β-over-training fit (the final fits use n_resamples)
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,9 @@ class Analysis:
     effects: pd.DataFrame  # optimizer vs architecture spans
     effect_summary: pd.DataFrame
     low_nd: pd.DataFrame  # aggregates built from records with N/D below "well sampled"
+    beta_trajectory: pd.DataFrame  # series × step × site × bucket × metric: β at each shared step
+    pair_trajectory: pd.DataFrame  # pair × step × site × bucket × metric: Δβ and level ratio
+    separation: pd.DataFrame  # pair × metric: the steps where the two β intervals are disjoint
 
 
 def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = None, **options: Any) -> Analysis:
@@ -108,6 +120,10 @@ def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = N
     betas = beta_table(fits)
     cells, effects = optimizer_architecture(betas, points, runs, site=params.site)
     info = runs[["run_id", "name", "series", "width", "seed"]]
+    # β at every shared step: a fit per step, so the trajectory's bootstrap is smaller
+    traj_options = FitOptions(params.confidence, min(params.n_resamples, TRAJECTORY_RESAMPLES), params.bootstrap_seed)
+    traj = beta_trajectories(sweep.spectra, runs, traj_options)
+    pairs = series_pairs(runs)
     low_nd = points[points["worst_status"] != "well_sampled"].merge(info, on="run_id")
     return Analysis(
         sweep=sweep,
@@ -129,4 +145,10 @@ def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = N
         low_nd=low_nd[
             ["run_id", "name", "series", "width", "seed", "site", "bucket", "worst_status", "min_samples_per_dim"]
         ].sort_values(["series", "width", "seed", "site", "bucket"], ignore_index=True),
+        beta_trajectory=traj,
+        pair_trajectory=pair_trajectories(sweep.spectra, runs, pairs, params.confidence),
+        separation=pd.concat(
+            [separation(traj, pairs, site=params.site, metric=m) for m in ("hard_rank", "soft_rank")],
+            ignore_index=True,
+        ),
     )

@@ -30,7 +30,7 @@ from capscale.rundir import CONFIG_FILE, STATUS_FILE, RunDir, RunStatus, read_sp
 from capscale.runformat import resolve_config
 
 # Model keys that may vary within one analysis and then become part of the series key.
-ARCH_AXES = ("activation", "pos", "variant")
+ARCH_AXES = ("activation", "pos", "variant", "d_model", "n_head")
 # Model keys that legitimately vary: the width itself (ffn_mult is resolved into ffn_width).
 _WIDTH_KEYS = ("ffn_width", "ffn_mult")
 # Spectra columns the analysis needs; the rest of ``spectrum_summary`` is kept when present.
@@ -292,6 +292,7 @@ def _config_fields(config: dict) -> dict[str, Any]:
         "seed": _int_field(train.get("seed", 0), "train.seed", 0),
         "width": width,
         "d_model": model.get("d_model"),
+        "tokens_per_step": train.get("batch_size", 0) * model.get("seq_len", 0) or None,  # β against tokens seen
         **{axis: model.get(axis) for axis in ARCH_AXES},
     }
 

@@ -20,6 +20,7 @@ import pandas as pd
 import capscale
 from capscale.analysis import Analysis
 from capscale.analysis.aggregate import REPORT_COLUMNS
+from capscale.report.trajectory import trajectory_data
 from capscale.spectrum.summary import REPORT_METRICS
 
 FORMAT = "capscale.report"
@@ -150,6 +151,7 @@ def report_data(a: Analysis) -> dict:
             )
         },
         "reliability": {"low_nd": _records(a.low_nd), "n_aggregates": len(a.points)},
+        "beta_trajectory": trajectory_data(a),
         "runs": _records(
             runs,
             [

@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from capscale.analysis import ALL_BUCKETS, Analysis
+from capscale.report.trajectory import fig_beta_trajectory
 from capscale.spectrum import BUCKETS
 
 DPI = 100
@@ -402,6 +403,7 @@ FIGURES: dict[str, tuple[Callable[[Analysis], Figure | None], str]] = {
     "optimizer_architecture": (fig_opt_arch, "Each series in the (β_soft, β_hard) plane."),
     "loss_curves": (fig_loss_curves, "Loss curves per run."),
     "rank_trajectories": (fig_trajectories, "Rank per unit width over training."),
+    "beta_trajectory": (fig_beta_trajectory, "β_soft and β_hard over training per series, with interval bands."),
 }
 
 

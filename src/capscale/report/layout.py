@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capscale.analysis import ALL_BUCKETS, REGIONS
+from capscale.report.trajectory import section as _beta_trajectory
 from capscale.rundir import RunStatus
 from capscale.spectrum.summary import REPORT_METRICS
 
@@ -574,6 +575,7 @@ def sections(d: dict) -> list[Section]:
         _q4(d),
         _q5(d),
         _training(d),
+        _beta_trajectory(d),
         _reliability(d),
         _runs(d),
         _parameters(d),

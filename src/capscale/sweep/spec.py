@@ -229,6 +229,45 @@ SWEEP_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The long-training study: does the exponent gap between Muon and AdamW move with tokens per
+# parameter, and with d_model? Widths are ×1, ×2, ×4 of d_model at each d_model; each d_model
+# has a short budget (5 tokens per non-embedding parameter at ×4) and a long one (20), both
+# warm-down runs, so the long run's constant-LR points are its trajectory and the short run is
+# the same amount of training decayed. Steps are 20 × params(×4) / 2,048 tokens per step,
+# params = n_layer·(4d² + 2d·4d) + vocab·d (lm_head counted). docs/replication.md, "cpu-long".
+_LONG_ARMS = {32: (1, 140, 560), 64: (2, 400, 1600), 96: (3, 780, 3120)}  # d_model: (n_head, short, long)
+
+
+def _long_arm(d: int) -> dict[str, list]:
+    heads, short, long = _LONG_ARMS[d]
+    return {
+        "ffn_mult": [1, 2, 4],
+        "optimizer": ["adamw", "muon"],
+        "seed": [0, 1, 2],
+        "steps": [short, long],
+        "arch": [{"label": f"d{d}", "model": {"d_model": d, "n_head": heads}}],  # head size 32 throughout
+    }
+
+
+SWEEP_PRESETS["cpu-long"] = {
+    "name": "cpu-long",
+    "base": "cpu",
+    "base_config": {
+        "model.n_layer": 2,
+        "data.tokenizer": "bytebpe:1024",
+        "train.eval_every": 80,
+        "train.log_every": 20,
+        "train.checkpoint_every": 80,
+        "telemetry.every": 80,
+        "telemetry.window": 12,  # 24,576 tokens: N/D >= 10 in every bucket up to FFN width 384
+    },
+    # the first arm is the grid, the others extra arms: a sweep's runs are its grid plus extras
+    "axes": _long_arm(32),
+    "extra": [{"axes": _long_arm(d)} for d in (64, 96)],
+    "analysis": {"last_k": 3},
+}
+
+
 def load_spec(preset: str | None = None, config_file: str | Path | None = None) -> SweepSpec:
     if (preset is None) == (config_file is None):
         raise ValueError("give exactly one of a sweep preset or a sweep config file")
