@@ -17,7 +17,7 @@ from capscale.rundir import RunDir
 from capscale.sweep import SWEEP_PRESETS, SweepSpec, load_spec, run_sweep
 from capscale.sweep.executors import _result
 from capscale.sweep.sweep import pending_runs, plan, select_runs, sweep_status
-from capscale.sweep.worker import BUSY, LOCK
+from capscale.sweep.worker import BUSY, LOCK, run_lock
 from capscale.train.corpus import is_installed
 
 HAVE_CORPUS = is_installed()
@@ -302,11 +302,11 @@ def _files(run_dir: Path) -> dict:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
-def _hold(run_dir: Path, holder: str):
+def _hold(run_dir: Path):
     """Another sweep's worker: it holds the run's lock and has named itself in the lock file."""
     fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
-    os.write(fd, holder.encode())
+    os.write(fd, json.dumps({"pid": 4242, "host": "elsewhere", "started": "2026-11-29T12:00:00+00:00"}).encode())
     return fd
 
 
@@ -317,7 +317,7 @@ def test_a_losing_sweep_leaves_the_run_it_lost_untouched(tmp_path):
     run_dir = plan(spec, tmp_path)["adamw_w32_s0"]
     RunDir(run_dir).write_status("running", 5)
     (run_dir / "worker.log").write_text("the other sweep's worker output\n")
-    fd = _hold(run_dir, "pid 4242 on elsewhere\n")
+    fd = _hold(run_dir)
     try:
         before = _files(run_dir)
         lines = []
@@ -326,7 +326,9 @@ def test_a_losing_sweep_leaves_the_run_it_lost_untouched(tmp_path):
     finally:
         os.close(fd)
     assert [(r.name, r.status, r.step) for r in results] == [("adamw_w32_s0", BUSY, None)]
-    assert "being trained by another process (pid 4242 on elsewhere)" in results[0].reason
+    assert "being trained by another process (pid 4242 on elsewhere, since 2026-11-29T12:00:00+00:00)" in (
+        results[0].reason
+    )
     assert "1 left to the process that holds them" in lines[-1]
 
 
@@ -335,7 +337,7 @@ def test_a_dead_worker_is_marked_failed_only_under_the_lock(tmp_path):
     lock: a run that another process has taken since is reported busy and left as it is."""
     run_dir = plan(SweepSpec.from_dict(SPEC), tmp_path)["adamw_w32_s0"]
     RunDir(run_dir).write_status("running", 5)
-    fd = _hold(run_dir, "pid 4242 on elsewhere\n")
+    fd = _hold(run_dir)
     try:
         before = _files(run_dir)
         res = _result("adamw_w32_s0", run_dir, 1.0, "", -9)
@@ -346,6 +348,8 @@ def test_a_dead_worker_is_marked_failed_only_under_the_lock(tmp_path):
     assert (res.status, res.step, res.reason) == ("failed", 5, "worker exited with code -9 before the run finished")
     assert RunDir(run_dir).read_status()["status"] == "failed"
     assert (run_dir / LOCK).read_text() == ""  # the holder's name is cleared when it lets go
+    with run_lock(run_dir):
+        assert json.loads((run_dir / LOCK).read_text())["pid"] == os.getpid()
 
 
 FAKE_TRAIN = """

@@ -72,7 +72,7 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     """Hold ``run_dir``'s exclusive lock, or raise ``RunLocked`` naming the holder.
 
     The lock file is opened without truncation, so a refused process changes nothing;
-    the holder writes its pid and host into it for the refusal to name."""
+    the holder records its pid, host and start time in it (JSON) for the refusal to name."""
     run_dir = Path(run_dir)
     fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -84,19 +84,30 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if attempt == LOCK_TRIES - 1:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
                     raise RunLocked(
-                        f"{run_dir} is being trained by another process ({holder}); left untouched"
+                        f"{run_dir} is being trained by another process{_holder(fd)}; left untouched"
                     ) from None
                 time.sleep(0.05)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": now}).encode(), 0)
         try:
             yield
         finally:
             os.ftruncate(fd, 0)  # before the unlock: a later refusal never names a dead holder
     finally:
         os.close(fd)  # releases the lock
+
+
+def _holder(fd: int) -> str:
+    """`` (pid P on HOST, since T)`` from the holder's record in the lock file, if it wrote one."""
+    try:
+        rec = json.loads(os.pread(fd, 4096, 0))
+    except ValueError:  # none yet, or being written this instant
+        return ""
+    if not isinstance(rec, dict) or "pid" not in rec:
+        return ""
+    return f" (pid {rec['pid']} on {rec.get('host')}, since {rec.get('started')})"
 
 
 def _check_request(run_dir: Path) -> None:
