@@ -168,13 +168,18 @@ def test_bad_slurm_tables(extra, match):
         SweepSpec.from_dict({**BASE, **extra})
 
 
-def test_slurm_table_reaches_sbatch(tmp_path, monkeypatch):
-    submitit = pytest.importorskip("submitit")
-    srun = tmp_path / "bin" / "srun"  # submitit's SLURM executor looks for it; nothing is submitted
+def _fake_srun(tmp_path, monkeypatch):
+    """submitit's SLURM executor looks for srun; nothing here is ever submitted."""
+    srun = tmp_path / "bin" / "srun"
     srun.parent.mkdir()
     srun.write_text("#!/bin/sh\nexit 1\n")
     srun.chmod(0o755)
     monkeypatch.setenv("PATH", f"{srun.parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_slurm_table_reaches_sbatch(tmp_path, monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    _fake_srun(tmp_path, monkeypatch)
     params = submitit_parameters({**TABLE, "slurm_qos": "high"}, 4)
     executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm")
     executor.update_parameters(**params)
@@ -191,7 +196,8 @@ def test_slurm_executor_submits_the_table_and_runs_the_job(tmp_path, monkeypatch
     seen = {}
 
     class Recording(submitit.AutoExecutor):  # submitit's in-process debug cluster stands in for SLURM
-        def __init__(self, folder):
+        def __init__(self, folder, cluster):
+            seen["cluster"] = cluster
             super().__init__(folder=folder, cluster="debug")
 
         def update_parameters(self, **kwargs):
@@ -199,6 +205,7 @@ def test_slurm_executor_submits_the_table_and_runs_the_job(tmp_path, monkeypatch
             super().update_parameters(**kwargs)
 
     monkeypatch.setattr(submitit, "AutoExecutor", Recording)
+    _fake_srun(tmp_path, monkeypatch)
 
     def train(run_dir, threads, log):  # the job runs in this process: the plumbing, not the training
         log("trained")
@@ -212,6 +219,7 @@ def test_slurm_executor_submits_the_table_and_runs_the_job(tmp_path, monkeypatch
     results = run_sweep(spec, tmp_path, executor="slurm", log=lambda _m: None)
     assert [(r.status, r.step) for r in results] == [("done", 2)]
     assert seen == {
+        "cluster": "slurm",
         "timeout_min": 1440,
         "slurm_partition": "gpu",
         "gpus_per_node": 1,
@@ -221,6 +229,20 @@ def test_slurm_executor_submits_the_table_and_runs_the_job(tmp_path, monkeypatch
     }
     log = (tmp_path / "runs" / "adamw_w32_s0" / "worker.log").read_text()
     assert log.startswith("=== worker pid") and log.endswith("\ntrained\n")
+
+
+def test_slurm_executor_without_slurm_is_refused_before_writing(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("submitit")
+    from capscale.cli import main as cli
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    out = tmp_path / "sweep"
+    assert cli(["sweep", "--preset", "smoke", "--out", str(out), "--executor", "slurm"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "capscale sweep: error: --executor slurm: no SLURM on this machine (srun is not on PATH)\n"
+    )
+    assert not out.exists()
 
 
 # -- progress -----------------------------------------------------------------

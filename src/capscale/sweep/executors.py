@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -198,6 +199,18 @@ def submitit_parameters(slurm: dict | None, nproc: int = 0, *, local: bool = Fal
     return params
 
 
+def check_submitit(*, local: bool = False):
+    """submitit, where it can submit: refused with one line (before a sweep writes anything)
+    when it is not installed or, for SLURM, when this machine has no ``srun``."""
+    try:
+        import submitit
+    except ImportError:
+        raise ValueError("--executor slurm needs submitit: pip install 'capscale[slurm]'") from None
+    if not local and shutil.which("srun") is None:
+        raise ValueError("--executor slurm: no SLURM on this machine (srun is not on PATH)")
+    return submitit
+
+
 def run_submitit(
     runs: dict[str, Path],
     folder: Path,
@@ -210,11 +223,8 @@ def run_submitit(
 ) -> list[RunResult]:
     """One submitit job per run: SLURM (``slurm``: the sweep's ``[slurm]`` table) or submitit's
     local executor; a job on ``nproc`` > 1 GPUs runs its run under torchrun."""
-    try:
-        import submitit
-    except ImportError:
-        raise ImportError("the slurm executor needs submitit: pip install 'capscale[slurm]'") from None
-    executor = submitit.LocalExecutor(folder=folder) if local else submitit.AutoExecutor(folder=folder)
+    submitit = check_submitit(local=local)
+    executor = submitit.LocalExecutor(folder=folder) if local else submitit.AutoExecutor(folder=folder, cluster="slurm")
     try:
         executor.update_parameters(**submitit_parameters(slurm, nproc, local=local))
     except NameError as exc:  # submitit's word for an unknown slurm_* option

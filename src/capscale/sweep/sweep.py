@@ -10,7 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from capscale.rundir import RunDir, RunStatus, atomic_write_json
-from capscale.sweep.executors import RunResult, place, run_local, run_submitit, visible_gpus, write_request
+from capscale.sweep.executors import (
+    RunResult,
+    check_submitit,
+    place,
+    run_local,
+    run_submitit,
+    visible_gpus,
+    write_request,
+)
 from capscale.sweep.progress import Progress, duration, ensure_handler, logger
 from capscale.sweep.spec import SweepSpec, _expand, slurm_gpus
 from capscale.sweep.worker import BUSY, is_finished, is_locked
@@ -169,7 +177,10 @@ def run_sweep(
     placement = None
     if executor == "local":  # refused here, before anything is written
         placement = place(workers, gpus_per_run, visible_gpus(gpus) if not isinstance(gpus, list) else gpus)
-    nproc = max(1, slurm_gpus(slurm, gpus_per_run)) if executor == "slurm" else 1
+    nproc = 1
+    if executor != "local":
+        check_submitit(local=executor == "submitit-local")
+        nproc = max(1, slurm_gpus(slurm, gpus_per_run)) if executor == "slurm" else 1
     if log is None:
         ensure_handler()
     say = log or logger.info
