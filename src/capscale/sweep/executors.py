@@ -121,8 +121,9 @@ def _result(name: str, run_dir: Path, seconds: float, said: str = "", code: int 
         # The worker died without saying how (killed, out of memory): mark it failed, but only
         # under the run's lock, which is free again unless another process took the run since.
         log = run_dir / LOG
-        reason = _tail(said, "") or _tail(log.read_text(errors="replace") if log.exists() else "", "")
-        reason = reason or f"worker exited{f' with code {code}' if code is not None else ''} before the run finished"
+        last = _tail(said, "") or _tail(log.read_text(errors="replace") if log.exists() else "", "")
+        reason = f"worker exited{f' with code {code}' if code is not None else ''} before the run finished"
+        reason += f"; its last words: {last}" if last else ""
         try:
             with run_lock(run_dir):
                 st = settle_status(run_dir, reason)
