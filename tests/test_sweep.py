@@ -387,4 +387,6 @@ def test_worker_output_is_appended_to_worker_log(tmp_path):
     assert log.count("=== worker pid") == 2  # the resume appended; nothing was clobbered
     assert log.count("log line from train\nto stdout\nto stderr\n") == 2
     assert "Traceback" in log and "RuntimeError: boom on the first try" in log
+    assert "=== failed at step 0 (RuntimeError: boom on the first try)\n=== worker pid" in log
+    assert log.endswith("=== done at step 20\n")
     assert RunDir(run_dir).read_status()["status"] == "done"

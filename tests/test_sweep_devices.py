@@ -228,7 +228,7 @@ def test_slurm_executor_submits_the_table_and_runs_the_job(tmp_path, monkeypatch
         "slurm_account": "acc",
     }
     log = (tmp_path / "runs" / "adamw_w32_s0" / "worker.log").read_text()
-    assert log.startswith("=== worker pid") and log.endswith("\ntrained\n")
+    assert log.startswith("=== worker pid") and log.endswith("\ntrained\n=== done at step 2\n")
 
 
 def test_slurm_executor_without_slurm_is_refused_before_writing(tmp_path, monkeypatch, capsys):

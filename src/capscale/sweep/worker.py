@@ -185,12 +185,15 @@ def run_job(run_dir: str | Path, nproc: int = 1) -> dict:
         with run_lock(run_dir), open(run_dir / LOG, "a", buffering=1) as out:
             out.write(_banner(nproc))
             if nproc > 1:
-                return _train_torchrun(run_dir, nproc, None, stdout=out)
-            try:
-                return _train(run_dir, None, lambda m: out.write(m + "\n"))
-            except Exception as exc:
-                out.write(traceback.format_exc())
-                return settle_status(run_dir, f"{type(exc).__name__}: {exc}")
+                status = _train_torchrun(run_dir, nproc, None, stdout=out)
+            else:
+                try:
+                    status = _train(run_dir, None, lambda m: out.write(m + "\n"))
+                except Exception as exc:
+                    out.write(traceback.format_exc())
+                    status = settle_status(run_dir, f"{type(exc).__name__}: {exc}")
+            out.write(_ending(status) + "\n")
+            return status
     except RunLocked as exc:
         return {"status": BUSY, "step": None, "reason": str(exc)}
 
@@ -201,6 +204,11 @@ def _banner(nproc: int) -> str:
     where = f", CUDA_VISIBLE_DEVICES={gpus}" if gpus is not None else ""
     ranks = f", torchrun x{nproc}" if nproc > 1 else ""
     return f"=== worker pid {os.getpid()} on {socket.gethostname()} at {now}{where}{ranks}\n"
+
+
+def _ending(status: dict) -> str:
+    reason = f" ({status['reason']})" if status.get("reason") else ""
+    return f"=== {status['status']} at step {status['step']}{reason}"
 
 
 def _redirect_output(path: Path) -> None:
@@ -249,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # the traceback goes to worker.log, the reason to status.json
                     traceback.print_exc()
                     status = settle_status(run_dir, f"{type(exc).__name__}: {exc}")
+        print(_ending(status), flush=True)
     except RunLocked as exc:
         print(f"capscale worker: {exc}", file=sys.stderr)
         return LOCKED_EXIT
