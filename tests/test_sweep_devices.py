@@ -307,3 +307,31 @@ def test_progress_is_a_live_line_in_a_terminal(caplog):
     q.start("a")
     q.tick()
     assert tty2.getvalue() == ""
+
+
+def test_the_specs_gpus_per_run_is_the_default_and_the_command_line_wins(tmp_path):
+    from capscale.sweep import run_sweep
+
+    spec = SweepSpec.from_dict({**BASE, "gpus_per_run": 2})
+    with pytest.raises(ValueError, match="--gpus-per-run 2 needs 2 GPUs; 1 visible"):
+        run_sweep(spec, tmp_path / "a", gpus="0")
+    with pytest.raises(ValueError, match="--gpus-per-run 3 needs 3 GPUs; 2 visible"):
+        run_sweep(spec, tmp_path / "b", gpus="0,1", gpus_per_run=3)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_progress_heartbeat_outside_a_terminal(caplog):
+    clock = Clock()
+    p = Progress("t", 3, 1, stream=io.StringIO(), clock=clock)
+    with caplog.at_level(logging.INFO, logger="capscale.sweep"):
+        p.start("a")
+        clock.t += 299
+        p.tick()
+        assert len(caplog.records) == 1  # nothing new yet
+        clock.t += 2
+        p.tick()
+        p.finish(_res("a", "diverged", 301.0, "non-finite loss"))
+    assert caplog.records[1].getMessage() == "  [0/3 done, 1 running, 0 failed, 2 queued, 5m01s elapsed, ETA --]"
+    # only a diverged run so far: its wall time stands in for the mean
+    assert p.line().endswith(", 0 running, 0 failed, 2 queued, 5m01s elapsed, ETA 10m02s")
+    assert "1 diverged" in p.line()
