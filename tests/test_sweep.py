@@ -390,3 +390,55 @@ def test_worker_output_is_appended_to_worker_log(tmp_path):
     assert "=== failed at step 0 (RuntimeError: boom on the first try)\n=== worker pid" in log
     assert log.endswith("=== done at step 20\n")
     assert RunDir(run_dir).read_status()["status"] == "done"
+
+
+# The real worker (lock, log, exit codes) around a stand-in for training that takes a while
+# and, like ``train``, returns a finished run's status without training it again.
+SLOW_TRAIN = """
+import sys, time
+import capscale.sweep.worker as w
+from capscale.rundir import RunDir
+def train(run_dir, threads, log):
+    run = RunDir(run_dir)
+    if (run.read_status() or {}).get("status") == "done":
+        return run.read_status()
+    run.write_status("running", 0)
+    with open(run_dir / "trained", "a") as f:
+        f.write("once\\n")
+    log("training")
+    time.sleep(2)
+    run.write_status("done", 20)
+    return run.read_status()
+w._train = train
+raise SystemExit(w.main(sys.argv[1:]))
+"""
+
+
+def test_two_concurrent_sweeps_train_each_run_once(tmp_path, monkeypatch):
+    import threading
+
+    from capscale.sweep import executors
+
+    monkeypatch.setattr(executors, "WORKER", [sys.executable, "-c", SLOW_TRAIN])
+    runs = {n: d for n, d in plan(SweepSpec.from_dict(SPEC), tmp_path).items() if n in ("adamw_w32_s0", "muon_w32_s0")}
+    results: list = []
+    start = threading.Barrier(2)
+
+    def sweep():
+        start.wait()
+        results.extend(executors.run_local(runs, placement=executors.place(len(runs), 0, [])))
+
+    threads = [threading.Thread(target=sweep) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.name for r in results) == sorted(list(runs) * 2)
+    assert {r.status for r in results} <= {"done", BUSY} and BUSY in {r.status for r in results}
+    for name, run_dir in runs.items():
+        assert (run_dir / "trained").read_text() == "once\n", name
+        assert RunDir(run_dir).read_status()["status"] == "done"
+        log = (run_dir / "worker.log").read_text()
+        # one banner per worker that held the run; the refused ones wrote nothing
+        held = sum(r.status == "done" for r in results if r.name == name)
+        assert log.count("=== worker pid") == held and log.count("training") == 1
