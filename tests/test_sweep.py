@@ -2,6 +2,7 @@
 
 import fcntl
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,8 +15,9 @@ import torch
 
 from capscale.rundir import RunDir
 from capscale.sweep import SWEEP_PRESETS, SweepSpec, load_spec, run_sweep
+from capscale.sweep.executors import _result
 from capscale.sweep.sweep import pending_runs, plan, select_runs, sweep_status
-from capscale.sweep.worker import LOCK
+from capscale.sweep.worker import BUSY, LOCK, run_lock
 from capscale.train.corpus import is_installed
 
 HAVE_CORPUS = is_installed()
@@ -127,13 +129,24 @@ def test_status_reads_states_and_the_lock(tmp_path):
     RunDir(runs["muon_w32_s0"]).write_status("failed", 3, "boom")
     RunDir(runs["muon_w64_s0"]).write_status("running", 5)
     RunDir(runs["muon_w128_s0"]).write_status("running", 10)
+    # 5 steps left at 1,000 tokens/s (the mean of the recent records) with 8 x 64 tokens a step
+    cfg = spec.runs()["muon_w128_s0"]
+    tps = cfg.train.batch_size * cfg.model_config().seq_len
+    RunDir(runs["muon_w128_s0"]).append_metrics(
+        [{"step": 5, "loss": 4.0, "tokens_per_s": 900.0}, {"step": 15, "loss": 3.5, "tokens_per_s": 1100.0}]
+    )
+    RunDir(runs["muon_w64_s0"]).append_metrics([{"step": 5, "loss": 4.25, "tokens_per_s": 1000.0}])
     with open(runs["muon_w128_s0"] / LOCK, "w") as lock:  # a live worker holds its run's lock
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = {r["name"]: r for r in sweep_status(spec, tmp_path)}
     assert list(rows)[0] == "adamw_w32_s0"  # finished first, then the resume order
-    assert rows["muon_w128_s0"]["status"] == "running" and rows["muon_w128_s0"]["step"] == 10
+    # a running run: the latest logged step (metrics run ahead of the status), its loss and ETA
+    running = rows["muon_w128_s0"]
+    assert (running["status"], running["step"], running["total"], running["loss"]) == ("running", 15, 20, 3.5)
+    assert running["eta_s"] == pytest.approx(5 * tps / 1000.0)
     assert rows["muon_w64_s0"]["status"] == "interrupted" and rows["muon_w64_s0"]["step"] == 5
-    assert rows["muon_w32_s0"] == {"name": "muon_w32_s0", "status": "failed", "step": 3, "reason": "boom"}
+    assert rows["muon_w64_s0"]["loss"] == 4.25 and "eta_s" not in rows["muon_w64_s0"]  # nobody trains it
+    assert rows["muon_w32_s0"] == {"name": "muon_w32_s0", "status": "failed", "step": 3, "total": 20, "reason": "boom"}
     assert rows["adamw_w64_s0"]["status"] == "not started"
     # lock released: nobody trains muon_w128_s0 now, so it too reads as interrupted
     assert {r["status"] for r in sweep_status(spec, tmp_path)} == {"done", "failed", "interrupted", "not started"}
@@ -212,8 +225,11 @@ def test_sigkill_resume_equals_uninterrupted_and_divergence_is_recorded(tmp_path
     states = {r["name"]: r["status"] for r in sweep_status(spec, out)}
     assert {states[p.name] for p in unfinished} <= {"interrupted", "not started"}
     assert "running" not in states.values()  # no worker survived its parent
+    resumed = [p for p in unfinished if (p / "status.json").exists()]
     run_sweep(spec, out, workers=2, log=lambda _m: None)
     _same(_snapshot(ref), _snapshot(out))
+    for p in resumed:  # the resumed worker appended to the killed one's log
+        assert (p / "worker.log").read_text().count("=== worker pid") == 2, p.name
 
 
 @needs_corpus
@@ -280,3 +296,149 @@ def test_status_into_a_closed_pipe_exits_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait() == 1
     assert err == ""
+
+
+def _files(run_dir: Path) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def _hold(run_dir: Path):
+    """Another sweep's worker: it holds the run's lock and has named itself in the lock file."""
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, json.dumps({"pid": 4242, "host": "elsewhere", "started": "2026-11-29T12:00:00+00:00"}).encode())
+    return fd
+
+
+@needs_corpus
+def test_a_losing_sweep_leaves_the_run_it_lost_untouched(tmp_path):
+    """Issue 15.4: the refusal writes no status, no worker.log, no lock content of its own."""
+    spec = SweepSpec.from_dict({**SPEC, "axes": {"ffn_mult": [1], "optimizer": ["adamw"]}, "extra": []})
+    run_dir = plan(spec, tmp_path)["adamw_w32_s0"]
+    RunDir(run_dir).write_status("running", 5)
+    (run_dir / "worker.log").write_text("the other sweep's worker output\n")
+    fd = _hold(run_dir)
+    try:
+        before = _files(run_dir)
+        lines = []
+        results = run_sweep(spec, tmp_path, workers=1, gpus_per_run=0, log=lines.append)
+        assert _files(run_dir) == before
+    finally:
+        os.close(fd)
+    assert [(r.name, r.status, r.step) for r in results] == [("adamw_w32_s0", BUSY, None)]
+    assert "being trained by another process (pid 4242 on elsewhere, since 2026-11-29T12:00:00+00:00)" in (
+        results[0].reason
+    )
+    assert "1 left to the process that holds them" in lines[-1]
+
+
+def test_a_dead_worker_is_marked_failed_only_under_the_lock(tmp_path):
+    """The executor's after-the-fact `failed` (a worker killed without a word) needs the run's
+    lock: a run that another process has taken since is reported busy and left as it is."""
+    run_dir = plan(SweepSpec.from_dict(SPEC), tmp_path)["adamw_w32_s0"]
+    RunDir(run_dir).write_status("running", 5)
+    (run_dir / "worker.log").write_text("step 5\nout of memory\n")
+    fd = _hold(run_dir)
+    try:
+        before = _files(run_dir)
+        res = _result("adamw_w32_s0", run_dir, 1.0, "", -9)
+        assert (res.status, _files(run_dir)) == (BUSY, before)
+    finally:
+        os.close(fd)
+    res = _result("adamw_w32_s0", run_dir, 1.0, "", -9)
+    assert (res.status, res.step) == ("failed", 5)
+    assert res.reason == "worker exited with code -9 before the run finished; its last words: out of memory"
+    assert RunDir(run_dir).read_status()["status"] == "failed"
+    assert (run_dir / LOCK).read_text() == ""  # the holder's name is cleared when it lets go
+    with run_lock(run_dir):
+        assert json.loads((run_dir / LOCK).read_text())["pid"] == os.getpid()
+
+
+FAKE_TRAIN = """
+import sys
+import capscale.train.loop as loop
+from capscale.rundir import RunDir
+def train(cfg, out, log):
+    run = RunDir(out)
+    first = run.read_status() is None
+    run.write_status("running", 0)
+    log("log line from train")
+    print("to stdout", flush=True)
+    print("to stderr", file=sys.stderr, flush=True)
+    if first:
+        raise RuntimeError("boom on the first try")
+    run.write_status("done", 20)
+    return run.read_status()
+loop.train = train
+from capscale.sweep.worker import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_worker_output_is_appended_to_worker_log(tmp_path):
+    run_dir = plan(SweepSpec.from_dict(SPEC), tmp_path)["adamw_w32_s0"]
+    cmd = [sys.executable, "-c", FAKE_TRAIN, str(run_dir)]
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode == 1 and first.stdout == first.stderr == ""  # all of it went to the log
+    st = RunDir(run_dir).read_status()
+    assert (st["status"], st["reason"]) == ("failed", "RuntimeError: boom on the first try")
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    log = (run_dir / "worker.log").read_text()
+    assert log.count("=== worker pid") == 2  # the resume appended; nothing was clobbered
+    assert log.count("log line from train\nto stdout\nto stderr\n") == 2
+    assert "Traceback" in log and "RuntimeError: boom on the first try" in log
+    assert "=== failed at step 0 (RuntimeError: boom on the first try)\n=== worker pid" in log
+    assert log.endswith("=== done at step 20\n")
+    assert RunDir(run_dir).read_status()["status"] == "done"
+
+
+# The real worker (lock, log, exit codes) around a stand-in for training that takes a while
+# and, like ``train``, returns a finished run's status without training it again.
+SLOW_TRAIN = """
+import sys, time
+import capscale.sweep.worker as w
+from capscale.rundir import RunDir
+def train(run_dir, threads, log):
+    run = RunDir(run_dir)
+    if (run.read_status() or {}).get("status") == "done":
+        return run.read_status()
+    run.write_status("running", 0)
+    with open(run_dir / "trained", "a") as f:
+        f.write("once\\n")
+    log("training")
+    time.sleep(2)
+    run.write_status("done", 20)
+    return run.read_status()
+w._train = train
+raise SystemExit(w.main(sys.argv[1:]))
+"""
+
+
+def test_two_concurrent_sweeps_train_each_run_once(tmp_path, monkeypatch):
+    import threading
+
+    from capscale.sweep import executors
+
+    monkeypatch.setattr(executors, "WORKER", [sys.executable, "-c", SLOW_TRAIN])
+    runs = {n: d for n, d in plan(SweepSpec.from_dict(SPEC), tmp_path).items() if n in ("adamw_w32_s0", "muon_w32_s0")}
+    results: list = []
+    start = threading.Barrier(2)
+
+    def sweep():
+        start.wait()
+        results.extend(executors.run_local(runs, placement=executors.place(len(runs), 0, [])))
+
+    threads = [threading.Thread(target=sweep) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.name for r in results) == sorted(list(runs) * 2)
+    assert {r.status for r in results} <= {"done", BUSY} and BUSY in {r.status for r in results}
+    for name, run_dir in runs.items():
+        assert (run_dir / "trained").read_text() == "once\n", name
+        assert RunDir(run_dir).read_status()["status"] == "done"
+        log = (run_dir / "worker.log").read_text()
+        # one banner per worker that held the run; the refused ones wrote nothing
+        held = sum(r.status == "done" for r in results if r.name == name)
+        assert log.count("=== worker pid") == held and log.count("training") == 1

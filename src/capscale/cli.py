@@ -72,8 +72,24 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", help="smoke | demo | cpu | paper-160m | paper-350m")
     src.add_argument("--config", help="a TOML/YAML sweep spec")
     p.add_argument("--out", required=True, help="sweep directory (re-running on it resumes)")
-    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: cores / 2)")
-    p.add_argument("--executor", choices=("local", "slurm"), default="local")
+    p.add_argument(
+        "--workers", type=int, default=None, help="parallel runs (default: one per GPU group, else cores / 2)"
+    )
+    p.add_argument("--executor", choices=("local", "slurm"), default="local", help="slurm: the spec's [slurm] table")
+    p.add_argument(
+        "--gpus-per-run",
+        type=int,
+        default=None,
+        metavar="N",
+        help="GPUs of each concurrent run, torchrun if > 1 (default: the spec's gpus_per_run, "
+        "else 1 where GPUs are visible; 0: CPU)",
+    )
+    p.add_argument(
+        "--gpus",
+        default=None,
+        metavar="IDS",
+        help="the devices to share among runs, e.g. 0,1,2,3 (default: CUDA_VISIBLE_DEVICES or all)",
+    )
     p.add_argument(
         "--only",
         action="append",
@@ -89,6 +105,7 @@ def _sweep_run(args: argparse.Namespace) -> int:
 
     from capscale.rundir import RunStatus
     from capscale.sweep import load_spec, run_sweep
+    from capscale.sweep.progress import duration
     from capscale.sweep.sweep import select_runs, sweep_status
 
     spec = load_spec(args.preset, args.config)
@@ -98,11 +115,24 @@ def _sweep_run(args: argparse.Namespace) -> int:
         counts = Counter(r["status"] for r in chosen.values())
         print(f"sweep {spec.name}: {len(chosen)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.most_common()))
         for name, r in chosen.items():
+            live = ""
+            if r.get("loss") is not None:
+                live += f"  loss {r['loss']:.4g}"
+            if "eta_s" in r:
+                live += f"  ETA {duration(r['eta_s'])}"
             reason = f"  ({r['reason']})" if r["reason"] else ""
-            print(f"  {r['status']:<12} {name:<32} step {r['step']}{reason}")
+            print(f"  {r['status']:<12} {name:<32} step {r['step']}/{r['total']}{live}{reason}")
         return 0
-    results = run_sweep(spec, args.out, workers=args.workers, executor=args.executor, only=args.only)
-    return 1 if any(r.status == RunStatus.FAILED for r in results) else 0
+    results = run_sweep(
+        spec,
+        args.out,
+        workers=args.workers,
+        executor=args.executor,
+        only=args.only,
+        gpus_per_run=args.gpus_per_run,
+        gpus=args.gpus,
+    )
+    return 0 if all(r.status in (RunStatus.DONE, RunStatus.DIVERGED) for r in results) else 1  # failed or busy
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:

@@ -44,6 +44,8 @@ SPECTRA_FILE = "spectra.parquet"
 STATUS_FILE = "status.json"
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
+# Set by a process that holds a run's lock for the torchrun ranks it starts: they train under it.
+LOCK_HELD_ENV = "CAPSCALE_RUN_LOCK_HELD"
 # One part of the spectra dataset: its write sequence number, then the first and
 # last step it holds. Zero-padded, so names sort in write order, as readers read them.
 _PART = re.compile(r"^part-(\d+)-(\d+)-(\d+)\.parquet$")

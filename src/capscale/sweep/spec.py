@@ -14,9 +14,19 @@ A spec (TOML/YAML/dict)::
     arch = [{label = "rope"}, {label = "nope", model = {pos = "none"}}]
     [[extra]]                            # extra arms outside the grid (e.g. the matched-loss arm)
     axes = {optimizer = ["adamw"], steps = [1200]}
+    gpus_per_run = 2                     # local executor: GPUs per concurrent run (torchrun if > 1)
+    [slurm]                              # --executor slurm: passed to submitit, one job per run
+    partition = "gpu"
+    gpus_per_node = 2                    # the run's GPUs (torchrun if > 1); default gpus_per_run
+    nodes = 1
+    time = "12:00:00"                    # SLURM time limit: minutes or [D-]HH:MM:SS
+    account = "myproject"
+    slurm_qos = "high"                   # any other submitit slurm_* option
 
 Every run gets a stable name from its axis values, so a re-run of the sweep maps
-each config onto the same directory and resumes it.
+each config onto the same directory and resumes it. ``gpus_per_run`` and ``[slurm]``
+say how to run, not what: they are not part of the sweep's identity (``sweep.json``),
+so a sweep may be resumed on other hardware.
 """
 
 from __future__ import annotations
@@ -42,16 +52,22 @@ class SweepSpec:
     axes: dict[str, list] = field(default_factory=dict)
     extra: list[dict[str, Any]] = field(default_factory=list)
     analysis: dict[str, Any] = field(default_factory=dict)  # defaults for the report (k, tolerance, ...)
+    gpus_per_run: int | None = None  # how to run, not what: left out of to_dict()
+    slurm: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SweepSpec:
-        valid = {"name", "base", "base_config", "axes", "extra", "analysis"}
+        valid = {"name", "base", "base_config", "axes", "extra", "analysis", "gpus_per_run", "slurm"}
         unknown = sorted(set(d) - valid)
         if unknown:
             raise ValueError(f"unknown sweep key(s) {unknown}; valid: {sorted(valid)}")
         if "name" not in d:
             raise ValueError("a sweep spec needs a name")
         spec = cls(**copy.deepcopy(d))
+        if spec.gpus_per_run is not None and (_not_int(spec.gpus_per_run) or spec.gpus_per_run < 0):
+            raise ValueError(f"gpus_per_run must be a whole number >= 0, got {spec.gpus_per_run!r}")
+        spec.slurm = check_slurm(spec.slurm)
+        slurm_gpus(spec.slurm, spec.gpus_per_run)
         spec.runs()  # validate every run now, before anything is launched
         return spec
 
@@ -74,6 +90,52 @@ class SweepSpec:
         if not out:
             raise ValueError(f"sweep {self.name!r} has no runs")
         return out
+
+
+SLURM_KEYS = {"partition": str, "account": str, "time": (str, int), "nodes": int, "gpus_per_node": int}
+_SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+
+
+def _not_int(v: Any) -> bool:
+    return isinstance(v, bool) or not isinstance(v, int)
+
+
+def check_slurm(table: Any) -> dict[str, Any]:
+    """The ``[slurm]`` table, checked: its known keys typed, others ``slurm_*`` options of
+    submitit's SLURM executor (checked against it where submitit is installed)."""
+    if not isinstance(table, dict):
+        raise ValueError(f"[slurm] must be a table, got {table!r}")
+    for key, value in table.items():
+        if key in SLURM_KEYS:
+            kind = SLURM_KEYS[key]
+            if (kind is int and (_not_int(value) or value < 0)) or not isinstance(value, kind) or value is True:
+                raise ValueError(f"[slurm] {key} must be {'a whole number' if kind is int else 'a string'}: {value!r}")
+        elif not key.startswith("slurm_"):
+            raise ValueError(
+                f"[slurm] has no option {key!r}; known: {sorted(SLURM_KEYS)}, or any submitit slurm_* option"
+            )
+    if "time" in table and not _SLURM_TIME.match(str(table["time"])):
+        raise ValueError(f"[slurm] time must be minutes or [D-]HH:MM:SS, got {table['time']!r}")
+    if table.get("nodes", 1) != 1:
+        raise ValueError(f"[slurm] nodes = {table['nodes']}: a run spans one node (torchrun on its GPUs); use 1")
+    extra = [k[len("slurm_") :] for k in table if k.startswith("slurm_")]
+    if extra:
+        try:
+            from submitit import SlurmExecutor
+        except ImportError:  # checked by submitit when the sweep is submitted
+            return dict(table)
+        bad = sorted(set(extra) - set(SlurmExecutor._valid_parameters()))
+        if bad:
+            raise ValueError(f"[slurm] submitit has no SLURM option {['slurm_' + b for b in bad]}")
+    return dict(table)
+
+
+def slurm_gpus(table: dict[str, Any], gpus_per_run: int | None) -> int:
+    """GPUs of one run on SLURM: ``gpus_per_node``, else ``gpus_per_run``, else 0."""
+    node = table.get("gpus_per_node")
+    if node is not None and gpus_per_run is not None and node != gpus_per_run:
+        raise ValueError(f"gpus_per_run ({gpus_per_run}) and [slurm] gpus_per_node ({node}) disagree")
+    return node if node is not None else (gpus_per_run or 0)
 
 
 def _axis_values(axes: dict[str, list], key: str) -> list:

@@ -5,13 +5,23 @@ from __future__ import annotations
 import fnmatch
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 from capscale.rundir import RunDir, RunStatus, atomic_write_json
-from capscale.sweep.executors import RunResult, run_local, run_submitit, write_request
-from capscale.sweep.spec import SweepSpec, _expand
-from capscale.sweep.worker import is_finished, is_locked
+from capscale.sweep.executors import (
+    RunResult,
+    check_submitit,
+    place,
+    run_local,
+    run_submitit,
+    visible_gpus,
+    write_request,
+)
+from capscale.sweep.progress import Progress, duration, ensure_handler, logger
+from capscale.sweep.spec import SweepSpec, _expand, slurm_gpus
+from capscale.sweep.worker import BUSY, is_finished, is_locked
 
 SPEC_FILE = "sweep.json"
 
@@ -74,14 +84,18 @@ def select_runs(runs: dict[str, Path], only: list[str] | None) -> dict[str, Path
 
 def sweep_status(spec: SweepSpec, out: str | Path) -> list[dict]:
     """Each run of ``spec`` under ``out``, in the order a resumed sweep takes them: name, status,
-    step and reason. Status is the run's own, except ``not started`` (no status file yet) and
-    ``interrupted`` (says running, but no worker holds its lock: it resumes from its last
-    checkpoint; a lock taken on another node reaches here only where the shared file system
-    passes flock locks between nodes, as NFSv4 does). Reads only; writes nothing."""
+    step, total (the run's steps) and reason; a run that is running or interrupted also has
+    its last logged ``loss``, and a running one its ``eta_s`` (seconds left, from the recent
+    throughput in its metrics.jsonl; None when unknown). Status is the run's own, except
+    ``not started`` (no status file yet) and ``interrupted`` (says running, but no worker
+    holds its lock: it resumes from its last checkpoint; a lock taken on another node reaches
+    here only where the shared file system passes flock locks between nodes, as NFSv4
+    does). Reads only; writes nothing."""
     out = Path(out)
     if not (out / SPEC_FILE).exists():
         raise FileNotFoundError(f"{out} holds no sweep ({SPEC_FILE} missing)")
-    runs = {name: out / "runs" / name for name in spec.runs()}
+    configs = spec.runs()
+    runs = {name: out / "runs" / name for name in configs}
     states = {name: RunDir(run_dir).read_status() for name, run_dir in runs.items()}  # each read once
     finished = [n for n in runs if is_finished(states[n])]
     done = set(finished)
@@ -91,15 +105,38 @@ def sweep_status(spec: SweepSpec, out: str | Path) -> list[dict]:
         status = st["status"] if st else "not started"
         if status == RunStatus.RUNNING and not is_locked(runs[name]):
             status = "interrupted"
-        rows.append(
-            {
-                "name": name,
-                "status": status,
-                "step": st["step"] if st else 0,
-                "reason": st.get("reason") if st else None,
-            }
-        )
+        row = {
+            "name": name,
+            "status": str(status),
+            "step": st["step"] if st else 0,
+            "total": configs[name].train.steps,
+            "reason": st.get("reason") if st else None,
+        }
+        if status in (RunStatus.RUNNING, "interrupted"):
+            row.update(_live(RunDir(runs[name]), configs[name], row["step"], status == RunStatus.RUNNING))
+        rows.append(row)
     return rows
+
+
+def _live(run: RunDir, cfg, step: int, running: bool, recent: int = 5) -> dict:
+    """Step, last loss and ETA of an unfinished run from its metrics.jsonl."""
+    try:
+        records = [r for r in run.read_metrics() if isinstance(r, dict) and isinstance(r.get("step"), int)]
+    except (ValueError, OSError):  # unreadable metrics: the row still shows the status's step
+        records = []
+    out: dict = {"loss": None}
+    losses = [r for r in records if isinstance(r.get("loss"), (int, float))]
+    if losses:
+        out["loss"] = float(losses[-1]["loss"])
+    if records:
+        out["step"] = max(step, records[-1]["step"])
+    if running:
+        rates = [r["tokens_per_s"] for r in records[-recent:] if isinstance(r.get("tokens_per_s"), (int, float))]
+        rates = [r for r in rates if r > 0]
+        tokens_per_step = cfg.train.batch_size * cfg.model_config().seq_len
+        left = cfg.train.steps - out.get("step", step)
+        out["eta_s"] = left * tokens_per_step / (sum(rates) / len(rates)) if rates else None
+    return out
 
 
 def _prepare_data(spec: SweepSpec, log: Callable[[str], None]) -> None:
@@ -122,47 +159,77 @@ def run_sweep(
     executor: str = "local",
     slurm: dict | None = None,
     only: list[str] | None = None,
-    log: Callable[[str], None] = print,
+    gpus_per_run: int | None = None,
+    gpus: str | list[str] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> list[RunResult]:
     """Run every unfinished run of ``spec`` under ``out`` (those matching ``only``, if given);
-    finished runs are skipped."""
+    finished runs are skipped.
+
+    Locally, ``workers`` runs at a time, each on its own ``gpus_per_run`` GPUs taken from
+    ``gpus`` (default: the visible ones; "0,1,2,3" or a list); ``gpus_per_run`` and ``slurm``
+    default to the spec's. ``log`` takes the event lines (default: the ``capscale.sweep``
+    logger, with one live progress line in a terminal)."""
     if executor not in ("local", "slurm", "submitit-local"):
         raise ValueError(f"executor must be local or slurm, got {executor!r}")
+    gpus_per_run = spec.gpus_per_run if gpus_per_run is None else gpus_per_run
+    slurm = spec.slurm if slurm is None else slurm
+    placement = None
+    if executor == "local":  # refused here, before anything is written
+        placement = place(workers, gpus_per_run, visible_gpus(gpus) if not isinstance(gpus, list) else gpus)
+    nproc = 1
+    if executor != "local":
+        check_submitit(local=executor == "submitit-local")
+        nproc = max(1, slurm_gpus(slurm, gpus_per_run)) if executor == "slurm" else 1
+    if log is None:
+        ensure_handler()
+    say = log or logger.info
     planned = plan(spec, out)
     runs = select_runs(planned, only)
     pending = pending_runs(spec, runs)
     chosen = f" ({len(runs)} chosen by --only)" if only else ""
-    log(
+    where = ""
+    if placement is not None:
+        where = f"; {placement.workers} at a time" + (
+            f", {placement.gpus_per_run} GPU(s) each ({' | '.join(','.join(g) for g in placement.groups)})"
+            if placement.groups
+            else " on CPU"
+        )
+    say(
         f"sweep {spec.name}: {len(planned)} runs{chosen}, {len(runs) - len(pending)} already finished, "
-        f"{len(pending)} to run -> {Path(out)}"
+        f"{len(pending)} to run -> {Path(out)}{where}"
     )
     if not pending:
         return []
-    _prepare_data(spec, log)
-    t0, done = time.perf_counter(), [0]
+    _prepare_data(spec, say)
+    progress = Progress(spec.name, len(pending), placement.workers if placement else len(pending), log=log)
 
     def on_event(name: str, res: RunResult | None) -> None:
         if res is None:
-            log(f"  start  {name}")
-            return
-        done[0] += 1
-        extra = f" ({res.reason})" if res.status != RunStatus.DONE and res.reason else ""
-        log(
-            f"  {res.status:<8} {name} in {res.seconds:.0f}s{extra}  [{done[0]}/{len(pending)}, "
-            f"{time.perf_counter() - t0:.0f}s elapsed]"
-        )
+            progress.start(name)
+        else:
+            progress.finish(res)
 
-    if executor == "local":
-        results = run_local(pending, workers=workers, on_event=on_event)
-    else:
-        results = run_submitit(
-            pending, Path(out) / "submitit", local=executor == "submitit-local", slurm=slurm, on_event=on_event
-        )
-    bad = [r for r in results if r.status != RunStatus.DONE]
-    log(
-        f"sweep {spec.name}: {len(results) - len(bad)} done, "
-        f"{sum(r.status == RunStatus.DIVERGED for r in results)} diverged, "
-        f"{sum(r.status == RunStatus.FAILED for r in results)} failed "
-        f"in {time.perf_counter() - t0:.0f}s"
+    t0 = time.perf_counter()
+    try:
+        if executor == "local":
+            results = run_local(pending, placement=placement, on_event=on_event, tick=progress.tick)
+        else:
+            results = run_submitit(
+                pending,
+                Path(out) / "submitit",
+                local=executor == "submitit-local",
+                slurm=slurm,
+                nproc=nproc,
+                on_event=on_event,
+                tick=progress.tick,
+            )
+    finally:
+        progress.close()
+    count = Counter(r.status for r in results)
+    busy = f", {count[BUSY]} left to the process that holds them" if count[BUSY] else ""
+    say(
+        f"sweep {spec.name}: {count[RunStatus.DONE]} done, {count[RunStatus.DIVERGED]} diverged, "
+        f"{count[RunStatus.FAILED]} failed{busy} in {duration(time.perf_counter() - t0)}"
     )
     return results

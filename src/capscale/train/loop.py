@@ -29,7 +29,7 @@ import torch.distributed as dist
 import capscale
 from capscale.probe.accumulate import NonFiniteActivationError
 from capscale.probe.sinks import Sink
-from capscale.rundir import RunDir, RunStatus
+from capscale.rundir import LOCK_HELD_ENV, RunDir, RunStatus
 from capscale.spectrum import FrequencyTable
 from capscale.train.checkpoint import (
     list_checkpoints,
@@ -153,7 +153,9 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] | None 
     One process writes a run directory at a time: a second ``train`` on it is
     refused at once (``RunLockedError`` naming the holder); rank 0 holds the lock.
     """
-    with RunDir(out).lock() if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+    # Rank 0 takes the lock, unless the process that launched these ranks holds it for them.
+    held = os.environ.get(LOCK_HELD_ENV) == os.path.realpath(out)
+    with RunDir(out).lock() if int(os.environ.get("RANK", "0")) == 0 and not held else nullcontext():
         return _train(cfg, out, log=log)
 
 
