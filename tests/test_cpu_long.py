@@ -45,7 +45,7 @@ def test_cpu_long_budget_reaches_20_tokens_per_parameter_at_the_widest_width():
     for d in (32, 64, 96):
         arm = [c for c in runs.values() if c.model_config().d_model == d]
         widest = max(arm, key=lambda c: c.model_config().ffn_dim)
-        model = GPT(widest.model_config().__class__.from_dict({**widest.model, "vocab_size": vocab}))
+        model = GPT(widest.with_vocab(vocab).model)
         params = model.num_params(non_embedding=True)
         longest = max(c.train.steps for c in arm)
         tokens = longest * widest.train.batch_size * widest.model_config().seq_len
