@@ -215,7 +215,7 @@ def test_unknown_architecture_error_lists_what_was_looked_for():
     with pytest.raises(SiteDiscoveryError) as err:
         discover_sites(model)
     msg = str(err.value)
-    for needle in ("Sequential", "hook_pre", "c_fc", "gate_proj", "down_proj", "{layer}", "SiteSpec"):
+    for needle in ("Sequential", "no stack of repeated blocks", "{layer}", "SiteSpec", "--site pre="):
         assert needle in msg
 
 
@@ -233,11 +233,108 @@ def test_bad_specs():
         SiteSpec("x.{layer}", "weights")
 
 
-def test_ambiguous_layers_are_refused():
+def test_two_stacks_are_two_stacks():
     class Two(nn.Module):
         def __init__(self):
             super().__init__()
-            self.encoder, self.decoder = toy(), toy()
+            self.encoder, self.decoder = toy(layers=2), toy(layers=3)
 
+    sites = discover_sites(Two())
+    assert [(s.stack, s.layer, s.site, s.name) for s in sites if s.site == "pre"] == [
+        ("encoder", 0, "pre", "encoder.blocks.0.mlp.c_fc"),
+        ("encoder", 1, "pre", "encoder.blocks.1.mlp.c_fc"),
+        ("decoder", 0, "pre", "decoder.blocks.0.mlp.c_fc"),
+        ("decoder", 1, "pre", "decoder.blocks.1.mlp.c_fc"),
+        ("decoder", 2, "pre", "decoder.blocks.2.mlp.c_fc"),
+    ]
+    # an explicit pattern that matches in both stacks is still ambiguous
     with pytest.raises(SiteDiscoveryError, match="ambiguous"):
-        discover_sites(Two())
+        discover_sites(Two(), sites={"pre": "blocks.{layer}.mlp.c_fc"})
+
+
+# -- never silent ----------------------------------------------------------------
+
+
+def test_naming_a_container_is_refused():
+    with pytest.raises(SiteDiscoveryError, match=r"blocks\.0\.mlp \(MLP\) is a container.*residual stream"):
+        discover_sites(toy(), sites={"pre": "blocks.{layer}.mlp"})
+    with pytest.raises(SiteDiscoveryError, match="container"):
+        discover_sites(toy(), sites={"post": ("blocks.{layer}", "input")})
+
+
+def test_a_site_that_never_runs_is_not_run_and_said():
+    """BLOOM with slow_but_exact calls dense_4h_to_h's weight through F.linear: the module never runs."""
+    transformers = pytest.importorskip("transformers")
+    import capscale
+
+    torch.manual_seed(0)
+    cfg = transformers.BloomConfig(
+        vocab_size=64, hidden_size=16, n_layer=2, n_head=2, pretraining_tp=2, slow_but_exact=True
+    )
+    model = transformers.BloomForCausalLM(cfg)
+    probe = capscale.attach(model, every=1, mode="any")
+    with torch.no_grad():
+        model(torch.randint(0, 64, (2, 8)))
+    with pytest.warns(UserWarning, match=r"captured nothing.*layer 0 site 'post'.*layer 1 site 'post'"):
+        df = probe.compute()
+    post, pre = df[df.site == "post"], df[df.site == "pre"]
+    assert list(post.layer) == [0, 1] and set(post.sampling_status) == {"not-run"}
+    assert set(post.n_samples) == {0} and set(post.dim) == {64}
+    assert set(pre.sampling_status) != {"not-run"} and set(pre.n_samples) == {16}
+
+
+def test_a_site_of_unknown_width_that_never_runs_gets_a_row():
+    class Act(nn.Module):
+        def forward(self, x):
+            return torch.relu(x)
+
+    class MLP2(MLP):
+        def __init__(self, d, h):
+            super().__init__(d, h)
+            self.spare = Act()  # never called: its width is unknown
+
+    m = toy()
+    for b in m.blocks:
+        b.mlp = MLP2(8, 12)
+    import capscale
+
+    probe = capscale.attach(m, sites={"pre": "blocks.{layer}.mlp.spare", "post": "blocks.{layer}.mlp.c_proj"})
+    probe.step(0)
+    with torch.no_grad():
+        m(torch.randint(0, 50, (2, 5)))
+    with pytest.warns(UserWarning, match="captured nothing"):
+        df = probe.compute()
+    pre = df[df.site == "pre"]
+    assert len(pre) == 2 and set(pre.sampling_status) == {"not-run"} and set(pre.dim) == {0}
+    assert pre.soft_rank.isna().all()
+    assert set(df[df.site == "post"].n_samples) == {10}
+
+
+def test_unmeasurable_blocks_are_listed_in_a_warning_and_the_description():
+    """Switch Transformers: routed expert modules; the dense layers are measured, the sparse ones listed."""
+    transformers = pytest.importorskip("transformers")
+    import capscale
+
+    cfg = transformers.SwitchTransformersConfig(
+        vocab_size=64,
+        d_model=16,
+        d_kv=8,
+        d_ff=40,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        num_experts=4,
+        encoder_sparse_step=2,
+        decoder_sparse_step=2,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.SwitchTransformersForConditionalGeneration(cfg)
+    with pytest.warns(UserWarning, match=r"2 block\(s\).*not measured.*'encoder' layer 1.*'decoder' layer 1"):
+        probe = capscale.attach(model)
+    assert {(s.stack, s.layer) for s in probe.sites} == {("encoder", 0), ("decoder", 0)}
+    text = probe.description
+    assert "not measured" in text and "encoder.block.1.layer.1.mlp.experts" in text and "routed expert" in text
+    with pytest.raises(SiteDiscoveryError, match="none of the chosen layers"):
+        discover_sites(model, layers=[1])

@@ -17,14 +17,14 @@ except PackageNotFoundError:  # running from a source tree without install
 
 from capscale import spectrum  # noqa: E402
 
-__all__ = ["__version__", "attach", "spectrum"]
+__all__ = ["SiteSpec", "__version__", "attach", "spectrum"]
 
 
 def __getattr__(name: str):
-    # ``capscale.attach`` is the probe's one-line entry point; it imports torch,
+    # ``capscale.attach`` (the probe's one-line entry point) and ``SiteSpec`` import torch,
     # so it is loaded on first use and ``import capscale`` stays NumPy-only.
-    if name == "attach":
-        from capscale.probe import attach
+    if name in ("attach", "SiteSpec"):
+        import capscale.probe
 
-        return attach
+        return getattr(capscale.probe, name)
     raise AttributeError(f"module 'capscale' has no attribute {name!r}")
