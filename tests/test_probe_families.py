@@ -346,7 +346,8 @@ FAMILIES = [
             v_head_dim=8,
             n_group=1,
             topk_group=1,
-            **MOE,
+            num_experts_per_tok=2,
+            moe_intermediate_size=12,  # I < H, as DeepSeek-V3's own 2048 < 7168
         ),
         {
             "": ("model.layers.0.mlp.gate_proj|experts:model.layers.1.mlp.experts", ""),

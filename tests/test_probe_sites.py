@@ -338,3 +338,45 @@ def test_unmeasurable_blocks_are_listed_in_a_warning_and_the_description():
     assert "not measured" in text and "encoder.block.1.layer.1.mlp.experts" in text and "routed expert" in text
     with pytest.raises(SiteDiscoveryError, match="none of the chosen layers"):
         discover_sites(model, layers=[1])
+
+
+def test_sitespec_is_top_level_and_import_stays_numpy_only():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, capscale; assert 'torch' not in sys.modules, 'import capscale loaded torch'; "
+        "spec = capscale.SiteSpec('blocks.{layer}.mlp.c_fc', 'output'); "
+        "from capscale.probe import SiteSpec; assert spec == SiteSpec('blocks.{layer}.mlp.c_fc', 'output'); "
+        "assert 'SiteSpec' in capscale.__all__"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gate_found_by_a_traced_forward_when_names_do_not_say():
+    """A gated FFN whose projections are called a and b: the one fed to the activation is the gate."""
+
+    class Gated(nn.Module):
+        def __init__(self, d=8, h=12):
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(d, h), nn.Linear(d, h), nn.Linear(h, d)
+
+        def forward(self, x):
+            return self.out(self.a(x) * nn.functional.silu(self.b(x)))
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Linear(8, 8)
+            self.ffn = Gated()
+
+        def forward(self, x):
+            return x + self.ffn(self.attn(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Layer() for _ in range(2))
+
+    sites = discover_sites(Net())
+    assert _names(sites)[:2] == [(0, "pre", "layers.0.ffn.b", "output"), (0, "post", "layers.0.ffn.out", "input")]

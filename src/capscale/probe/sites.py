@@ -351,10 +351,15 @@ def _find_ffn(block: nn.Module, skip: Iterable[str] = ()) -> _FFN | str:
     for up, down in KNOWN_PAIRS:
         if up in by_name and down in by_name:
             return _FFN((up, by_name[up][0]), (down, by_name[down][0]))
+    # The residual width H: what most projections of a block read (q, k, v, the FFN's up/gate).
+    ins = [i for *_, i, _ in lins]
+    hidden = max(set(ins), key=lambda d: (ins.count(d), -ins.index(d)))
     pairs = []  # (score, up, down, fused)
+    mixers: dict[str, bool] = {}
+    order = {n: k for k, (n, *_) in enumerate(lins)}
     for un, um, ui, uo in lins:
         for dn, dm, di, do in lins:
-            if dm is um or do != ui:
+            if dm is um or ui != hidden or do != hidden:
                 continue
             if di == uo:
                 fused = False
@@ -362,9 +367,12 @@ def _find_ffn(block: nn.Module, skip: Iterable[str] = ()) -> _FFN | str:
                 fused = True
             else:
                 continue
-            if di < ui:
-                continue  # a bottleneck (I < H), not an FFN
-            if _in_mixer(block, un, dn):
+            # I < H is allowed (fine-grained MoE experts: DeepSeek-V3's shared expert has I = H / 3.5)
+            # but loses to any expanding pair.
+            parent = _common_parent(un, dn)
+            if parent not in mixers:
+                mixers[parent] = _in_mixer(block, parent)
+            if mixers[parent]:
                 continue
             attn = bool(_ATTENTION_NAME.search(un) or _ATTENTION_NAME.search(dn))
             score = (
@@ -372,7 +380,7 @@ def _find_ffn(block: nn.Module, skip: Iterable[str] = ()) -> _FFN | str:
                 di > ui,  # strictly expanding beats square look-alikes
                 _depth_of_common_parent(un, dn),
                 not fused,
-                [n for n, *_ in lins].index(dn) > [n for n, *_ in lins].index(un),
+                order[dn] > order[un],
             )
             pairs.append((score, un, dn, fused))
     if not pairs:
@@ -400,9 +408,8 @@ def _find_ffn(block: nn.Module, skip: Iterable[str] = ()) -> _FFN | str:
     return _FFN((gate, by_name[gate][0]), (dn, by_name[dn][0]))
 
 
-def _in_mixer(block: nn.Module, up: str, down: str) -> bool:
-    """The pair sits in a state-space / convolution mixer (Mamba's in_proj/out_proj), not an FFN."""
-    parent = _common_parent(up, down)
+def _in_mixer(block: nn.Module, parent: str) -> bool:
+    """A pair under ``parent`` sits in a state-space / convolution mixer (Mamba's in_proj/out_proj), not an FFN."""
     if not parent:
         return False
     mod = block.get_submodule(parent)
@@ -503,7 +510,8 @@ def _block_sites(block: nn.Module, prefix: str, layer: int, stack: str) -> tuple
             sites.append(Site(layer, s, f"{prefix}.{n}", m, DEFAULT_CAPTURE[s], stack, experts=True))
     ffn = _find_ffn(block, skip + [n for n, _ in moe_3d])
     if isinstance(ffn, str):
-        if not experts and not moe_3d:
+        # Beside routed experts, "no FFN" is normal (no shared expert); a doubtful one is said.
+        if not (experts or moe_3d) or ffn.startswith(("ambiguous", "gated")):
             skipped.append(Skipped(stack, layer, prefix, ffn))
         return sites, skipped
     own = stack
