@@ -322,11 +322,13 @@ FAMILIES = [
         "Qwen2MoeForCausalLM",
         dict(LL, num_experts=4, shared_expert_intermediate_size=32, mlp_only_layers=[0], **MOE),
         {
-            "": ("model.layers.0.mlp.gate_proj|experts:model.layers.1.mlp.experts", ""),
-            "shared-expert": (
-                "model.layers.1.mlp.shared_expert.gate_proj",
-                "model.layers.1.mlp.shared_expert.down_proj",
-            ),
+            "": {
+                0: ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.down_proj"),
+                1: ("experts:model.layers.1.mlp.experts", "experts:model.layers.1.mlp.experts"),
+            },
+            "shared-expert": {
+                1: ("model.layers.1.mlp.shared_expert.gate_proj", "model.layers.1.mlp.shared_expert.down_proj")
+            },
         },
         note="dense layer 0, MoE layer 1, shared expert",
     ),
@@ -350,11 +352,13 @@ FAMILIES = [
             moe_intermediate_size=12,  # I < H, as DeepSeek-V3's own 2048 < 7168
         ),
         {
-            "": ("model.layers.0.mlp.gate_proj|experts:model.layers.1.mlp.experts", ""),
-            "shared-expert": (
-                "model.layers.1.mlp.shared_experts.gate_proj",
-                "model.layers.1.mlp.shared_experts.down_proj",
-            ),
+            "": {
+                0: ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.down_proj"),
+                1: ("experts:model.layers.1.mlp.experts", "experts:model.layers.1.mlp.experts"),
+            },
+            "shared-expert": {
+                1: ("model.layers.1.mlp.shared_experts.gate_proj", "model.layers.1.mlp.shared_experts.down_proj")
+            },
         },
         note="dense layer 0, MoE layer 1, shared experts",
     ),
@@ -372,27 +376,52 @@ FAMILIES = [
         dict(LL, num_experts=4, num_experts_per_tok=2),
         {"": ("experts:model.layers.{layer}.mlp.experts", "experts:model.layers.{layer}.mlp.experts")},
     ),
+    Family(
+        "Switch Transformers",
+        "SwitchTransformersConfig",
+        "SwitchTransformersForConditionalGeneration",
+        dict(
+            vocab_size=64,
+            d_model=16,
+            d_kv=8,
+            d_ff=40,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=2,
+            num_experts=4,
+            encoder_sparse_step=2,
+            decoder_sparse_step=2,
+            decoder_start_token_id=0,
+            **TOK,
+        ),
+        {
+            "encoder": {
+                0: ("encoder.block.0.layer.1.mlp.wi", "encoder.block.0.layer.1.mlp.wo"),
+                1: ("pooled:encoder.block.1.layer.1.mlp.experts", "pooled:encoder.block.1.layer.1.mlp.experts"),
+            },
+            "decoder": {
+                0: ("decoder.block.0.layer.2.mlp.wi", "decoder.block.0.layer.2.mlp.wo"),
+                1: ("pooled:decoder.block.1.layer.2.mlp.experts", "pooled:decoder.block.1.layer.2.mlp.experts"),
+            },
+        },
+        inputs="seq2seq",
+        note="expert modules: pooled over the tokens each expert saw",
+        extra={"expert_ffn": ("wi", "wo")},
+    ),
 ]
 
 
 def _pair(fam: Family, stack: str, layer: int) -> tuple[str, str]:
-    """The (pre, post) a person names for one layer (the Qwen2-MoE / DeepSeek rows list layers with '|')."""
-    pre, post = fam.sites[stack]
-    if "|" in pre:
-        pre = pre.split("|")[layer]
-        post = pre.replace(".gate_proj", ".down_proj")
-    if "{layer}" not in pre and stack and not post:
-        post = pre
-    return pre.format(layer=layer), (post or pre).format(layer=layer)
+    """The (pre, post) a person names for one layer: a {layer} pattern, or per layer (mixed dense/MoE)."""
+    value = fam.sites[stack]
+    if isinstance(value, dict):
+        return value[layer]
+    return value[0].format(layer=layer), value[1].format(layer=layer)
 
 
 def _layers(fam: Family, stack: str) -> list[int]:
-    pre = fam.sites[stack][0]
-    if "|" in pre:
-        return list(range(len(pre.split("|"))))
-    if "{layer}" not in pre:
-        return [int(re.search(r"\.(\d+)\.", pre).group(1))]
-    return [0, 1]
+    value = fam.sites[stack]
+    return sorted(value) if isinstance(value, dict) else [0, 1]
 
 
 def build(fam: Family):
@@ -416,9 +445,9 @@ def inputs(fam: Family) -> dict:
     return {"input_ids": ids}
 
 
-def _strip(name: str) -> tuple[str, int | None, bool]:
-    experts = name.startswith("experts:")
-    name = name.removeprefix("experts:")
+def _strip(name: str) -> tuple[str, int | None, str]:
+    experts = next((k for k in ("experts", "pooled") if name.startswith(k + ":")), "")
+    name = name.removeprefix(experts + ":") if experts else name
     m = re.fullmatch(r"(.*)\[:(\d+)\]", name)
     return (m.group(1), int(m.group(2)), experts) if m else (name, None, experts)
 
@@ -437,7 +466,17 @@ def _own_rows(model, fam: Family) -> dict[tuple[str, int, str], np.ndarray]:
                 path, k, experts = _strip(name)
                 mod = model.get_submodule(path)
                 key = (stack, layer, site)
-                if experts:
+                if experts == "pooled":  # expert modules: each expert's own up (output) / down (input)
+                    up, down = fam.extra["expert_ffn"]
+                    for expert in mod.values() if isinstance(mod, torch.nn.ModuleDict) else mod:
+                        if site == "pre":
+                            h = expert.get_submodule(up).register_forward_hook(lambda m, a, o, key=key: keep(key, o))
+                        else:
+                            h = expert.get_submodule(down).register_forward_pre_hook(
+                                lambda m, a, key=key: keep(key, a[0])
+                            )
+                        handles.append(h)
+                elif experts:
 
                     def routed(m, args, key=key, site=site):
                         x, idx = args[0], args[1]
@@ -511,13 +550,6 @@ def test_mamba_has_no_ffn():
 BEGIN, END = "<!-- families:begin -->", "<!-- families:end -->"
 UNREACHABLE = [
     (
-        "Switch Transformers, NLLB-MoE (experts as a ModuleDict of modules)",
-        "not reachable by discovery",
-        "not reachable by discovery",
-        "listed per layer at attach time; each expert's rows are a routed subset of tokens a module hook "
-        "cannot map to token ids (HEAD/MID/TAIL): name the expert modules with `sites=` to pool them",
-    ),
-    (
         "Mamba, Mamba-2 (state-space mixers, no FFN)",
         "—",
         "—",
@@ -529,7 +561,8 @@ UNREACHABLE = [
 def _cell(stack: str, name: str) -> str:
     path, k, experts = _strip(name)
     path = re.sub(r"^(model|transformer|bert|roberta|distilbert|gpt_neox)\.", "", path)
-    text = f"`{path}`" + (" gate half `[:I]`" if k else "") + (" (fused experts, pooled)" if experts else "")
+    how = {"experts": " (fused experts, pooled)", "pooled": " (expert modules, pooled)"}.get(experts, "")
+    text = f"`{path}`" + (" gate half `[:I]`" if k else "") + how
     return f"{stack}: {text}" if stack else text
 
 
@@ -538,12 +571,9 @@ def table() -> str:
     for f in FAMILIES:
         pres, posts = [], []
         for stack in f.sites:
-            layers = _layers(f, stack)
-            pairs = [_pair(f, stack, layer) for layer in layers]
-            generic = "{layer}" in f.sites[stack][0]
-            for pre, post in pairs[:1] if generic else pairs:
-                if generic:
-                    pre, post = (n.replace(".0.", ".{layer}.", 1) for n in (pre, post))
+            generic = not isinstance(f.sites[stack], dict)
+            pairs = [f.sites[stack]] if generic else [_pair(f, stack, layer) for layer in _layers(f, stack)]
+            for pre, post in pairs:
                 pres.append(_cell(stack, pre))
                 posts.append(_cell(stack, post))
         note = f"; {f.note}" if f.note else ""

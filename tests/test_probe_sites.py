@@ -311,10 +311,46 @@ def test_a_site_of_unknown_width_that_never_runs_gets_a_row():
 
 
 def test_unmeasurable_blocks_are_listed_in_a_warning_and_the_description():
-    """Switch Transformers: routed expert modules; the dense layers are measured, the sparse ones listed."""
-    transformers = pytest.importorskip("transformers")
+    """A layer whose experts are 3-D weights of a layout capscale does not know: listed, with the reason."""
     import capscale
 
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 8, 12))  # [E, H, I], used through einsum
+
+        def forward(self, x):
+            return torch.einsum("...h,ehi->...i", x, self.w).sum(-1, keepdim=True) * x
+
+    class MoEBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+            self.experts = Experts()
+
+        def forward(self, x):
+            return x + self.experts(self.norm(x))
+
+    m = toy(layers=3)
+    m.blocks[1] = MoEBlock()
+    with pytest.warns(UserWarning, match=r"1 block\(s\).*not measured: layer 1 \(blocks\.1\.experts\).*unknown layout"):
+        probe = capscale.attach(m)
+    assert sorted({s.layer for s in probe.sites}) == [0, 2]
+    text = probe.description
+    assert "not measured" in text and "blocks.1.experts" in text and "not reachable" in text
+    with pytest.raises(SiteDiscoveryError, match="none of the chosen layers"):
+        discover_sites(m, layers=[1])
+
+
+def test_expert_modules_are_pooled_over_the_tokens_each_saw():
+    """Switch Transformers: expert modules; rows map back to their tokens, so buckets and masks apply."""
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+
+    import capscale
+    from capscale.spectrum import FrequencyTable
+
+    torch.manual_seed(0)
     cfg = transformers.SwitchTransformersConfig(
         vocab_size=64,
         d_model=16,
@@ -330,14 +366,36 @@ def test_unmeasurable_blocks_are_listed_in_a_warning_and_the_description():
         pad_token_id=0,
         eos_token_id=0,
     )
-    model = transformers.SwitchTransformersForConditionalGeneration(cfg)
-    with pytest.warns(UserWarning, match=r"2 block\(s\).*not measured.*'encoder' layer 1.*'decoder' layer 1"):
-        probe = capscale.attach(model)
-    assert {(s.stack, s.layer) for s in probe.sites} == {("encoder", 0), ("decoder", 0)}
-    text = probe.description
-    assert "not measured" in text and "encoder.block.1.layer.1.mlp.experts" in text and "routed expert" in text
-    with pytest.raises(SiteDiscoveryError, match="none of the chosen layers"):
-        discover_sites(model, layers=[1])
+    model = transformers.SwitchTransformersEncoderModel(cfg).eval()
+    table = FrequencyTable(np.arange(64, 0, -1))
+    ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    probe = capscale.attach(model, every=1, mode="any", freq_table=table, dtype=torch.float64)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    df = probe.compute()
+    moe = df[(df.layer == 1) & (df.site == "pre")].set_index("bucket")
+    # every kept token went to one expert (top-1): counts per bucket are the tokens' own
+    kept = ids[mask.bool()]
+    per_bucket = torch.bincount(table.bucket(kept).long(), minlength=3).tolist()
+    assert moe.loc["all", "n_samples"] == int(mask.sum())
+    assert [moe.loc[b, "n_samples"] for b in ("head", "mid", "tail")] == per_bucket
+    # without mask or buckets: the same spectrum as hooks on each expert's wi, pooled by hand (float64)
+    got = []
+    experts = model.encoder.block[1].layer[1].mlp.experts.values()
+    hooks = [e.wi.register_forward_hook(lambda m, a, o: got.append(o)) for e in experts]
+    probe = capscale.attach(model, every=1, mode="any", dtype=torch.float64)
+    with torch.no_grad():
+        model(input_ids=ids)
+    df = probe.compute()
+    for h in hooks:
+        h.remove()
+    x = torch.cat(got).double().numpy()
+    lam = np.clip(np.linalg.eigvalsh(np.cov(x.T)), 1e-12, None)
+    row = df[(df.layer == 1) & (df.site == "pre")].iloc[0]
+    assert row.n_samples == ids.numel() == len(x)
+    np.testing.assert_allclose(row.hard_rank, lam.sum() ** 2 / (lam**2).sum(), rtol=1e-6)
 
 
 def test_sitespec_is_top_level_and_import_stays_numpy_only():

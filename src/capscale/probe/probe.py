@@ -48,7 +48,7 @@ from capscale.spectrum import BUCKETS, FrequencyTable, hard_rank_from_covariance
 MODES = ("train", "eval", "any")
 # The sampling status of a site that captured nothing in a window (its module never ran).
 NOT_RUN = "not-run"
-MONITOR_COLUMNS = ("step", "layer", "site", "module", "n_samples", "dim", "hard_rank", "trace")
+MONITOR_COLUMNS = ("step", "stack", "layer", "site", "module", "n_samples", "dim", "hard_rank", "trace")
 
 
 @dataclass
@@ -481,6 +481,7 @@ class Probe:
     def _monitor_record(m: Moments, site: Site, step: int) -> dict:
         rec = {
             "step": step,
+            "stack": site.stack,
             "layer": site.layer,
             "site": site.site,
             "module": site.name,

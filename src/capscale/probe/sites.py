@@ -133,6 +133,9 @@ class Site:
     stack: str = ""
     part: tuple[int, int, int] | None = None
     experts: bool = False
+    # Routed expert modules pooled into this site: ``module`` is the MoE block whose input holds
+    # the tokens; each member is (expert, its up projection, its down projection).
+    members: tuple = ()
 
     @property
     def label(self) -> str:
@@ -145,6 +148,9 @@ class Site:
             return len(range(*self.part))
         if self.experts:
             return _experts_layout(self.module)[1]
+        if self.members:
+            _, up, down = self.members[0]
+            return _in_out(up)[1] if self.site == "pre" else _in_out(down)[0]
         dims = _in_out(self.module)
         if dims is None:
             return None
@@ -154,6 +160,8 @@ class Site:
         """Install the hook that feeds this site's activations to ``callback``; returns the handles."""
         if self.experts:
             return [self.module.register_forward_pre_hook(wrap(self._experts_hook(callback)), with_kwargs=True)]
+        if self.members:
+            return self._routed_modules_hooks(callback, wrap)
         if self.capture == "input":
 
             def pre_hook(module, args):
@@ -167,6 +175,59 @@ class Site:
             callback(x if part is None or not torch.is_tensor(x) else x[..., part], None)
 
         return [self.module.register_forward_hook(wrap(hook))]
+
+    def _routed_modules_hooks(self, callback: Callback, wrap: Callable) -> list:
+        """Hooks for expert modules: each expert's input rows are found among the MoE block's input rows.
+
+        A row's key is an integer hash of its bits, so an expert's rows (copies of the block's
+        rows, ``hidden[token_idx]``) map back to token positions exactly, whatever their order.
+        """
+        state: dict[str, Any] = {}
+        label, part = self.label, None if self.part is None else slice(*self.part)
+
+        def on_block(module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states")
+            state.clear()
+            if torch.is_tensor(x):
+                keys = _row_keys(x.reshape(-1, x.shape[-1]))
+                state["keys"], state["order"] = torch.sort(keys)
+
+        def on_expert(k):
+            def hook(module, args):
+                x = args[0] if args else None
+                if "keys" not in state or not torch.is_tensor(x):
+                    state[k] = None
+                    return
+                keys = _row_keys(x.reshape(-1, x.shape[-1]))
+                pos = torch.searchsorted(state["keys"], keys).clamp_(max=state["keys"].numel() - 1)
+                if not bool((state["keys"][pos] == keys).all()):
+                    raise ValueError(f"{label}: an expert's input rows are not rows of the MoE block's input")
+                state[k] = state["order"][pos]
+
+            return hook
+
+        def on_up(k):
+            def hook(module, args, output):
+                if state.get(k) is not None:
+                    callback(output if part is None else output[..., part], state[k])
+
+            return hook
+
+        def on_down(k):
+            def hook(module, args):
+                if state.get(k) is not None:
+                    callback(args[0], state[k])
+
+            return hook
+
+        handles = [self.module.register_forward_pre_hook(wrap(on_block), with_kwargs=True)]
+        for k, (expert, up, down) in enumerate(self.members):
+            handles.append(expert.register_forward_pre_hook(wrap(on_expert(k))))
+            if self.site == "pre":
+                handles.append(up.register_forward_hook(wrap(on_up(k))))
+            else:
+                handles.append(down.register_forward_pre_hook(wrap(on_down(k))))
+        return handles
 
     def _experts_hook(self, callback: Callback):
         m, want_pre = self.module, self.site == "pre"
@@ -191,6 +252,15 @@ class Site:
                 callback(torch.cat(chunks), torch.cat(rows))
 
         return hook
+
+
+def _row_keys(x: torch.Tensor) -> torch.Tensor:
+    """An int64 hash of each row's bits (exact: integer arithmetic wraps, it does not round)."""
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[x.element_size()]
+    bits = x.detach().contiguous().view(ints).to(torch.int64)
+    g = torch.Generator(device="cpu").manual_seed(x.shape[-1])
+    weights = torch.randint(1, 2**62, (x.shape[-1],), generator=g, dtype=torch.int64).to(x.device) | 1
+    return (bits * weights).sum(-1)
 
 
 _ROUTE_KEYS = ("top_k_index", "router_indices", "selected_experts")
@@ -494,16 +564,14 @@ def _block_sites(block: nn.Module, prefix: str, layer: int, stack: str) -> tuple
         for n, _ in moe_3d
     ]
     routed = _expert_modules(block, skip)
-    skipped += [
-        Skipped(
-            stack,
-            layer,
-            f"{prefix}.{n}",
-            f"{k} routed expert modules: each sees a routed subset of the tokens, which a module hook "
-            "cannot map to token ids; not measured (name one expert's projections with sites= to measure it)",
-        )
-        for n, k in routed
-    ]
+    for n, kids in routed:
+        parent = n.rsplit(".", 1)[0] if "." in n else ""
+        moe = block.get_submodule(parent) if parent else block  # its input: the tokens to route
+        ffns = [_find_ffn(kid) for kid in kids]
+        members = tuple((kid, f.pre[1], f.post[1]) for kid, f in zip(kids, ffns))
+        for s in SITE_NAMES:
+            part = ffns[0].part if s == "pre" else None
+            sites.append(Site(layer, s, f"{prefix}.{n}", moe, DEFAULT_CAPTURE[s], stack, part, members=members))
     moe_3d += [(n, None) for n, _ in routed]
     for n, m in experts:
         for s in SITE_NAMES:
@@ -522,16 +590,16 @@ def _block_sites(block: nn.Module, prefix: str, layer: int, stack: str) -> tuple
     return sites, skipped
 
 
-def _expert_modules(block: nn.Module, skip: list[str]) -> list[tuple[str, int]]:
-    """Containers of routed expert modules (a ModuleList/ModuleDict of same-class FFNs), with their size."""
-    out: list[tuple[str, int]] = []
+def _expert_modules(block: nn.Module, skip: list[str]) -> list[tuple[str, list[nn.Module]]]:
+    """Containers of routed expert modules (a ModuleList/ModuleDict of same-class FFNs), with the experts."""
+    out: list[tuple[str, list[nn.Module]]] = []
     for n, m in block.named_modules():
         if not n or any(n == p or n.startswith(p + ".") for p, _ in out) or n in skip:
             continue
         if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and len(m) >= 2 and "expert" in n.lower():
             kids = list(m.values()) if isinstance(m, nn.ModuleDict) else list(m)
-            if len({type(k) for k in kids}) == 1 and not isinstance(_find_ffn(kids[0]), str):
-                out.append((n, len(kids)))
+            if len({type(k) for k in kids}) == 1 and all(not isinstance(_find_ffn(k), str) for k in kids):
+                out.append((n, kids))
     return out
 
 
