@@ -586,8 +586,9 @@ def attach(
 ) -> Probe:
     """Attach spectral telemetry to ``model``; returns a :class:`Probe` (also a context manager).
 
-    sites: ``("pre", "post")`` (found by architecture: capscale GPT, HF GPT-2,
-        Llama/Mistral/Qwen, TransformerLens) or ``{"pre": spec, "post": spec}``
+    sites: ``("pre", "post")`` (found by structure in any transformer, see
+        docs/models.md; blocks that cannot be measured are warned about and listed in
+        ``probe.description``) or ``{"pre": spec, "post": spec}``
         with a spec a ``"blocks.{layer}.fc1"`` pattern, modules, ``(spec, "input")``
         or a :class:`SiteSpec`.
     layers: ``"auto"`` or layer indices.

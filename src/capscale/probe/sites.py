@@ -706,7 +706,14 @@ def _refuse_container(site: str, name: str, module: nn.Module) -> None:
     """A module holding an FFN (``layers.{layer}.mlp``) is not a site: its input/output is the residual stream."""
     if _in_out(module) is not None or not any(True for _ in module.children()):
         return
-    if not isinstance(_find_ffn(module), str) or any(_experts_layout(m) for m in module.modules()):
+    ffn = _find_ffn(module)
+    # Attention's square q/o pair is no FFN; a square pair elsewhere (an FFN with I = H) is.
+    if isinstance(ffn, str):
+        holds = ffn.startswith(("ambiguous", "gated")) and not _ATTENTION_NAME.search(name)
+    else:
+        square = _in_out(ffn.post[1])[0] == _in_out(ffn.post[1])[1]
+        holds = not (square and _ATTENTION_NAME.search(name))
+    if holds or any(_experts_layout(m) for m in module.modules()):
         raise SiteDiscoveryError(
             f"site {site!r}: {name} ({type(module).__name__}) is a container holding the FFN; its "
             "input/output is the residual stream, not the FFN's activations. Name the projection "
