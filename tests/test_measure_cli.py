@@ -87,6 +87,10 @@ def _save(tmp_path, kind: str, name=None, seed=0):
     d = tmp_path / (name or kind)
     _model(kind, seed).save_pretrained(d)
     _word_tokenizer({"embed": "bert"}.get(kind, kind)).save_pretrained(d)
+    if kind == "embed":  # what sentence-transformers adds beside the BertModel
+        (d / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "", "type": "Transformer"}]))
+        (d / "1_Pooling").mkdir()
+        (d / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     return d
 
 
@@ -280,3 +284,30 @@ def test_unloadable_weights_and_configs_are_one_line(tmp_path, data, capfd):
     (opt / "config.json").write_text("{not json")
     code, _, err = _run(capfd, opt, "--data", data, "--out", tmp_path / "o.parquet")
     assert code == 2 and "config.json' is not readable JSON" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_model_that_reads_no_tokens_is_one_line(tmp_path, data, capfd):
+    torch.manual_seed(0)
+    cfg = T.WhisperConfig(
+        vocab_size=V,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=40,
+        decoder_ffn_dim=40,
+        num_mel_bins=8,
+        max_source_positions=16,
+        max_target_positions=32,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        decoder_start_token_id=0,
+    )
+    d = tmp_path / "whisper"
+    T.WhisperForConditionalGeneration(cfg).save_pretrained(d)
+    _word_tokenizer("t5").save_pretrained(d)
+    code, _, err = _run(capfd, d, "--data", data, "--out", tmp_path / "o.parquet")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "reads input_features, not token ids" in lines[0], err
