@@ -5,7 +5,7 @@ checkpoint file (``checkpoints/step_XXXXXXXX.pt``), a Hugging Face model
 directory (``config.json`` + weights, loaded offline with the class it was
 saved as: causal LM, masked LM, encoder, encoder-decoder; the base model when
 the head's weights are absent), or a directory of such directories (e.g. a
-training run's ``checkpoint-N`` revisions). Several models go into one table
+training run's ``checkpoint-N`` revisions, or a capscale run's ``checkpoints/``). Several models go into one table
 with a ``model`` column. The model's own tokenizer (the run's, or the HF
 directory's) turns the local text into token ids, each sequence framed as the
 model expects (``[CLS] … [SEP]`` for BERT). Without ``--data`` a capscale run
@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model",
         nargs="+",
         help="capscale run directories or checkpoint files, Hugging Face model directories "
-        "(config.json + weights, loaded offline), or directories of them (a run's revisions)",
+        "(config.json + weights, loaded offline), or directories of them (a run's checkpoint-N "
+        "revisions, a capscale run's checkpoints/): all measured into one table with a model column",
     )
     parser.add_argument(
         "--data",
@@ -181,6 +182,8 @@ def expand_models(paths: list[str]) -> list[Path]:
             raise FileNotFoundError(f"model {raw!r} does not exist")
         if path.is_dir() and not (path / "config.json").is_file():
             subs = sorted((p for p in path.iterdir() if (p / "config.json").is_file()), key=_natural)
+            # a capscale run's checkpoints/ directory: every checkpoint, in step order
+            subs = subs or sorted((p for p in path.glob("*.pt") if p.is_file()), key=_natural)
             if subs:
                 out += subs
                 continue
