@@ -438,3 +438,61 @@ def test_gate_found_by_a_traced_forward_when_names_do_not_say():
 
     sites = discover_sites(Net())
     assert _names(sites)[:2] == [(0, "pre", "layers.0.ffn.b", "output"), (0, "post", "layers.0.ffn.out", "input")]
+
+
+@pytest.mark.parametrize("layout", ["first", "second", "interleaved"])
+def test_fused_gate_up_is_captured_as_the_channels_that_feed_the_activation(layout):
+    import numpy as np
+
+    import capscale
+
+    class Fused(nn.Module):
+        def __init__(self, d=8, h=12):
+            super().__init__()
+            self.w_in, self.w_out = nn.Linear(d, 2 * h), nn.Linear(h, d)
+
+        def forward(self, x):
+            both = self.w_in(x)
+            if layout == "interleaved":
+                gate, up = both[..., ::2], both[..., 1::2]
+            else:
+                a, b = both.chunk(2, dim=-1)
+                gate, up = (a, b) if layout == "first" else (b, a)
+            return self.w_out(nn.functional.silu(gate) * up)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ffn_block = Fused()
+
+        def forward(self, x):
+            return x + self.ffn_block(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Layer() for _ in range(2))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    torch.manual_seed(0)
+    net = Net()
+    pre = discover_sites(net)[0]
+    assert pre.name == "layers.0.ffn_block.w_in" and pre.feature_dim() == 12
+    want = {"first": (0, 12, 1), "second": (12, 24, 1), "interleaved": (0, 24, 2)}[layout]
+    assert pre.part == want
+    gates = []
+    gate_of = {"first": lambda t: t[..., :12], "second": lambda t: t[..., 12:], "interleaved": lambda t: t[..., ::2]}
+    h = net.layers[0].ffn_block.w_in.register_forward_hook(lambda m, a, o: gates.append(gate_of[layout](o)))
+    x = torch.randn(3, 20, 8)
+    with capscale.attach(net, every=1, mode="any", dtype=torch.float64) as probe, torch.no_grad():
+        net(x)
+        df = probe.compute()
+    h.remove()
+    g = gates[0].double().reshape(-1, 12).numpy()
+    lam = np.clip(np.linalg.eigvalsh(np.cov(g.T)), 1e-12, None)
+    row = df[(df.layer == 0) & (df.site == "pre")].iloc[0]
+    np.testing.assert_allclose(row.hard_rank, lam.sum() ** 2 / (lam**2).sum(), rtol=1e-6)

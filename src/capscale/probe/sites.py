@@ -468,9 +468,8 @@ def _find_ffn(block: nn.Module, skip: Iterable[str] = ()) -> _FFN | str:
     if len(ups) == 1:
         un, fused = ups[0]
         part = None
-        if fused:  # gate_up: [gate | up], the gate half first (Phi-3, transformers' chunk(2))
-            half = by_name[un][2] // 2
-            part = (0, half, 1)
+        if fused:  # gate_up: which channels feed the activation, by one traced forward
+            part = _fused_gate_part(block, un, dn, by_name[un][2])
         return _FFN((un, by_name[un][0]), (dn, by_name[dn][0]), part)
     gate = _gate_of(block, [u for u, _ in ups], dn)
     if gate is None:
@@ -515,6 +514,59 @@ _NONLINEAR = {
     torch.Tensor.sigmoid,
     torch.Tensor.tanh,
 }
+
+
+_FUSED_LAYOUT: dict[type, str] = {}  # FFN class -> "first" / "second" / "interleaved"
+
+
+def _fused_gate_part(block: nn.Module, up: str, down: str, width: int) -> tuple[int, int, int]:
+    """The gate's channels of a fused gate_up output: traced once per FFN class.
+
+    The view of the fused output that enters the nonlinearity tells: offset 0 = the first
+    half (Phi-3, transformers' ``chunk(2)``), offset I = the second, stride 2 = interleaved.
+    Without a trace (an FFN module that wants more than hidden states) the first half.
+    """
+    parent = _common_parent(up, down)
+    ffn = block.get_submodule(parent) if parent else block
+    layout = _FUSED_LAYOUT.get(type(ffn))
+    if layout is None:
+        layout = _trace_fused(ffn, block.get_submodule(up)) or "first"
+        _FUSED_LAYOUT[type(ffn)] = layout
+    half = width // 2
+    return {"first": (0, half, 1), "second": (half, width, 1), "interleaved": (0, width, 2)}[layout]
+
+
+def _trace_fused(ffn: nn.Module, up: nn.Module) -> str | None:
+    from torch.overrides import TorchFunctionMode
+
+    fused: list[torch.Tensor] = []
+    fed: list[str] = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            x = args[0] if args else None
+            if func in _NONLINEAR and torch.is_tensor(x) and fused and x.dim() == fused[0].dim():
+                base = fused[0]
+                if x.untyped_storage().data_ptr() == base.untyped_storage().data_ptr() and x is not base:
+                    offset = x.storage_offset() - base.storage_offset()
+                    step = x.stride(-1)
+                    half = base.shape[-1] // 2
+                    fed.append("interleaved" if step == 2 else "second" if offset == half else "first")
+            return func(*args, **(kwargs or {}))
+
+    handle = up.register_forward_hook(lambda m, a, o: fused.append(o) if torch.is_tensor(o) else None)
+    p = next(ffn.parameters(), None)
+    try:
+        x = torch.randn(1, 2, _in_out(up)[0], dtype=p.dtype, device=p.device) if p is not None else None
+        if x is None or p.device.type == "meta":
+            return None
+        with torch.no_grad(), Watch():
+            ffn(x)
+    except Exception:  # an FFN module that wants more than hidden states: no trace
+        return None
+    finally:
+        handle.remove()
+    return fed[0] if len(set(fed)) == 1 else None
 
 
 def _trace_gate(ffn: nn.Module, ups: list[nn.Module]) -> int | None:
