@@ -221,6 +221,16 @@ def test_cli_measures_a_capscale_run_and_checkpoint(tmp_path, monkeypatch):
     val = torch.as_tensor(np.asarray(split.val_tokens[:150], dtype=np.int64))
     per_bucket = torch.bincount(split.frequency_table().bucket(val).long(), minlength=3).tolist()
     assert one["all"] == 150 and [one["head"], one["mid"], one["tail"]] == per_bucket
+    # the run's checkpoints/ directory: every checkpoint into one table, in step order
+    out4 = tmp_path / "series.csv"
+    measure, args = _args(
+        str(run / "checkpoints"), "--data", str(docs / "d0.txt"), "--tokens", "200", "--out", str(out4)
+    )
+    measure.run(args)
+    series = pd.read_csv(out4)
+    assert list(dict.fromkeys(series["model"])) == [str(p) for _, p in ckpts]
+    assert series.groupby("model", sort=False).step.first().tolist() == [2, 4]
+    np.testing.assert_allclose(series[series.step == 4].soft_rank.to_numpy(), df.soft_rank.to_numpy(), rtol=1e-12)
     # a context longer than the model's is refused, before any work
     measure, args = _args(str(run), "--data", str(docs), "--out", str(out), "--seq-len", "64")
     with pytest.raises(ValueError, match="context of 32"):

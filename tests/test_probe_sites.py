@@ -215,7 +215,7 @@ def test_unknown_architecture_error_lists_what_was_looked_for():
     with pytest.raises(SiteDiscoveryError) as err:
         discover_sites(model)
     msg = str(err.value)
-    for needle in ("Sequential", "hook_pre", "c_fc", "gate_proj", "down_proj", "{layer}", "SiteSpec"):
+    for needle in ("Sequential", "no stack of repeated blocks", "{layer}", "SiteSpec", "--site pre="):
         assert needle in msg
 
 
@@ -233,11 +233,266 @@ def test_bad_specs():
         SiteSpec("x.{layer}", "weights")
 
 
-def test_ambiguous_layers_are_refused():
+def test_two_stacks_are_two_stacks():
     class Two(nn.Module):
         def __init__(self):
             super().__init__()
-            self.encoder, self.decoder = toy(), toy()
+            self.encoder, self.decoder = toy(layers=2), toy(layers=3)
 
+    sites = discover_sites(Two())
+    assert [(s.stack, s.layer, s.site, s.name) for s in sites if s.site == "pre"] == [
+        ("encoder", 0, "pre", "encoder.blocks.0.mlp.c_fc"),
+        ("encoder", 1, "pre", "encoder.blocks.1.mlp.c_fc"),
+        ("decoder", 0, "pre", "decoder.blocks.0.mlp.c_fc"),
+        ("decoder", 1, "pre", "decoder.blocks.1.mlp.c_fc"),
+        ("decoder", 2, "pre", "decoder.blocks.2.mlp.c_fc"),
+    ]
+    # an explicit pattern that matches in both stacks is still ambiguous
     with pytest.raises(SiteDiscoveryError, match="ambiguous"):
-        discover_sites(Two())
+        discover_sites(Two(), sites={"pre": "blocks.{layer}.mlp.c_fc"})
+
+
+# -- never silent ----------------------------------------------------------------
+
+
+def test_naming_a_container_is_refused():
+    with pytest.raises(SiteDiscoveryError, match=r"blocks\.0\.mlp \(MLP\) is a container.*residual stream"):
+        discover_sites(toy(), sites={"pre": "blocks.{layer}.mlp"})
+    with pytest.raises(SiteDiscoveryError, match="container"):
+        discover_sites(toy(), sites={"post": ("blocks.{layer}", "input")})
+
+
+def test_a_site_that_never_runs_is_not_run_and_said():
+    """BLOOM with slow_but_exact calls dense_4h_to_h's weight through F.linear: the module never runs."""
+    transformers = pytest.importorskip("transformers")
+    import capscale
+
+    torch.manual_seed(0)
+    cfg = transformers.BloomConfig(
+        vocab_size=64, hidden_size=16, n_layer=2, n_head=2, pretraining_tp=2, slow_but_exact=True
+    )
+    model = transformers.BloomForCausalLM(cfg)
+    probe = capscale.attach(model, every=1, mode="any")
+    with torch.no_grad():
+        model(torch.randint(0, 64, (2, 8)))
+    with pytest.warns(UserWarning, match=r"captured nothing.*layer 0 site 'post'.*layer 1 site 'post'"):
+        df = probe.compute()
+    post, pre = df[df.site == "post"], df[df.site == "pre"]
+    assert list(post.layer) == [0, 1] and set(post.sampling_status) == {"not-run"}
+    assert set(post.n_samples) == {0} and set(post.dim) == {64}
+    assert set(pre.sampling_status) != {"not-run"} and set(pre.n_samples) == {16}
+
+
+def test_a_site_of_unknown_width_that_never_runs_gets_a_row():
+    class Act(nn.Module):
+        def forward(self, x):
+            return torch.relu(x)
+
+    class MLP2(MLP):
+        def __init__(self, d, h):
+            super().__init__(d, h)
+            self.spare = Act()  # never called: its width is unknown
+
+    m = toy()
+    for b in m.blocks:
+        b.mlp = MLP2(8, 12)
+    import capscale
+
+    probe = capscale.attach(m, sites={"pre": "blocks.{layer}.mlp.spare", "post": "blocks.{layer}.mlp.c_proj"})
+    probe.step(0)
+    with torch.no_grad():
+        m(torch.randint(0, 50, (2, 5)))
+    with pytest.warns(UserWarning, match="captured nothing"):
+        df = probe.compute()
+    pre = df[df.site == "pre"]
+    assert len(pre) == 2 and set(pre.sampling_status) == {"not-run"} and set(pre.dim) == {0}
+    assert pre.soft_rank.isna().all()
+    assert set(df[df.site == "post"].n_samples) == {10}
+
+
+def test_unmeasurable_blocks_are_listed_in_a_warning_and_the_description():
+    """A layer whose experts are 3-D weights of a layout capscale does not know: listed, with the reason."""
+    import capscale
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 8, 12))  # [E, H, I], used through einsum
+
+        def forward(self, x):
+            return torch.einsum("...h,ehi->...i", x, self.w).sum(-1, keepdim=True) * x
+
+    class MoEBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+            self.experts = Experts()
+
+        def forward(self, x):
+            return x + self.experts(self.norm(x))
+
+    m = toy(layers=3)
+    m.blocks[1] = MoEBlock()
+    with pytest.warns(UserWarning, match=r"1 block\(s\).*not measured: layer 1 \(blocks\.1\.experts\).*unknown layout"):
+        probe = capscale.attach(m)
+    assert sorted({s.layer for s in probe.sites}) == [0, 2]
+    text = probe.description
+    assert "not measured" in text and "blocks.1.experts" in text and "not reachable" in text
+    with pytest.raises(SiteDiscoveryError, match="none of the chosen layers"):
+        discover_sites(m, layers=[1])
+
+
+def test_expert_modules_are_pooled_over_the_tokens_each_saw():
+    """Switch Transformers: expert modules; rows map back to their tokens, so buckets and masks apply."""
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+
+    import capscale
+    from capscale.spectrum import FrequencyTable
+
+    torch.manual_seed(0)
+    cfg = transformers.SwitchTransformersConfig(
+        vocab_size=64,
+        d_model=16,
+        d_kv=8,
+        d_ff=40,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        num_experts=4,
+        encoder_sparse_step=2,
+        decoder_sparse_step=2,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.SwitchTransformersEncoderModel(cfg).eval()
+    table = FrequencyTable(np.arange(64, 0, -1))
+    ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    probe = capscale.attach(model, every=1, mode="any", freq_table=table, dtype=torch.float64)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    df = probe.compute()
+    moe = df[(df.layer == 1) & (df.site == "pre")].set_index("bucket")
+    # every kept token went to one expert (top-1): counts per bucket are the tokens' own
+    kept = ids[mask.bool()]
+    per_bucket = torch.bincount(table.bucket(kept).long(), minlength=3).tolist()
+    assert moe.loc["all", "n_samples"] == int(mask.sum())
+    assert [moe.loc[b, "n_samples"] for b in ("head", "mid", "tail")] == per_bucket
+    # without mask or buckets: the same spectrum as hooks on each expert's wi, pooled by hand (float64)
+    got = []
+    experts = model.encoder.block[1].layer[1].mlp.experts.values()
+    hooks = [e.wi.register_forward_hook(lambda m, a, o: got.append(o)) for e in experts]
+    probe = capscale.attach(model, every=1, mode="any", dtype=torch.float64)
+    with torch.no_grad():
+        model(input_ids=ids)
+    df = probe.compute()
+    for h in hooks:
+        h.remove()
+    x = torch.cat(got).double().numpy()
+    lam = np.clip(np.linalg.eigvalsh(np.cov(x.T)), 1e-12, None)
+    row = df[(df.layer == 1) & (df.site == "pre")].iloc[0]
+    assert row.n_samples == ids.numel() == len(x)
+    np.testing.assert_allclose(row.hard_rank, lam.sum() ** 2 / (lam**2).sum(), rtol=1e-6)
+
+
+def test_sitespec_is_top_level_and_import_stays_numpy_only():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, capscale; assert 'torch' not in sys.modules, 'import capscale loaded torch'; "
+        "spec = capscale.SiteSpec('blocks.{layer}.mlp.c_fc', 'output'); "
+        "from capscale.probe import SiteSpec; assert spec == SiteSpec('blocks.{layer}.mlp.c_fc', 'output'); "
+        "assert 'SiteSpec' in capscale.__all__"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gate_found_by_a_traced_forward_when_names_do_not_say():
+    """A gated FFN whose projections are called a and b: the one fed to the activation is the gate."""
+
+    class Gated(nn.Module):
+        def __init__(self, d=8, h=12):
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(d, h), nn.Linear(d, h), nn.Linear(h, d)
+
+        def forward(self, x):
+            return self.out(self.a(x) * nn.functional.silu(self.b(x)))
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Linear(8, 8)
+            self.ffn = Gated()
+
+        def forward(self, x):
+            return x + self.ffn(self.attn(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Layer() for _ in range(2))
+
+    sites = discover_sites(Net())
+    assert _names(sites)[:2] == [(0, "pre", "layers.0.ffn.b", "output"), (0, "post", "layers.0.ffn.out", "input")]
+
+
+@pytest.mark.parametrize("layout", ["first", "second", "interleaved"])
+def test_fused_gate_up_is_captured_as_the_channels_that_feed_the_activation(layout):
+    import numpy as np
+
+    import capscale
+
+    class Fused(nn.Module):
+        def __init__(self, d=8, h=12):
+            super().__init__()
+            self.w_in, self.w_out = nn.Linear(d, 2 * h), nn.Linear(h, d)
+
+        def forward(self, x):
+            both = self.w_in(x)
+            if layout == "interleaved":
+                gate, up = both[..., ::2], both[..., 1::2]
+            else:
+                a, b = both.chunk(2, dim=-1)
+                gate, up = (a, b) if layout == "first" else (b, a)
+            return self.w_out(nn.functional.silu(gate) * up)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ffn_block = Fused()
+
+        def forward(self, x):
+            return x + self.ffn_block(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Layer() for _ in range(2))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    torch.manual_seed(0)
+    net = Net()
+    pre = discover_sites(net)[0]
+    assert pre.name == "layers.0.ffn_block.w_in" and pre.feature_dim() == 12
+    want = {"first": (0, 12, 1), "second": (12, 24, 1), "interleaved": (0, 24, 2)}[layout]
+    assert pre.part == want
+    gates = []
+    gate_of = {"first": lambda t: t[..., :12], "second": lambda t: t[..., 12:], "interleaved": lambda t: t[..., ::2]}
+    h = net.layers[0].ffn_block.w_in.register_forward_hook(lambda m, a, o: gates.append(gate_of[layout](o)))
+    x = torch.randn(3, 20, 8)
+    with capscale.attach(net, every=1, mode="any", dtype=torch.float64) as probe, torch.no_grad():
+        net(x)
+        df = probe.compute()
+    h.remove()
+    g = gates[0].double().reshape(-1, 12).numpy()
+    lam = np.clip(np.linalg.eigvalsh(np.cov(g.T)), 1e-12, None)
+    row = df[(df.layer == 0) & (df.site == "pre")].iloc[0]
+    np.testing.assert_allclose(row.hard_rank, lam.sum() ** 2 / (lam**2).sum(), rtol=1e-6)

@@ -17,12 +17,13 @@ except PackageNotFoundError:  # running from a source tree without install
 
 from capscale import spectrum  # noqa: E402
 
-__all__ = ["HFCallback", "LightningCallback", "__version__", "attach", "spectrum"]
+__all__ = ["HFCallback", "LightningCallback", "SiteSpec", "__version__", "attach", "spectrum"]
 
 # Loaded on first use, so that ``import capscale`` stays NumPy-only: ``attach``
-# imports torch, the callbacks their frameworks.
+# and ``SiteSpec`` import torch, the callbacks their frameworks.
 _LAZY = {
     "attach": ("capscale.probe", "attach"),
+    "SiteSpec": ("capscale.probe", "SiteSpec"),
     "HFCallback": ("capscale.probe.integrations.hf", "HFCallback"),
     "LightningCallback": ("capscale.probe.integrations.lightning", "LightningCallback"),
 }

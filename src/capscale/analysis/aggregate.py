@@ -40,7 +40,7 @@ def last_k_per_layer(spectra: pd.DataFrame, last_k: int = 5) -> pd.DataFrame:
     if not isinstance(last_k, int) or isinstance(last_k, bool) or last_k < 1:
         raise ValueError(f"last_k must be a positive int, got {last_k!r}")
     metrics = [m for m in METRICS if m in spectra.columns]
-    keys = _KEYS + ["layer"]
+    keys = _KEYS + (["stack"] if "stack" in spectra.columns else []) + ["layer"]  # encoder/decoder layer 0 differ
     tail = spectra.sort_values("step", kind="stable").groupby(keys, sort=False).tail(last_k)
     tail = tail.assign(_status=tail["sampling_status"].map(_STATUS_ORDER).fillna(-1))
     grouped = tail.groupby(keys, sort=True)

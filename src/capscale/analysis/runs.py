@@ -249,8 +249,10 @@ def _read_spectra(run: RunDir, run_id: str) -> pd.DataFrame:
     df = read_spectra(path, columns)
     if df is None or df.empty:
         raise ValueError(f"{path.name} has no rows")
+    if "stack" not in df.columns:  # written before the stack column: one stack
+        df["stack"] = ""
     # A run resumed from a checkpoint may record a window again: the later record wins.
-    df = df.drop_duplicates(["step", "layer", "site", "bucket"], keep="last")
+    df = df.drop_duplicates(["step", "stack", "layer", "site", "bucket"], keep="last")
     df.insert(0, "run_id", run_id)
     return df
 

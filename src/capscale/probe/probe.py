@@ -42,11 +42,13 @@ from capscale.probe.records import (
 )
 from capscale.probe.schedule import Schedule
 from capscale.probe.sinks import Sink
-from capscale.probe.sites import SITE_NAMES, Site, discover_sites
+from capscale.probe.sites import SITE_NAMES, Site, Skipped, discover
 from capscale.spectrum import BUCKETS, FrequencyTable, hard_rank_from_covariance
 
 MODES = ("train", "eval", "any")
-MONITOR_COLUMNS = ("step", "layer", "site", "module", "n_samples", "dim", "hard_rank", "trace")
+# The sampling status of a site that captured nothing in a window (its module never ran).
+NOT_RUN = "not-run"
+MONITOR_COLUMNS = ("step", "stack", "layer", "site", "module", "n_samples", "dim", "hard_rank", "trace")
 
 
 class NothingCapturedWarning(UserWarning):
@@ -105,6 +107,7 @@ class Probe:
         group,
         persistent_hooks: bool,
         start_step: int,
+        skipped: Iterable[Skipped] = (),
     ):
         self.model, self.sites, self.schedule, self.monitor = model, sites, schedule, monitor
         self.freq_table, self.dtype, self.mode, self.keep = freq_table, dtype, mode, keep
@@ -112,6 +115,8 @@ class Probe:
         self.device = None if device is None else torch.empty(0, device=device).device
         self.sinks, self.group, self._root = list(sinks), group, root
         self.persistent_hooks = persistent_hooks
+        self.skipped = list(skipped)  # blocks discovery could not measure, with the reason
+        self._warned_not_run: set[int] = set()
         full_sites, monitor_sites = set(full_sites), set(monitor_sites)
         self._full_idx = [i for i, s in enumerate(sites) if s.site in full_sites]
         self._mon_idx = [i for i, s in enumerate(sites) if s.site in monitor_sites] if monitor else []
@@ -209,7 +214,9 @@ class Probe:
             return to_frame(rows)
         rows = list(self._records)
         if self._full is not None:
-            rows += self._rows(self._full, release=reset)
+            current = self._rows(self._full, release=reset)
+            self._warn_not_run(current)
+            rows += current
             if reset:
                 self._full = _Window(self.step_index, self._full.end)
         if reset:
@@ -284,6 +291,22 @@ class Probe:
             self._error = f"{exc_type.__name__}: {exc}"
         self.close(flush=exc_type is None)
 
+    @property
+    def description(self) -> str:
+        """Which stacks, layers and sites are measured, and every block that is not, with the reason."""
+        by: dict[str, list[int]] = {}
+        for s in self.sites:
+            if s.layer not in by.setdefault(s.stack, []):
+                by[s.stack].append(s.layer)
+        text = (
+            "measured: "
+            + "; ".join(f"{st or 'layers'} {v}" if st else f"layers {v}" for st, v in by.items())
+            + f", sites {sorted({s.site for s in self.sites})}"
+        )
+        if self.skipped:
+            text += "\nnot measured:\n" + "\n".join(f"  {s}" for s in self.skipped)
+        return text
+
     def __repr__(self) -> str:
         layers = sorted({s.layer for s in self.sites})
         return (
@@ -319,18 +342,7 @@ class Probe:
         h.append(self._root.register_forward_pre_hook(wrap(self._on_root_pre), with_kwargs=True))
         h.append(self._root.register_forward_hook(wrap(self._on_root_post), always_call=True))
         for i, site in enumerate(self.sites):
-            if site.capture == "output":
-
-                def hook(module, args, output, i=i):
-                    self._on_site(i, output[0] if isinstance(output, (tuple, list)) else output)
-
-                h.append(site.module.register_forward_hook(wrap(hook)))
-            else:
-
-                def pre_hook(module, args, i=i):
-                    self._on_site(i, args[0] if args else None)
-
-                h.append(site.module.register_forward_pre_hook(wrap(pre_hook)))
+            h += site.register(lambda x, rows, i=i: self._on_site(i, x, rows), wrap)
 
     def _remove(self) -> None:
         for handle in self._handles:
@@ -372,7 +384,7 @@ class Probe:
             raise ValueError(f"token ids do not fit the frequency table: {exc}") from exc
 
     # -- accumulation -----------------------------------------------------------
-    def _on_site(self, i: int, x) -> None:
+    def _on_site(self, i: int, x, rows=None) -> None:
         fwd = self._fwd
         if fwd is None or not fwd.capture:
             if fwd is None:
@@ -380,6 +392,8 @@ class Probe:
                     if w is not None:
                         w.stray += 1
             return
+        if rows is not None:  # MoE: the activations' rows are these token positions
+            fwd = _routed(fwd, rows)
         full = self._full is not None and i in self._full_set
         mon = self._monitor is not None and i in self._mon_set
         if not (full or mon):
@@ -468,21 +482,15 @@ class Probe:
                 return rows
             for j, i in enumerate(self._full_idx):
                 parts = flat[j * k : (j + 1) * k]
-                if any(p is None for p in parts):  # never saw data anywhere: width unknown
-                    continue
                 site = self.sites[i]
-                states = {"all": parts[0]} if k == 1 else {"all": pooled(parts), **dict(zip(BUCKETS, parts))}
+                if any(p is None for p in parts):  # never saw data anywhere: width unknown
+                    nothing = Moments(0, torch.zeros(0), torch.zeros(0, 0))
+                    states = {b: nothing for b in ("all", *(BUCKETS if k > 1 else ()))}
+                else:
+                    states = {"all": parts[0]} if k == 1 else {"all": pooled(parts), **dict(zip(BUCKETS, parts))}
+                ran = states["all"].count > 0
                 for bucket, m in states.items():
-                    rows.append(
-                        spectrum_row(
-                            m,
-                            step=window.start,
-                            layer=site.layer,
-                            site=site.site,
-                            bucket=bucket,
-                            module=site.name,
-                        )
-                    )
+                    rows.append(_row(m, window.start, site, bucket, ran))
         finally:
             if release:
                 self._release(window)
@@ -498,6 +506,8 @@ class Probe:
         if not rows:
             return
         self._emitted = True
+        if captured:  # a window that captured nothing at all got the warning above, with its cause
+            self._warn_not_run(rows)
         if self.keep:
             self._records.extend(rows)
         self._emit(window.start, rows, scalar_summary(rows))
@@ -551,10 +561,24 @@ class Probe:
         self._warned = True
         warnings.warn(f"capscale: {why}.", NothingCapturedWarning, stacklevel=4)
 
+    def _warn_not_run(self, rows: list[dict]) -> None:
+        """Once per site: the model ran but this site's module did not (e.g. a weight used via F.linear)."""
+        idle = {(r["stack"], r["layer"], r["site"]) for r in rows if r["sampling_status"] == NOT_RUN}
+        new = [i for i in self._full_idx if (s := self.sites[i]) and (s.stack, s.layer, s.site) in idle]
+        new = [i for i in new if i not in self._warned_not_run]
+        if new:
+            self._warned_not_run.update(new)
+            warnings.warn(
+                "capscale: the model ran but these sites captured nothing (their modules were not called; "
+                "rows say 'not-run'): " + "; ".join(self.sites[i].label for i in new),
+                stacklevel=3,
+            )
+
     @staticmethod
     def _monitor_record(m: Moments, site: Site, step: int) -> dict:
         rec = {
             "step": step,
+            "stack": site.stack,
             "layer": site.layer,
             "site": site.site,
             "module": site.name,
@@ -584,6 +608,30 @@ class Probe:
                 sink.write_spectra(frame)
             if scalars:
                 sink.write_scalars(step, scalars)
+
+
+def _row(m: Moments, step: int, site: Site, bucket: str, ran: bool) -> dict:
+    """A spectra row; a site that captured nothing in the window says so (``not-run``)."""
+    unknown = m.dim < 2  # the width of a site that never ran may be unknown: a row all the same
+    if unknown:
+        m = Moments(0, torch.zeros(2), torch.zeros(2, 2))
+    row = spectrum_row(m, step=step, layer=site.layer, site=site.site, bucket=bucket, module=site.name)
+    row["stack"] = site.stack
+    if unknown:
+        row["dim"] = row["max_empirical_rank"] = 0
+        row["samples_per_dim"] = math.nan
+    if not ran:
+        row["sampling_status"] = NOT_RUN
+    return row
+
+
+def _routed(fwd: Forward, rows: torch.Tensor) -> Forward:
+    """The forward's mask and buckets for activation rows taken from token positions ``rows``."""
+    mask = None if fwd.mask is None else fwd.mask.reshape(-1)[rows.to(fwd.mask.device)]
+    buckets = None
+    if fwd.bucket_ids is not None:
+        buckets = fwd.bucket_ids.reshape(-1)[rows.to(fwd.bucket_ids.device)]
+    return Forward(None, mask, buckets, fwd.capture)
 
 
 class _BatchScope:
@@ -637,8 +685,9 @@ def attach(
 ) -> Probe:
     """Attach spectral telemetry to ``model``; returns a :class:`Probe` (also a context manager).
 
-    sites: ``("pre", "post")`` (found by architecture: capscale GPT, HF GPT-2,
-        Llama/Mistral/Qwen, TransformerLens) or ``{"pre": spec, "post": spec}``
+    sites: ``("pre", "post")`` (found by structure in any transformer, see
+        docs/models.md; blocks that cannot be measured are warned about and listed in
+        ``probe.description``) or ``{"pre": spec, "post": spec}``
         with a spec a ``"blocks.{layer}.fc1"`` pattern, modules, ``(spec, "input")``
         or a :class:`SiteSpec`.
     layers: ``"auto"`` or layer indices.
@@ -697,7 +746,13 @@ def attach(
         for s in (*full_sites, *monitor_sites):
             if s not in SITE_NAMES:
                 raise ValueError(f"unknown site {s!r}: sites are {SITE_NAMES}")
-    found = discover_sites(model, spec, layers)
+    found = discover(model, spec, layers)
+    if found.skipped:
+        warnings.warn(
+            f"capscale.attach: {len(found.skipped)} block(s) of {type(model).__name__} are not measured: "
+            + "; ".join(str(s) for s in found.skipped),
+            stacklevel=2,
+        )
     if root is None:
         root = model
     elif isinstance(root, str):
@@ -713,7 +768,7 @@ def attach(
         sinks.append(run)
     probe = Probe(
         model,
-        found,
+        found.sites,
         schedule=schedule,
         monitor=monitor,
         full_sites=full_sites,
@@ -728,6 +783,7 @@ def attach(
         group=group,
         persistent_hooks=persistent_hooks,
         start_step=start_step,
+        skipped=found.skipped,
     )
     probe._run, probe._writes_elsewhere = run, out is not None
     return probe

@@ -19,7 +19,8 @@ KEY_COLUMNS = ("step", "layer", "site", "bucket")
 SUMMARY_FIELDS = tuple(spectrum_summary(None, 0, dim=2))
 # JS divergence between the pre- and post-activation spectra of the same
 # (step, layer, bucket) (NerVE); NaN unless both sites were measured.
-COLUMNS = (*KEY_COLUMNS, "module", *SUMMARY_FIELDS, "js_divergence_pre_post", "eigenvalues")
+# ``stack``: which FFN stack of the model ("encoder" / "decoder", "shared-expert"; "" for one stack).
+COLUMNS = (*KEY_COLUMNS, "stack", "module", *SUMMARY_FIELDS, "js_divergence_pre_post", "eigenvalues")
 
 
 class SpectrumError(ValueError):
@@ -33,7 +34,7 @@ def empty_frame() -> pd.DataFrame:
 def _dtype(col: str) -> str:
     if col in ("step", "layer", "n_samples", "dim", "max_empirical_rank"):
         return "int64"
-    if col in ("site", "bucket", "module", "sampling_status", "eigenvalues"):
+    if col in ("site", "bucket", "stack", "module", "sampling_status", "eigenvalues"):
         return "object"
     return "float64"
 
@@ -59,7 +60,7 @@ def spectrum_row(m: Moments, *, step: int, layer: int, site: str, bucket: str, m
                 eigs = eigenvalues_from_covariance(cov)
             except ValueError as exc:  # non-finite, indefinite, variance below the floor
                 raise SpectrumError(f"layer {layer} site {site!r} bucket {bucket!r} at step {step}: {exc}") from exc
-    row = {"step": int(step), "layer": int(layer), "site": site, "bucket": bucket, "module": module}
+    row = {"step": int(step), "layer": int(layer), "site": site, "bucket": bucket, "stack": "", "module": module}
     row.update(spectrum_summary(eigs, m.count, dim=m.dim))
     if zero:
         row["trace"] = row["lambda_max"] = 0.0
@@ -69,10 +70,10 @@ def spectrum_row(m: Moments, *, step: int, layer: int, site: str, bucket: str, m
 
 
 def add_js_divergence(rows: list[dict]) -> None:
-    """Fill ``js_divergence_pre_post`` on both rows of every (step, layer, bucket) with two spectra."""
+    """Fill ``js_divergence_pre_post`` on both rows of every (step, stack, layer, bucket) with two spectra."""
     pairs: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        pairs.setdefault((r["step"], r["layer"], r["bucket"]), {})[r["site"]] = r
+        pairs.setdefault((r["step"], r.get("stack", ""), r["layer"], r["bucket"]), {})[r["site"]] = r
     for pair in pairs.values():
         pre, post = pair.get("pre"), pair.get("post")
         if pre and post and pre["eigenvalues"] is not None and post["eigenvalues"] is not None:

@@ -1,0 +1,597 @@
+"""Discovery on tiny random models of every transformers family with an FFN (no downloads).
+
+For each family: discovery finds ``pre`` and ``post`` in every layer of every
+stack, at the modules a person would name (``FAMILIES``), and the probe's ranks
+equal ranks computed here from this test's own hooks on those modules (float64,
+rel 1e-6). ``FAMILIES`` is also the source of the table in docs/models.md
+(``test_models_doc_is_in_sync``; regenerate with ``python tests/test_probe_families.py``).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+T = pytest.importorskip("transformers")
+
+from capscale.probe import NoFFNError, attach, discover_sites  # noqa: E402
+
+DOC = Path(__file__).parents[1] / "docs" / "models.md"
+LL = dict(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+    pad_token_id=0,
+    bos_token_id=0,
+    eos_token_id=0,
+)
+TOK = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)
+SEQ2SEQ = dict(
+    vocab_size=64,
+    d_model=16,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=40,
+    decoder_ffn_dim=40,
+    max_position_embeddings=32,
+    decoder_start_token_id=0,
+    **TOK,
+)
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=24)
+
+
+@dataclass
+class Family:
+    """A tiny model and where a person would hook it: ``{stack: (pre, post)}`` patterns with ``{layer}``.
+
+    ``pre`` is a module's output (``[:k]`` suffix: its first k channels, the gate half
+    of a fused gate_up); ``post`` a module's input; ``experts:`` marks fused MoE experts.
+    """
+
+    name: str
+    config: str
+    model: str
+    kwargs: dict
+    sites: dict[str, tuple[str, str]]
+    inputs: str = "ids"  # ids | seq2seq | audio
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _llama_like(name, config, model, prefix="model.layers", **kw):
+    pre = f"{prefix}.{{layer}}.mlp.gate_proj"
+    return Family(name, config, model, dict(LL, **kw), {"": (pre, f"{prefix}.{{layer}}.mlp.down_proj")})
+
+
+FAMILIES = [
+    Family(
+        "GPT-2",
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, **TOK),
+        {"": ("transformer.h.{layer}.mlp.c_fc", "transformer.h.{layer}.mlp.c_proj")},
+        note="HF Conv1D ([in, out] weight)",
+    ),
+    Family(
+        "GPT-Neo",
+        "GPTNeoConfig",
+        "GPTNeoForCausalLM",
+        dict(
+            vocab_size=64,
+            max_position_embeddings=32,
+            hidden_size=16,
+            num_layers=2,
+            num_heads=2,
+            attention_types=[[["global", "local"], 1]],
+            intermediate_size=40,
+            **TOK,
+        ),
+        {"": ("transformer.h.{layer}.mlp.c_fc", "transformer.h.{layer}.mlp.c_proj")},
+    ),
+    Family(
+        "GPT-NeoX (Pythia)",
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        dict(LL),
+        {"": ("gpt_neox.layers.{layer}.mlp.dense_h_to_4h", "gpt_neox.layers.{layer}.mlp.dense_4h_to_h")},
+    ),
+    Family(
+        "GPT-J",
+        "GPTJConfig",
+        "GPTJForCausalLM",
+        dict(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, rotary_dim=4, **TOK),
+        {"": ("transformer.h.{layer}.mlp.fc_in", "transformer.h.{layer}.mlp.fc_out")},
+    ),
+    Family(
+        "CodeGen",
+        "CodeGenConfig",
+        "CodeGenForCausalLM",
+        dict(vocab_size=64, n_positions=32, n_ctx=32, n_embd=16, n_layer=2, n_head=2, rotary_dim=4, **TOK),
+        {"": ("transformer.h.{layer}.mlp.fc_in", "transformer.h.{layer}.mlp.fc_out")},
+    ),
+    Family(
+        "GPTBigCode (StarCoder)",
+        "GPTBigCodeConfig",
+        "GPTBigCodeForCausalLM",
+        dict(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, **TOK),
+        {"": ("transformer.h.{layer}.mlp.c_fc", "transformer.h.{layer}.mlp.c_proj")},
+    ),
+    Family(
+        "OPT",
+        "OPTConfig",
+        "OPTForCausalLM",
+        dict(
+            vocab_size=64,
+            hidden_size=16,
+            ffn_dim=40,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            word_embed_proj_dim=16,
+            **TOK,
+        ),
+        {"": ("model.decoder.layers.{layer}.fc1", "model.decoder.layers.{layer}.fc2")},
+    ),
+    Family(
+        "BLOOM",
+        "BloomConfig",
+        "BloomForCausalLM",
+        dict(vocab_size=64, hidden_size=16, n_layer=2, n_head=2, **TOK),
+        {"": ("transformer.h.{layer}.mlp.dense_h_to_4h", "transformer.h.{layer}.mlp.dense_4h_to_h")},
+    ),
+    Family(
+        "Falcon",
+        "FalconConfig",
+        "FalconForCausalLM",
+        dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, **TOK),
+        {"": ("transformer.h.{layer}.mlp.dense_h_to_4h", "transformer.h.{layer}.mlp.dense_4h_to_h")},
+    ),
+    Family(
+        "MPT",
+        "MptConfig",
+        "MptForCausalLM",
+        dict(vocab_size=64, d_model=16, n_heads=2, n_layers=2, max_seq_len=32, **TOK),
+        {"": ("transformer.blocks.{layer}.ffn.up_proj", "transformer.blocks.{layer}.ffn.down_proj")},
+    ),
+    Family(
+        "Phi",
+        "PhiConfig",
+        "PhiForCausalLM",
+        dict(LL),
+        {"": ("model.layers.{layer}.mlp.fc1", "model.layers.{layer}.mlp.fc2")},
+    ),
+    Family(
+        "Phi-3",
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(LL),
+        {"": ("model.layers.{layer}.mlp.gate_up_proj[:40]", "model.layers.{layer}.mlp.down_proj")},
+        note="fused gate_up: the gate half",
+    ),
+    Family(
+        "Starcoder2",
+        "Starcoder2Config",
+        "Starcoder2ForCausalLM",
+        dict(LL),
+        {"": ("model.layers.{layer}.mlp.c_fc", "model.layers.{layer}.mlp.c_proj")},
+    ),
+    _llama_like("Llama", "LlamaConfig", "LlamaForCausalLM"),
+    _llama_like("Mistral", "MistralConfig", "MistralForCausalLM"),
+    _llama_like("Qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
+    _llama_like("Qwen3", "Qwen3Config", "Qwen3ForCausalLM", head_dim=8),
+    _llama_like("Gemma", "GemmaConfig", "GemmaForCausalLM", head_dim=8),
+    _llama_like("Gemma 2", "Gemma2Config", "Gemma2ForCausalLM", head_dim=8),
+    _llama_like("OLMo", "OlmoConfig", "OlmoForCausalLM"),
+    _llama_like("OLMo 2", "Olmo2Config", "Olmo2ForCausalLM"),
+    _llama_like("Granite", "GraniteConfig", "GraniteForCausalLM"),
+    _llama_like("Cohere", "CohereConfig", "CohereForCausalLM"),
+    _llama_like("StableLM", "StableLmConfig", "StableLmForCausalLM"),
+    Family(
+        "BERT",
+        "BertConfig",
+        "BertForMaskedLM",
+        dict(LL),
+        {"": ("bert.encoder.layer.{layer}.intermediate.dense", "bert.encoder.layer.{layer}.output.dense")},
+    ),
+    Family(
+        "RoBERTa",
+        "RobertaConfig",
+        "RobertaForMaskedLM",
+        dict(LL, max_position_embeddings=40, pad_token_id=1),
+        {"": ("roberta.encoder.layer.{layer}.intermediate.dense", "roberta.encoder.layer.{layer}.output.dense")},
+    ),
+    Family(
+        "ELECTRA",
+        "ElectraConfig",
+        "ElectraModel",
+        dict(LL, embedding_size=16),
+        {"": ("encoder.layer.{layer}.intermediate.dense", "encoder.layer.{layer}.output.dense")},
+    ),
+    Family(
+        "DistilBERT",
+        "DistilBertConfig",
+        "DistilBertForMaskedLM",
+        dict(vocab_size=64, dim=16, hidden_dim=40, n_layers=2, n_heads=2, max_position_embeddings=32, pad_token_id=0),
+        {"": ("distilbert.transformer.layer.{layer}.ffn.lin1", "distilbert.transformer.layer.{layer}.ffn.lin2")},
+    ),
+    Family(
+        "T5",
+        "T5Config",
+        "T5ForConditionalGeneration",
+        dict(vocab_size=64, d_model=16, d_kv=8, d_ff=40, num_layers=2, num_heads=2, decoder_start_token_id=0),
+        {
+            "encoder": (
+                "encoder.block.{layer}.layer.1.DenseReluDense.wi",
+                "encoder.block.{layer}.layer.1.DenseReluDense.wo",
+            ),
+            "decoder": (
+                "decoder.block.{layer}.layer.2.DenseReluDense.wi",
+                "decoder.block.{layer}.layer.2.DenseReluDense.wo",
+            ),
+        },
+        inputs="seq2seq",
+    ),
+    Family(
+        "T5 v1.1 / Flan-T5 (gated)",
+        "T5Config",
+        "T5ForConditionalGeneration",
+        dict(
+            vocab_size=64,
+            d_model=16,
+            d_kv=8,
+            d_ff=40,
+            num_layers=2,
+            num_heads=2,
+            feed_forward_proj="gated-gelu",
+            decoder_start_token_id=0,
+        ),
+        {
+            "encoder": (
+                "encoder.block.{layer}.layer.1.DenseReluDense.wi_0",
+                "encoder.block.{layer}.layer.1.DenseReluDense.wo",
+            ),
+            "decoder": (
+                "decoder.block.{layer}.layer.2.DenseReluDense.wi_0",
+                "decoder.block.{layer}.layer.2.DenseReluDense.wo",
+            ),
+        },
+        inputs="seq2seq",
+    ),
+    Family(
+        "BART",
+        "BartConfig",
+        "BartForConditionalGeneration",
+        dict(SEQ2SEQ),
+        {
+            "encoder": ("model.encoder.layers.{layer}.fc1", "model.encoder.layers.{layer}.fc2"),
+            "decoder": ("model.decoder.layers.{layer}.fc1", "model.decoder.layers.{layer}.fc2"),
+        },
+        inputs="seq2seq",
+    ),
+    Family(
+        "Pegasus",
+        "PegasusConfig",
+        "PegasusForConditionalGeneration",
+        dict(SEQ2SEQ),
+        {
+            "encoder": ("model.encoder.layers.{layer}.fc1", "model.encoder.layers.{layer}.fc2"),
+            "decoder": ("model.decoder.layers.{layer}.fc1", "model.decoder.layers.{layer}.fc2"),
+        },
+        inputs="seq2seq",
+    ),
+    Family(
+        "Whisper",
+        "WhisperConfig",
+        "WhisperForConditionalGeneration",
+        dict(
+            {k: v for k, v in SEQ2SEQ.items() if k != "max_position_embeddings"},
+            num_mel_bins=8,
+            max_source_positions=16,
+            max_target_positions=32,
+        ),
+        {
+            "encoder": ("model.encoder.layers.{layer}.fc1", "model.encoder.layers.{layer}.fc2"),
+            "decoder": ("model.decoder.layers.{layer}.fc1", "model.decoder.layers.{layer}.fc2"),
+        },
+        inputs="audio",
+    ),
+    Family(
+        "Mixtral",
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(LL, num_local_experts=4, num_experts_per_tok=2),
+        {"": ("experts:model.layers.{layer}.mlp.experts", "experts:model.layers.{layer}.mlp.experts")},
+        note="fused 3-D experts: pooled over the tokens each expert saw",
+    ),
+    Family(
+        "Qwen2-MoE (mlp_only_layers=[0])",
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(LL, num_experts=4, shared_expert_intermediate_size=32, mlp_only_layers=[0], **MOE),
+        {
+            "": {
+                0: ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.down_proj"),
+                1: ("experts:model.layers.1.mlp.experts", "experts:model.layers.1.mlp.experts"),
+            },
+            "shared-expert": {
+                1: ("model.layers.1.mlp.shared_expert.gate_proj", "model.layers.1.mlp.shared_expert.down_proj")
+            },
+        },
+        note="dense layer 0, MoE layer 1, shared expert",
+    ),
+    Family(
+        "DeepSeek-V3 (first_k_dense_replace=1)",
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            LL,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=8,
+            q_lora_rank=8,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+            n_group=1,
+            topk_group=1,
+            num_experts_per_tok=2,
+            moe_intermediate_size=12,  # I < H, as DeepSeek-V3's own 2048 < 7168
+        ),
+        {
+            "": {
+                0: ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.down_proj"),
+                1: ("experts:model.layers.1.mlp.experts", "experts:model.layers.1.mlp.experts"),
+            },
+            "shared-expert": {
+                1: ("model.layers.1.mlp.shared_experts.gate_proj", "model.layers.1.mlp.shared_experts.down_proj")
+            },
+        },
+        note="dense layer 0, MoE layer 1, shared experts",
+    ),
+    Family(
+        "Qwen3-MoE",
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(LL, num_experts=4, head_dim=8, **MOE),
+        {"": ("experts:model.layers.{layer}.mlp.experts", "experts:model.layers.{layer}.mlp.experts")},
+    ),
+    Family(
+        "OLMoE",
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(LL, num_experts=4, num_experts_per_tok=2),
+        {"": ("experts:model.layers.{layer}.mlp.experts", "experts:model.layers.{layer}.mlp.experts")},
+    ),
+    Family(
+        "Switch Transformers",
+        "SwitchTransformersConfig",
+        "SwitchTransformersForConditionalGeneration",
+        dict(
+            vocab_size=64,
+            d_model=16,
+            d_kv=8,
+            d_ff=40,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=2,
+            num_experts=4,
+            encoder_sparse_step=2,
+            decoder_sparse_step=2,
+            decoder_start_token_id=0,
+            **TOK,
+        ),
+        {
+            "encoder": {
+                0: ("encoder.block.0.layer.1.mlp.wi", "encoder.block.0.layer.1.mlp.wo"),
+                1: ("pooled:encoder.block.1.layer.1.mlp.experts", "pooled:encoder.block.1.layer.1.mlp.experts"),
+            },
+            "decoder": {
+                0: ("decoder.block.0.layer.2.mlp.wi", "decoder.block.0.layer.2.mlp.wo"),
+                1: ("pooled:decoder.block.1.layer.2.mlp.experts", "pooled:decoder.block.1.layer.2.mlp.experts"),
+            },
+        },
+        inputs="seq2seq",
+        note="expert modules: pooled over the tokens each expert saw",
+        extra={"expert_ffn": ("wi", "wo")},
+    ),
+]
+
+
+def _pair(fam: Family, stack: str, layer: int) -> tuple[str, str]:
+    """The (pre, post) a person names for one layer: a {layer} pattern, or per layer (mixed dense/MoE)."""
+    value = fam.sites[stack]
+    if isinstance(value, dict):
+        return value[layer]
+    return value[0].format(layer=layer), value[1].format(layer=layer)
+
+
+def _layers(fam: Family, stack: str) -> list[int]:
+    value = fam.sites[stack]
+    return sorted(value) if isinstance(value, dict) else [0, 1]
+
+
+def build(fam: Family):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(T, fam.model)(getattr(T, fam.config)(**fam.kwargs))
+    return model.eval()
+
+
+def inputs(fam: Family) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (4, 12), generator=g)
+    if fam.inputs == "seq2seq":
+        return {"input_ids": ids, "decoder_input_ids": torch.randint(1, 64, (4, 10), generator=g)}
+    if fam.inputs == "audio":
+        return {
+            "input_features": torch.randn(4, 8, 32, generator=g),
+            "decoder_input_ids": torch.randint(1, 64, (4, 10), generator=g),
+        }
+    return {"input_ids": ids}
+
+
+def _strip(name: str) -> tuple[str, int | None, str]:
+    experts = next((k for k in ("experts", "pooled") if name.startswith(k + ":")), "")
+    name = name.removeprefix(experts + ":") if experts else name
+    m = re.fullmatch(r"(.*)\[:(\d+)\]", name)
+    return (m.group(1), int(m.group(2)), experts) if m else (name, None, experts)
+
+
+def _own_rows(model, fam: Family) -> dict[tuple[str, int, str], np.ndarray]:
+    """This test's own capture of every site, float64: hooks on the named modules."""
+    got: dict[tuple[str, int, str], list] = {}
+    handles = []
+
+    def keep(key, x):
+        got.setdefault(key, []).append(x.detach().double().reshape(-1, x.shape[-1]))
+
+    for stack in fam.sites:
+        for layer in _layers(fam, stack):
+            for site, name in zip(("pre", "post"), _pair(fam, stack, layer)):
+                path, k, experts = _strip(name)
+                mod = model.get_submodule(path)
+                key = (stack, layer, site)
+                if experts == "pooled":  # expert modules: each expert's own up (output) / down (input)
+                    up, down = fam.extra["expert_ffn"]
+                    for expert in mod.values() if isinstance(mod, torch.nn.ModuleDict) else mod:
+                        if site == "pre":
+                            h = expert.get_submodule(up).register_forward_hook(lambda m, a, o, key=key: keep(key, o))
+                        else:
+                            h = expert.get_submodule(down).register_forward_pre_hook(
+                                lambda m, a, key=key: keep(key, a[0])
+                            )
+                        handles.append(h)
+                elif experts:
+
+                    def routed(m, args, key=key, site=site):
+                        x, idx = args[0], args[1]
+                        for e in range(m.gate_up_proj.shape[0]):
+                            tok = (idx == e).any(dim=1)
+                            if tok.any():
+                                gate, up = torch.nn.functional.linear(x[tok], m.gate_up_proj[e]).chunk(2, dim=-1)
+                                keep(key, gate if site == "pre" else m.act_fn(gate) * up)
+
+                    handles.append(mod.register_forward_pre_hook(routed))
+                elif site == "pre":
+                    handles.append(
+                        mod.register_forward_hook(
+                            lambda m, a, o, key=key, k=k: keep(key, o if k is None else o[..., :k])
+                        )
+                    )
+                else:
+                    handles.append(mod.register_forward_pre_hook(lambda m, a, key=key: keep(key, a[0])))
+    with torch.no_grad():
+        model(**inputs(fam))
+    for h in handles:
+        h.remove()
+    return {k: torch.cat(v).numpy() for k, v in got.items()}
+
+
+def _ranks(x: np.ndarray) -> tuple[float, float]:
+    lam = np.clip(np.linalg.eigvalsh(np.cov(x.T)), 1e-12, None)[::-1]
+    p = lam / lam.sum()
+    return float(np.exp(-(p * np.log(p)).sum())), float(lam.sum() ** 2 / (lam**2).sum())
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=[f.name for f in FAMILIES])
+def test_family_sites_and_ranks(fam, one_thread):
+    if not hasattr(T, fam.model):
+        pytest.skip(f"transformers {T.__version__} has no {fam.model}")
+    model = build(fam)
+    sites = discover_sites(model)
+    expected = {
+        (stack, layer, site, _strip(name)[0])
+        for stack in fam.sites
+        for layer in _layers(fam, stack)
+        for site, name in zip(("pre", "post"), _pair(fam, stack, layer))
+    }
+    assert {(s.stack, s.layer, s.site, s.name) for s in sites} == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped: no "not measured" warning
+        probe = attach(model, every=1, dtype=torch.float64, mode="any")
+    with torch.no_grad():
+        model(**inputs(fam))
+    df = probe.compute()
+    probe.close()
+    own = _own_rows(model, fam)
+    assert set(own) == {(s.stack, s.layer, s.site) for s in sites}
+    for (stack, layer, site), x in own.items():
+        row = df[(df["stack"] == stack) & (df.layer == layer) & (df.site == site) & (df.bucket == "all")]
+        assert len(row) == 1, (stack, layer, site)
+        row = row.iloc[0]
+        assert row.n_samples == len(x) and row.dim == x.shape[1]
+        soft, hard = _ranks(x)
+        np.testing.assert_allclose([row.soft_rank, row.hard_rank], [soft, hard], rtol=1e-6)
+
+
+def test_mamba_has_no_ffn():
+    model = T.MambaForCausalLM(T.MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2))
+    with pytest.raises(NoFFNError, match=r"MambaForCausalLM has no FFN.*backbone\.layers"):
+        discover_sites(model)
+
+
+# -- docs/models.md ---------------------------------------------------------------
+
+BEGIN, END = "<!-- families:begin -->", "<!-- families:end -->"
+UNREACHABLE = [
+    (
+        "Mamba, Mamba-2 (state-space mixers, no FFN)",
+        "—",
+        "—",
+        "`NoFFNError`: nothing to measure (tested)",
+    ),
+]
+
+
+def _cell(stack: str, name: str) -> str:
+    path, k, experts = _strip(name)
+    path = re.sub(r"^(model|transformer|bert|roberta|distilbert|gpt_neox)\.", "", path)
+    how = {"experts": " (fused experts, pooled)", "pooled": " (expert modules, pooled)"}.get(experts, "")
+    text = f"`{path}`" + (" gate half `[:I]`" if k else "") + how
+    return f"{stack}: {text}" if stack else text
+
+
+def table() -> str:
+    lines = ["| family | pre (output of) | post (input of) | verified |", "| --- | --- | --- | --- |"]
+    for f in FAMILIES:
+        pres, posts = [], []
+        for stack in f.sites:
+            generic = not isinstance(f.sites[stack], dict)
+            pairs = [f.sites[stack]] if generic else [_pair(f, stack, layer) for layer in _layers(f, stack)]
+            for pre, post in pairs:
+                pres.append(_cell(stack, pre))
+                posts.append(_cell(stack, post))
+        note = f"; {f.note}" if f.note else ""
+        lines.append(f"| {f.name} | {'<br>'.join(pres)} | {'<br>'.join(posts)} | ✅ tested{note} |")
+    for name, pre, post, why in UNREACHABLE:
+        lines.append(f"| {name} | {pre} | {post} | {why} |")
+    return "\n".join(lines)
+
+
+def test_models_doc_is_in_sync():
+    text = DOC.read_text()
+    assert BEGIN in text and END in text, f"{DOC} lacks the {BEGIN} … {END} block"
+    block = text.split(BEGIN)[1].split(END)[0].strip()
+    assert block == table(), f"{DOC} is out of date: run `python tests/test_probe_families.py`"
+
+
+if __name__ == "__main__":  # rewrite the table in docs/models.md
+    text = DOC.read_text()
+    head, rest = text.split(BEGIN)
+    DOC.write_text(head + BEGIN + "\n" + table() + "\n" + END + rest.split(END)[1])
+    sys.exit(0)
