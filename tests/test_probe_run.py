@@ -210,3 +210,28 @@ def test_callbacks_are_lazy_top_level_exports():
     from capscale.probe.integrations.hf import HFCallback
 
     assert capscale.HFCallback is HFCallback and "HFCallback" in capscale.__all__
+
+
+def test_a_second_writer_of_the_same_run_directory_is_refused_and_the_lock_is_let_go_on_close(tmp_path, one_thread):
+    import os
+    import signal
+
+    from test_rundir import _holder
+
+    from capscale.rundir import RunLockedError
+
+    out = tmp_path / "w12"
+    other = _holder(out)  # another process writing this run (e.g. a second copy of the same script)
+    try:
+        with pytest.raises(RunLockedError, match=rf"pid {other.pid}"):
+            capscale.attach(toy(vocab=V, h=12).train(), every=2, out=out, run_config={"optimizer": "sgd"})
+        assert not RunDir(out).config_path.exists()  # refused before writing anything
+    finally:
+        other.send_signal(signal.SIGKILL)
+        other.wait()
+    model = toy(vocab=V, h=12).train()
+    probe = capscale.attach(model, every=2, out=out, run_config={"optimizer": "sgd"})
+    assert RunDir(out).lock_holder()["pid"] == os.getpid()  # held while the loop runs
+    _train(probe, model, 2)
+    probe.close()
+    assert RunDir(out).lock_holder() is None

@@ -5,10 +5,13 @@ The same format as capscale's harness (``docs/run-format.md``), through
 ``status.json`` ("running") at attach, spectra after every measurement window,
 metrics from ``probe.log``, status "done" (or "failed") on close. A run killed
 mid-way stays "running": the report lists it as unfinished and never analyses it.
+The writer holds the run directory's lock from attach to close, so a second loop
+pointed at the same directory is refused at once, naming the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from capscale.probe.sinks import Sink
-from capscale.rundir import RunDir
+from capscale.rundir import RunDir, RunStatus
 from capscale.runformat import make_config
 
 
@@ -33,14 +36,22 @@ class RunWriter(Sink):
         run = RunDir(path)
         if path.exists() and not path.is_dir():
             raise ValueError(f"out={str(path)!r} is a file, not a run directory")
-        old_status, old_config = _read_existing(run)
-        if old_status is not None and old_status.get("status") == "done":
-            raise ValueError(f"{path} already holds a finished run; give each run its own out= directory")
-        if old_config is not None and _comparable(old_config) != _comparable(config):
-            raise ValueError(f"{path} holds a run with a different run_config; give each run its own out= directory")
-        run.create()
-        run.write_config(config)
-        run.write_status("running", int(start_step))
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(run.lock())  # RunLockedError (a ValueError) names the other writer
+        try:
+            old_status, old_config = _read_existing(run)
+            if old_status is not None and old_status.get("status") == RunStatus.DONE:
+                raise ValueError(f"{path} already holds a finished run; give each run its own out= directory")
+            if old_config is not None and _comparable(old_config) != _comparable(config):
+                raise ValueError(
+                    f"{path} holds a run with a different run_config; give each run its own out= directory"
+                )
+            run.create()
+            run.write_config(config)
+            run.write_status(RunStatus.RUNNING, int(start_step))
+        except BaseException:
+            self._lock.close()  # refused: the directory is as it was (the lock removes what it made)
+            raise
         self.run, self.config = run, config
         self._pending: dict[str, Any] | None = None  # the current step's metrics, merged until the step changes
 
@@ -78,11 +89,14 @@ class RunWriter(Sink):
 
     def finish(self, step: int, error: str | None = None) -> None:
         """Status "done" at ``step``, or "failed" with the error; pending metrics are written first."""
-        self.flush_metrics()
-        if error is None:
-            self.run.write_status("done", int(step))
-        else:
-            self.run.write_status("failed", int(step), error)
+        try:
+            self.flush_metrics()
+            if error is None:
+                self.run.write_status(RunStatus.DONE, int(step))
+            else:
+                self.run.write_status(RunStatus.FAILED, int(step), error)
+        finally:
+            self._lock.close()
 
 
 def check_run_config(out, run_config) -> None:
