@@ -300,7 +300,7 @@ class Probe:
                 by[s.stack].append(s.layer)
         text = (
             "measured: "
-            + "; ".join(f"{st or 'layers'} {v}" if st else f"layers {v}" for st, v in by.items())
+            + "; ".join(f"{st or 'layers'} {v}" for st, v in by.items())
             + f", sites {sorted({s.site for s in self.sites})}"
         )
         if self.skipped:
