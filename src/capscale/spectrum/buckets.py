@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,15 @@ _FORMAT = "capscale.frequency_table"
 class FrequencyTable:
     """Unigram counts → HEAD/MID/TAIL by cumulative occurrence mass (the paper's rule).
 
-    Types sorted by count (descending); HEAD takes the leading types while their
-    cumulative mass is ≤ ``cuts[0]`` of all occurrences (at least one type), MID
-    the next while it is ≤ ``cuts[1]`` (at least one), TAIL the rest, including
-    types never seen. Boundaries are count thresholds (``head_min_count``,
-    ``mid_min_count``): types with equal counts always share a bucket.
+    Types sorted by count (descending), ``k`` = how many leading types keep the
+    cumulative mass ≤ a cut. HEAD holds every type counted at least as often as
+    type number ``k_head`` (at least one type); MID every other type counted at
+    least as often as type number ``k_mid`` (``k_mid`` ≥ ``k_head`` + 1); TAIL the
+    rest, including types never seen. Boundaries are count thresholds
+    (``head_min_count``, ``mid_min_count``), so equal counts always share a
+    bucket: a tie group that straddles a cut leaves the later bucket empty
+    rather than being split. An empty bucket makes the table degenerate
+    (``empty_buckets``, ``is_degenerate``, and a warning); none is invented.
     """
 
     def __init__(self, counts, cuts: tuple[float, float] = (0.33, 0.67)):
@@ -55,20 +60,31 @@ class FrequencyTable:
         self._table = np.full(c.size, TAIL, dtype=np.int8)
         self._table[c >= self.mid_min_count] = MID
         self._table[c >= self.head_min_count] = HEAD
+        present = np.bincount(self._table, minlength=len(BUCKETS)) > 0
+        self.empty_buckets = tuple(name for name, p in zip(BUCKETS, present) if not p)
+        if self.empty_buckets:
+            warnings.warn(
+                f"degenerate frequency table: bucket(s) {', '.join(self.empty_buckets)} hold no token type "
+                f"(ties or too few distinct counts); their rows will be absent",
+                UserWarning,
+                stacklevel=2,
+            )
         self._torch_tables: dict[Any, Any] = {}
 
+    @property
+    def is_degenerate(self) -> bool:
+        """True when HEAD, MID or TAIL holds no token type."""
+        return bool(self.empty_buckets)
+
     def _thresholds(self) -> tuple[int, int]:
+        """The paper's cut indices, as count thresholds (``k`` types within a cut: ``cum <= total·cut``)."""
         order = np.sort(self.counts)[::-1]
-        mass = np.cumsum(order) / order.sum()
-        # Last index whose cumulative mass is within the cut (at least the first type).
-        head_end = max(int(np.searchsorted(mass, self.cuts[0], side="right")) - 1, 0)
-        head_min = int(order[head_end])
-        # Ties with the threshold join HEAD, so MID starts after every count >= head_min.
-        mid_start = int(np.searchsorted(-order, -head_min, side="right"))
-        if mid_start >= order.size:
-            return head_min, head_min  # every type is HEAD
-        mid_end = max(int(np.searchsorted(mass, self.cuts[1], side="right")) - 1, mid_start)
-        return head_min, int(order[mid_end])
+        cum = np.cumsum(order).astype(np.float64)
+        total, n = float(cum[-1]), order.size
+        head_k = max(1, min(int(np.sum(cum <= total * self.cuts[0])), n - 1))
+        mid_k = max(head_k + 1, min(int(np.sum(cum <= total * self.cuts[1])), n - 1))
+        # Never-seen types are TAIL whatever the cuts say: MID needs a count of at least 1.
+        return int(order[head_k - 1]), max(int(order[mid_k - 1]), 1)
 
     # -- construction ------------------------------------------------------
     @classmethod
@@ -134,6 +150,7 @@ class FrequencyTable:
             "cuts": list(self.cuts),
             "head_min_count": self.head_min_count,
             "mid_min_count": self.mid_min_count,
+            "empty_buckets": list(self.empty_buckets),
             "buckets": {},
         }
         for i, name in enumerate(BUCKETS):
