@@ -12,7 +12,9 @@ once when no window is open.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +31,13 @@ from capscale.probe.accumulate import (
     WindowMoments,
     accumulate,
     compute_dtype,
-    pooled,
 )
 from capscale.probe.records import (
     SpectrumError,
     add_js_divergence,
     monitor_summary,
     scalar_summary,
-    spectrum_row,
+    spectrum_rows,
     to_frame,
 )
 from capscale.probe.schedule import Schedule
@@ -45,6 +46,8 @@ from capscale.probe.sites import SITE_NAMES, Site, discover_sites
 from capscale.spectrum import BUCKETS, FrequencyTable, hard_rank_from_covariance
 
 MODES = ("train", "eval", "any")
+# Background windows whose snapshots may wait for the worker before a window close blocks.
+_MAX_PENDING = 2
 MONITOR_COLUMNS = ("step", "layer", "site", "module", "n_samples", "dim", "hard_rank", "trace")
 
 
@@ -98,6 +101,7 @@ class Probe:
         group,
         persistent_hooks: bool,
         start_step: int,
+        background: bool | str = False,
     ):
         self.model, self.sites, self.schedule, self.monitor = model, sites, schedule, monitor
         self.freq_table, self.dtype, self.mode, self.keep = freq_table, dtype, mode, keep
@@ -122,6 +126,11 @@ class Probe:
         self._pool: dict[tuple[str, int], list[WindowMoments]] = {}
         self._scratch = {i: Scratch() for i in range(len(sites))}
         self._closed = False
+        # Off the training path: finished windows are snapshotted and decomposed by one
+        # worker thread; their rows reach the records and sinks, in order, at a later call.
+        self.background = background
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="capscale-spectra") if background else None
+        self._pending: deque = deque()
         if persistent_hooks:
             self._install()
         self._open_windows()
@@ -152,6 +161,7 @@ class Probe:
             return self
         self.step_index = new
         self._explicit = None
+        self._drain(wait=False)
         if self._full is not None and self._full.end <= new:
             self._finish_full()
         if self._monitor is not None and self._monitor.end <= new:
@@ -189,6 +199,7 @@ class Probe:
         Under torch.distributed every rank must call it (it reduces across ranks).
         """
         self._check_open()
+        self._drain(wait=True)
         rows = list(self._records)
         if self._full is not None:
             rows += self._rows(self._full, release=reset)
@@ -212,6 +223,7 @@ class Probe:
             self._finish_full()
         if self._monitor is not None:
             self._finish_monitor()
+        self._drain(wait=True)
         self._sync_hooks()
 
     def close(self, flush: bool = True) -> None:
@@ -225,6 +237,9 @@ class Probe:
             self._remove()
             self._full = self._monitor = None
             self._closed = True
+            if self._worker is not None:
+                self._pending.clear()  # unflushed work (after an error) is dropped, as an open window is
+                self._worker.shutdown(wait=True)
             for sink in self.sinks:
                 sink.close()
 
@@ -402,44 +417,86 @@ class Probe:
                 a.reset()
         window.states.clear()
 
-    def _rows(self, window: _Window, release: bool) -> list[dict]:
+    def _states(self, window: _Window, release: bool, copy: str | None = None) -> tuple[int, list] | None:
+        """The window's moments per full site, ``(start, [(site, parts), ...])``; None without forwards.
+
+        ``copy``: None shares the accumulators' buffers (decompose before they are
+        released); "device" or "host" snapshots them, so the accumulators can be released.
+        """
         k = len(BUCKETS) if self.freq_table is not None else 1
         try:
             flat, forwards = self._gather(window, self._full_idx, k)
-            rows = []
             if not forwards:
-                return rows
+                return None
+            out = []
             for j, i in enumerate(self._full_idx):
                 parts = flat[j * k : (j + 1) * k]
                 if any(p is None for p in parts):  # never saw data anywhere: width unknown
                     continue
-                site = self.sites[i]
-                states = {"all": parts[0]} if k == 1 else {"all": pooled(parts), **dict(zip(BUCKETS, parts))}
-                for bucket, m in states.items():
-                    rows.append(
-                        spectrum_row(
-                            m,
-                            step=window.start,
-                            layer=site.layer,
-                            site=site.site,
-                            bucket=bucket,
-                            module=site.name,
-                        )
-                    )
+                if copy == "host":
+                    parts = [
+                        Moments(p.count, p.mean.to("cpu", copy=True), p.scatter.to("cpu", copy=True)) for p in parts
+                    ]
+                elif copy == "device":
+                    parts = [Moments(p.count, p.mean.clone(), p.scatter.clone()) for p in parts]
+                out.append((self.sites[i], parts))
+            return window.start, out
         finally:
             if release:
                 self._release(window)
+
+    @staticmethod
+    def _decompose(start: int, states: list, bucketed: bool) -> list[dict]:
+        """Spectra rows of one window's states (pools the buckets into "all"); runs on any thread."""
+        entries = []
+        for site, parts in states:
+            named = (
+                {"all": parts[0]} if not bucketed else {"all": Moments.merge_all(parts), **dict(zip(BUCKETS, parts))}
+            )
+            for bucket, m in named.items():
+                labels = {"step": start, "layer": site.layer, "site": site.site, "bucket": bucket, "module": site.name}
+                entries.append((m, labels))
+        rows = spectrum_rows(entries)
         add_js_divergence(rows)
         return rows
 
+    def _rows(self, window: _Window, release: bool) -> list[dict]:
+        bucketed = self.freq_table is not None
+        try:
+            got = self._states(window, release=False)
+            return [] if got is None else self._decompose(*got, bucketed)
+        finally:
+            if release:
+                self._release(window)
+
     def _finish_full(self) -> None:
         window, self._full = self._full, None
-        rows = self._rows(window, release=True)
+        if self._worker is None:
+            self._deliver(window.start, self._rows(window, release=True))
+            return
+        copy = "host" if self.background == "host" else "device"
+        got = self._states(window, release=True, copy=copy)
+        if got is not None:
+            if len(self._pending) >= _MAX_PENDING:  # bound the snapshots held: wait for the oldest
+                self._drain(wait=True, keep=_MAX_PENDING - 1)
+            job = self._worker.submit(self._decompose, *got, self.freq_table is not None)
+            self._pending.append((window.start, job))
+
+    def _drain(self, wait: bool, keep: int = 0) -> None:
+        """Deliver background results in window order: those finished (all but ``keep`` when ``wait``).
+
+        A worker's error is raised here, at the probe call after it happened.
+        """
+        while len(self._pending) > keep and (wait or self._pending[0][1].done()):
+            start, job = self._pending.popleft()
+            self._deliver(start, job.result())
+
+    def _deliver(self, start: int, rows: list[dict]) -> None:
         if not rows:
             return
         if self.keep:
             self._records.extend(rows)
-        self._emit(window.start, rows, scalar_summary(rows))
+        self._emit(start, rows, scalar_summary(rows))
 
     def _finish_monitor(self) -> None:
         window, self._monitor = self._monitor, None
@@ -535,6 +592,7 @@ def attach(
     keep: bool = True,
     group=None,
     persistent_hooks: bool | None = None,
+    background: bool | str = False,
 ) -> Probe:
     """Attach spectral telemetry to ``model``; returns a :class:`Probe` (also a context manager).
 
@@ -561,7 +619,15 @@ def attach(
     group: the torch.distributed process group to reduce over (default: world).
     persistent_hooks: keep hooks registered between measured steps (needed under
         torch.compile; default: only for an already compiled model).
+    background: decompose finished windows off the training path: the states are
+        snapshotted (True or "device": a copy on their device; "host": a host copy,
+        freeing accelerator memory) and a worker thread computes the rows while
+        training goes on. Rows are identical to the synchronous path; they reach
+        ``compute()`` and the sinks at a later probe call (``compute``, ``flush`` and
+        ``close`` wait for them), and a worker's error is raised there.
     """
+    if background not in (False, True, "device", "host"):
+        raise ValueError(f"background must be False, True, 'device' or 'host', got {background!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     schedule = Schedule(every, window, total_steps)
@@ -617,4 +683,5 @@ def attach(
         group=group,
         persistent_hooks=persistent_hooks,
         start_step=start_step,
+        background=background,
     )

@@ -12,13 +12,7 @@ import numpy as np
 
 from capscale.atomic import atomic_write_text
 from capscale.spectrum._arrays import is_torch, to_numpy
-from capscale.spectrum.covariance import (
-    NonFiniteError,
-    StreamingCovariance,
-    _all_finite,
-    host_rows,
-    scratch_rows,
-)
+from capscale.spectrum.covariance import NonFiniteError, StreamingCovariance, host_rows, scratch_rows
 
 BUCKETS = ("head", "mid", "tail")
 HEAD, MID, TAIL = 0, 1, 2
@@ -188,6 +182,10 @@ class FrequencyTable:
         return f"FrequencyTable(vocab_size={self.vocab_size}, {parts})"
 
 
+def _refuse(reason: str) -> NonFiniteError:
+    return NonFiniteError(f"activations refused: {reason}")
+
+
 def _check_bucket_range(lo: int, hi: int, k: int) -> None:
     if lo < 0 or hi >= k:
         raise ValueError(f"bucket ids must lie in [0, {k}), got values in [{lo}, {hi}]")
@@ -215,7 +213,7 @@ class BucketedCovariance:
             raise ValueError(f"bucket ids of shape {tuple(bucket_ids.shape)} for rows of shape {lead}")
         if mask is not None and tuple(mask.shape) != lead:
             raise ValueError(f"mask of shape {tuple(mask.shape)} for rows of shape {lead}")
-        self.buckets[0]._n_rows(x)  # shape, D and empty-batch errors, as a pooled update gives
+        self.buckets[0].batch_rows(x)  # shape, D, dtype and empty-batch errors, as a pooled update gives
         if self.buckets[0].device is None:
             self._update_host(x, bucket_ids, mask)
         else:
@@ -241,46 +239,31 @@ class BucketedCovariance:
             if hi > lo:
                 sub = block[lo + i : hi + i + 1]
                 np.copyto(sub[: hi - lo], rows[order[lo:hi]], casting="unsafe")
-                parts.append((self.buckets[i], sub, hi - lo, self.buckets[i]._block_mean(sub, hi - lo)))
+                parts.append((self.buckets[i], sub, hi - lo, self.buckets[i].block_mean(sub, hi - lo)))
         for acc, sub, n, mean in parts:
-            acc._accumulate_block(sub, n, mean)
+            acc.add_block(sub, n, mean)
 
     def _update_torch(self, x, bucket_ids, mask) -> None:
-        """Torch states (e.g. on the GPU): one gather into a reused buffer, per-bucket addmm."""
+        """Torch states (e.g. on the GPU): the probe's own path (``capscale.spectrum._torch``):
+        one gather into a reused buffer, every bucket checked before any state changes."""
         import torch
 
-        k = len(self.buckets)
-        xt = x if is_torch(x) else torch.from_numpy(np.asarray(x))
-        b = (
-            torch.as_tensor(to_numpy(bucket_ids) if not is_torch(bucket_ids) else bucket_ids, device=xt.device)
-            .reshape(-1)
-            .long()
-        )
+        from capscale.spectrum import _torch
+
+        k, first = len(self.buckets), self.buckets[0]
+        dev = first.torch_moments.device
+        xt = (x if is_torch(x) else torch.from_numpy(np.asarray(x))).detach().to(dev)
+        b = torch.as_tensor(bucket_ids if is_torch(bucket_ids) else to_numpy(bucket_ids), device=dev).reshape(-1)
         lo, hi = torch.aminmax(b)
         _check_bucket_range(int(lo), int(hi), k)
+        keep = None
         if mask is not None:
-            m = torch.as_tensor(mask if is_torch(mask) else np.asarray(mask), device=xt.device).reshape(-1).bool()
-            b = torch.where(m, b, k)
-        order = torch.argsort(b, stable=True)
-        bounds = torch.searchsorted(b[order], torch.arange(k + 1, device=b.device)).tolist()
-        converted, _ = self.buckets[0]._rows(xt, None)
-        keep = order[: bounds[k]].to(converted.device)
-        grouped = self._scratch_rows(converted, len(keep))
-        torch.index_select(converted, 0, keep, out=grouped)
-        means = [grouped[bounds[i] : bounds[i + 1]].mean(0) for i in range(k)]
-        if not all(_all_finite(m) for i, m in enumerate(means) if bounds[i + 1] > bounds[i]):
-            raise NonFiniteError(f"activations contain NaN or Inf ({bounds[k]} rows, D={self.dim})")
-        for i, acc in enumerate(self.buckets):
-            if bounds[i + 1] > bounds[i]:
-                acc._accumulate(grouped[bounds[i] : bounds[i + 1]], True)
-
-    def _scratch_rows(self, like, n: int):
-        """An ``[n, D]`` view of a device buffer kept across batches, grown as needed."""
-        buf = getattr(self, "_scratch", None)
-        if buf is None or buf.shape[0] < n or buf.dtype != like.dtype or buf.device != like.device:
-            buf = like.new_empty((max(n, 1), self.dim))
-            self._scratch = buf
-        return buf[:n]
+            keep = torch.as_tensor(mask if is_torch(mask) else np.asarray(mask), device=dev).reshape(-1).bool()
+        if not hasattr(self, "_scratch"):
+            self._scratch = _torch.Scratch()
+        grouping = _torch.group_rows(b.numel(), keep, b, k)
+        accs = [acc.torch_moments for acc in self.buckets]
+        _torch.accumulate(xt, grouping, accs[0].dtype, self._scratch, accs, None, _refuse)
 
     def pooled(self) -> StreamingCovariance:
         """The all-rows state: exact Chan merge of the bucket states."""
