@@ -274,13 +274,16 @@ def accumulate(
     # float64 sum, non-finite: one scalar read instead of an elementwise check.
     # The largest |x| bounds every segment's scatter diagonal (n · (|x| + |μ|)²).
     all_means = live[0] if len(live) == 1 else torch.cat(live)
-    total, top, mu_top = torch.stack(
+    lo, hi = torch.aminmax(src)  # one pass; cheaper than an inf-norm here
+    total, lo, hi, mu_top = torch.stack(
         [
             all_means.sum(dtype=torch.float64),
-            torch.linalg.vector_norm(src, ord=math.inf).to(torch.float64),
+            lo.to(torch.float64),
+            hi.to(torch.float64),
             torch.linalg.vector_norm(all_means, ord=math.inf).to(torch.float64),
         ]
     ).tolist()
+    top = max(abs(lo), abs(hi))
     if not math.isfinite(total):
         raise refuse(f"NaN or Inf ({n_kept} rows, D={d})")
     if top + mu_top > math.sqrt(overflow_limit(dtype) / max(n_kept, 1)):
