@@ -2,6 +2,9 @@
 
     python benchmarks/bench_probe_overhead.py            # all cases
     python benchmarks/bench_probe_overhead.py --quick    # fewer repeats
+    python benchmarks/bench_probe_overhead.py --gemm-dtype float64   # the GEMM dtype of spectral-telemetry
+    python benchmarks/bench_probe_overhead.py --background --threads 1  # + attach(background=True), a
+                                                                        # step that leaves a core idle
 
 One process, one model, one fixed set of batches; the modes are run in
 interleaved blocks (baseline, bare, pooled, bare-buckets, buckets, baseline, ...)
@@ -22,7 +25,15 @@ even registered, see tests/test_probe_schedule.py).
 
 Modes: baseline (no probe); pooled; buckets (HEAD/MID/TAIL by a Zipf frequency
 table); bare and bare-buckets (BareFloor: the floor of each, measured inside the
-same training loop: only the GEMM and the eigvalsh calls, nothing else).
+same training loop: only the GEMM and the eigvalsh calls, nothing else); with
+``--background`` also pooled-bg and buckets-bg (``attach(background=True)``: the
+window's decomposition on a worker thread; the wait for the last window at the end
+of a block is counted in its last step). "product/floor" = the probe's block ratio
+divided by its bare floor's, the budget's figure (≤ 1.05 pooled, ≤ 1.10 buckets).
+``--gemm-dtype`` sets the covariance GEMM dtype of the probe and of the floor alike
+(float32 is the probe's default for float32 activations; float64 is what
+spectral-telemetry does). After the timings the background rows are checked equal
+to the synchronous ones on the same weights and data.
 
 Cases:
   st-cpu      spectral-telemetry's published CPU config (their figures: +31% pooled,
@@ -40,6 +51,7 @@ plus one eigvalsh per accumulator per window, as a fraction of the baseline step
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -75,6 +87,10 @@ CASES = (
 )
 
 
+MODES = ("baseline", "bare", "pooled", "bare-buckets", "buckets")
+BG_MODES = ("pooled-bg", "buckets-bg")
+
+
 class Block(nn.Module):
     def __init__(self, d: int, h: int):
         super().__init__()
@@ -108,11 +124,11 @@ class BareFloor:
     float32, no state, no checks, no grouping) and ``eigs`` eigvalsh per site per window
     (1 pooled; 4 with buckets: all, head, mid, tail)."""
 
-    def __init__(self, model: TinyLM, c: Case, eigs: int):
-        self.on, self.eigs = False, eigs
+    def __init__(self, model: TinyLM, c: Case, eigs: int, dtype: torch.dtype = torch.float32):
+        self.on, self.eigs, self.dtype = False, eigs, dtype
         mods = [(b.fc1, "output") for b in model.blocks] if "pre" in c.sites else []
         mods += [(b.fc2, "input") for b in model.blocks] if "post" in c.sites else []
-        self.acc = [torch.zeros(c.ffn, c.ffn) for _ in mods]
+        self.acc = [torch.zeros(c.ffn, c.ffn, dtype=dtype) for _ in mods]
         self.handles = []
         for j, (m, cap) in enumerate(mods):
             if cap == "output":
@@ -122,7 +138,7 @@ class BareFloor:
 
     def _add(self, j, x):
         if self.on:
-            x = x.detach().reshape(-1, x.shape[-1])
+            x = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)
             self.acc[j].addmm_(x.T, x)
 
     def finish(self):
@@ -145,7 +161,8 @@ def site_spec(sites):
     return {s: spec[s] for s in sites}
 
 
-def run_case(c: Case, repeats: int, seed: int = 0) -> dict:
+def run_case(c: Case, repeats: int, seed: int = 0, gemm_dtype: str = "float32", background: bool = False) -> dict:
+    dtype = getattr(torch, gemm_dtype)
     torch.manual_seed(seed)
     model = TinyLM(c)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -162,14 +179,16 @@ def run_case(c: Case, repeats: int, seed: int = 0) -> dict:
     def block(mode: str) -> list[float]:
         probe = bare = None
         if mode.startswith("bare"):
-            bare = BareFloor(model, c, eigs=4 if mode == "bare-buckets" else 1)
+            bare = BareFloor(model, c, eigs=4 if mode == "bare-buckets" else 1, dtype=dtype)
         elif mode != "baseline":
             probe = capscale.attach(
                 model,
                 sites=site_spec(c.sites),
                 every=c.every,
                 window=c.window,
-                freq_table=table if mode == "buckets" else None,
+                freq_table=table if mode.startswith("buckets") else None,
+                dtype=gemm_dtype,
+                background=mode.endswith("-bg"),
             )
         times = []
         for k, (ids, tgt) in enumerate(data):
@@ -185,12 +204,15 @@ def run_case(c: Case, repeats: int, seed: int = 0) -> dict:
                 bare.finish()
             times.append(time.perf_counter() - t0)
         if probe is not None:
-            probe.close(flush=False)  # every window has finished inside the timed steps
+            t0 = time.perf_counter()
+            probe.flush()  # every window has finished inside the timed steps; background ones are waited for
+            times[-1] += time.perf_counter() - t0
+            probe.close(flush=False)
         if bare is not None:
             bare.close()
         return times
 
-    modes = ("baseline", "bare", "pooled", "bare-buckets", "buckets")
+    modes = MODES + (BG_MODES if background else ())
     for m in modes:  # warm-up: allocator, MKL, first-window paths
         block(m)
     times = {m: [] for m in modes}
@@ -224,8 +246,45 @@ def run_case(c: Case, repeats: int, seed: int = 0) -> dict:
             stats["ratio_amortised"] = 1 + extra / (c.every * base_median)
             stats["ratio_unmeasured"] = statistics.median(quiet) / base_median
         res["modes"][m] = stats
-    res["floor"] = floor(c, base_median)
+    for m, bare_mode in (
+        ("pooled", "bare"),
+        ("buckets", "bare-buckets"),
+        ("pooled-bg", "bare"),
+        ("buckets-bg", "bare-buckets"),
+    ):
+        if m in res["modes"]:
+            res["modes"][m]["product_over_floor"] = (
+                res["modes"][m]["ratio_blocks"] / res["modes"][bare_mode]["ratio_blocks"]
+            )
+    res["floor"] = floor(c, base_median, dtype)
+    if background:
+        res["background_rows_identical"] = background_rows_identical(c, table, gemm_dtype)
     return res
+
+
+def background_rows_identical(c: Case, table, gemm_dtype: str) -> bool:
+    """The same weights and batches measured with and without background=True: equal rows?"""
+    frames = []
+    for bg in (False, True):
+        torch.manual_seed(1)
+        model = TinyLM(c)
+        g = torch.Generator().manual_seed(1)
+        probe = capscale.attach(
+            model,
+            sites=site_spec(c.sites),
+            every=c.every,
+            window=c.window,
+            freq_table=table,
+            dtype=gemm_dtype,
+            background=bg,
+        )
+        with torch.no_grad():
+            for _ in range(2 * c.every):
+                model(*(torch.randint(0, c.vocab, (c.batch, c.seq), generator=g) for _ in range(2)))
+                probe.step()
+        frames.append(probe.compute())
+        probe.close()
+    return frames[0].equals(frames[1])
 
 
 def _median_time(fn, n: int = 30) -> float:
@@ -238,10 +297,10 @@ def _median_time(fn, n: int = 30) -> float:
     return statistics.median(ts)
 
 
-def floor(c: Case, base_step_s: float) -> dict:
+def floor(c: Case, base_step_s: float, dtype: torch.dtype = torch.float32) -> dict:
     """GEMM + eigvalsh floor per step, as a fraction of the baseline step (median)."""
     n = c.batch * c.seq
-    x = torch.randn(n, c.ffn)
+    x = torch.randn(n, c.ffn, dtype=dtype)
     gemm = _median_time(lambda: torch.mm(x.T, x))
     cov = torch.cov(torch.randn(4 * c.ffn, c.ffn, dtype=torch.float64).T)
     eig = _median_time(lambda: torch.linalg.eigvalsh(cov), n=10)
@@ -260,28 +319,37 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--case", action="append", choices=[c.name for c in CASES])
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--gemm-dtype", choices=("float32", "float64"), default="float32", help="covariance GEMM dtype")
+    ap.add_argument("--background", action="store_true", help="add attach(background=True) modes")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
+    ap.add_argument("--block-steps", type=int, default=None, help="steps per block of the every-step cases")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = []
     for c in CASES:
         if args.case and c.name not in args.case:
             continue
         reps = args.repeats or ((3 if args.quick else 8) if c.block_steps > 50 else (15 if args.quick else 40))
-        r = run_case(c, reps)
+        if args.block_steps and c.every == c.window:
+            c = dataclasses.replace(c, block_steps=args.block_steps)
+        r = run_case(c, reps, gemm_dtype=args.gemm_dtype, background=args.background)
         results.append(r)
         base = r["modes"]["baseline"]
         print(
             f"\n== {c.name}: d_model {c.d_model}, FFN {c.ffn}, {c.layers} layers, seq {c.seq}, batch {c.batch}, "
-            f"sites {','.join(c.sites)}, every={c.every} window={c.window}, {reps} x {c.block_steps} steps/mode"
+            f"sites {','.join(c.sites)}, every={c.every} window={c.window}, {reps} x {c.block_steps} steps/mode, "
+            f"GEMM {args.gemm_dtype}, {torch.get_num_threads()} torch threads"
         )
         cadence = c.every > c.window
-        head = f"{'mode':<13}{'mean ms':>9}{'median ms':>11}{'ratio (blocks)':>16}{'floor':>8}"
+        head = f"{'mode':<13}{'mean ms':>9}{'median ms':>11}{'ratio (blocks)':>16}{'product/floor':>15}{'floor':>8}"
         if cadence:
             head += f"{'ms/window':>11}{'amortised':>11}{'unmeasured':>12}"
         print(head)
-        for m in ("baseline", "bare", "pooled", "bare-buckets", "buckets"):
-            v = r["modes"][m]
+        for m, v in r["modes"].items():
             fl = f"{1 + r['floor'][m]:.4f}" if m in r["floor"] else ""
-            line = f"{m:<13}{v['mean_ms']:>9.2f}{v['median_ms']:>11.2f}{v['ratio_blocks']:>16.4f}{fl:>8}"
+            pf = f"{v['product_over_floor']:.4f}" if "product_over_floor" in v else ""
+            line = f"{m:<13}{v['mean_ms']:>9.2f}{v['median_ms']:>11.2f}{v['ratio_blocks']:>16.4f}{pf:>15}{fl:>8}"
             if cadence:
                 line += f"{v['extra_ms_per_window']:>11.2f}{v['ratio_amortised']:>11.4f}{v['ratio_unmeasured']:>12.4f}"
             print(line)
@@ -290,6 +358,8 @@ def main() -> None:
             f"{r['floor']['eigvalsh_ms']:.2f} ms per accumulator and window; baseline median step "
             f"{base['median_ms']:.2f} ms"
         )
+        if "background_rows_identical" in r:
+            print(f"   background rows identical to synchronous rows: {r['background_rows_identical']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -16,7 +16,7 @@ STEPS = 2
 
 
 def table():
-    counts = np.ones(V, dtype=np.int64)
+    counts = np.full(V, 6, dtype=np.int64)  # enough TAIL mass that the MID cut falls inside the 60s
     counts[:2] = 400
     counts[2:6] = 60
     return FrequencyTable(counts)  # HEAD {0, 1}, MID {2..5}, TAIL the rest

@@ -1,6 +1,7 @@
 """HEAD/MID/TAIL frequency buckets and the one-pass bucketed accumulator."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -12,23 +13,40 @@ from capscale.spectrum import BucketedCovariance, FrequencyTable, StreamingCovar
 
 
 def _greedy_buckets(counts, cuts=(0.33, 0.67)):
-    """Independent reference: walk distinct count levels from the top, whole tie groups at a time."""
+    """Independent reference: the paper's cut positions, then whole tie groups by walking count levels.
+
+    ``k`` = how many types (sorted by count) keep the cumulative mass within a cut; HEAD is
+    every level down to type ``k_head``'s count (at least the top type), MID every further
+    level down to type ``k_mid``'s count (``k_mid`` > ``k_head``), and a level tied with an
+    earlier bucket stays there, so MID may be empty. Never-seen types are TAIL.
+    """
     counts = np.asarray(counts)
-    total = counts.sum()
-    levels = sorted(set(counts.tolist()), reverse=True)
+    total, srt = counts.sum(), sorted(counts.tolist(), reverse=True)
+    n, cum = len(srt), np.cumsum(srt)
+    k_head = min(max(sum(1 for v in cum if v <= total * cuts[0]), 1), n - 1)
+    k_mid = max(min(sum(1 for v in cum if v <= total * cuts[1]), n - 1), k_head + 1)
     out = np.full(counts.size, 2)
-    cum, bucket, taken = 0, 0, 0
-    for lv in levels:
-        group = counts == lv
-        mass = counts[group].sum()
-        # a level joins the current bucket if the first type of that level keeps the
-        # cumulative mass within the cut, or if the bucket is still empty
-        while bucket < 2 and taken > 0 and (cum + lv) / total > cuts[bucket]:
-            bucket, taken = bucket + 1, 0
-        out[group] = bucket
-        cum += mass
-        taken += 1
+    for level in sorted(set(counts.tolist()), reverse=True):
+        if level == 0:
+            continue
+        out[counts == level] = 0 if level >= srt[k_head - 1] else 1 if level >= srt[k_mid - 1] else 2
     return out
+
+
+def test_never_seen_types_are_tail_even_when_every_seen_type_is_head():
+    # issue 15.6: [4, 0, 4] gave [0, 1, 0] (the unseen type in MID)
+    with pytest.warns(UserWarning, match="degenerate frequency table: bucket.s. mid"):
+        ft = FrequencyTable([4, 0, 4])
+    np.testing.assert_array_equal(ft.bucket(np.arange(3)), [0, 2, 0])
+    assert ft.is_degenerate and ft.empty_buckets == ("mid",)
+    assert ft.stats()["empty_buckets"] == ["mid"]
+    # a tie group straddling the HEAD cut leaves MID empty rather than promoting the next level
+    with pytest.warns(UserWarning, match="mid"):
+        ft = FrequencyTable([5, 5, 3, 1])
+    np.testing.assert_array_equal(ft.bucket(np.arange(4)), [0, 0, 2, 2])
+    # never-seen types stay TAIL even where the MID cut falls on them
+    with pytest.warns(UserWarning, match="mid"):
+        np.testing.assert_array_equal(FrequencyTable([4, 0, 0]).bucket(np.arange(3)), [0, 2, 2])
 
 
 def test_hand_worked_example_with_ties():
@@ -62,7 +80,9 @@ def test_paper_like_zipf_split():
 def test_rule_matches_independent_reference(counts, cuts):
     if sum(counts) == 0:
         return
-    ft = FrequencyTable(counts, cuts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # degenerate tables are part of the domain here
+        ft = FrequencyTable(counts, cuts)
     b = ft.bucket(np.arange(len(counts)))
     np.testing.assert_array_equal(b, _greedy_buckets(counts, cuts))
     c = np.asarray(counts)
@@ -73,7 +93,10 @@ def test_rule_matches_independent_reference(counts, cuts):
                 assert b[i] == b[j]
             if c[i] > c[j]:
                 assert b[i] <= b[j]
+            if c[i] == 0:
+                assert b[i] == 2  # never-seen types are TAIL
     assert (b == 0).any()
+    assert ft.is_degenerate == (len(set(b.tolist())) < 3)
 
 
 def test_from_token_ids_iterable_and_torch_lookup():

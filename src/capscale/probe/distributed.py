@@ -7,7 +7,8 @@ all-reduces of packed float64 buffers give the exact pooled moments:
     S = Σ_r [ S_r + n_r (m_r − M)(m_r − M)ᵀ ]
 
 which is Chan's merge with its between-means correction, applied to all ranks
-at once (the parallel-axis theorem). Memory is one copy of the states, not
+at once (the parallel-axis theorem: each rank adds ``Moments.scatter_about(M)``,
+the same block merge that pools buckets). Memory is one copy of the states, not
 one per rank as an all-gather would need.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from capscale.probe.accumulate import Moments
+from capscale.spectrum._torch import Moments
 
 
 def world_size(group=None) -> int:
@@ -53,11 +54,11 @@ def reduce_moments(
     dims = [None if x < 0 else int(x) for x in d.tolist()]
     live = [i for i, x in enumerate(dims) if x is not None]
 
-    def local(i):
+    def local(i) -> Moments | None:
         p = parts[i]
         if p is None or p.count == 0:
-            return 0, torch.zeros(dims[i], dtype=torch.float64, device=dev), None
-        return p.count, p.mean.to(dev, torch.float64), p.scatter.to(dev, torch.float64)
+            return None
+        return Moments(p.count, p.mean.to(dev, torch.float64), p.scatter.to(dev, torch.float64))
 
     loc = {i: local(i) for i in live}
     # Phase 1: counts and sums → global means.
@@ -67,8 +68,8 @@ def reduce_moments(
             t
             for i in live
             for t in (
-                torch.tensor([float(loc[i][0])], dtype=torch.float64, device=dev),
-                loc[i][1] * loc[i][0],
+                torch.tensor([float(0 if loc[i] is None else loc[i].count)], dtype=torch.float64, device=dev),
+                torch.zeros(dims[i], dtype=torch.float64, device=dev) if loc[i] is None else loc[i].mean * loc[i].count,
             )
         ]
     )
@@ -82,10 +83,8 @@ def reduce_moments(
     # Phase 2: each rank's scatter about the global mean, summed.
     parts2 = []
     for i in live:
-        n, m, s = loc[i]
-        if n:
-            delta = m - glob[i][1]
-            parts2.append((s + n * torch.outer(delta, delta)).reshape(-1))
+        if loc[i] is not None:
+            parts2.append(loc[i].scatter_about(glob[i][1]).reshape(-1))
         else:
             parts2.append(torch.zeros(dims[i] * dims[i], dtype=torch.float64, device=dev))
     buf = torch.cat(parts2) if parts2 else torch.zeros(0, dtype=torch.float64, device=dev)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,14 +32,13 @@ from capscale.probe.accumulate import (
     WindowMoments,
     accumulate,
     compute_dtype,
-    pooled,
 )
 from capscale.probe.records import (
     SpectrumError,
     add_js_divergence,
     monitor_summary,
     scalar_summary,
-    spectrum_row,
+    spectrum_rows,
     to_frame,
 )
 from capscale.probe.schedule import Schedule
@@ -48,6 +49,8 @@ from capscale.spectrum import BUCKETS, FrequencyTable, hard_rank_from_covariance
 MODES = ("train", "eval", "any")
 # The sampling status of a site that captured nothing in a window (its module never ran).
 NOT_RUN = "not-run"
+# Background windows whose snapshots may wait for the worker before a window close blocks.
+_MAX_PENDING = 2
 MONITOR_COLUMNS = ("step", "stack", "layer", "site", "module", "n_samples", "dim", "hard_rank", "trace")
 
 
@@ -108,6 +111,7 @@ class Probe:
         persistent_hooks: bool,
         start_step: int,
         skipped: Iterable[Skipped] = (),
+        background: bool | str = False,
     ):
         self.model, self.sites, self.schedule, self.monitor = model, sites, schedule, monitor
         self.freq_table, self.dtype, self.mode, self.keep = freq_table, dtype, mode, keep
@@ -140,6 +144,11 @@ class Probe:
         self._warned = False
         self._emitted = False
         self._closing = False
+        # Off the training path: finished windows are snapshotted and decomposed by one
+        # worker thread; their rows reach the records and sinks, in order, at a later call.
+        self.background = background
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="capscale-spectra") if background else None
+        self._pending: deque = deque()
         if persistent_hooks:
             self._install()
         self._open_windows()
@@ -170,6 +179,7 @@ class Probe:
             return self
         self.step_index = new
         self._explicit = None
+        self._drain(wait=False)
         if self._full is not None and self._full.end <= new:
             self._finish_full()
         if self._monitor is not None and self._monitor.end <= new:
@@ -212,6 +222,7 @@ class Probe:
             if reset:
                 self._records = []
             return to_frame(rows)
+        self._drain(wait=True)
         rows = list(self._records)
         if self._full is not None:
             current = self._rows(self._full, release=reset)
@@ -259,6 +270,7 @@ class Probe:
             self._finish_full()
         if self._monitor is not None:
             self._finish_monitor()
+        self._drain(wait=True)
         self._sync_hooks()
 
     def close(self, flush: bool = True) -> None:
@@ -277,6 +289,9 @@ class Probe:
             self._remove()
             self._full = self._monitor = None
             self._closed = True
+            if self._worker is not None:
+                self._pending.clear()  # unflushed work (after an error) is dropped, as an open window is
+                self._worker.shutdown(wait=True)
             for sink in self.sinks:
                 sink.close()
             if self._run is not None and distributed.rank(self.group) == 0:
@@ -473,36 +488,100 @@ class Probe:
                 a.reset()
         window.states.clear()
 
-    def _rows(self, window: _Window, release: bool) -> list[dict]:
+    def _states(self, window: _Window, release: bool, copy: str | None = None) -> tuple[int, list] | None:
+        """The window's moments per full site, ``(start, [(site, parts), ...])``; None without forwards.
+
+        ``copy``: None shares the accumulators' buffers (decompose before they are
+        released); "device" or "host" snapshots them, so the accumulators can be released.
+        """
         k = len(BUCKETS) if self.freq_table is not None else 1
         try:
             flat, forwards = self._gather(window, self._full_idx, k)
-            rows = []
             if not forwards:
-                return rows
+                return None
+            out = []
             for j, i in enumerate(self._full_idx):
                 parts = flat[j * k : (j + 1) * k]
-                site = self.sites[i]
-                if any(p is None for p in parts):  # never saw data anywhere: width unknown
-                    nothing = Moments(0, torch.zeros(0), torch.zeros(0, 0))
-                    states = {b: nothing for b in ("all", *(BUCKETS if k > 1 else ()))}
-                else:
-                    states = {"all": parts[0]} if k == 1 else {"all": pooled(parts), **dict(zip(BUCKETS, parts))}
-                ran = states["all"].count > 0
-                for bucket, m in states.items():
-                    rows.append(_row(m, window.start, site, bucket, ran))
+                if any(p is None for p in parts):  # never saw data anywhere: width unknown, a row all the same
+                    out.append((self.sites[i], None))
+                    continue
+                if copy == "host":
+                    parts = [
+                        Moments(p.count, p.mean.to("cpu", copy=True), p.scatter.to("cpu", copy=True)) for p in parts
+                    ]
+                elif copy == "device":
+                    parts = [Moments(p.count, p.mean.clone(), p.scatter.clone()) for p in parts]
+                out.append((self.sites[i], parts))
+            return window.start, out
         finally:
             if release:
                 self._release(window)
+
+    @staticmethod
+    def _decompose(start: int, states: list, bucketed: bool) -> list[dict]:
+        """Spectra rows of one window's states (pools the buckets into "all"); runs on any thread."""
+        entries, marks = [], []
+        for site, parts in states:
+            if parts is None:  # the site never saw data anywhere: its width is unknown
+                nothing = Moments(0, torch.zeros(2, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64))
+                named = {b: nothing for b in ("all", *(BUCKETS if bucketed else ()))}
+            elif bucketed:
+                named = {"all": Moments.merge_all(parts), **dict(zip(BUCKETS, parts))}
+            else:
+                named = {"all": parts[0]}
+            ran = named["all"].count > 0
+            for bucket, m in named.items():
+                labels = {"step": start, "layer": site.layer, "site": site.site, "bucket": bucket}
+                entries.append((m, {**labels, "stack": site.stack, "module": site.name}))
+                marks.append((parts is None, ran))
+        rows = spectrum_rows(entries)
+        for row, (unknown, ran) in zip(rows, marks):
+            if unknown:
+                row["dim"] = row["max_empirical_rank"] = 0
+                row["samples_per_dim"] = math.nan
+            if not ran:  # a site that captured nothing in the window says so
+                row["sampling_status"] = NOT_RUN
         add_js_divergence(rows)
         return rows
 
+    def _rows(self, window: _Window, release: bool) -> list[dict]:
+        bucketed = self.freq_table is not None
+        try:
+            got = self._states(window, release=False)
+            return [] if got is None else self._decompose(*got, bucketed)
+        finally:
+            if release:
+                self._release(window)
+
     def _finish_full(self) -> None:
         window, self._full = self._full, None
-        captured = bool(window.states)  # before _rows releases them
-        rows = self._rows(window, release=True)
-        if not rows or not captured:
+        captured = bool(window.states)  # before the states are released
+        if self._worker is None:
+            rows = self._rows(window, release=True)
+            if not rows or not captured:
+                self._warn_empty(window)
+            self._deliver(window.start, rows, captured)
+            return
+        copy = "host" if self.background == "host" else "device"
+        got = self._states(window, release=True, copy=copy)
+        if got is None or not captured:
             self._warn_empty(window)
+        if got is not None:
+            if len(self._pending) >= _MAX_PENDING:  # bound the snapshots held: wait for the oldest
+                self._drain(wait=True, keep=_MAX_PENDING - 1)
+            job = self._worker.submit(self._decompose, *got, self.freq_table is not None)
+            self._pending.append((window.start, job, captured))
+
+    def _drain(self, wait: bool, keep: int = 0) -> None:
+        """Deliver background results in window order: those finished (all but ``keep`` when ``wait``).
+
+        A worker's error is raised here, at the probe call after it happened.
+        """
+        while len(self._pending) > keep and (wait or self._pending[0][1].done()):
+            start, job, captured = self._pending.popleft()
+            self._deliver(start, job.result(), captured)
+
+    def _deliver(self, start: int, rows: list[dict], captured: bool = True) -> None:
         if not rows:
             return
         self._emitted = True
@@ -510,7 +589,7 @@ class Probe:
             self._warn_not_run(rows)
         if self.keep:
             self._records.extend(rows)
-        self._emit(window.start, rows, scalar_summary(rows))
+        self._emit(start, rows, scalar_summary(rows))
 
     def _finish_monitor(self) -> None:
         window, self._monitor = self._monitor, None
@@ -610,21 +689,6 @@ class Probe:
                 sink.write_scalars(step, scalars)
 
 
-def _row(m: Moments, step: int, site: Site, bucket: str, ran: bool) -> dict:
-    """A spectra row; a site that captured nothing in the window says so (``not-run``)."""
-    unknown = m.dim < 2  # the width of a site that never ran may be unknown: a row all the same
-    if unknown:
-        m = Moments(0, torch.zeros(2), torch.zeros(2, 2))
-    row = spectrum_row(m, step=step, layer=site.layer, site=site.site, bucket=bucket, module=site.name)
-    row["stack"] = site.stack
-    if unknown:
-        row["dim"] = row["max_empirical_rank"] = 0
-        row["samples_per_dim"] = math.nan
-    if not ran:
-        row["sampling_status"] = NOT_RUN
-    return row
-
-
 def _routed(fwd: Forward, rows: torch.Tensor) -> Forward:
     """The forward's mask and buckets for activation rows taken from token positions ``rows``."""
     mask = None if fwd.mask is None else fwd.mask.reshape(-1)[rows.to(fwd.mask.device)]
@@ -682,6 +746,7 @@ def attach(
     persistent_hooks: bool | None = None,
     out: str | Path | None = None,
     run_config: dict | None = None,
+    background: bool | str = False,
 ) -> Probe:
     """Attach spectral telemetry to ``model``; returns a :class:`Probe` (also a context manager).
 
@@ -714,7 +779,15 @@ def attach(
         or ``label`` names the series; ``seed``, ``ffn_width``, ``variant``, ``steps``),
         spectra after every window, ``probe.log(step, loss=..., val_loss=...)``
         metrics, status "done" on ``close()``.
+    background: decompose finished windows off the training path: the states are
+        snapshotted (True or "device": a copy on their device; "host": a host copy,
+        freeing accelerator memory) and a worker thread computes the rows while
+        training goes on. Rows are identical to the synchronous path; they reach
+        ``compute()`` and the sinks at a later probe call (``compute``, ``flush`` and
+        ``close`` wait for them), and a worker's error is raised there.
     """
+    if background not in (False, True, "device", "host"):
+        raise ValueError(f"background must be False, True, 'device' or 'host', got {background!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     schedule = Schedule(every, window, total_steps)
@@ -784,6 +857,7 @@ def attach(
         persistent_hooks=persistent_hooks,
         start_step=start_step,
         skipped=found.skipped,
+        background=background,
     )
     probe._run, probe._writes_elsewhere = run, out is not None
     return probe

@@ -11,16 +11,28 @@ import math
 
 import numpy as np
 import pandas as pd
+import torch
 
-from capscale.probe.accumulate import Moments
-from capscale.spectrum import eigenvalues_from_covariance, js_divergence, spectrum_summary
+from capscale.spectrum import (
+    NonFiniteError,
+    clamp_spectrum,
+    eigenvalues_from_covariance,
+    js_divergence,
+    spectrum_summary,
+)
+from capscale.spectrum._torch import Moments
+from capscale.spectrum.covariance import EIG_FLOOR, EIG_FLOOR_RTOL
 
 KEY_COLUMNS = ("step", "layer", "site", "bucket")
 SUMMARY_FIELDS = tuple(spectrum_summary(None, 0, dim=2))
 # JS divergence between the pre- and post-activation spectra of the same
 # (step, layer, bucket) (NerVE); NaN unless both sites were measured.
 # ``stack``: which FFN stack of the model ("encoder" / "decoder", "shared-expert"; "" for one stack).
-COLUMNS = (*KEY_COLUMNS, "stack", "module", *SUMMARY_FIELDS, "js_divergence_pre_post", "eigenvalues")
+COLUMNS = (*KEY_COLUMNS, "stack", "module", *SUMMARY_FIELDS, "js_divergence_pre_post", "spectrum_status", "eigenvalues")
+# What the decomposition met: "ok"; "insufficient" (< 2 samples); "zero_variance" (identical
+# rows: no ranks); "tiny_variance" (λ_max < EIG_FLOOR / EIG_FLOOR_RTOL = 1e-6: ranks from a
+# clamp relative to the spectrum's scale, see docs/conventions.md "Spectrum").
+SPECTRUM_STATUSES = ("ok", "insufficient", "zero_variance", "tiny_variance")
 
 
 class SpectrumError(ValueError):
@@ -34,7 +46,7 @@ def empty_frame() -> pd.DataFrame:
 def _dtype(col: str) -> str:
     if col in ("step", "layer", "n_samples", "dim", "max_empirical_rank"):
         return "int64"
-    if col in ("site", "bucket", "stack", "module", "sampling_status", "eigenvalues"):
+    if col in ("site", "bucket", "stack", "module", "sampling_status", "spectrum_status", "eigenvalues"):
         return "object"
     return "float64"
 
@@ -45,28 +57,85 @@ def spectrum_row(m: Moments, *, step: int, layer: int, site: str, bucket: str, m
     Fewer than 2 samples → an 'insufficient' row with NaN ranks and no
     eigenvalues. Rows that are all identical (zero variance, e.g. a bucket
     holding one token type at one position) have no ranks either: NaN ranks,
-    ``trace`` and ``lambda_max`` 0, no eigenvalues. That is a fact about the
-    data, not an error, so it must not stop a training run; NaN/Inf or a
-    materially indefinite covariance is an error.
+    ``trace`` and ``lambda_max`` 0, no eigenvalues. A tiny but non-zero variance
+    gets ranks from a clamp relative to its scale. Neither is an error, so
+    neither stops a training run (``spectrum_status`` says which it was);
+    NaN/Inf or a materially indefinite covariance is an error.
     """
-    eigs, zero = None, False
-    if m.count >= 2:
-        cov = m.covariance()
-        zero = bool((cov.diagonal() == 0).all())  # NaN is not 0: it goes on to be an error
-        if not zero:
-            # Decomposed by torch on the state's device: on a CPU, NumPy's LAPACK
-            # would bring its own thread pool to fight torch's for the same cores.
+    labels = {"step": step, "layer": layer, "site": site, "bucket": bucket, "module": module}
+    return spectrum_rows([(m, labels)])[0]
+
+
+def spectrum_rows(entries: list[tuple[Moments, dict]], batched: bool | None = None) -> list[dict]:
+    """``spectrum_row`` for each ``(moments, labels)``, with one decomposition call per group.
+
+    Host states go one by one through ``eigenvalues_from_covariance`` (NumPy's LAPACK on
+    one thread up to ``SERIAL_EIG_MAX_DIM``, torch's above). Accelerator states of equal
+    width are stacked into one batched ``eigvalsh`` (``batched=None``: only off the CPU;
+    True forces it, e.g. to test the path on a CPU).
+    """
+    covs: dict[int, torch.Tensor] = {}
+    zero: set[int] = set()
+    for j, (m, _) in enumerate(entries):
+        if m.count >= 2:
+            cov = m.covariance()
+            if bool((cov.diagonal() == 0).all()):  # NaN is not 0: it goes on to be an error
+                zero.add(j)
+            else:
+                covs[j] = cov
+    eigs: dict[int, np.ndarray] = {}
+    groups: dict[tuple, list[int]] = {}
+    for j, cov in covs.items():
+        stack = cov.device.type != "cpu" if batched is None else batched
+        groups.setdefault((tuple(cov.shape), cov.device) if stack else ("one", j), []).append(j)
+    for members in groups.values():
+        try:
+            if len(members) == 1:
+                eigs[members[0]] = eigenvalues_from_covariance(covs[members[0]])
+                continue
+            raw = _batched_eigvalsh([covs[j] for j in members])
+        except ValueError as exc:  # non-finite, indefinite
+            raise _named(entries[members[0]][1], exc) from exc
+        for j, r in zip(members, raw):
             try:
-                eigs = eigenvalues_from_covariance(cov)
-            except ValueError as exc:  # non-finite, indefinite, variance below the floor
-                raise SpectrumError(f"layer {layer} site {site!r} bucket {bucket!r} at step {step}: {exc}") from exc
-    row = {"step": int(step), "layer": int(layer), "site": site, "bucket": bucket, "stack": "", "module": module}
-    row.update(spectrum_summary(eigs, m.count, dim=m.dim))
+                eigs[j] = clamp_spectrum(r)
+            except ValueError as exc:
+                raise _named(entries[j][1], exc) from exc
+    rows = []
+    for j, (m, labels) in enumerate(entries):
+        e = eigs.get(j)
+        row = {k: labels.get(k, "") for k in ("step", "layer", "site", "bucket", "stack", "module")}
+        row["step"], row["layer"] = int(row["step"]), int(row["layer"])
+        row.update(spectrum_summary(e, m.count, dim=m.dim))
+        if j in zero:
+            row["trace"] = row["lambda_max"] = 0.0
+        row["js_divergence_pre_post"] = math.nan
+        row["spectrum_status"] = _status(m.count, j in zero, e)
+        row["eigenvalues"] = None if e is None else e.tolist()
+        rows.append(row)
+    return rows
+
+
+def _batched_eigvalsh(covs: list[torch.Tensor]) -> np.ndarray:
+    """Raw eigenvalues of equal-shaped covariances on one device, one ``eigvalsh`` call (float64)."""
+    batch = torch.stack([c.double() for c in covs])
+    if not bool(torch.isfinite(batch).all()):
+        raise NonFiniteError("covariance contains NaN or Inf")
+    return torch.linalg.eigvalsh(batch).cpu().numpy()
+
+
+def _named(labels: dict, exc: Exception) -> SpectrumError:
+    return SpectrumError(
+        f"layer {labels['layer']} site {labels['site']!r} bucket {labels['bucket']!r} at step {labels['step']}: {exc}"
+    )
+
+
+def _status(count: int, zero: bool, eigs) -> str:
+    if count < 2:
+        return "insufficient"
     if zero:
-        row["trace"] = row["lambda_max"] = 0.0
-    row["js_divergence_pre_post"] = math.nan
-    row["eigenvalues"] = None if eigs is None else eigs.tolist()
-    return row
+        return "zero_variance"
+    return "tiny_variance" if eigs[0] * EIG_FLOOR_RTOL < EIG_FLOOR else "ok"
 
 
 def add_js_divergence(rows: list[dict]) -> None:

@@ -6,11 +6,13 @@ Knows nothing of models. docs/conventions.md states the conventions these follow
 from capscale.spectrum.buckets import BUCKETS, BucketedCovariance, FrequencyTable
 from capscale.spectrum.covariance import (
     EIG_FLOOR,
+    EIG_FLOOR_RTOL,
     IndefiniteCovarianceError,
     InsufficientSamplesError,
     NonFiniteError,
     StreamingCovariance,
     clamp_spectrum,
+    eig_floor,
     eigenvalues_from_covariance,
 )
 from capscale.spectrum.fit import PowerLawFit, bootstrap_power_law, fit_power_law
@@ -37,6 +39,7 @@ from capscale.spectrum.summary import (
 __all__ = [
     "BUCKETS",
     "EIG_FLOOR",
+    "EIG_FLOOR_RTOL",
     "SAMPLING_STATUSES",
     "SPECTRUM_METRICS",
     "BucketedCovariance",
@@ -51,6 +54,7 @@ __all__ = [
     "bootstrap_power_law",
     "clamp_spectrum",
     "early_enrichment",
+    "eig_floor",
     "eigenvalues_from_covariance",
     "fit_power_law",
     "hard_rank",

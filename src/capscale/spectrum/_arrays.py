@@ -12,6 +12,10 @@ import numpy as np
 
 _NP_DTYPES = {"float64": np.float64, "float32": np.float32}
 
+# A batch is refused when its scatter could reach this fraction of the GEMM
+# dtype's largest value: headroom for summing 2**16 such batches in a state.
+OVERFLOW_HEADROOM = 2.0**-16
+
 
 def is_torch(x: Any) -> bool:
     """True for a torch.Tensor, without importing torch."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,7 @@ import numpy as np
 
 from capscale.atomic import atomic_write_text
 from capscale.spectrum._arrays import is_torch, to_numpy
-from capscale.spectrum.covariance import (
-    NonFiniteError,
-    StreamingCovariance,
-    _all_finite,
-    host_rows,
-    scratch_rows,
-)
+from capscale.spectrum.covariance import NonFiniteError, StreamingCovariance, host_rows, scratch_rows
 
 BUCKETS = ("head", "mid", "tail")
 HEAD, MID, TAIL = 0, 1, 2
@@ -27,11 +22,15 @@ _FORMAT = "capscale.frequency_table"
 class FrequencyTable:
     """Unigram counts → HEAD/MID/TAIL by cumulative occurrence mass (the paper's rule).
 
-    Types sorted by count (descending); HEAD takes the leading types while their
-    cumulative mass is ≤ ``cuts[0]`` of all occurrences (at least one type), MID
-    the next while it is ≤ ``cuts[1]`` (at least one), TAIL the rest, including
-    types never seen. Boundaries are count thresholds (``head_min_count``,
-    ``mid_min_count``): types with equal counts always share a bucket.
+    Types sorted by count (descending), ``k`` = how many leading types keep the
+    cumulative mass ≤ a cut. HEAD holds every type counted at least as often as
+    type number ``k_head`` (at least one type); MID every other type counted at
+    least as often as type number ``k_mid`` (``k_mid`` ≥ ``k_head`` + 1); TAIL the
+    rest, including types never seen. Boundaries are count thresholds
+    (``head_min_count``, ``mid_min_count``), so equal counts always share a
+    bucket: a tie group that straddles a cut leaves the later bucket empty
+    rather than being split. An empty bucket makes the table degenerate
+    (``empty_buckets``, ``is_degenerate``, and a warning); none is invented.
     """
 
     def __init__(self, counts, cuts: tuple[float, float] = (0.33, 0.67)):
@@ -55,20 +54,31 @@ class FrequencyTable:
         self._table = np.full(c.size, TAIL, dtype=np.int8)
         self._table[c >= self.mid_min_count] = MID
         self._table[c >= self.head_min_count] = HEAD
+        present = np.bincount(self._table, minlength=len(BUCKETS)) > 0
+        self.empty_buckets = tuple(name for name, p in zip(BUCKETS, present) if not p)
+        if self.empty_buckets:
+            warnings.warn(
+                f"degenerate frequency table: bucket(s) {', '.join(self.empty_buckets)} hold no token type "
+                f"(ties or too few distinct counts); their rows will be absent",
+                UserWarning,
+                stacklevel=2,
+            )
         self._torch_tables: dict[Any, Any] = {}
 
+    @property
+    def is_degenerate(self) -> bool:
+        """True when HEAD, MID or TAIL holds no token type."""
+        return bool(self.empty_buckets)
+
     def _thresholds(self) -> tuple[int, int]:
+        """The paper's cut indices, as count thresholds (``k`` types within a cut: ``cum <= total·cut``)."""
         order = np.sort(self.counts)[::-1]
-        mass = np.cumsum(order) / order.sum()
-        # Last index whose cumulative mass is within the cut (at least the first type).
-        head_end = max(int(np.searchsorted(mass, self.cuts[0], side="right")) - 1, 0)
-        head_min = int(order[head_end])
-        # Ties with the threshold join HEAD, so MID starts after every count >= head_min.
-        mid_start = int(np.searchsorted(-order, -head_min, side="right"))
-        if mid_start >= order.size:
-            return head_min, head_min  # every type is HEAD
-        mid_end = max(int(np.searchsorted(mass, self.cuts[1], side="right")) - 1, mid_start)
-        return head_min, int(order[mid_end])
+        cum = np.cumsum(order).astype(np.float64)
+        total, n = float(cum[-1]), order.size
+        head_k = max(1, min(int(np.sum(cum <= total * self.cuts[0])), n - 1))
+        mid_k = max(head_k + 1, min(int(np.sum(cum <= total * self.cuts[1])), n - 1))
+        # Never-seen types are TAIL whatever the cuts say: MID needs a count of at least 1.
+        return int(order[head_k - 1]), max(int(order[mid_k - 1]), 1)
 
     # -- construction ------------------------------------------------------
     @classmethod
@@ -134,6 +144,7 @@ class FrequencyTable:
             "cuts": list(self.cuts),
             "head_min_count": self.head_min_count,
             "mid_min_count": self.mid_min_count,
+            "empty_buckets": list(self.empty_buckets),
             "buckets": {},
         }
         for i, name in enumerate(BUCKETS):
@@ -171,6 +182,10 @@ class FrequencyTable:
         return f"FrequencyTable(vocab_size={self.vocab_size}, {parts})"
 
 
+def _refuse(reason: str) -> NonFiniteError:
+    return NonFiniteError(f"activations refused: {reason}")
+
+
 def _check_bucket_range(lo: int, hi: int, k: int) -> None:
     if lo < 0 or hi >= k:
         raise ValueError(f"bucket ids must lie in [0, {k}), got values in [{lo}, {hi}]")
@@ -198,7 +213,7 @@ class BucketedCovariance:
             raise ValueError(f"bucket ids of shape {tuple(bucket_ids.shape)} for rows of shape {lead}")
         if mask is not None and tuple(mask.shape) != lead:
             raise ValueError(f"mask of shape {tuple(mask.shape)} for rows of shape {lead}")
-        self.buckets[0]._n_rows(x)  # shape, D and empty-batch errors, as a pooled update gives
+        self.buckets[0].batch_rows(x)  # shape, D, dtype and empty-batch errors, as a pooled update gives
         if self.buckets[0].device is None:
             self._update_host(x, bucket_ids, mask)
         else:
@@ -224,46 +239,31 @@ class BucketedCovariance:
             if hi > lo:
                 sub = block[lo + i : hi + i + 1]
                 np.copyto(sub[: hi - lo], rows[order[lo:hi]], casting="unsafe")
-                parts.append((self.buckets[i], sub, hi - lo, self.buckets[i]._block_mean(sub, hi - lo)))
+                parts.append((self.buckets[i], sub, hi - lo, self.buckets[i].block_mean(sub, hi - lo)))
         for acc, sub, n, mean in parts:
-            acc._accumulate_block(sub, n, mean)
+            acc.add_block(sub, n, mean)
 
     def _update_torch(self, x, bucket_ids, mask) -> None:
-        """Torch states (e.g. on the GPU): one gather into a reused buffer, per-bucket addmm."""
+        """Torch states (e.g. on the GPU): the probe's own path (``capscale.spectrum._torch``):
+        one gather into a reused buffer, every bucket checked before any state changes."""
         import torch
 
-        k = len(self.buckets)
-        xt = x if is_torch(x) else torch.from_numpy(np.asarray(x))
-        b = (
-            torch.as_tensor(to_numpy(bucket_ids) if not is_torch(bucket_ids) else bucket_ids, device=xt.device)
-            .reshape(-1)
-            .long()
-        )
+        from capscale.spectrum import _torch
+
+        k, first = len(self.buckets), self.buckets[0]
+        dev = first.torch_moments.device
+        xt = (x if is_torch(x) else torch.from_numpy(np.asarray(x))).detach().to(dev)
+        b = torch.as_tensor(bucket_ids if is_torch(bucket_ids) else to_numpy(bucket_ids), device=dev).reshape(-1)
         lo, hi = torch.aminmax(b)
         _check_bucket_range(int(lo), int(hi), k)
+        keep = None
         if mask is not None:
-            m = torch.as_tensor(mask if is_torch(mask) else np.asarray(mask), device=xt.device).reshape(-1).bool()
-            b = torch.where(m, b, k)
-        order = torch.argsort(b, stable=True)
-        bounds = torch.searchsorted(b[order], torch.arange(k + 1, device=b.device)).tolist()
-        converted, _ = self.buckets[0]._rows(xt, None)
-        keep = order[: bounds[k]].to(converted.device)
-        grouped = self._scratch_rows(converted, len(keep))
-        torch.index_select(converted, 0, keep, out=grouped)
-        means = [grouped[bounds[i] : bounds[i + 1]].mean(0) for i in range(k)]
-        if not all(_all_finite(m) for i, m in enumerate(means) if bounds[i + 1] > bounds[i]):
-            raise NonFiniteError(f"activations contain NaN or Inf ({bounds[k]} rows, D={self.dim})")
-        for i, acc in enumerate(self.buckets):
-            if bounds[i + 1] > bounds[i]:
-                acc._accumulate(grouped[bounds[i] : bounds[i + 1]], True)
-
-    def _scratch_rows(self, like, n: int):
-        """An ``[n, D]`` view of a device buffer kept across batches, grown as needed."""
-        buf = getattr(self, "_scratch", None)
-        if buf is None or buf.shape[0] < n or buf.dtype != like.dtype or buf.device != like.device:
-            buf = like.new_empty((max(n, 1), self.dim))
-            self._scratch = buf
-        return buf[:n]
+            keep = torch.as_tensor(mask if is_torch(mask) else np.asarray(mask), device=dev).reshape(-1).bool()
+        if not hasattr(self, "_scratch"):
+            self._scratch = _torch.Scratch()
+        grouping = _torch.group_rows(b.numel(), keep, b, k)
+        accs = [acc.torch_moments for acc in self.buckets]
+        _torch.accumulate(xt, grouping, accs[0].dtype, self._scratch, accs, None, _refuse)
 
     def pooled(self) -> StreamingCovariance:
         """The all-rows state: exact Chan merge of the bucket states."""

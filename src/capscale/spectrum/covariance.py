@@ -12,18 +12,28 @@ row of that product); the upper triangle is mirrored only when ``scatter`` is re
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
 import numpy as np
 from scipy.linalg import blas as _blas
 
-from capscale.spectrum._arrays import dtype_name, is_torch, to_numpy, torch_dtype
+from capscale.spectrum._arrays import OVERFLOW_HEADROOM, dtype_name, is_torch, to_numpy, torch_dtype
 from capscale.spectrum.ranks import INDEFINITE_RTOL
 
 # Eigenvalues below this are round-off (or exact zeros) and are clamped to it,
-# as in the paper's code, so that log p stays finite.
+# as in the paper's code, so that log p stays finite ...
 EIG_FLOOR = 1e-12
+# ... unless the whole spectrum is tiny: then the floor is this fraction of the
+# largest eigenvalue (the round-off tolerance of INDEFINITE_RTOL), so the clamp
+# is the paper's for every spectrum with λ_max ≥ 1e-6 and scales with the rest.
+EIG_FLOOR_RTOL = 1e-6
+
+
+def eig_floor(lambda_max: float) -> float:
+    """The clamp for a spectrum whose largest |eigenvalue| is ``lambda_max``: min(1e-12, 1e-6 · λ_max)."""
+    return min(EIG_FLOOR, EIG_FLOOR_RTOL * lambda_max)
 
 
 class NonFiniteError(ValueError):
@@ -85,6 +95,11 @@ def _mirror_lower_(a: np.ndarray, block: int = 256) -> None:
         a[i:j, j:] = a[j:, i:j].T
 
 
+def _overflow_limit(dtype: str) -> float:
+    """Largest per-column sum of squared deviations a host batch may have (as the torch backend's)."""
+    return float(np.finfo(dtype).max) * OVERFLOW_HEADROOM
+
+
 def _check_mask(n_mask: int, n_rows: int, x) -> None:
     if n_mask != n_rows:
         raise ValueError(f"mask has {n_mask} entries for {n_rows} rows (shape {tuple(x.shape)})")
@@ -101,40 +116,39 @@ def _all_finite(a) -> bool:
 def clamp_spectrum(raw: np.ndarray) -> np.ndarray:
     """Validate raw ascending/unsorted eigenvalues of a covariance; clamp round-off.
 
-    Returns float64 eigenvalues sorted descending with every value ≥ EIG_FLOOR.
+    Returns float64 eigenvalues sorted descending with every value ≥ ``eig_floor(max|λ|)``
+    (1e-12 for any spectrum with max|λ| ≥ 1e-6). Only an exactly zero spectrum is an error.
     """
     raw = np.asarray(raw, dtype=np.float64)
     if not np.all(np.isfinite(raw)):
         raise NonFiniteError("covariance eigenvalues contain NaN or Inf")
     max_abs = float(np.abs(raw).max())
-    if max_abs <= EIG_FLOOR:
-        raise ValueError(
-            f"all-zero variance: every eigenvalue is ≤ {EIG_FLOOR:g} (constant features?); ranks are undefined"
-        )
+    if max_abs == 0:
+        raise ValueError("all-zero variance: every eigenvalue is 0 (constant features?); ranks are undefined")
     lo = float(raw.min())
     if lo < -INDEFINITE_RTOL * max_abs:
         raise IndefiniteCovarianceError(
             f"covariance is materially indefinite: min eigenvalue {lo:.3e} < "
             f"-{INDEFINITE_RTOL:g} x max|λ| ({max_abs:.3e}); this is not round-off"
         )
-    return np.sort(np.clip(raw, EIG_FLOOR, None))[::-1].copy()
+    return np.sort(np.clip(raw, eig_floor(max_abs), None))[::-1].copy()
 
 
 # Host tensors up to this width are decomposed by NumPy with one BLAS thread;
-# wider ones by torch (see ``eigenvalues_from_covariance``).
+# wider ones by torch (see ``eigenvalues_from_covariance`` and docs/benchmarks.md).
 SERIAL_EIG_MAX_DIM = 1024
 
 
 def eigenvalues_from_covariance(cov) -> np.ndarray:
     """Descending, clamped eigenvalues of a covariance matrix (NumPy or torch), float64.
 
-    Uses ``eigvalsh`` (no eigenvectors); an accelerator tensor is decomposed on its
-    device. A host tensor comes from a torch process (the probe), where the LAPACK
-    call shares two cores with training: measured on 2 cores, NumPy's LAPACK on one
-    thread takes 2.3 ms at D = 256 against torch's 4.5 ms (72 vs 87 ms at 1024), and
-    NumPy's OpenBLAS on its default threads keeps spinning after the call and
-    slowed the training steps that followed. From D = 2048 torch's threaded path
-    wins (0.43 s vs 0.74 s). NumPy input is decomposed by NumPy as configured.
+    Uses ``eigvalsh`` (no eigenvectors). NumPy input is decomposed by NumPy as
+    configured; an accelerator tensor by torch on its device. A host tensor comes
+    from a torch process (the probe), where the LAPACK call shares the cores with
+    training: up to ``SERIAL_EIG_MAX_DIM`` it goes to NumPy's LAPACK on one thread
+    (faster there than torch's, and without OpenBLAS threads left spinning after
+    the call to slow the training steps that follow), wider ones to torch's
+    threaded ``eigvalsh``. Timings behind this choice: docs/benchmarks.md.
     """
     c = cov.detach().double() if is_torch(cov) else np.asarray(cov, dtype=np.float64)
     _check_square(c)
@@ -154,7 +168,7 @@ _BLAS_CONTROLLER = None
 
 
 def _serial_blas():
-    """A context in which NumPy's BLAS/LAPACK runs on one thread (threadpoolctl; ~10 µs)."""
+    """A context in which NumPy's BLAS/LAPACK runs on one thread (threadpoolctl)."""
     global _BLAS_CONTROLLER
     if _BLAS_CONTROLLER is None:
         from threadpoolctl import ThreadpoolController
@@ -174,7 +188,8 @@ class StreamingCovariance:
     ``device=None`` keeps the state in NumPy on the host (torch tensors are
     accepted and copied over); a torch device (``"cuda"``, ``"cpu"``) keeps it
     in torch on that device, so GPU activations never leave the GPU until the
-    D-length spectrum is computed. ``dtype`` defaults to float64; float32 is
+    D-length spectrum is computed: that backend is the probe's own
+    (``capscale.spectrum._torch``). ``dtype`` defaults to float64; float32 is
     for accelerators where float64 matmul is slow.
     """
 
@@ -185,6 +200,12 @@ class StreamingCovariance:
         self.dim = dim
         self.dtype = dtype_name(dtype)
         self.device = device
+        self._moments = None
+        if device is not None:
+            from capscale.spectrum import _torch
+
+            self._moments = _torch.WindowMoments(dim, device, torch_dtype(self.dtype))
+            self._scratch = _torch.Scratch()
         self.reset()
 
     # -- state -------------------------------------------------------------
@@ -192,29 +213,37 @@ class StreamingCovariance:
     def uses_torch(self) -> bool:
         return self.device is not None
 
+    @property
+    def torch_moments(self):
+        """The torch backend's accumulator (``capscale.spectrum._torch.WindowMoments``); None on NumPy."""
+        return self._moments
+
     def reset(self) -> None:
-        self.count = 0
-        self.mean = self._zeros(self.dim)
-        self.scatter = self._zeros(self.dim, self.dim)
+        if self._moments is not None:
+            self._moments.reset()
+            return
+        self._count = 0
+        self._mean = np.zeros(self.dim, dtype=self.dtype)
+        self._scatter, self._half = np.zeros((self.dim, self.dim), dtype=self.dtype), False
+
+    @property
+    def count(self) -> int:
+        return self._count if self._moments is None else self._moments.count
+
+    @property
+    def mean(self):
+        """The mean row (NumPy, or a torch float64 tensor on the state's device)."""
+        return self._mean if self._moments is None else self._moments.mean()
 
     @property
     def scatter(self):
-        """Σ (x - mean)(x - mean)ᵀ, symmetric (NumPy batches fill one triangle; mirrored on read)."""
+        """Σ (x - mean)(x - mean)ᵀ, symmetric (batches fill one triangle; mirrored on read)."""
+        if self._moments is not None:
+            return self._moments.moments().scatter
         if self._half:
             _mirror_lower_(self._scatter)
             self._half = False
         return self._scatter
-
-    @scatter.setter
-    def scatter(self, value) -> None:
-        self._scatter, self._half = value, False
-
-    def _zeros(self, *shape):
-        if self.device is None:
-            return np.zeros(shape, dtype=self.dtype)
-        import torch
-
-        return torch.zeros(shape, dtype=torch_dtype(self.dtype), device=self.device)
 
     def _adopt(self, a):
         """A private copy of ``a`` in this accumulator's backend, dtype and device."""
@@ -223,56 +252,65 @@ class StreamingCovariance:
         import torch
 
         t = a if is_torch(a) else torch.from_numpy(np.asarray(a))
-        return t.detach().to(device=self.device, dtype=torch_dtype(self.dtype), copy=True)
+        return t.detach().to(device=self._moments.device, dtype=torch_dtype(self.dtype), copy=True)
 
     # -- accumulation ------------------------------------------------------
-    def _n_rows(self, x) -> int:
-        """Rows in a batch ``[..., D]``; a clear error for a wrong shape, D or an empty batch."""
+    def batch_rows(self, x) -> int:
+        """Rows in a batch ``[..., D]``; a clear error for a wrong shape, D, dtype or an empty batch."""
         shape = tuple(x.shape)
         if len(shape) < 2:
             raise ValueError(f"expected activations of shape [..., {self.dim}], got {shape}")
         if shape[-1] != self.dim:
             raise ValueError(f"wrong dimension: rows have D={shape[-1]}, accumulator has D={self.dim}")
+        if x.is_complex() if is_torch(x) else np.iscomplexobj(x):
+            raise ValueError(f"complex activations ({x.dtype}) have no real covariance; pass real values")
         n_rows = int(np.prod(shape[:-1]))
         if n_rows == 0:
             raise ValueError(f"empty batch: activations of shape {shape} hold no rows")
         return n_rows
 
-    def _rows(self, x, mask):
-        """Torch backend: rows ``[n, D]`` on the state's device and dtype, and whether they are
-        a private copy (then centred in place) rather than a view of the caller's tensor."""
-        import torch
-
-        n_rows = self._n_rows(x)
-        t = x if is_torch(x) else torch.from_numpy(np.asarray(x))
-        rows = t.detach().reshape(n_rows, self.dim).to(self.device, torch_dtype(self.dtype))
-        owned = rows.data_ptr() != t.data_ptr()
-        if mask is not None:
-            m = mask.reshape(-1) if is_torch(mask) else torch.from_numpy(np.asarray(mask).reshape(-1))
-            _check_mask(m.shape[0], n_rows, x)
-            m = m.to(self.device).bool()
-            rows, owned = rows[m], True  # boolean indexing copies
-        return rows, owned
-
     def update(self, x, mask=None) -> StreamingCovariance:
         """Add rows ``x`` of shape ``[..., D]`` (NumPy or torch); ``mask`` keeps rows where true.
 
-        Raises on NaN/Inf before touching the state, so what was accumulated stays valid.
-        A mask that keeps no row is a no-op; a batch with no rows at all is an error.
+        Raises on NaN/Inf, or values whose scatter would overflow, before touching the
+        state, so what was accumulated stays valid. A mask that keeps no row is a no-op;
+        a batch with no rows at all is an error.
         """
-        if self.device is not None:
-            return self._accumulate(*self._rows(x, mask))
+        if self._moments is not None:
+            return self._update_torch(x, mask)
         rows = self._host_rows(x, mask)
         n = int(rows.shape[0])
         if n:
             block = scratch_rows(n + 1, self.dim, self.dtype)
             np.copyto(block[:n], rows, casting="unsafe")  # the one conversion copy
-            self._accumulate_block(block, n, self._block_mean(block, n))
+            self.add_block(block, n, self.block_mean(block, n))
         return self
+
+    def _update_torch(self, x, mask) -> StreamingCovariance:
+        import torch
+
+        from capscale.spectrum import _torch
+
+        n_rows = self.batch_rows(x)
+        t = x if is_torch(x) else torch.from_numpy(np.asarray(x))
+        t = t.detach().to(self._moments.device)
+        keep = None
+        if mask is not None:
+            m = mask.reshape(-1) if is_torch(mask) else torch.from_numpy(np.asarray(mask).reshape(-1))
+            _check_mask(m.shape[0], n_rows, x)
+            keep = m.to(t.device).bool()
+        grouping = _torch.group_rows(n_rows, keep, None, 1)
+        dtype = torch_dtype(self.dtype)
+        _torch.accumulate(t, grouping, dtype, self._scratch, None, self._moments, self._refuse)
+        return self
+
+    @staticmethod
+    def _refuse(reason: str) -> NonFiniteError:
+        return NonFiniteError(f"activations refused: {reason}")
 
     def _host_rows(self, x, mask):
         """``[n, D]`` host view of the kept rows (not yet converted or copied where avoidable)."""
-        n_rows = self._n_rows(x)
+        n_rows = self.batch_rows(x)
         rows = host_rows(x).reshape(n_rows, self.dim)
         if mask is not None:
             m = to_numpy(mask).reshape(-1)
@@ -280,72 +318,58 @@ class StreamingCovariance:
             rows = rows[m.astype(bool)]
         return rows
 
-    def _block_mean(self, block: np.ndarray, n: int) -> np.ndarray:
-        """Mean of ``block[:n]``; a NaN/Inf anywhere in a column makes it non-finite (a D-length check)."""
-        mean = block[:n].mean(0)
+    def block_mean(self, block: np.ndarray, n: int) -> np.ndarray:
+        """Mean of the host rows ``block[:n]``, refusing NaN/Inf and values whose scatter would overflow.
+
+        A NaN/Inf anywhere in a column makes its mean non-finite (a D-length check);
+        the largest |x| bounds every column's sum of squared deviations.
+        """
+        rows = block[:n]
+        mean = rows.mean(0)
         if not np.isfinite(mean).all():
-            raise NonFiniteError(f"activations contain NaN or Inf ({n} rows, D={self.dim})")
+            raise NonFiniteError(f"activations refused: NaN or Inf ({n} rows, D={self.dim})")
+        top = max(abs(float(rows.max())), abs(float(rows.min())))
+        if top + float(np.abs(mean).max()) > math.sqrt(_overflow_limit(self.dtype) / n):
+            raise NonFiniteError(
+                f"activations refused: values too large: max |x| = {top:.3g} over {n} rows "
+                f"would overflow the {self.dtype} scatter (D={self.dim})"
+            )
         return mean
 
-    def _accumulate_block(self, block: np.ndarray, n: int, batch_mean: np.ndarray) -> None:
-        """Add rows ``block[:n]`` (scratch; ``block[n]`` is a free row) with their mean.
+    def add_block(self, block: np.ndarray, n: int, batch_mean: np.ndarray) -> None:
+        """Add host rows ``block[:n]`` (scratch; ``block[n]`` is a free row) with their ``block_mean``.
 
         Centred rows plus one row √(n_a n_b / n)·(mean_b − mean_a) give, in a single
         syrk, the batch scatter and Chan's between-means term, added into the state in place.
         """
         block[:n] -= batch_mean
-        if self.count == 0:
-            self.count, self.mean = n, batch_mean
+        if self._count == 0:
+            self._count, self._mean = n, batch_mean
             self._scatter[...] = 0
             k = n
         else:
-            total = self.count + n
-            delta = batch_mean - self.mean
-            block[n] = delta * np.sqrt(self.count * n / total)
-            self.mean = self.mean + delta * (n / total)
-            self.count, k = total, n + 1
+            total = self._count + n
+            delta = batch_mean - self._mean
+            block[n] = delta * np.sqrt(self._count * n / total)
+            self._mean = self._mean + delta * (n / total)
+            self._count, k = total, n + 1
         _syrk_lower_(self._scatter, block[:k])
         self._half = True
 
-    def _accumulate(self, rows, owned: bool) -> StreamingCovariance:
-        """Torch backend: add converted rows; ``owned`` rows are scratch and get centred in place."""
-        n = int(rows.shape[0])
-        if n == 0:
-            return self
-        batch_mean = rows.mean(0)
-        # A NaN/Inf anywhere in a column makes its mean non-finite: a D-length check.
-        if not _all_finite(batch_mean):
-            raise NonFiniteError(f"activations contain NaN or Inf ({n} rows, D={self.dim})")
-        if owned:
-            rows -= batch_mean  # center in place: no second N×D buffer
-            centered = rows
-        else:
-            centered = rows - batch_mean
-        self._combine(n, batch_mean, centered.T @ centered)
-        return self
-
-    def _combine(self, n_b: int, mean_b, scatter_b) -> None:
-        """Chan et al.: merge moments (n_b, mean_b, scatter_b), which this object now owns.
-
-        A NumPy ``scatter_b`` needs only its lower triangle valid (see ``_syrk_lower_``).
-        """
-        n_a = self.count
+    def _combine_host(self, n_b: int, mean_b, scatter_b) -> None:
+        """NumPy backend, Chan et al.: merge moments (n_b, mean_b, scatter_b), which this object now owns."""
+        n_a = self._count
         if n_a == 0:
-            self.count, self.mean, self.scatter = n_b, mean_b, scatter_b
-            self._half = self.device is None
+            self._count, self._mean, self._scatter, self._half = n_b, mean_b, scatter_b, False
             return
         n = n_a + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        if self.device is None:  # in place, lower triangle: no D×D temporaries
-            self._scatter += scatter_b
-            syr = _blas.dsyr if self._scatter.dtype == np.float64 else _blas.ssyr
-            syr(n_a * n_b / n, delta, lower=0, a=self._scatter.T, overwrite_a=1)
-            self._half = True
-        else:
-            self._scatter += scatter_b
-            self._scatter += delta[:, None] * (delta * (n_a * n_b / n))[None, :]  # between-means term
-        self.count = n
+        delta = mean_b - self._mean
+        self._mean = self._mean + delta * (n_b / n)
+        self._scatter += scatter_b  # in place, lower triangle: no D×D temporaries
+        syr = _blas.dsyr if self._scatter.dtype == np.float64 else _blas.ssyr
+        syr(n_a * n_b / n, delta, lower=0, a=self._scatter.T, overwrite_a=1)
+        self._half = True
+        self._count = n
 
     def merge(self, other: StreamingCovariance) -> StreamingCovariance:
         """Fold ``other`` into this state exactly (``other`` is left unchanged)."""
@@ -353,21 +377,29 @@ class StreamingCovariance:
             raise TypeError(f"can only merge a StreamingCovariance, got {type(other).__name__}")
         if other.dim != self.dim:
             raise ValueError(f"cannot merge D={other.dim} into D={self.dim}")
-        if other.count:
-            if self.count and self._native(other):  # read-only use: no copy of other's D×D state
-                self._combine(other.count, other.mean, other._scatter)
-            else:
-                self._combine(other.count, self._adopt(other.mean), self._adopt(other.scatter))
+        if not other.count:
+            return self
+        if self._moments is not None:  # the torch accumulator takes any moments (only read)
+            self._moments.add(
+                other.count, self._adopt(other.mean), other.scatter if other.uses_torch else self._adopt(other.scatter)
+            )
+        elif self._count and self._native(other):  # read-only use: no copy of other's D×D state
+            self._combine_host(other.count, other.mean, other._scatter)
+        else:
+            self._combine_host(other.count, self._adopt(other.mean), self._adopt(other.scatter))
         return self
 
     def _native(self, other: StreamingCovariance) -> bool:
-        return other.dtype == self.dtype and str(other.device) == str(self.device)
+        return other.dtype == self.dtype and other.device is None
 
     def copy(self) -> StreamingCovariance:
         out = object.__new__(StreamingCovariance)
-        out.dim, out.dtype, out.device, out.count = self.dim, self.dtype, self.device, self.count
-        clone = (lambda a: a.clone()) if self.uses_torch else (lambda a: a.copy())
-        out.mean, out._scatter, out._half = clone(self.mean), clone(self._scatter), self._half
+        out.dim, out.dtype, out.device, out._moments = self.dim, self.dtype, self.device, None
+        if self._moments is not None:
+            out._moments, out._scratch = self._moments.copy(), type(self._scratch)()
+        else:
+            out._count, out._mean = self._count, self._mean.copy()
+            out._scatter, out._half = self._scatter.copy(), self._half
         return out
 
     # -- results -----------------------------------------------------------
@@ -380,7 +412,7 @@ class StreamingCovariance:
         return self.scatter.double() / (self.count - 1)
 
     def eigenvalues(self) -> np.ndarray:
-        """Covariance eigenvalues, descending, float64 NumPy, round-off clamped at 1e-12."""
+        """Covariance eigenvalues, descending, float64 NumPy, round-off clamped (see ``clamp_spectrum``)."""
         return eigenvalues_from_covariance(self.covariance())
 
     def summary(self, **kwargs) -> dict:
@@ -418,7 +450,10 @@ class StreamingCovariance:
             )
         if not (_all_finite(mean) and _all_finite(scatter)):
             raise NonFiniteError("covariance state contains NaN or Inf")
-        obj.count, obj.mean, obj.scatter = count, mean, scatter
+        if obj._moments is not None:
+            obj._moments.load(count, mean, scatter)
+        else:
+            obj._count, obj._mean, obj._scatter, obj._half = count, mean, scatter, False
         return obj
 
     def __repr__(self) -> str:

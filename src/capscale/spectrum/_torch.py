@@ -1,0 +1,311 @@
+"""The torch backend of the spectral core: one implementation of the covariance math on tensors.
+
+``StreamingCovariance(device=…)``, ``BucketedCovariance`` on a torch device and the
+probe all accumulate through this module (imported only when torch is in use, as
+``_arrays`` is NumPy's plumbing).
+
+For each batch the rows ``[N, D]`` are (optionally) gathered into segment order
+once (HEAD/MID/TAIL, masked rows dropped), centred per segment by the segment's
+own mean, and the segment's scatter is one GEMM in the *compute* dtype. Centring
+per batch keeps the GEMM's rounding relative to the variance, not to the mean².
+
+An accumulator sums the batch scatters (one D×D pass per batch) and keeps the
+batch means; their between-means term ``Σ n_b (μ_b − μ)(μ_b − μ)ᵀ`` is folded in
+every ``FOLD`` batches as one rank-k update. This is Chan's exact merge applied
+to a block of batches at once; :meth:`Moments.merge_all` is the same block merge
+for finished states (buckets into "all"), and :meth:`Moments.scatter_about` the
+per-rank term of the data-parallel reduction.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from capscale.spectrum._arrays import OVERFLOW_HEADROOM
+
+# Batch means kept before their between-means term is folded into the scatter:
+# bounds memory (FOLD × D per accumulator) while amortising the rank-k GEMM.
+FOLD = 32
+
+
+def overflow_limit(dtype) -> float:
+    """Largest per-column sum of squared deviations a batch may have in ``dtype``."""
+    return float(torch.finfo(dtype).max) * OVERFLOW_HEADROOM
+
+
+@dataclass(frozen=True)
+class Moments:
+    """``count`` rows summarised by their mean and scatter ``Σ (x − mean)(x − mean)ᵀ`` (float64)."""
+
+    count: int
+    mean: torch.Tensor
+    scatter: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    def covariance(self) -> torch.Tensor:
+        """Unbiased ``scatter / (count − 1)``; needs count ≥ 2."""
+        return self.scatter / (self.count - 1)
+
+    def scatter_about(self, center: torch.Tensor) -> torch.Tensor:
+        """``Σ (x − center)(x − center)ᵀ`` over this state's rows (parallel-axis theorem), a new tensor."""
+        delta = (self.mean - center).to(self.scatter.dtype)
+        return self.scatter + self.count * torch.outer(delta, delta)
+
+    def merge(self, other: Moments) -> Moments:
+        """The exact merge of two disjoint states (Chan et al.), as a new Moments."""
+        return Moments.merge_all([self, other])
+
+    @staticmethod
+    def merge_all(parts: Sequence[Moments]) -> Moments:
+        """The exact merge of disjoint states (e.g. HEAD/MID/TAIL into ALL), as a new Moments."""
+        acc = WindowMoments(parts[0].dim, parts[0].scatter.device, parts[0].scatter.dtype)
+        for p in parts:
+            acc.add(p.count, p.mean, p.scatter)
+        return acc.moments()
+
+
+class WindowMoments:
+    """Exact moments of one stream (a site and bucket over a window), fed by batch moments.
+
+    The state is float64 unless ``dtype`` says otherwise (float32 on request, for
+    accelerators where float64 is slow); batch means are always kept in float64.
+    """
+
+    def __init__(self, dim: int, device, dtype: torch.dtype = torch.float64):
+        self.dim = dim
+        # Σ over batches of each batch's scatter about its own mean (plus folded
+        # between-terms). Only the upper triangle is meaningful (see
+        # ``scatter_upper_``); ``moments()`` mirrors it before anyone reads it.
+        self.scatter = torch.zeros(dim, dim, dtype=dtype, device=device)
+        self.count = 0
+        self._counts: list[int] = []
+        self._means: list[torch.Tensor] = []
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scatter.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.scatter.device
+
+    def reset(self) -> None:
+        """Empty again, keeping the D×D buffer (reused window after window)."""
+        if self.count:
+            self.scatter.zero_()
+        self.count = 0
+        self._counts, self._means = [], []
+
+    def add(self, count: int, mean: torch.Tensor, scatter: torch.Tensor) -> None:
+        """A batch of ``count`` rows: its mean and its scatter about that mean (any float dtype).
+
+        Only the upper triangle of ``scatter`` matters (see ``scatter_upper_``).
+        """
+        if count == 0:
+            return
+        dev = self.scatter.device
+        self.scatter.add_(scatter.to(dev))
+        self._counts.append(int(count))
+        self._means.append(mean.to(dev))  # widened to float64 when folded
+        self.count += int(count)
+        if len(self._means) >= FOLD:
+            self._fold()
+
+    def _fold(self) -> None:
+        if len(self._means) <= 1:
+            return
+        n = torch.tensor(self._counts, dtype=torch.float64, device=self.scatter.device)
+        means = torch.stack([m.to(torch.float64) for m in self._means])
+        total = sum(self._counts)
+        mu = (n @ means) / total
+        dev = means - mu
+        # Σ n_b (μ_b − μ)(μ_b − μ)ᵀ: the folded batches now act as one batch (total, μ).
+        if self.scatter.dtype == torch.float64:
+            self.scatter.addmm_(dev.T * n, dev)
+        else:
+            self.scatter.add_((dev.T * n) @ dev)
+        self._counts, self._means = [total], [mu]
+
+    def mean(self) -> torch.Tensor:
+        """The float64 mean of everything added so far (zeros when empty)."""
+        self._fold()
+        return (
+            self._means[0].to(torch.float64) if self._means else self.scatter.new_zeros(self.dim, dtype=torch.float64)
+        )
+
+    def moments(self) -> Moments:
+        """The stream so far. Shares this accumulator's buffer: use it before ``reset``/``add``."""
+        mean = self.mean()
+        symmetrize_(self.scatter)
+        return Moments(self.count, mean, self.scatter)
+
+    def load(self, count: int, mean: torch.Tensor, scatter: torch.Tensor) -> None:
+        """Replace the state by ``(count, mean, scatter)`` (copied onto this device and dtype)."""
+        self.scatter.copy_(scatter)
+        self.count = int(count)
+        self._counts, self._means = ([self.count], [mean.to(self.device, torch.float64).clone()]) if count else ([], [])
+
+    def copy(self) -> WindowMoments:
+        out = object.__new__(WindowMoments)
+        out.dim, out.count, out.scatter = self.dim, self.count, self.scatter.clone()
+        out._counts, out._means = list(self._counts), list(self._means)  # means are never written in place
+        return out
+
+
+def panel_bounds(rows: int, dim: int) -> list[int]:
+    """Column panels for one scatter GEMM of ``rows × dim``: 1, 2 or 4.
+
+    A scatter is symmetric, so only its block upper triangle is formed (as
+    BLAS ``syrk`` would; torch has no syrk): 3/4 of the GEMM flops with 2
+    panels, 10/16 with 4. Below ~128 rows or columns the extra calls cost more
+    than they save (see docs/benchmarks.md).
+    """
+    p = 1 if rows < 128 or dim < 128 else 4 if rows >= 1024 and dim >= 256 else 2
+    return [round(k * dim / p) for k in range(p + 1)]
+
+
+def symmetrize_(square: torch.Tensor) -> torch.Tensor:
+    """Set the strict lower triangle from the upper one (in place); the lower one is never read."""
+    square.copy_(square.triu() + square.triu(1).mT)
+    return square
+
+
+def scatter_upper_(square: torch.Tensor, centred: torch.Tensor) -> None:
+    """``square``'s upper triangle ← that of ``centredᵀ centred``; what is below it is left undefined."""
+    for a, b in itertools.pairwise(panel_bounds(*centred.shape)):
+        block = square[a:b, a:]
+        torch.addmm(block, centred[:, a:b].T, centred[:, a:], beta=0, out=block)
+
+
+class Scratch:
+    """Reusable buffers, so an accumulated batch allocates no N×D or D×D temporaries.
+
+    Fresh large tensors come straight from the C allocator, and their page
+    faults cost as much as the arithmetic at these sizes; reuse avoids both.
+    """
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        """An uninitialised ``shape`` view of the buffer ``name`` (grown when too small)."""
+        numel = math.prod(shape)
+        key = (name, dtype, device)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+
+@dataclass
+class Grouping:
+    """Rows to keep, in segment order: ``index`` (None = all rows as they are) and segment bounds."""
+
+    index: torch.Tensor | None
+    bounds: list[int]
+
+
+def group_rows(n_rows: int, keep: torch.Tensor | None, segment_ids: torch.Tensor | None, k: int) -> Grouping:
+    """Rows kept by the boolean ``keep`` (None = all), ordered by ``segment_ids`` in ``[0, k)`` (None = one segment).
+
+    One stable sort: rows keep their order within a segment; masked rows sort past every segment.
+    """
+    if segment_ids is None:
+        if keep is None:
+            return Grouping(None, [0, n_rows])
+        index = keep.reshape(-1).nonzero().squeeze(1)
+        return Grouping(index, [0, int(index.numel())])
+    b = segment_ids.reshape(-1).long()
+    if keep is not None:
+        b = torch.where(keep.reshape(-1).to(b.device), b, k)
+    counts = torch.bincount(b, minlength=k + 1)[:k]
+    bounds = [0] + torch.cumsum(counts, 0).tolist()
+    order = torch.argsort(b, stable=True)[: bounds[-1]]
+    return Grouping(order, bounds)
+
+
+def accumulate(
+    x: torch.Tensor,
+    grouping: Grouping,
+    dtype: torch.dtype,
+    scratch: Scratch,
+    segment_accs: Sequence[WindowMoments | None] | None,
+    pooled_acc: WindowMoments | None,
+    refuse: Callable[[str], Exception],
+) -> None:
+    """Fold the rows of ``x [..., D]`` into per-segment and/or pooled accumulators.
+
+    Every segment is centred by its own mean and its scatter is one GEMM in
+    ``dtype``. Before anything is added, the batch is refused (``refuse(reason)``
+    is raised) when a mean is NaN/Inf or the scatter could overflow ``dtype``, so
+    a bad batch leaves every accumulator as it was.
+    """
+    if x.is_complex():
+        raise ValueError(f"complex activations ({x.dtype}) have no real covariance; pass a real tensor")
+    d = x.shape[-1]
+    rows = x.detach().reshape(-1, d)
+    n_kept = grouping.bounds[-1]
+    buf = scratch.get("rows", (n_kept, d), dtype, rows.device)
+    if grouping.index is not None:
+        index = grouping.index.to(rows.device)
+        if rows.dtype == dtype:
+            torch.index_select(rows, 0, index, out=buf)
+        else:
+            buf.copy_(rows.index_select(0, index))  # gather, then widen
+        src, owned = buf, True
+    elif rows.dtype != dtype:
+        src, owned = buf.copy_(rows), True
+    else:
+        src, owned = rows, False  # the caller's own tensor: read, never written
+    segs = list(itertools.pairwise(grouping.bounds))
+    means = [src[a:b].mean(0) if b > a else None for a, b in segs]
+    live = [m for m in means if m is not None]
+    if not live:
+        return
+    # A NaN/Inf anywhere in a column makes that column's mean, and so this
+    # float64 sum, non-finite: one scalar read instead of an elementwise check.
+    # The largest |x| bounds every segment's scatter diagonal (n · (|x| + |μ|)²).
+    all_means = live[0] if len(live) == 1 else torch.cat(live)
+    lo, hi = torch.aminmax(src)  # one pass; cheaper than an inf-norm here
+    total, lo, hi, mu_top = torch.stack(
+        [
+            all_means.sum(dtype=torch.float64),
+            lo.to(torch.float64),
+            hi.to(torch.float64),
+            torch.linalg.vector_norm(all_means, ord=math.inf).to(torch.float64),
+        ]
+    ).tolist()
+    top = max(abs(lo), abs(hi))
+    if not math.isfinite(total):
+        raise refuse(f"NaN or Inf ({n_kept} rows, D={d})")
+    if top + mu_top > math.sqrt(overflow_limit(dtype) / max(n_kept, 1)):
+        raise refuse(
+            f"values too large: max |x| = {top:.3g} over {n_kept} rows would overflow the {dtype} scatter (D={d})"
+        )
+    targets = [a for a in (*(segment_accs or ()), pooled_acc) if a is not None]
+    state_dtype = targets[0].dtype if targets else dtype
+    square = scratch.get("square", (d, d), dtype, rows.device)
+    wide = square if dtype == state_dtype else scratch.get("square_state", (d, d), state_dtype, rows.device)
+    for j, (a, b) in enumerate(segs):
+        if means[j] is None:
+            continue
+        # Centred per batch: the GEMM sees deviations, so its rounding is
+        # relative to the variance rather than to the mean².
+        if owned:
+            centred = src[a:b].sub_(means[j])
+        else:
+            centred = torch.sub(src[a:b], means[j], out=buf[: b - a])
+        scatter_upper_(square, centred)
+        if wide is not square:
+            wide.copy_(square)  # convert once into a reused buffer, not per target
+        for acc in (segment_accs[j] if segment_accs is not None else None, pooled_acc):
+            if acc is not None:
+                acc.add(b - a, means[j], wide)
