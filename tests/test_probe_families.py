@@ -503,7 +503,10 @@ def _own_rows(model, fam: Family) -> dict[tuple[str, int, str], np.ndarray]:
 
 
 def _ranks(x: np.ndarray) -> tuple[float, float]:
-    lam = np.clip(np.linalg.eigvalsh(np.cov(x.T)), 1e-12, None)[::-1]
+    lam = np.linalg.eigvalsh(np.cov(x.T))
+    # docs/conventions.md: round-off clamped at 1e-12, or at 1e-6 of λ_max for a tiny spectrum
+    # (a random tiny OLMo 2 has post-activation λ_max ~1e-10)
+    lam = np.clip(lam, min(1e-12, 1e-6 * lam.max()), None)[::-1]
     p = lam / lam.sum()
     return float(np.exp(-(p * np.log(p)).sum())), float(lam.sum() ** 2 / (lam**2).sum())
 
