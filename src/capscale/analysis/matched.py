@@ -8,9 +8,10 @@ validation loss (the last logged ``val_loss``). Two series form a candidate pair
 when they share the architecture (their optimizer setting — label or step
 budget — differs) and, at a common width, their final validation losses agree
 within ``tolerance`` nats. Each pair carries both series' β_soft, β_hard, Δβ (with
-t-intervals), their ranks per bucket at that width and their asymmetry.
-``geometry`` is ``"different"`` when the β_soft or β_hard t-intervals of the two
-series are disjoint, ``"indistinguishable"`` when both overlap, and
+t-intervals), their ranks per bucket at that width and their asymmetry, and the
+differences β_b − β_a with their intervals (``compare.beta_difference``).
+``geometry`` is ``"different"`` when the interval of the β_soft or the β_hard
+difference excludes zero, ``"indistinguishable"`` when both include it, and
 ``"unknown"`` when a series is not fittable.
 """
 
@@ -21,6 +22,8 @@ import math
 
 import pandas as pd
 
+from capscale.analysis.compare import beta_difference
+
 
 def loss_by_width(runs: pd.DataFrame) -> pd.DataFrame:
     """Per series × width: the final validation loss across seeds (median, min, max, n_seeds)."""
@@ -30,7 +33,12 @@ def loss_by_width(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def matched_loss_pairs(
-    runs: pd.DataFrame, points: pd.DataFrame, fits: pd.DataFrame, tolerance: float = 0.02, site: str = "post"
+    runs: pd.DataFrame,
+    points: pd.DataFrame,
+    fits: pd.DataFrame,
+    tolerance: float = 0.02,
+    site: str = "post",
+    confidence: float = 0.95,
 ) -> pd.DataFrame:
     """Pairs of series whose final validation loss agrees within ``tolerance`` at a common width."""
     if not tolerance >= 0:
@@ -66,7 +74,7 @@ def matched_loss_pairs(
         for side, s in (("a", a), ("b", b)):
             row.update({f"{k}_{side}": v for k, v in betas.get(s["series"], {}).items()})
             row.update({f"{k}_{side}": v for k, v in ranks.get((s["series"], s["width"]), {}).items()})
-        row["geometry"] = _verdict(row)
+        row["geometry"] = _verdict(row, confidence)
         rows.append(row)
     out = pd.DataFrame(rows)
     return out.sort_values(["width", "series_a", "series_b"], ignore_index=True) if rows else out
@@ -95,17 +103,25 @@ def _betas(fits: pd.DataFrame, site: str) -> dict:
     for r in sel.itertuples():
         name = {"soft_rank": "soft", "hard_rank": "hard", "delta_beta": "delta"}[r.metric]
         out.setdefault(r.series, {}).update(
-            {f"beta_{name}": r.beta, f"beta_{name}_low": r.ci_low, f"beta_{name}_high": r.ci_high}
+            {
+                f"beta_{name}": r.beta,
+                f"beta_{name}_low": r.ci_low,
+                f"beta_{name}_high": r.ci_high,
+                f"beta_{name}_n": r.n,
+            }
         )
     return out
 
 
-def _verdict(row: dict) -> str:
-    disjoint = []
+def _verdict(row: dict, confidence: float) -> str:
+    """Adds ``{soft,hard}_diff[_low,_high]`` (β_b − β_a) to ``row`` and returns the geometry verdict."""
+    unknown = False
     for name in ("soft", "hard"):
-        vals = [row.get(f"beta_{name}_{e}_{s}") for s in "ab" for e in ("low", "high")]
-        if any(v is None or pd.isna(v) for v in vals):
-            return "unknown"
-        low_a, high_a, low_b, high_b = vals
-        disjoint.append(high_a < low_b or high_b < low_a)
-    return "different" if any(disjoint) else "indistinguishable"
+        a, b = (tuple(row.get(f"beta_{name}{e}_{s}", math.nan) for e in ("", "_low", "_high", "_n")) for s in "ab")
+        diff, lo, hi = beta_difference(b, a, confidence) if not any(pd.isna(v) for v in a + b) else (math.nan,) * 3
+        row.update({f"{name}_diff": diff, f"{name}_diff_low": lo, f"{name}_diff_high": hi})
+        unknown |= not (math.isfinite(lo) and math.isfinite(hi))
+    if unknown:
+        return "unknown"
+    excludes = [row[f"{n}_diff_low"] > 0 or row[f"{n}_diff_high"] < 0 for n in ("soft", "hard")]
+    return "different" if any(excludes) else "indistinguishable"

@@ -11,6 +11,7 @@ import pandas as pd
 from capscale.analysis.aggregate import aggregate_runs, last_k_per_layer, seed_spread
 from capscale.analysis.compare import effect_summary, optimizer_architecture
 from capscale.analysis.fits import FitOptions, beta_table, fit_scaling
+from capscale.analysis.levels import level_ratios
 from capscale.analysis.matched import loss_by_width, matched_loss_pairs
 from capscale.analysis.phase import PhaseThresholds, phase_map
 from capscale.analysis.runs import Sweep, load_sweep
@@ -91,6 +92,7 @@ class Analysis:
     effects: pd.DataFrame  # optimizer vs architecture spans
     effect_summary: pd.DataFrame
     low_nd: pd.DataFrame  # aggregates built from records with N/D below "well sampled"
+    levels: pd.DataFrame  # pairs of series: rank ratio at matched widths (levels.level_ratios)
 
 
 def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = None, **options: Any) -> Analysis:
@@ -106,7 +108,7 @@ def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = N
         points, per_layer, runs, FitOptions(params.confidence, params.n_resamples, params.bootstrap_seed)
     )
     betas = beta_table(fits)
-    cells, effects = optimizer_architecture(betas, points, runs, site=params.site)
+    cells, effects = optimizer_architecture(betas, points, runs, site=params.site, confidence=params.confidence)
     info = runs[["run_id", "name", "series", "width", "seed"]]
     low_nd = points[points["worst_status"] != "well_sampled"].merge(info, on="run_id")
     return Analysis(
@@ -118,7 +120,7 @@ def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = N
         fits=fits,
         betas=betas,
         losses=loss_by_width(runs),
-        matched=matched_loss_pairs(runs, points, fits, params.tolerance, params.site),
+        matched=matched_loss_pairs(runs, points, fits, params.tolerance, params.site, params.confidence),
         phase=phase_map(points, runs, params.phase, site=params.site),
         trajectories=rank_trajectories(sweep.spectra, runs),
         curves=loss_curves(sweep.metrics, runs),
@@ -129,4 +131,5 @@ def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = N
         low_nd=low_nd[
             ["run_id", "name", "series", "width", "seed", "site", "bucket", "worst_status", "min_samples_per_dim"]
         ].sort_values(["series", "width", "seed", "site", "bucket"], ignore_index=True),
+        levels=level_ratios(points, runs, params.site, params.confidence),
     )
