@@ -103,3 +103,15 @@ def test_beta_difference_recovers_the_standard_errors_of_two_fits():
     _, lo, hi = beta_difference((fa.beta, fa.ci_low, fa.ci_high, fa.n), (fa.beta, fa.ci_low, fa.ci_high, fa.n))
     assert lo < 0 < hi
     assert math.isnan(beta_difference((0.5, math.nan, math.nan, 2), (fa.beta, fa.ci_low, fa.ci_high, fa.n))[1])
+
+
+def test_welch_log_ratio_matches_scipys_welch_interval():
+    from capscale.analysis.levels import welch_log_ratio
+
+    rng = np.random.default_rng(7)
+    a, b = np.log(2.4) + 0.1 * rng.standard_normal(3), 0.2 * rng.standard_normal(4)
+    ratio, lo, hi = welch_log_ratio(a, b, 0.9)
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.9)
+    assert math.log(ratio) == pytest.approx(a.mean() - b.mean())
+    assert (math.log(lo), math.log(hi)) == pytest.approx((ci.low, ci.high))
+    assert math.isnan(welch_log_ratio(a[:1], b, 0.9)[1])  # one seed: no interval

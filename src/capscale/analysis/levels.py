@@ -59,6 +59,24 @@ def mean_interval(values: np.ndarray, confidence: float) -> tuple[float, float, 
     return m, m - half, m + half
 
 
+def welch_log_ratio(log_a, log_b, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(ratio, low, high) of exp(mean log_a − mean log_b): a Welch t-interval over replicates (seeds).
+    NaN bounds unless each side has ≥ 2 values."""
+    a, b = np.asarray(log_a, dtype=np.float64), np.asarray(log_b, dtype=np.float64)
+    if not (len(a) and len(b)):
+        return math.nan, math.nan, math.nan
+    d = a.mean() - b.mean()
+    if len(a) < 2 or len(b) < 2:
+        return math.exp(d), math.nan, math.nan
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return math.exp(d), math.exp(d), math.exp(d)
+    df = se**4 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = stats.t.ppf(0.5 + confidence / 2, df) * se
+    return math.exp(d), math.exp(d - half), math.exp(d + half)
+
+
 def level_ratios(
     points: pd.DataFrame,
     runs: pd.DataFrame,

@@ -9,10 +9,12 @@ when they share the architecture (their optimizer setting — label or step
 budget — differs) and, at a common width, their final validation losses agree
 within ``tolerance`` nats. Each pair carries both series' β_soft, β_hard, Δβ (with
 t-intervals), their ranks per bucket at that width and their asymmetry, and the
-differences β_b − β_a with their intervals (``compare.beta_difference``).
-``geometry`` is ``"different"`` when the interval of the β_soft or the β_hard
-difference excludes zero, ``"indistinguishable"`` when both include it, and
-``"unknown"`` when a series is not fittable.
+differences β_b − β_a with their intervals (``compare.beta_difference``), and at that
+width the ratio of hard and soft ranks R_b / R_a with a Welch interval over seeds
+(``levels.welch_log_ratio``; it needs ≥ 2 seeds per series). ``geometry`` is
+``"different"`` when the interval of a β difference excludes zero or that of a rank
+ratio excludes 1, ``"indistinguishable"`` when all include it, and ``"unknown"`` when
+neither can be judged.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pandas as pd
 
 from capscale.analysis.compare import beta_difference
+from capscale.analysis.levels import welch_log_ratio
 
 
 def loss_by_width(runs: pd.DataFrame) -> pd.DataFrame:
@@ -46,6 +50,9 @@ def matched_loss_pairs(
     losses = loss_by_width(runs).dropna(subset=["val_loss"])
     ranks = _ranks_by_width(runs, points, site)
     betas = _betas(fits, site)
+    per_run = points[(points["site"] == site) & (points["bucket"] == "all")].merge(
+        runs[["run_id", "series", "width"]], on="run_id"
+    )
     rows = []
     candidates = (
         pair
@@ -74,6 +81,14 @@ def matched_loss_pairs(
         for side, s in (("a", a), ("b", b)):
             row.update({f"{k}_{side}": v for k, v in betas.get(s["series"], {}).items()})
             row.update({f"{k}_{side}": v for k, v in ranks.get((s["series"], s["width"]), {}).items()})
+        for kind in ("soft", "hard"):
+            logs = [
+                np.log(per_run[(per_run["series"] == x["series"]) & (per_run["width"] == x["width"])][f"{kind}_rank"])
+                for x in (b, a)
+            ]
+            logs = [v[np.isfinite(v)] for v in logs]
+            ratio = welch_log_ratio(*logs, confidence)
+            row.update(dict(zip((f"{kind}_ratio", f"{kind}_ratio_low", f"{kind}_ratio_high"), ratio)))
         row["geometry"] = _verdict(row, confidence)
         rows.append(row)
     out = pd.DataFrame(rows)
@@ -115,13 +130,16 @@ def _betas(fits: pd.DataFrame, site: str) -> dict:
 
 def _verdict(row: dict, confidence: float) -> str:
     """Adds ``{soft,hard}_diff[_low,_high]`` (β_b − β_a) to ``row`` and returns the geometry verdict."""
-    unknown = False
+    judged, different = False, False
     for name in ("soft", "hard"):
         a, b = (tuple(row.get(f"beta_{name}{e}_{s}", math.nan) for e in ("", "_low", "_high", "_n")) for s in "ab")
         diff, lo, hi = beta_difference(b, a, confidence) if not any(pd.isna(v) for v in a + b) else (math.nan,) * 3
         row.update({f"{name}_diff": diff, f"{name}_diff_low": lo, f"{name}_diff_high": hi})
-        unknown |= not (math.isfinite(lo) and math.isfinite(hi))
-    if unknown:
+        if math.isfinite(lo) and math.isfinite(hi):
+            judged, different = True, different or lo > 0 or hi < 0
+        rlo, rhi = row.get(f"{name}_ratio_low", math.nan), row.get(f"{name}_ratio_high", math.nan)
+        if math.isfinite(rlo) and math.isfinite(rhi):
+            judged, different = True, different or rlo > 1 or rhi < 1
+    if not judged:
         return "unknown"
-    excludes = [row[f"{n}_diff_low"] > 0 or row[f"{n}_diff_high"] < 0 for n in ("soft", "hard")]
-    return "different" if any(excludes) else "indistinguishable"
+    return "different" if different else "indistinguishable"

@@ -115,7 +115,7 @@ def headline_level(d: dict, bucket: str = "all", metric: str = "hard_rank") -> d
 
 def level_sentence(r: dict, rank: str = "hard rank") -> str:
     """'muon realises 2.41× [2.10, 2.77] adamw's hard rank at every width (…), at 0.30 nats lower loss [..]'."""
-    span = f"{r['n_widths']} widths, {r['n_seeds']}+ seeds each"
+    span = f"{r['n_widths']} widths, ≥ {r['n_seeds']} seed(s) each"
     where = (
         "at every width" if r["every_width"] else f"on average (per width {f2(r['ratio_min'])}–{f2(r['ratio_max'])}×)"
     )
@@ -123,9 +123,11 @@ def level_sentence(r: dict, rank: str = "hard rank") -> str:
         f"{r['series']} realises {f2(r['ratio'])}× {iv(r['ratio_low'], r['ratio_high'])} {r['baseline']}'s {rank} "
         f"{where} (geometric mean over {span})"
     )
-    if _ok(r["loss_diff"]):
+    if excludes(r["loss_diff_low"], r["loss_diff_high"], 0):
         side = "lower" if r["loss_diff"] < 0 else "higher"
         s += f", at {f2(abs(r['loss_diff']))} nats {side} loss {iv(r['loss_diff_low'], r['loss_diff_high'])}"
+    elif _ok(r["loss_diff"]):
+        s += f", at a final loss not distinguishable from it (difference {iv(r['loss_diff_low'], r['loss_diff_high'])} nats)"
     return s
 
 
@@ -194,30 +196,49 @@ def q2(d: dict) -> dict:
         return _answer(
             "q2",
             RESOLVED,
-            f"Same loss, different geometry in {len(diff)} of {len(pairs)} matched pairs: e.g. {p['series_a']} vs "
-            f"{p['series_b']} at width {p['width']} ({f2(abs(p['loss_diff']))} nats apart) differ in β_hard by "
-            f"{f2(p['hard_diff'])} {iv(p['hard_diff_low'], p['hard_diff_high'])} and in β_soft by "
-            f"{f2(p['soft_diff'])} {iv(p['soft_diff_low'], p['soft_diff_high'])}.",
+            f"Same loss, different representation in {len(diff)} of {len(pairs)} matched pair(s): e.g. at width "
+            f"{p['width']}, where {p['series_b']} and {p['series_a']} end {f2(abs(p['loss_diff']))} nats apart, "
+            + _pair_difference(p)
+            + ".",
             ["matched_loss"],
         )
     if not known:
         return _answer(
             "q2",
             NOT_RESOLVED,
-            f"{len(pairs)} matched pair(s), but a series in each is not fittable: β needs ≥ 3 widths per series.",
+            f"{len(pairs)} matched pair(s), but neither β (≥ 3 widths per series) nor a rank ratio at the matched "
+            "width (≥ 2 seeds per series) can be judged for any of them.",
             ["matched_loss"],
         )
-    p = max(known, key=lambda p: abs(p["hard_diff"]))
+    p = known[0]
     return _answer(
         "q2",
         NOT_RESOLVED,
-        f"In none of the {len(pairs)} matched pair(s) does the β difference exclude zero, so these data cannot tell "
-        f"the geometries apart (largest: {p['series_a']} vs {p['series_b']}, β_hard difference {f2(p['hard_diff'])} "
-        f"{iv(p['hard_diff_low'], p['hard_diff_high'])}); "
-        + needed(p["hard_diff"], p["hard_diff_low"], p["hard_diff_high"], len(d["sweep"]["widths"]), _seeds(d))
+        f"In none of the {len(pairs)} matched pair(s) does a β difference exclude 0 or a rank ratio exclude 1×, so "
+        f"these data cannot tell the representations apart (e.g. width {p['width']}: {_pair_difference(p)}); "
+        + needed(
+            math.log(p["hard_ratio"]) if _ok(p.get("hard_ratio")) else p["hard_diff"],
+            math.log(p["hard_ratio_low"]) if _ok(p.get("hard_ratio_low")) else p["hard_diff_low"],
+            math.log(p["hard_ratio_high"]) if _ok(p.get("hard_ratio_high")) else p["hard_diff_high"],
+            len(d["sweep"]["widths"]),
+            _seeds(d),
+        )
         + ".",
         ["matched_loss"],
     )
+
+
+def _pair_difference(p: dict) -> str:
+    """The matched pair's hard-rank ratio at its width and its β_hard difference, with intervals."""
+    parts = []
+    if _ok(p.get("hard_ratio")):
+        parts.append(
+            f"{p['series_b']}'s hard rank is {f2(p['hard_ratio'])}× "
+            f"{iv(p.get('hard_ratio_low'), p.get('hard_ratio_high'))} {p['series_a']}'s"
+        )
+    if _ok(p.get("hard_diff")):
+        parts.append(f"β_hard differs by {f2(p['hard_diff'])} {iv(p['hard_diff_low'], p['hard_diff_high'])}")
+    return " and ".join(parts) or "nothing can be compared"
 
 
 def q3(d: dict) -> dict:
@@ -232,12 +253,23 @@ def q3(d: dict) -> dict:
     positive = [b for b in fits if _ok(b["beta_delta"]["ci_low"]) and b["beta_delta"]["ci_low"] > 0]
     negative = [b for b in fits if _ok(b["beta_delta"]["ci_high"]) and b["beta_delta"]["ci_high"] < 0]
     settled = len(positive) + len(negative) == len(fits)
-    sign = (
-        f"the soft rank grows faster than the hard rank (Δβ > 0: spectra grow more concentrated with width) "
-        f"for {len(positive)} of {len(fits)} series"
-        + (f", slower for {len(negative)}" if negative else "")
-        + ("" if settled else f", and Δβ is not distinguishable from 0 for {len(fits) - len(positive) - len(negative)}")
-    )
+    undecided = len(fits) - len(positive) - len(negative)
+    parts = []
+    if positive:
+        parts.append(
+            f"the soft rank grows faster than the hard rank (Δβ > 0: spectra concentrate with width) for "
+            f"{len(positive)} of {len(fits)} series"
+        )
+    if negative:
+        parts.append(f"slower (Δβ < 0: spectra spread with width) for {len(negative)} of {len(fits)}")
+    if undecided:
+        listed = ", ".join(
+            f"{b['series']} {f2(b['beta_delta']['beta'])} {iv(b['beta_delta']['ci_low'], b['beta_delta']['ci_high'])}"
+            for b in fits
+            if b not in positive and b not in negative
+        )
+        parts.append(f"Δβ is not distinguishable from 0 for {undecided} of {len(fits)} series ({listed})")
+    sign = "; ".join(parts)
     pair = _widest_difference(fits, conf, "delta")
     verdict = RESOLVED if settled else NOT_RESOLVED
     if pair is not None:

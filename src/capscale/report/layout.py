@@ -253,6 +253,12 @@ def _q2(d: dict) -> Section:
         ("series B", _get("series_b")),
         ("loss B − A", _get("loss_diff", 4)),
         (
+            "R2 B / A [CI]",
+            lambda r: (
+                f"{num(r.get('hard_ratio'), 2)}× {interval(r.get('hard_ratio_low'), r.get('hard_ratio_high'), 2)}"
+            ),
+        ),
+        (
             "β_hard B − A [CI]",
             lambda r: f"{num(r.get('hard_diff'))} {interval(r.get('hard_diff_low'), r.get('hard_diff_high'))}",
         ),
@@ -289,9 +295,10 @@ def _q2(d: dict) -> Section:
             (
                 f"Pairs of series (different optimizer or step budget, same architecture) whose final validation loss, "
                 f"median over seeds, agrees within {q['tolerance']:g} nats at a common width ({{fig:matched_loss}}). "
-                "'different': the interval of the β_soft or β_hard difference excludes zero — equal loss, different "
-                "spectral geometry; 'indistinguishable': both intervals include zero, so these data cannot tell the "
-                "two geometries apart (which is not the same as showing them equal)."
+                "'different': at that width the rank ratio's interval (over seeds) excludes 1×, or the interval of "
+                "the β_soft or β_hard difference excludes 0 — equal loss, different spectral geometry; "
+                "'indistinguishable': every interval includes no difference, so these data cannot tell the two "
+                "geometries apart (which is not the same as showing them equal)."
             ),
         ],
         ["matched_loss"],
