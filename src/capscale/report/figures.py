@@ -213,9 +213,10 @@ def fig_levels(a: Analysis) -> Figure | None:
                         ax.fill_between(ws, lo, hi, color=colors[s], alpha=0.15, lw=0)
                     ax.plot(ws, [m] * len(ws), color=colors[s], lw=1, ls="--")
                 ax.plot(ws, ratio, marker=markers[s], ms=5, lw=1, color=colors[s], label=label)
-        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(1.0, color="k", lw=0.8)  # no difference; linear y: ratios sit near 1-3, where log ticks are bare
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, 0.9), max(hi, 1.1))  # keep 1× (no difference) in view
         _width_axis(ax)
-        _log_y(ax)
         ax.set_xlabel("FFN width D")
         ax.set_ylabel(f"{title} / reference {title}")
         refs = sorted(set(refs))
