@@ -50,6 +50,8 @@ def test_files_written(report):
     for path in files.figures.values():
         assert path.read_bytes().startswith(b"\x89PNG")
         assert f"figures/{path.name}" in md
+    # ≥ 150 DPI: the scaling figure is 12 inches wide (PNG IHDR width, big-endian at byte 16)
+    assert int.from_bytes(files.figures["scaling"].read_bytes()[16:20], "big") >= 12 * 150
     assert page.count('<img src="data:image/png;base64,') == len(files.figures)
 
 
@@ -364,3 +366,17 @@ def test_report_command_help_shows_the_analysis_defaults():
     assert helps["last_k"].endswith(f"(default {AnalysisParams().last_k})")
     assert helps["tolerance"].endswith(f"(default {AnalysisParams().tolerance:g})")
     assert helps["brittle_ratio"].endswith(f"(default {PhaseThresholds().brittle_ratio:g})")
+
+
+def test_short_labels_drop_what_every_series_shares():
+    from capscale.report.figures import short_labels
+
+    labels, shared = short_labels(["adamw · pos=rope", "muon · pos=rope", "muon · 120 steps · pos=rope"])
+    assert shared == "pos=rope"
+    assert labels == {
+        "adamw · pos=rope": "adamw",
+        "muon · pos=rope": "muon",
+        "muon · 120 steps · pos=rope": "muon · 120 steps",
+    }
+    labels, shared = short_labels(["adamw · pos=rope", "adamw · pos=none"])
+    assert shared == "" and labels["adamw · pos=none"] == "adamw · pos=none"
