@@ -37,6 +37,7 @@ def test_files_written(report):
     assert files.html == files.out_dir / "index.html" and files.out_dir.name == "report"
     assert set(files.figures) == {
         "scaling",
+        "levels",
         "matched_loss",
         "asymmetry",
         "phase_map",
@@ -50,6 +51,8 @@ def test_files_written(report):
     for path in files.figures.values():
         assert path.read_bytes().startswith(b"\x89PNG")
         assert f"figures/{path.name}" in md
+    # ≥ 150 DPI: the scaling figure is 12 inches wide (PNG IHDR width, big-endian at byte 16)
+    assert int.from_bytes(files.figures["scaling"].read_bytes()[16:20], "big") >= 12 * 150
     assert page.count('<img src="data:image/png;base64,') == len(files.figures)
 
 
@@ -90,8 +93,10 @@ def test_html_numbers_come_from_json(report):
 def test_five_questions_in_order_with_their_figures(report):
     _, _, page, _ = report
     order = [
+        'class="answers"',
         'id="q1"',
         'id="fig-scaling"',
+        'id="fig-levels"',
         'id="q2"',
         'id="fig-matched_loss"',
         'id="q3"',
@@ -131,7 +136,9 @@ def test_user_strings_are_escaped(report):
     _, data, page, md = report
     for raw in (XSS_NAME, "<img src=x", "<script"):
         assert raw not in page, raw
-        assert raw not in md, raw
+        assert re.search(r"(?<!\\)" + re.escape(raw), md) is None, raw  # Markdown: every < is backslash-escaped
+    assert "&lt;" not in md and "&gt;" not in md and "&amp;" not in md  # no HTML entities in report.md
+    assert r"\<img src=x onerror=alert(2)\> $5" in md
     assert html.escape(XSS_NAME) in page
     assert html.escape(XSS_LABEL) in page
     assert XSS_NAME in {r["name"] for r in data["runs"]}  # JSON keeps the name as given
@@ -152,9 +159,23 @@ window.addEventListener('error', e => window.__errors.push(String(e.message || e
 window.addEventListener('load', () => {
   const imgs = Array.from(document.images);
   const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
+  // every figure is referenced by a link in the text
+  const linked = new Set(Array.from(document.querySelectorAll('a[href^="#fig-"]')).map(a => a.hash.slice(1)));
+  const unreferenced = Array.from(document.querySelectorAll('figure[id]')).map(f => f.id).filter(id => !linked.has(id));
+  // a table's first (answer) column is in view without scrolling it sideways
+  const hidden = Array.from(document.querySelectorAll('td.answer')).filter(c => {
+    if (c.closest('details:not([open])')) return false;
+    const box = c.closest('.table-wrap').getBoundingClientRect();
+    const r = c.getBoundingClientRect();
+    return r.left < box.left - 1 || r.right > Math.min(box.right, window.innerWidth) + 1;
+  }).map(c => c.closest('.table-wrap').previousElementSibling.textContent);
+  // no heading is cut off
+  const clipped = Array.from(document.querySelectorAll('h1, h2, h3, figcaption'))
+    .filter(h => h.scrollWidth > h.clientWidth + 1).map(h => h.textContent);
   const out = document.createElement('pre');
   out.id = 'capscale-probe';
-  out.textContent = JSON.stringify({n: imgs.length, bad: bad, errors: window.__errors});
+  out.textContent = JSON.stringify({n: imgs.length, bad: bad, errors: window.__errors, unreferenced: unreferenced,
+                                    hidden_answers: hidden, clipped: clipped});
   document.body.appendChild(out);
 });
 </script>"""
@@ -177,6 +198,7 @@ def _render(page: str, tmp_path: Path) -> dict:
         "--disable-sync",
         "--disable-dev-shm-usage",
         f"--user-data-dir={profile}",
+        "--window-size=1280,900",
         "--dump-dom",
         probe.as_uri(),
     ]
@@ -190,12 +212,17 @@ def _render(page: str, tmp_path: Path) -> dict:
 def test_renders_in_headless_chromium(report, tmp_path):
     _, _, page, _ = report
     result = _render(page, tmp_path / "report")
-    assert result == {"n": 10, "bad": [], "errors": []}
+    assert result == {"n": 11, "bad": [], "errors": [], "unreferenced": [], "hidden_answers": [], "clipped": []}
     # the probe itself catches a broken figure and a script error (so a pass above means something)
     broken = page.replace("data:image/png;base64,iVBOR", "data:image/png;base64,AAAA", 1)
     broken = broken.replace("</body>", "<script>undefined_function()</script></body>")
     result = _render(broken, tmp_path / "broken")
     assert len(result["bad"]) == 1 and len(result["errors"]) >= 1
+    # ... and a figure no text refers to, and a table whose answer column sits off-screen
+    unref = page.replace('<a href="#fig-phase_map">', '<a href="#nowhere">')
+    hidden = unref.replace('<div class="table-wrap">', '<div class="table-wrap" style="margin-left: 3000px">', 1)
+    result = _render(hidden, tmp_path / "bad2")
+    assert result["unreferenced"] == ["fig-phase_map"] and result["hidden_answers"]
 
 
 def test_report_command_and_sweep_defaults(tmp_path, capsys):
@@ -222,7 +249,8 @@ def test_report_with_unfittable_series(tmp_path):
     data = json.loads(files.json.read_text(encoding="utf-8"))
     assert all(not b["beta_hard"]["fittable"] for b in data["betas"])
     assert "not fittable" in files.html.read_text(encoding="utf-8")
-    assert any("No series is fittable" in f for f in data["summary"]["findings"])
+    assert data["answers"][0]["verdict"] == "not measured"
+    assert "3 or more widths" in data["answers"][0]["finding"]
 
 
 def test_minimal_sweep_without_buckets_validation_or_pre_site(tmp_path):
@@ -249,3 +277,107 @@ def test_minimal_sweep_without_buckets_validation_or_pre_site(tmp_path):
     page = files.html.read_text(encoding="utf-8")
     assert "no pair of series agrees within the tolerance" in page
     assert "No architecture axis varied" in page
+
+
+def test_answers_one_verdict_per_question_by_the_interval_rule(report):
+    _, data, page, md = report
+    answers = data["answers"]
+    assert [a["id"] for a in answers] == ["q1", "q2", "q3", "q4", "q5"]
+    assert all(a["verdict"] in ("resolved", "not resolved", "not measured") and a["finding"] for a in answers)
+    by = {a["id"]: a for a in answers}
+    # planted: muon's ranks are several times adamw's at every width, and β_hard 0.82 vs 0.29
+    assert by["q1"]["verdict"] == "resolved" and "muon realises" in by["q1"]["finding"]
+    levels = [r for r in data["levels"] if r["bucket"] == "all" and r["metric"] == "hard_rank"]
+    muon = next(r for r in levels if r["series"] == "muon" and r["baseline"] == "adamw · 60 steps")
+    assert muon["resolved"] and muon["ratio_low"] > 1 and muon["every_width"]
+    # the matched pair (AdamW 2× steps vs Dion 1/16, planted β_hard 0.33 vs 0.50) differs in geometry
+    assert by["q2"]["verdict"] == "resolved" and "different representation" in by["q2"]["finding"]
+    assert by["q5"]["verdict"] == "not measured"  # no architecture axis in this sweep
+    for a in answers:  # at the top of the page and of report.md, before the first question's section
+        assert page.index(html.escape(a["finding"])) < page.index('id="q1"')
+        assert md.index(f"*{a['verdict']}*") < md.index("## 1.")
+    assert not any("highest" in f or "lowest" in f for f in data["summary"]["findings"])
+
+
+def test_unresolved_difference_says_what_sample_would_resolve_it(tmp_path):
+    import numpy as np
+
+    # two series with the same planted law and seed noise: neither the level nor β may be called different
+    same = dataclasses.replace(DEFAULT_SERIES[0], label="adamw_b", optimizer="adamw")
+    root = write_sweep(tmp_path, series=(DEFAULT_SERIES[0], same), widths=WIDTHS)
+    files = build_report(root, n_resamples=200)
+    data = json.loads(files.json.read_text(encoding="utf-8"))
+    q1 = data["answers"][0]
+    lv = next(r for r in data["levels"] if r["bucket"] == "all" and r["metric"] == "hard_rank")
+    if not lv["resolved"]:
+        assert "not distinguishable from 1×" in q1["finding"]
+    assert "not resolved" in q1["finding"] and ("would" in q1["finding"])
+    assert np.isfinite(lv["ratio"])
+    assert q1["verdict"] == ("resolved" if lv["resolved"] else "not resolved")
+
+
+def test_figure_titles_and_legends_fit_inside_the_figure(report):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from capscale.report.figures import FIGURES
+
+    files = report[0]
+    for name, (draw, _) in FIGURES.items():
+        fig = draw(files.analysis)
+        if fig is None:
+            continue
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        texts = [fig._suptitle] + [
+            t
+            for ax in fig.axes
+            for t in (
+                ax.title,
+                ax._left_title,
+                ax._right_title,
+                ax.xaxis.label,
+                ax.yaxis.label,
+                *(ax.get_legend().get_texts() if ax.get_legend() else []),
+            )
+        ]
+        for t in texts:
+            if t is None or not (t.get_visible() and t.get_text().strip()):
+                continue
+            ext = t.get_window_extent(renderer)
+            assert ext.x0 >= fig.bbox.x0 - 1 and ext.x1 <= fig.bbox.x1 + 1, (name, t.get_text())
+            assert ext.y0 >= fig.bbox.y0 - 1 and ext.y1 <= fig.bbox.y1 + 1, (name, t.get_text())
+
+
+def test_single_run_is_titled_by_its_own_name(tmp_path):
+    root = write_sweep(tmp_path / "sw", series=(DEFAULT_SERIES[2],), widths=WIDTHS)
+    run = sorted((root / "runs").iterdir())[0]
+    files = build_report(run, tmp_path / "out", n_resamples=200)
+    data = json.loads(files.json.read_text(encoding="utf-8"))
+    assert data["sweep"]["name"] == run.name
+    assert f"<h1>capscale report — {run.name}</h1>" in files.html.read_text(encoding="utf-8")
+
+
+def test_report_command_help_shows_the_analysis_defaults():
+    from capscale.analysis import AnalysisParams, PhaseThresholds
+
+    parser = argparse.ArgumentParser()
+    report_command.add_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["last_k"].endswith(f"(default {AnalysisParams().last_k})")
+    assert helps["tolerance"].endswith(f"(default {AnalysisParams().tolerance:g})")
+    assert helps["brittle_ratio"].endswith(f"(default {PhaseThresholds().brittle_ratio:g})")
+
+
+def test_short_labels_drop_what_every_series_shares():
+    from capscale.report.figures import short_labels
+
+    labels, shared = short_labels(["adamw · pos=rope", "muon · pos=rope", "muon · 120 steps · pos=rope"])
+    assert shared == "pos=rope"
+    assert labels == {
+        "adamw · pos=rope": "adamw",
+        "muon · pos=rope": "muon",
+        "muon · 120 steps · pos=rope": "muon · 120 steps",
+    }
+    labels, shared = short_labels(["adamw · pos=rope", "adamw · pos=none"])
+    assert shared == "" and labels["adamw · pos=none"] == "adamw · pos=none"

@@ -142,6 +142,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_run(args: argparse.Namespace) -> int:
+    import json
     import time
 
     from capscale.report.build import build_report
@@ -155,6 +156,9 @@ def _demo_run(args: argparse.Namespace) -> int:
     betas = files.analysis.betas
     print("\nrealized capacity, post-activation, all tokens (rank ~ width^beta, 95% t-interval):")
     _print_betas(betas)
+    print("\nanswers (resolved only where the interval excludes no difference):")
+    for a in json.loads(files.json.read_text(encoding="utf-8"))["answers"]:
+        print(f"  [{a['verdict']}] {a['question']}\n      {a['finding']}")
     print(f"\nreport: {files.html}\n        {files.markdown}\n        {files.json}")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0

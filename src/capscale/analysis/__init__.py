@@ -8,11 +8,13 @@ Reads run directories only (the contract written by ``capscale.train``); imports
     a.betas      # β_soft, β_hard, Δβ with t- and bootstrap intervals per series × site × bucket
     a.matched    # matched-loss pairs and their geometry
     a.phase      # each run's (R1/D, R2/D) and region
+    a.levels     # rank ratios of pairs of series at matched widths
 """
 
 from capscale.analysis.aggregate import ALL_BUCKETS, METRICS, aggregate_runs, last_k_per_layer, seed_spread, tidy
-from capscale.analysis.compare import effect_summary, optimizer_architecture
+from capscale.analysis.compare import beta_difference, effect_summary, optimizer_architecture
 from capscale.analysis.fits import FIT_METRICS, FitOptions, beta_table, fit_scaling
+from capscale.analysis.levels import LEVEL_METRICS, level_ratios
 from capscale.analysis.matched import loss_by_width, matched_loss_pairs
 from capscale.analysis.phase import REGIONS, PhaseThresholds, classify, phase_map
 from capscale.analysis.pipeline import Analysis, AnalysisParams, analyze
@@ -42,12 +44,14 @@ __all__ = [
     "Analysis",
     "AnalysisParams",
     "FitOptions",
+    "LEVEL_METRICS",
     "IncompatibleRunsError",
     "NoFinishedRunsError",
     "PhaseThresholds",
     "Sweep",
     "aggregate_runs",
     "analyze",
+    "beta_difference",
     "beta_table",
     "beta_trajectories",
     "bucket_capacity",
@@ -55,6 +59,7 @@ __all__ = [
     "effect_summary",
     "fit_scaling",
     "last_k_per_layer",
+    "level_ratios",
     "load_sweep",
     "loss_by_width",
     "loss_curves",

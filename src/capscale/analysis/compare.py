@@ -8,7 +8,9 @@ For each metric (β_soft, β_hard; headline site, bucket ``all``) two kinds of s
   architectures it was trained on (needs ≥ 2; only when an architecture axis varies).
 
 The paper's claim "optimizer-induced spectral shifts often exceed the architectural
-effects" is then a comparison of the median spans.
+effects" is then a comparison of the spans. Each span carries the interval of the
+difference of its two β (``beta_difference``); the summary calls one effect larger only
+when every span of that kind lies above every span of the other, intervals included.
 
 A span compares β fitted over the **same widths**: rank is rarely an exact power law, so
 β over ×1…×16 and β over ×1…×4 differ even for one model family, and a span between
@@ -20,8 +22,11 @@ series kept). The cells keep each series' fit over all its widths.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from capscale.spectrum import fit_power_law
 
@@ -32,6 +37,8 @@ EFFECT_COLUMNS = [
     "within",
     "metric",
     "span",
+    "span_low",
+    "span_high",
     "n_compared",
     "highest",
     "lowest",
@@ -39,6 +46,31 @@ EFFECT_COLUMNS = [
     "beta_lowest",
     "widths",
 ]
+
+
+def beta_difference(
+    a: tuple[float, float, float, int], b: tuple[float, float, float, int], confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """(β_a − β_b, low, high): the interval of a difference of two independent OLS slopes.
+
+    ``a``, ``b``: (β, ci_low, ci_high, n points) as ``fit_power_law`` reports them at
+    ``confidence``; each standard error is recovered from its t-interval (n − 2 degrees of
+    freedom) and the difference gets a Welch–Satterthwaite t-interval. NaN bounds when
+    either interval is missing.
+    """
+    diff = a[0] - b[0]
+    ses, dfs = [], []
+    for _, lo, hi, n in (a, b):
+        if not (n is not None and n > 2 and math.isfinite(lo) and math.isfinite(hi)):
+            return diff, math.nan, math.nan
+        ses.append((hi - lo) / (2 * stats.t.ppf(0.5 + confidence / 2, n - 2)))
+        dfs.append(n - 2)
+    se = math.hypot(*ses)
+    if se == 0:
+        return diff, diff, diff
+    df = se**4 / sum(s**4 / d for s, d in zip(ses, dfs))
+    half = stats.t.ppf(0.5 + confidence / 2, df) * se
+    return diff, diff - half, diff + half
 
 
 def shared_widths(widths: dict[str, set[int]], min_widths: int = MIN_WIDTHS) -> tuple[list[str], list[int]]:
@@ -54,7 +86,12 @@ def shared_widths(widths: dict[str, set[int]], min_widths: int = MIN_WIDTHS) -> 
 
 
 def optimizer_architecture(
-    betas: pd.DataFrame, points: pd.DataFrame, runs: pd.DataFrame, site: str = "post", bucket: str = "all"
+    betas: pd.DataFrame,
+    points: pd.DataFrame,
+    runs: pd.DataFrame,
+    site: str = "post",
+    bucket: str = "all",
+    confidence: float = 0.95,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(cells, effects). ``betas``: ``fits.beta_table`` output; ``points``: the per-run aggregates
     (``aggregate.aggregate_runs``); ``runs``: the sweep's runs table.
@@ -80,17 +117,21 @@ def optimizer_architecture(
                 keep, common = shared_widths(widths)
                 if not keep:
                     continue
-                beta = {}
+                beta, fit = {}, {}
                 for k in keep:
                     g = ok[(ok[across_col] == k) & ok["width"].isin(common)]
-                    beta[k] = fit_power_law(g["width"], g[column]).beta
+                    fit[k] = fit_power_law(g["width"], g[column], confidence)
+                    beta[k] = fit[k].beta
                 hi, lo = max(beta, key=beta.get), min(beta, key=beta.get)
+                _, span_low, span_high = beta_difference(_triple(fit[hi]), _triple(fit[lo]), confidence)
                 rows.append(
                     {
                         "kind": kind,
                         "within": within,
                         "metric": metric,
                         "span": beta[hi] - beta[lo],
+                        "span_low": span_low,
+                        "span_high": span_high,
                         "n_compared": len(keep),
                         "highest": hi,
                         "lowest": lo,
@@ -102,16 +143,32 @@ def optimizer_architecture(
     return cells, pd.DataFrame(rows, columns=EFFECT_COLUMNS)
 
 
+def _triple(fit) -> tuple[float, float, float, int]:
+    return fit.beta, fit.ci_low, fit.ci_high, fit.n
+
+
 def effect_summary(effects: pd.DataFrame) -> pd.DataFrame:
-    """Per metric: the median optimizer span, the median architecture span, and which is larger."""
+    """Per metric and kind: the median span and the envelope of the spans' intervals; ``larger``
+    names the kind whose spans all lie above the other's, intervals included (else None)."""
     rows = []
     for metric in ("soft", "hard"):
         sub = effects[effects["metric"] == metric]
-        opt = sub[sub["kind"] == "optimizer"]["span"].median()
-        arch = sub[sub["kind"] == "architecture"]["span"].median()
+        row: dict = {"metric": metric}
+        for kind in ("optimizer", "architecture"):
+            k = sub[sub["kind"] == kind]
+            row[f"{kind}_span"] = k["span"].median()
+            row[f"{kind}_low"] = k["span_low"].min()
+            row[f"{kind}_high"] = k["span_high"].max()
+        opt, arch = row["optimizer_span"], row["architecture_span"]
         if pd.isna(opt) or pd.isna(arch):
-            larger = None
+            row["point_larger"], row["larger"] = None, None
         else:
-            larger = "optimizer" if opt > arch else "architecture"
-        rows.append({"metric": metric, "optimizer_span": opt, "architecture_span": arch, "larger": larger})
+            row["point_larger"] = "optimizer" if opt > arch else "architecture"
+            if row["optimizer_low"] > row["architecture_high"]:
+                row["larger"] = "optimizer"
+            elif row["architecture_low"] > row["optimizer_high"]:
+                row["larger"] = "architecture"
+            else:
+                row["larger"] = None
+        rows.append(row)
     return pd.DataFrame(rows)

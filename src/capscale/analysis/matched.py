@@ -8,10 +8,13 @@ validation loss (the last logged ``val_loss``). Two series form a candidate pair
 when they share the architecture (their optimizer setting — label or step
 budget — differs) and, at a common width, their final validation losses agree
 within ``tolerance`` nats. Each pair carries both series' β_soft, β_hard, Δβ (with
-t-intervals), their ranks per bucket at that width and their asymmetry.
-``geometry`` is ``"different"`` when the β_soft or β_hard t-intervals of the two
-series are disjoint, ``"indistinguishable"`` when both overlap, and
-``"unknown"`` when a series is not fittable.
+t-intervals), their ranks per bucket at that width and their asymmetry, and the
+differences β_b − β_a with their intervals (``compare.beta_difference``), and at that
+width the ratio of hard and soft ranks R_b / R_a with a Welch interval over seeds
+(``levels.welch_log_ratio``; it needs ≥ 2 seeds per series). ``geometry`` is
+``"different"`` when the interval of a β difference excludes zero or that of a rank
+ratio excludes 1, ``"indistinguishable"`` when all include it, and ``"unknown"`` when
+neither can be judged.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pandas as pd
+
+from capscale.analysis.compare import beta_difference
+from capscale.analysis.levels import welch_log_ratio
 
 
 def loss_by_width(runs: pd.DataFrame) -> pd.DataFrame:
@@ -30,7 +37,12 @@ def loss_by_width(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def matched_loss_pairs(
-    runs: pd.DataFrame, points: pd.DataFrame, fits: pd.DataFrame, tolerance: float = 0.02, site: str = "post"
+    runs: pd.DataFrame,
+    points: pd.DataFrame,
+    fits: pd.DataFrame,
+    tolerance: float = 0.02,
+    site: str = "post",
+    confidence: float = 0.95,
 ) -> pd.DataFrame:
     """Pairs of series whose final validation loss agrees within ``tolerance`` at a common width."""
     if not tolerance >= 0:
@@ -38,6 +50,9 @@ def matched_loss_pairs(
     losses = loss_by_width(runs).dropna(subset=["val_loss"])
     ranks = _ranks_by_width(runs, points, site)
     betas = _betas(fits, site)
+    per_run = points[(points["site"] == site) & (points["bucket"] == "all")].merge(
+        runs[["run_id", "series", "width"]], on="run_id"
+    )
     rows = []
     candidates = (
         pair
@@ -66,7 +81,15 @@ def matched_loss_pairs(
         for side, s in (("a", a), ("b", b)):
             row.update({f"{k}_{side}": v for k, v in betas.get(s["series"], {}).items()})
             row.update({f"{k}_{side}": v for k, v in ranks.get((s["series"], s["width"]), {}).items()})
-        row["geometry"] = _verdict(row)
+        for kind in ("soft", "hard"):
+            logs = [
+                np.log(per_run[(per_run["series"] == x["series"]) & (per_run["width"] == x["width"])][f"{kind}_rank"])
+                for x in (b, a)
+            ]
+            logs = [v[np.isfinite(v)] for v in logs]
+            ratio = welch_log_ratio(*logs, confidence)
+            row.update(dict(zip((f"{kind}_ratio", f"{kind}_ratio_low", f"{kind}_ratio_high"), ratio)))
+        row["geometry"] = _verdict(row, confidence)
         rows.append(row)
     out = pd.DataFrame(rows)
     return out.sort_values(["width", "series_a", "series_b"], ignore_index=True) if rows else out
@@ -95,17 +118,28 @@ def _betas(fits: pd.DataFrame, site: str) -> dict:
     for r in sel.itertuples():
         name = {"soft_rank": "soft", "hard_rank": "hard", "delta_beta": "delta"}[r.metric]
         out.setdefault(r.series, {}).update(
-            {f"beta_{name}": r.beta, f"beta_{name}_low": r.ci_low, f"beta_{name}_high": r.ci_high}
+            {
+                f"beta_{name}": r.beta,
+                f"beta_{name}_low": r.ci_low,
+                f"beta_{name}_high": r.ci_high,
+                f"beta_{name}_n": r.n,
+            }
         )
     return out
 
 
-def _verdict(row: dict) -> str:
-    disjoint = []
+def _verdict(row: dict, confidence: float) -> str:
+    """Adds ``{soft,hard}_diff[_low,_high]`` (β_b − β_a) to ``row`` and returns the geometry verdict."""
+    judged, different = False, False
     for name in ("soft", "hard"):
-        vals = [row.get(f"beta_{name}_{e}_{s}") for s in "ab" for e in ("low", "high")]
-        if any(v is None or pd.isna(v) for v in vals):
-            return "unknown"
-        low_a, high_a, low_b, high_b = vals
-        disjoint.append(high_a < low_b or high_b < low_a)
-    return "different" if any(disjoint) else "indistinguishable"
+        a, b = (tuple(row.get(f"beta_{name}{e}_{s}", math.nan) for e in ("", "_low", "_high", "_n")) for s in "ab")
+        diff, lo, hi = beta_difference(b, a, confidence) if not any(pd.isna(v) for v in a + b) else (math.nan,) * 3
+        row.update({f"{name}_diff": diff, f"{name}_diff_low": lo, f"{name}_diff_high": hi})
+        if math.isfinite(lo) and math.isfinite(hi):
+            judged, different = True, different or lo > 0 or hi < 0
+        rlo, rhi = row.get(f"{name}_ratio_low", math.nan), row.get(f"{name}_ratio_high", math.nan)
+        if math.isfinite(rlo) and math.isfinite(rhi):
+            judged, different = True, different or rlo > 1 or rhi < 1
+    if not judged:
+        return "unknown"
+    return "different" if different else "indistinguishable"

@@ -11,6 +11,7 @@ import pandas as pd
 from capscale.analysis.aggregate import aggregate_runs, last_k_per_layer, seed_spread
 from capscale.analysis.compare import effect_summary, optimizer_architecture
 from capscale.analysis.fits import FitOptions, beta_table, fit_scaling
+from capscale.analysis.levels import level_ratios
 from capscale.analysis.matched import loss_by_width, matched_loss_pairs
 from capscale.analysis.phase import PhaseThresholds, phase_map
 from capscale.analysis.runs import Sweep, load_sweep
@@ -103,6 +104,7 @@ class Analysis:
     beta_trajectory: pd.DataFrame  # series × step × site × bucket × metric: β at each shared step
     pair_trajectory: pd.DataFrame  # pair × step × site × bucket × metric: Δβ and level ratio
     separation: pd.DataFrame  # pair × metric: the steps where the two β intervals are disjoint
+    levels: pd.DataFrame  # pairs of series: rank ratio at matched widths (levels.level_ratios)
 
 
 def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = None, **options: Any) -> Analysis:
@@ -118,7 +120,7 @@ def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = N
         points, per_layer, runs, FitOptions(params.confidence, params.n_resamples, params.bootstrap_seed)
     )
     betas = beta_table(fits)
-    cells, effects = optimizer_architecture(betas, points, runs, site=params.site)
+    cells, effects = optimizer_architecture(betas, points, runs, site=params.site, confidence=params.confidence)
     info = runs[["run_id", "name", "series", "width", "seed"]]
     # β at every shared step: a fit per step, so the trajectory's bootstrap is smaller
     traj_options = FitOptions(params.confidence, min(params.n_resamples, TRAJECTORY_RESAMPLES), params.bootstrap_seed)
@@ -134,7 +136,7 @@ def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = N
         fits=fits,
         betas=betas,
         losses=loss_by_width(runs),
-        matched=matched_loss_pairs(runs, points, fits, params.tolerance, params.site),
+        matched=matched_loss_pairs(runs, points, fits, params.tolerance, params.site, params.confidence),
         phase=phase_map(points, runs, params.phase, site=params.site),
         trajectories=rank_trajectories(sweep.spectra, runs),
         curves=loss_curves(sweep.metrics, runs),
@@ -151,4 +153,5 @@ def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = N
             [separation(traj, pairs, site=params.site, metric=m) for m in ("hard_rank", "soft_rank")],
             ignore_index=True,
         ),
+        levels=level_ratios(points, runs, params.site, params.confidence),
     )

@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import argparse
 
-# Flag → AnalysisParams / PhaseThresholds field. Flags left unset fall back to the
-# sweep's sweep.json "analysis" table, then to the documented defaults.
+# Flag → AnalysisParams / PhaseThresholds field and its meaning; the "(default ...)" each
+# help shows is read from those dataclasses, so it cannot drift from what the analysis does.
+# Flags left unset fall back to the sweep's sweep.json "analysis" table, then to those defaults.
 _OPTIONS = {
-    "last_k": ("--last-k", int, "logged steps per layer in the final aggregate (default 5, as the paper)"),
-    "tolerance": ("--tolerance", float, "matched-loss tolerance on final validation loss, nats (default 0.02)"),
-    "confidence": ("--confidence", float, "interval level (default 0.95)"),
-    "n_resamples": ("--bootstrap", int, "bootstrap resamples (default 2000)"),
-    "site": ("--site", str, "headline site: post or pre (default post)"),
-    "collapsed_soft": ("--collapsed-soft", float, "phase map: collapsed if R1/D below (default 0.05)"),
-    "broad_soft": ("--broad-soft", float, "phase map: broad if R1/D at or above (default 0.5)"),
-    "brittle_ratio": ("--brittle-ratio", float, "phase map: brittle if R2/R1 below (default 0.25)"),
+    "last_k": ("--last-k", int, "logged steps per layer in the final aggregate (the paper: 5)"),
+    "tolerance": ("--tolerance", float, "matched-loss tolerance on final validation loss, nats"),
+    "confidence": ("--confidence", float, "interval level"),
+    "n_resamples": ("--bootstrap", int, "bootstrap resamples"),
+    "site": ("--site", str, "headline site: post or pre"),
+    "collapsed_soft": ("--collapsed-soft", float, "phase map: collapsed if R1/D below"),
+    "broad_soft": ("--broad-soft", float, "phase map: broad if R1/D at or above"),
+    "brittle_ratio": ("--brittle-ratio", float, "phase map: brittle if R2/R1 below"),
 }
+
+
+def defaults() -> dict:
+    """Every analysis parameter's default, from ``AnalysisParams`` and ``PhaseThresholds`` (NumPy-free import)."""
+    from dataclasses import fields
+
+    from capscale.analysis.phase import PhaseThresholds
+    from capscale.analysis.pipeline import AnalysisParams
+
+    out = {f.name: f.default for f in fields(AnalysisParams) if f.name != "phase"}
+    out.update({f.name: f.default for f in fields(PhaseThresholds)})
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a sweep directory (with runs/), one run directory, or any directory with run directories below it",
     )
     parser.add_argument("--out", metavar="DIR", default=None, help="output directory (default SWEEP_DIR/report)")
+    default = defaults()
     for dest, (flag, kind, help_) in _OPTIONS.items():
-        parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_)
+        parser.add_argument(
+            flag,
+            dest=dest,
+            type=kind,
+            default=None,
+            help=f"{help_} (default {default[dest]:g})"
+            if not isinstance(default[dest], str)
+            else f"{help_} (default {default[dest]})",
+        )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,9 +2,11 @@
 
 Because the HTML and Markdown renderers read nothing but this dict, every number
 they show is in ``report.json`` (at full precision; the pages round it).
-Sections follow the five questions: ``q1_scaling``, ``q2_matched_loss``,
-``q3_asymmetry``, ``q4_regimes``, ``q5_optimizer_architecture``; then
-``training``, ``reliability``, ``runs``, ``excluded_runs``, ``parameters``.
+``answers`` holds one plain verdict per question (``capscale.report.answers``); the
+sections follow the five questions: ``q1_scaling``, ``q2_matched_loss``,
+``q3_asymmetry``, ``q4_regimes``, ``q5_optimizer_architecture``; then ``levels`` (rank
+ratios of pairs of series), ``training``, ``reliability``, ``runs``, ``excluded_runs``,
+``parameters``.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import pandas as pd
 import capscale
 from capscale.analysis import Analysis
 from capscale.analysis.aggregate import REPORT_COLUMNS
+from capscale.report.answers import answers
 from capscale.report.trajectory import trajectory_data
-from capscale.spectrum.summary import REPORT_METRICS
+from capscale.spectrum.summary import REPORT_METRICS, WELL_SAMPLED
 
 FORMAT = "capscale.report"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: answers, levels, β-difference intervals
 _BETA_FIELDS = (
     "beta",
     "ci_low",
@@ -73,14 +76,6 @@ def _beta_row(r: pd.Series) -> dict:
     return out
 
 
-def _fmt(x, digits: int = 2) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
-
-
-def _beta_text(b: dict) -> str:
-    return f"{_fmt(b['beta'])} [{_fmt(b['ci_low'])}, {_fmt(b['ci_high'])}]"
-
-
 def report_data(a: Analysis) -> dict:
     """Everything the report shows, as plain JSON types."""
     p = a.params
@@ -93,7 +88,7 @@ def report_data(a: Analysis) -> dict:
         "format_version": FORMAT_VERSION,
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "sweep": {
-            "name": a.sweep.name,
+            "name": title(a),
             "path": str(a.sweep.root) if a.sweep.root else None,
             "spec": a.sweep.spec,
             "n_runs_analysed": len(runs),
@@ -112,6 +107,7 @@ def report_data(a: Analysis) -> dict:
         },
         "versions": _versions(),
         "betas": betas,
+        "levels": _records(a.levels),
         "q1_scaling": {
             "site": p.site,
             "fits": head,
@@ -150,8 +146,12 @@ def report_data(a: Analysis) -> dict:
                 ],
             )
         },
-        "reliability": {"low_nd": _records(a.low_nd), "n_aggregates": len(a.points)},
         "beta_trajectory": trajectory_data(a),
+        "reliability": {
+            "low_nd": _records(a.low_nd),
+            "n_aggregates": len(a.points),
+            "well_sampled": WELL_SAMPLED,
+        },
         "runs": _records(
             runs,
             [
@@ -173,8 +173,16 @@ def report_data(a: Analysis) -> dict:
         ),
     }
     data = jsonable(data)
+    data["answers"] = answers(data)
     data["summary"] = {"headline": data["q1_scaling"]["fits"], "findings": findings(data)}
     return data
+
+
+def title(a: Analysis) -> str:
+    """The sweep's own name; a single run directory is titled by the run's name, not its parent's."""
+    if a.sweep.root is None and not a.sweep.spec and len(a.sweep.runs) == 1 and not len(a.sweep.excluded):
+        return str(a.sweep.runs["name"].iloc[0])
+    return a.sweep.name
 
 
 def _bucket_table(a: Analysis) -> pd.DataFrame:
@@ -198,60 +206,17 @@ def _versions() -> dict:
 
 
 def findings(d: dict) -> list[str]:
-    """Short statements for the summary, each computed from the data (no hand-written numbers)."""
+    """Notes beside the answers, each computed from the data: measurement errors, sampling, runs left out."""
     out = []
-    site = d["parameters"]["site"]
-    fit = [b for b in d["q1_scaling"]["fits"] if b["beta_hard"]["fittable"]]
-    n_series = len(d["q1_scaling"]["fits"])
-    if fit:
-        hi = max(fit, key=lambda b: b["beta_hard"]["beta"])
-        lo = min(fit, key=lambda b: b["beta_hard"]["beta"])
-        out.append(
-            f"Hard-rank scaling ({site}-activation, all tokens): highest β_hard {hi['series']} "
-            f"{_beta_text(hi['beta_hard'])}, lowest {lo['series']} {_beta_text(lo['beta_hard'])}; "
-            f"{len(fit)} of {n_series} series fittable."
-        )
-    else:
-        out.append(f"No series is fittable: a fit needs at least 3 widths with finite ranks ({n_series} series).")
-    pairs = d["q2_matched_loss"]["pairs"]
-    tol = d["q2_matched_loss"]["tolerance"]
-    if pairs:
-        widths: dict[tuple[str, str], list[int]] = {}
-        for p in pairs:
-            widths.setdefault((p["series_a"], p["series_b"]), []).append(p["width"])
-        listed = "; ".join(f"{a} vs {b} at width {', '.join(map(str, ws))}" for (a, b), ws in widths.items())
-        diff = sum(p["geometry"] == "different" for p in pairs)
-        out.append(
-            f"Matched loss (within {tol:g} nats): {listed}. In {diff} of these {len(pairs)} matches the "
-            "β intervals of the two series are disjoint: same loss, different spectral geometry."
-        )
-    else:
-        out.append(f"Matched loss: no two series agree in final validation loss within {tol:g} nats at a common width.")
-    counts: dict[str, int] = {}
-    for r in d["q3_asymmetry"]["region_counts"]:
-        counts[r["region"]] = counts.get(r["region"], 0) + r["n_runs"]
-    out.append("Phase map: " + ", ".join(f"{n} run(s) {reg}" for reg, n in sorted(counts.items())) + ".")
-    if counts.get("impossible"):
-        out.append(f"{counts['impossible']} run(s) fall in the impossible region R2 > R1: a measurement error.")
-    tails = [b for b in d["q4_regimes"]["betas"] if b["bucket"] == "tail" and b["beta_hard"]["fittable"]]
-    if tails:
-        listed = "; ".join(f"{b['series']} {_beta_text(b['beta_hard'])}" for b in tails)
-        out.append(f"TAIL-token β_hard: {listed}.")
-    summ = {r["metric"]: r for r in d["q5_optimizer_architecture"]["summary"]}
-    hard = summ.get("hard", {})
-    if hard.get("larger"):
-        out.append(
-            f"Optimizer vs architecture (β_hard): median optimizer span {_fmt(hard['optimizer_span'])}, "
-            f"median architecture span {_fmt(hard['architecture_span'])}: "
-            f"the {hard['larger']} effect is larger."
-        )
-    elif not d["q5_optimizer_architecture"]["arch_axes"]:
-        out.append("No architecture axis varied in this sweep: only optimizer effects can be compared.")
+    impossible = sum(r["n_runs"] for r in d["q3_asymmetry"]["region_counts"] if r["region"] == "impossible")
+    if impossible:
+        out.append(f"{impossible} run(s) fall in the impossible region R2 > R1: a measurement error.")
     low = d["reliability"]["low_nd"]
     if low:
+        nd = d["reliability"]["well_sampled"]
         out.append(
             f"Reliability: {len(low)} of {d['reliability']['n_aggregates']} aggregates rest on records "
-            "with N/D below 10 (not well sampled); they are flagged in the tables."
+            f"with N/D below {nd:g} (not well sampled); they are flagged in the tables."
         )
     if d["excluded_runs"]:
         kinds: dict[str, int] = {}

@@ -2,7 +2,8 @@
 
 Each ``fig_*`` takes an ``Analysis`` and returns a ``Figure`` or None when there is
 nothing to draw. ``render_figures`` returns them as PNG bytes, in report order.
-Series keep one colour in every figure.
+Every series keeps one colour and one marker in every figure (``series_style``); labels
+drop the fields all series share, which the figure states once (``short_labels``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from scipy import stats
 
 from capscale.analysis import ALL_BUCKETS, Analysis
 from capscale.report.trajectory import fig_beta_trajectory
 from capscale.spectrum import BUCKETS
 
-DPI = 100
+DPI = 150  # sharp on HiDPI screens
 BUCKET_COLORS = {"all": "#7f7f7f", "head": "#1f77b4", "mid": "#ff7f0e", "tail": "#d62728"}
 REGION_COLORS = {"collapsed": "#d9d9d9", "compact": "#c6dbef", "broad": "#c7e9c0", "brittle": "#fdd0a2"}
 _MARKERS = "osD^vP*X<>"
@@ -38,6 +40,31 @@ def series_colors(a: Analysis) -> dict[str, tuple]:
     names = sorted(a.sweep.runs["series"].unique())
     cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
     return {s: cmap(i % cmap.N) for i, s in enumerate(names)}
+
+
+def series_markers(a: Analysis) -> dict[str, str]:
+    names = sorted(a.sweep.runs["series"].unique())
+    return {s: _MARKERS[i % len(_MARKERS)] for i, s in enumerate(names)}
+
+
+def short_labels(series) -> tuple[dict[str, str], str]:
+    """(series → label without the ' · '-separated fields every series shares, those fields joined)."""
+    names = sorted(set(series))
+    parts = {s: s.split(" · ") for s in names}
+    common = set.intersection(*(set(p[1:]) for p in parts.values())) if len(names) > 1 else set()
+    labels = {s: " · ".join([p[0], *(x for x in p[1:] if x not in common)]) for s, p in parts.items()}
+    shared = [x for x in parts[names[0]][1:] if x in common] if names else []
+    return labels, ", ".join(shared)
+
+
+def _labels(a: Analysis) -> dict[str, str]:
+    return {s: text(v) for s, v in short_labels(a.sweep.runs["series"])[0].items()}
+
+
+def _shared(a: Analysis) -> str:
+    """What every series shares, for a figure's title: '' or '; pos=rope'."""
+    common = short_labels(a.sweep.runs["series"])[1]
+    return f"; {text(common)}" if common else ""
 
 
 def _width_color(a: Analysis) -> Callable[[float], tuple]:
@@ -63,9 +90,28 @@ def _log_y(ax) -> None:
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
-def _legend(ax, **kw) -> None:
+def _legend(ax, outside: bool = False, **kw) -> None:
+    """A legend; ``outside``: below the axes, in two columns, where it covers no data (many series)."""
     if ax.get_legend_handles_labels()[0]:  # an empty legend is a warning, not a figure
+        if outside:
+            kw = {**kw, "loc": "upper center", "bbox_to_anchor": (0.5, -0.16), "ncols": 2, "frameon": False}
         ax.legend(**kw)
+
+
+def _many(a: Analysis) -> bool:
+    return a.sweep.runs["series"].nunique() > 3
+
+
+def _fit_band(x: np.ndarray, y: np.ndarray, grid: np.ndarray, confidence: float):
+    """OLS of y on x (logs) and the confidence band of the fitted mean at ``grid``, as in fit_power_law."""
+    n = len(x)
+    slope, intercept = np.polyfit(x, y, 1)
+    resid = y - (intercept + slope * x)
+    s = math.sqrt(float(resid @ resid) / (n - 2)) if n > 2 else math.nan
+    sxx = float(((x - x.mean()) ** 2).sum())
+    half = stats.t.ppf(0.5 + confidence / 2, n - 2) * s * np.sqrt(1 / n + (grid - x.mean()) ** 2 / sxx)
+    mid = intercept + slope * grid
+    return mid - half, mid + half
 
 
 def _site_label(a: Analysis) -> str:
@@ -83,35 +129,108 @@ def _grid(n: int, ncols: int = 3, size=(4.0, 2.8)) -> tuple[Figure, list]:
 
 
 def fig_scaling(a: Analysis) -> Figure:
-    """Q1: rank vs width (log-log), seed median with min–max, and the fitted power law per series."""
-    colors = series_colors(a)
-    spread = a.spread[(a.spread["site"] == a.params.site) & (a.spread["bucket"] == "all")]
-    fits = a.fits[(a.fits["site"] == a.params.site) & (a.fits["bucket"] == "all")]
-    fig = Figure(figsize=(11, 4.4), layout="constrained")
+    """Q1: rank vs width (log-log), seed median with min–max, the fitted power law and its confidence band."""
+    colors, markers, labels = series_colors(a), series_markers(a), _labels(a)
+    site, conf = a.params.site, a.params.confidence
+    spread = a.spread[(a.spread["site"] == site) & (a.spread["bucket"] == "all")]
+    fits = a.fits[(a.fits["site"] == site) & (a.fits["bucket"] == "all")]
+    pts = a.points[(a.points["site"] == site) & (a.points["bucket"] == "all")].merge(
+        a.sweep.runs[["run_id", "series", "width"]], on="run_id"
+    )
+    fig = Figure(figsize=(12, 4.6), layout="constrained")
+    fig.suptitle(f"Rank vs FFN width ({_site_label(a)}, all tokens{_shared(a)}); bands: {conf:.0%} CI of the fit")
     for ax, metric, title in zip(fig.subplots(1, 2), ("soft_rank", "hard_rank"), ("soft rank R1", "hard rank R2")):
         widths = np.array(sorted(spread["width"].unique()), dtype=float)
+        grid = np.geomspace(widths.min(), widths.max(), 50) if len(widths) else widths
         ax.plot(widths, widths, color="0.6", lw=1, ls=":", label="R = D (all width used)")
         for series, g in spread[spread["metric"] == metric].groupby("series"):
             g = g.sort_values("width")
             err = [g["median"] - g["min"], g["max"] - g["median"]]
             fit = fits[(fits["series"] == series) & (fits["metric"] == metric)].iloc[0]
-            label = text(series) + (f"  β={fit['beta']:.2f}" if fit["fittable"] else "  (not fittable)")
-            ax.errorbar(g["width"], g["median"], yerr=err, fmt="o", ms=4, capsize=2, color=colors[series], label=label)
+            label = labels[series] + (
+                f"  β={fit['beta']:.2f} [{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]"
+                if fit["fittable"]
+                else "  (not fittable)"
+            )
+            c = colors[series]
+            ax.errorbar(g["width"], g["median"], yerr=err, fmt=markers[series], ms=4, capsize=2, color=c, label=label)
             if fit["fittable"]:
-                ax.plot(widths, np.exp(fit["intercept"]) * widths ** fit["beta"], color=colors[series], lw=1.2)
+                ax.plot(grid, np.exp(fit["intercept"]) * grid ** fit["beta"], color=c, lw=1.2)
+                p = pts[(pts["series"] == series) & np.isfinite(pts[metric]) & (pts[metric] > 0)]
+                if len(p) > 2:
+                    lo, hi = _fit_band(np.log(p["width"]), np.log(p[metric]), np.log(grid), conf)
+                    ax.fill_between(grid, np.exp(lo), np.exp(hi), color=c, alpha=0.15, lw=0)
         _width_axis(ax)
         _log_y(ax)
         ax.set_xlabel("FFN width D")
         ax.set_ylabel(title)
-        ax.set_title(f"{title} vs width ({_site_label(a)}, all tokens)")
-        _legend(ax, fontsize=7)
+        ax.set_title(title)
+        _legend(ax, fontsize=7, outside=_many(a))
+    return fig
+
+
+def fig_levels(a: Analysis) -> Figure | None:
+    """Q1b: each series' rank over a reference series', width by width, with the pair's geometric-mean ratio
+    and its interval (a band). Reference: the series labelled adamw on each architecture, else the lowest."""
+    lv = a.levels[a.levels["bucket"] == "all"] if len(a.levels) else a.levels
+    if not len(lv):
+        return None
+    colors, markers, labels = series_colors(a), series_markers(a), _labels(a)
+    pts = a.points[(a.points["site"] == a.params.site) & (a.points["bucket"] == "all")].merge(
+        a.sweep.runs[["run_id", "series", "arch", "label", "steps", "width"]], on="run_id"
+    )
+    fig = Figure(figsize=(12, 4.4), layout="constrained")
+    fig.suptitle(
+        f"Rank of each series over a reference's, width by width ({_site_label(a)}, all tokens{_shared(a)}); "
+        f"band: {a.params.confidence:.0%} CI of the geometric mean"
+    )
+    for ax, metric, title in zip(fig.subplots(1, 2), ("soft_rank", "hard_rank"), ("R1", "R2")):
+        refs = []
+        for _, g in pts.groupby("arch"):
+            ok = g[np.isfinite(g[metric]) & (g[metric] > 0)]
+            logs = ok.assign(log=np.log(ok[metric])).groupby(["series", "width"])["log"].mean()
+            names = sorted(ok["series"].unique())
+            adamw = [s for s in names if (ok[ok["series"] == s]["label"] == "adamw").all()]
+            steps = ok.groupby("series")["steps"].max()
+            ref = min(adamw, key=lambda s: (steps[s], s)) if adamw else min(names, key=lambda s: logs[s].mean())
+            refs.append(labels[ref])
+            for s in names:
+                if s == ref:
+                    continue
+                ws = sorted(set(logs[s].index) & set(logs[ref].index))
+                ratio = np.exp([logs[s][w] - logs[ref][w] for w in ws])
+                row = lv[(lv["metric"] == metric) & lv["series"].isin([s, ref]) & lv["baseline"].isin([s, ref])]
+                label = labels[s]
+                if len(row):
+                    r = row.iloc[0]
+                    inv = r["series"] == ref  # the row is oriented higher over lower
+                    m, lo, hi = (
+                        (1 / r["ratio"], 1 / r["ratio_high"], 1 / r["ratio_low"])
+                        if inv
+                        else (r["ratio"], r["ratio_low"], r["ratio_high"])
+                    )
+                    label += f"  {m:.2f}× [{lo:.2f}, {hi:.2f}]"
+                    if np.isfinite(lo) and np.isfinite(hi):
+                        ax.fill_between(ws, lo, hi, color=colors[s], alpha=0.15, lw=0)
+                    ax.plot(ws, [m] * len(ws), color=colors[s], lw=1, ls="--")
+                ax.plot(ws, ratio, marker=markers[s], ms=5, lw=1, color=colors[s], label=label)
+        ax.axhline(1.0, color="k", lw=0.8)  # no difference; linear y: ratios sit near 1-3, where log ticks are bare
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, 0.9), max(hi, 1.1))  # keep 1× (no difference) in view
+        _width_axis(ax)
+        ax.set_xlabel("FFN width D")
+        ax.set_ylabel(f"{title} / reference {title}")
+        refs = sorted(set(refs))
+        ax.set_title(f"{title} over {refs[0]}" if len(refs) == 1 else f"{title} over each arch.'s reference")
+        _legend(ax, fontsize=7, outside=_many(a))
     return fig
 
 
 def fig_matched(a: Analysis) -> Figure:
-    """Q2: final validation loss vs width, matched points ringed; β_hard of each matched pair of series."""
-    colors = series_colors(a)
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    """Q2: final validation loss vs width, matched points ringed; the β differences of each matched pair."""
+    colors, markers, labels = series_colors(a), series_markers(a), _labels(a)
+    fig = Figure(figsize=(12, 4.4), layout="constrained")
+    fig.suptitle(f"Matched loss: pairs within {a.params.tolerance:g} nats at a common width{_shared(a)}")
     ax, bx = fig.subplots(1, 2)
     for series, g in a.losses.dropna(subset=["val_loss"]).groupby("series"):
         g = g.sort_values("width")
@@ -120,12 +239,12 @@ def fig_matched(a: Analysis) -> Figure:
             g["width"],
             g["val_loss"],
             yerr=err,
-            fmt="o-",
+            fmt=markers[series] + "-",
             ms=4,
             capsize=2,
             lw=1,
             color=colors[series],
-            label=text(series),
+            label=labels[series],
         )
     m = a.matched
     if len(m):
@@ -142,27 +261,34 @@ def fig_matched(a: Analysis) -> Figure:
     _width_axis(ax)
     ax.set_xlabel("FFN width D")
     ax.set_ylabel("final validation loss (nats)")
-    ax.set_title(f"final validation loss; tolerance {a.params.tolerance:g} nats")
-    _legend(ax, fontsize=7)
+    ax.set_title("final val loss (seed median, min–max)")
+    _legend(ax, fontsize=7, outside=_many(a))
     pairs = m.drop_duplicates(["series_a", "series_b"]) if len(m) else m
     if len(pairs):
         for i, p in enumerate(pairs.itertuples()):
-            for off, side in ((-0.12, "a"), (0.12, "b")):
-                s, beta = getattr(p, f"series_{side}"), getattr(p, f"beta_hard_{side}", math.nan)
-                lo, hi = getattr(p, f"beta_hard_low_{side}", math.nan), getattr(p, f"beta_hard_high_{side}", math.nan)
-                if np.isfinite(beta):
-                    bx.errorbar(i + off, beta, yerr=[[beta - lo], [hi - beta]], fmt="o", capsize=3, color=colors[s])
-        # one slanted line per pair: stacked "a vs b" labels of long series names overlap
+            for off, kind, fmt in ((-0.15, "soft", "s"), (0.15, "hard", "o")):
+                d = getattr(p, f"{kind}_diff", math.nan)
+                lo, hi = getattr(p, f"{kind}_diff_low", math.nan), getattr(p, f"{kind}_diff_high", math.nan)
+                if np.isfinite(d):
+                    bx.errorbar(
+                        i + off,
+                        d,
+                        yerr=[[d - lo], [hi - d]],
+                        fmt=fmt,
+                        capsize=3,
+                        color="0.2" if kind == "hard" else "0.55",
+                        label=f"β_{kind} B − A" if i == 0 else None,
+                    )
+        bx.axhline(0, color="k", lw=0.8)
+        bx.set_xlim(-0.6, len(pairs) - 0.4)
         bx.set_xticks(
             range(len(pairs)),
-            [f"{text(p.series_a)} vs {text(p.series_b)}" for p in pairs.itertuples()],
+            [f"B {labels[p.series_b]}\nA {labels[p.series_a]}" for p in pairs.itertuples()],
             fontsize=7,
-            rotation=25,
-            ha="right",
-            rotation_mode="anchor",
         )
-        bx.set_ylabel("β_hard (95% t-interval)")
-        bx.set_title("matched pairs: hard-rank scaling of each series")
+        bx.set_ylabel(f"β difference ({a.params.confidence:.0%} CI)")
+        bx.set_title("β difference: differs where the CI excludes 0")
+        _legend(bx, fontsize=7)
     else:
         bx.text(
             0.5,
@@ -178,41 +304,42 @@ def fig_matched(a: Analysis) -> Figure:
 
 def fig_asymmetry(a: Analysis) -> Figure:
     """Q3a: Δβ per series with interval, and the asymmetry log(R1/R2) against width."""
-    colors = series_colors(a)
+    colors, markers, labels = series_colors(a), series_markers(a), _labels(a)
     b = a.betas[(a.betas["site"] == a.params.site) & (a.betas["bucket"] == "all")].sort_values("series")
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    fig = Figure(figsize=(12, 4.4), layout="constrained")
+    fig.suptitle(f"Soft–hard asymmetry ({_site_label(a)}, all tokens{_shared(a)})")
     ax, bx = fig.subplots(1, 2)
     y = np.arange(len(b))
     err = np.array([b["delta_beta"] - b["delta_ci_low"], b["delta_ci_high"] - b["delta_beta"]])
     ax.barh(y, b["delta_beta"], xerr=err, color=[colors[s] for s in b["series"]], capsize=3)
-    ax.set_yticks(y, [text(s) for s in b["series"]], fontsize=8)
+    ax.set_yticks(y, [labels[s] for s in b["series"]], fontsize=8)
     ax.axvline(0, color="k", lw=0.8)
-    ax.set_xlabel("Δβ = β_soft − β_hard (95% t-interval)")
-    ax.set_title(f"soft–hard asymmetry of scaling ({_site_label(a)})")
+    ax.set_xlabel(f"Δβ = β_soft − β_hard ({a.params.confidence:.0%} t-interval)")
+    ax.set_title("Δβ per series")
     pts = a.points[(a.points["site"] == a.params.site) & (a.points["bucket"] == "all")].merge(
         a.sweep.runs[["run_id", "series", "width"]], on="run_id"
     )
     pts = pts.assign(asym=np.log(pts["soft_rank"] / pts["hard_rank"]))
     for series, g in pts.groupby("series"):
         med = g.groupby("width")["asym"].median()
-        bx.plot(med.index, med.values, "o-", ms=4, lw=1, color=colors[series], label=text(series))
+        bx.plot(med.index, med.values, marker=markers[series], ms=4, lw=1, color=colors[series], label=labels[series])
     _width_axis(bx)
     bx.set_xlabel("FFN width D")
     bx.set_ylabel("asymmetry log(R1/R2)")
-    bx.set_title("asymmetry grows with width when Δβ > 0")
-    _legend(bx, fontsize=7)
+    bx.set_title("log(R1/R2) vs width (grows when Δβ > 0)")
+    _legend(bx, fontsize=7, outside=_many(a))
     return fig
 
 
 def fig_phase(a: Analysis) -> Figure:
     """Q3b: the phase map (R1/D, R2/D), log axes, regions shaded, R2 > R1 hatched as impossible."""
-    colors = series_colors(a)
+    colors, markers, labels = series_colors(a), series_markers(a), _labels(a)
     t = a.params.phase
     ph = a.phase.dropna(subset=["soft_frac", "hard_frac"])
     ph = ph[(ph["soft_frac"] > 0) & (ph["hard_frac"] > 0)]
     lo = min(1e-2, float(ph["hard_frac"].min()) / 2 if len(ph) else 1e-2, t.collapsed_soft / 2)
     xs = np.logspace(np.log10(lo), 0, 300)
-    fig = Figure(figsize=(7.5, 6), layout="constrained")
+    fig = Figure(figsize=(8.5, 6), layout="constrained")
     ax = fig.subplots()
     ax.fill_between(xs, xs, 1.0, facecolor="none", hatch="///", edgecolor="0.55", lw=0)
     below = np.minimum(t.brittle_ratio * xs, xs)
@@ -223,14 +350,14 @@ def fig_phase(a: Analysis) -> Figure:
     )
     ax.fill_between(xs, below, xs, where=xs >= t.broad_soft, color=REGION_COLORS["broad"], lw=0)
     x_collapsed = math.sqrt(lo * t.collapsed_soft)
-    labels = {
+    regions = {
         "impossible\n(R2 > R1)": (math.sqrt(lo), 0.5),
         "collapsed": (x_collapsed, max(lo * 1.2, x_collapsed / 3)),
         "brittle": (math.sqrt(t.collapsed_soft), lo * 1.5),
         "compact": (math.sqrt(t.collapsed_soft * t.broad_soft), None),
         "broad": (math.sqrt(t.broad_soft), None),
     }
-    for name, (x, y) in labels.items():
+    for name, (x, y) in regions.items():
         if y is None:  # between the brittle diagonal and R2 = R1, on a log scale
             y = x * math.sqrt(t.brittle_ratio)
         ax.text(x, y, name, ha="center", va="center", fontsize=9, color="0.25", style="italic")
@@ -240,9 +367,10 @@ def fig_phase(a: Analysis) -> Figure:
             g["hard_frac"],
             s=18 + 10 * np.log2(g["width"] / g["width"].min() + 1),
             color=colors[series],
+            marker=markers[series],
             edgecolors="k",
             lw=0.4,
-            label=text(series),
+            label=labels[series],
             zorder=3,
         )
     ax.plot(xs, xs, color="k", lw=1)
@@ -252,8 +380,11 @@ def fig_phase(a: Analysis) -> Figure:
     ax.set_ylim(lo, 1.0)
     ax.set_xlabel("soft rank / width  (R1/D)")
     ax.set_ylabel("hard rank / width  (R2/D)")
-    ax.set_title(f"phase map ({_site_label(a)}, all tokens; marker size ~ width)")
-    _legend(ax, fontsize=7, loc="upper left")  # over the impossible region, where no run should be
+    ax.set_title(f"Phase map ({_site_label(a)}, all tokens{_shared(a)}); marker size ~ width")
+    if _many(a):
+        _legend(ax, fontsize=7, outside=True)
+    else:
+        _legend(ax, fontsize=7, loc="upper left")  # over the impossible region, where no run should be
     return fig
 
 
@@ -263,7 +394,9 @@ def fig_regimes(a: Analysis) -> Figure | None:
     series = sorted(b["series"].unique())
     if not b[b["bucket"].isin(BUCKETS)]["soft_fittable"].any():
         return None  # no per-regime telemetry (or nothing fittable): the β table says so
-    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    labels = _labels(a)
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    fig.suptitle(f"β by token regime ({_site_label(a)}{_shared(a)}); bars: {a.params.confidence:.0%} t-interval")
     for ax, kind in zip(fig.subplots(1, 2), ("soft", "hard")):
         width = 0.8 / len(ALL_BUCKETS)
         for j, bucket in enumerate(ALL_BUCKETS):
@@ -277,26 +410,35 @@ def fig_regimes(a: Analysis) -> Figure | None:
                 ]
             )
             ax.bar(x, beta, width, yerr=err, capsize=2, color=BUCKET_COLORS[bucket], label=bucket.upper())
-        ax.set_xticks(np.arange(len(series)), [text(s) for s in series], rotation=25, ha="right", fontsize=8)
+        ax.set_xticks(
+            np.arange(len(series)),
+            [labels[s] for s in series],
+            rotation=25,
+            ha="right",
+            fontsize=8,
+            rotation_mode="anchor",
+        )
         ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
-        ax.set_ylabel(f"β_{kind} (95% t-interval)")
-        ax.set_title(f"{kind}-rank scaling by token regime ({_site_label(a)})")
+        ax.set_ylabel(f"β_{kind}")
+        ax.set_title(f"β_{kind} by regime")
         _legend(ax, fontsize=7, ncols=4)
     return fig
 
 
 def fig_bucket_loss(a: Analysis) -> Figure | None:
     """Q4b: per-bucket final validation loss (top) beside per-bucket hard rank (bottom), against width."""
-    colors = series_colors(a)
+    colors, markers, labels = series_colors(a), series_markers(a), _labels(a)
     med = a.buckets.groupby(["series", "bucket", "width"])[["val_loss", "hard_rank"]].median().reset_index()
     if med[["val_loss", "hard_rank"]].isna().all().all():
         return None  # neither per-bucket validation loss nor per-bucket spectra were logged
     fig = Figure(figsize=(12, 6.4), layout="constrained")
+    fig.suptitle(f"Per-regime loss and hard rank ({_site_label(a)}{_shared(a)}; seed medians)")
     axes = fig.subplots(2, len(BUCKETS), squeeze=False)
     for j, bucket in enumerate(BUCKETS):
         for series, g in med[med["bucket"] == bucket].groupby("series"):
-            axes[0, j].plot(g["width"], g["val_loss"], "o-", ms=3, lw=1, color=colors[series], label=text(series))
-            axes[1, j].plot(g["width"], g["hard_rank"], "o-", ms=3, lw=1, color=colors[series])
+            style = {"marker": markers[series], "ms": 3, "lw": 1, "color": colors[series]}
+            axes[0, j].plot(g["width"], g["val_loss"], label=labels[series], **style)
+            axes[1, j].plot(g["width"], g["hard_rank"], **style)
         axes[0, j].set_title(f"{bucket.upper()} tokens")
         axes[0, j].set_ylabel("final val loss (nats)")
         axes[1, j].set_ylabel("hard rank R2")
@@ -304,19 +446,16 @@ def fig_bucket_loss(a: Analysis) -> Figure | None:
         for i in range(2):
             _width_axis(axes[i, j])
             axes[i, j].set_xlabel("FFN width D")
-    _legend(axes[0, 0], fontsize=7)
+    _legend(axes[0, -1], fontsize=7, outside=True)
     return fig
 
 
 def fig_opt_arch(a: Analysis) -> Figure:
-    """Q5: each series in the (β_soft, β_hard) plane: colour = optimizer setting, marker = architecture."""
-    cells = a.cells
-    settings = sorted(cells["setting"].unique())
-    archs = sorted(cells["arch"].unique())
-    cmap = matplotlib.colormaps["tab10" if len(settings) <= 10 else "tab20"]
-    fig = Figure(figsize=(7.5, 5.6), layout="constrained")
+    """Q5: each series in the (β_soft, β_hard) plane, in its colour and marker as in every figure."""
+    colors, markers, labels = series_colors(a), series_markers(a), _labels(a)
+    fig = Figure(figsize=(8.5, 5.6), layout="constrained")
     ax = fig.subplots()
-    for r in cells.itertuples():
+    for r in a.cells.itertuples():
         if not (r.soft_fittable and r.hard_fittable):
             continue
         ax.errorbar(
@@ -324,18 +463,19 @@ def fig_opt_arch(a: Analysis) -> Figure:
             r.hard_beta,
             xerr=[[r.soft_beta - r.soft_ci_low], [r.soft_ci_high - r.soft_beta]],
             yerr=[[r.hard_beta - r.hard_ci_low], [r.hard_ci_high - r.hard_beta]],
-            fmt=_MARKERS[archs.index(r.arch) % len(_MARKERS)],
+            fmt=markers[r.series],
             ms=7,
             capsize=2,
-            color=cmap(settings.index(r.setting) % cmap.N),
-            label=text(r.series),
+            color=colors[r.series],
+            label=labels[r.series],
         )
     lim = ax.get_xlim()[0], ax.get_xlim()[1]
     ax.plot(lim, lim, color="0.5", lw=0.8, ls=":", label="β_hard = β_soft (Δβ = 0)")
-    ax.set_xlabel("β_soft (95% t-interval)")
-    ax.set_ylabel("β_hard (95% t-interval)")
-    ax.set_title(f"optimizer × architecture ({_site_label(a)}, all tokens)")
-    _legend(ax, fontsize=7)
+    conf = f"{a.params.confidence:.0%} t-interval"
+    ax.set_xlabel(f"β_soft ({conf})")
+    ax.set_ylabel(f"β_hard ({conf})")
+    ax.set_title(f"Optimizer × architecture ({_site_label(a)}, all tokens{_shared(a)})")
+    _legend(ax, fontsize=7, outside=_many(a))
     return fig
 
 
@@ -346,13 +486,13 @@ def _per_series(a: Analysis, frame: pd.DataFrame, draw, ylabel: str, title: str,
     for ax, s in zip(axes, series):
         for (width, seed), g in frame[frame["series"] == s].groupby(["width", "seed"]):
             draw(ax, g.sort_values("step"), color(width), f"D={width}" if seed == frame["seed"].min() else None)
-        ax.set_title(text(s), fontsize=9)
+        ax.set_title(_labels(a)[s], fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         if logy:
             _log_y(ax)
     _legend(axes[0], fontsize=6)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     return fig
 
 
@@ -368,9 +508,7 @@ def fig_loss_curves(a: Analysis) -> Figure | None:
             v = g.dropna(subset=["val_loss"])
             ax.plot(v["step"], v["val_loss"], "o", ms=3, color=c)
 
-    return _per_series(
-        a, curves, draw, "loss (nats)", "loss curves: training (lines), validation (dots); colour = width"
-    )
+    return _per_series(a, curves, draw, "loss (nats)", "Loss: training (lines), validation (dots)")
 
 
 def fig_trajectories(a: Analysis) -> Figure:
@@ -386,23 +524,38 @@ def fig_trajectories(a: Analysis) -> Figure:
         tr,
         draw,
         "rank / width",
-        f"rank trajectories ({_site_label(a)}, all tokens; median over "
-        "layers): R1/D solid, R2/D dashed; colour = width",
+        "Rank / width over training: R1/D solid, R2/D dashed",
         logy=True,
     )
 
 
 # name → (drawer, caption); the report shows them in this order, each in its question's section
 FIGURES: dict[str, tuple[Callable[[Analysis], Figure | None], str]] = {
-    "scaling": (fig_scaling, "Rank vs FFN width (log-log) with the fitted power law per series."),
-    "matched_loss": (fig_matched, "Final validation loss vs width; matched pairs ringed, with their β_hard."),
+    "scaling": (
+        fig_scaling,
+        "Rank vs FFN width (log-log): seed median with min–max, the fitted power law per series and the "
+        "confidence band of the fit; β in the legend with its interval.",
+    ),
+    "levels": (
+        fig_levels,
+        "Each series' rank over the reference series' (AdamW where present), width by width; dashed: the "
+        "geometric-mean ratio, band: its interval over widths.",
+    ),
+    "matched_loss": (
+        fig_matched,
+        "Final validation loss vs width, matched pairs ringed; right: each matched pair's β differences with intervals.",
+    ),
     "asymmetry": (fig_asymmetry, "Δβ = β_soft − β_hard per series, and log(R1/R2) against width."),
     "phase_map": (fig_phase, "Phase map: each run at (R1/D, R2/D), regions by the stated thresholds."),
     "regimes": (fig_regimes, "β by token-frequency regime (HEAD / MID / TAIL, and all tokens)."),
     "bucket_loss": (fig_bucket_loss, "Per-bucket final validation loss beside per-bucket hard rank."),
     "optimizer_architecture": (fig_opt_arch, "Each series in the (β_soft, β_hard) plane."),
-    "loss_curves": (fig_loss_curves, "Loss curves per run."),
-    "rank_trajectories": (fig_trajectories, "Rank per unit width over training."),
+    "loss_curves": (fig_loss_curves, "Loss curves per run, one panel per series; colour = FFN width."),
+    "rank_trajectories": (
+        fig_trajectories,
+        "Rank per unit width over training (headline site, all tokens, median over layers), one panel per series; "
+        "colour = FFN width.",
+    ),
     "beta_trajectory": (fig_beta_trajectory, "β_soft and β_hard over training per series, with interval bands."),
 }
 

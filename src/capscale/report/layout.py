@@ -2,12 +2,14 @@
 
 Cells are plain, *unescaped* strings formatted from the data; the HTML and Markdown
 renderers escape them. Both renderers share this layout, so the two documents say
-the same thing.
+the same thing. Text may refer to a figure as ``{fig:NAME}``; the renderers turn that
+into "Figure n" (a link in HTML), numbered in order of appearance.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +17,10 @@ from typing import Any
 from capscale.analysis import ALL_BUCKETS, REGIONS
 from capscale.report.trajectory import section as _beta_trajectory
 from capscale.rundir import RunStatus
-from capscale.spectrum.summary import REPORT_METRICS
+from capscale.spectrum.summary import REPORT_METRICS, WELL_SAMPLED
+
+ND = f"N/D < {WELL_SAMPLED:g}"  # the flag for aggregates that are not well sampled
+FIG_REF = re.compile(r"\{fig:([a-z_]+)\}")
 
 
 @dataclass
@@ -26,6 +31,8 @@ class Table:
     flagged: list[bool] = field(default_factory=list)  # rows to highlight (low N/D, not fittable, ...)
     collapsed: bool = False  # long detail tables start folded
     empty: str = "none"
+    pinned: int = 1  # leading columns kept in view when a wide table scrolls
+    answer: int = 0  # the column that answers the table's question (kept first, or pinned)
 
 
 @dataclass
@@ -69,7 +76,7 @@ def _notes(row: dict) -> str:
     reasons = {row[k]["reason"] for k in ("beta_soft", "beta_hard") if row[k]["reason"]}
     low = row["beta_hard"]["n_low_nd"]
     if low:
-        reasons.add(f"{low} point(s) with N/D < 10")
+        reasons.add(f"{low} point(s) with {ND}")
     return "; ".join(sorted(reasons))
 
 
@@ -95,6 +102,43 @@ def _table(
 
 def _get(key: str, digits: int = 3) -> Callable[[dict], str]:
     return lambda r: num(r.get(key), digits) if not isinstance(r.get(key), str) else r[key]
+
+
+def figure_numbers(secs: list[Section], available) -> dict[str, int]:
+    """Figure name → its number, in order of appearance among the figures drawn."""
+    names = [f for s in secs for f in s.figures if f in available]
+    return {f: i + 1 for i, f in enumerate(names)}
+
+
+def _levels_table(d: dict) -> Table:
+    rows = [r for r in d["levels"] if r["bucket"] == "all"]
+
+    def ratio(r):
+        return f"{num(r['ratio'], 2)}× {interval(r['ratio_low'], r['ratio_high'], 2)}"
+
+    return _table(
+        "Rank ratios of pairs of series at matched widths, all tokens (higher over lower).",
+        [
+            ("series", _get("series")),
+            ("over", _get("baseline")),
+            ("rank", lambda r: {"soft_rank": "R1", "hard_rank": "R2"}[r["metric"]]),
+            ("ratio [CI]", ratio),
+            ("resolved", lambda r: "yes" if r["resolved"] else "no"),
+            ("per width", lambda r: f"{num(r['ratio_min'], 2)}–{num(r['ratio_max'], 2)}×"),
+            (
+                "Δ loss (nats) [CI]",
+                lambda r: f"{num(r['loss_diff'], 3)} {interval(r['loss_diff_low'], r['loss_diff_high'])}",
+            ),
+            ("widths", lambda r: ", ".join(str(w) for w in r["widths"])),
+            ("seeds", _get("n_seeds")),
+        ],
+        rows,
+        lambda r: not r["resolved"],
+        pinned=2,
+        answer=3,
+        collapsed=len(rows) > 12,
+        empty="a single series: no pair to compare",
+    )
 
 
 # -- sections ------------------------------------------------------------------------
@@ -161,11 +205,19 @@ def _q1(d: dict) -> Section:
                 "β is the OLS slope of log rank on log width over the runs of a series (seeds as replicate points). "
                 "β = 1: every added unit of width becomes a variance-carrying direction; β < 1: capacity grows slower than "
                 "width. The soft rank R1 counts directions carrying any variance, the hard rank R2 the directions the "
-                "energy actually spreads over."
+                "energy actually spreads over. {fig:scaling} shows the ranks and the fitted laws with their "
+                "confidence bands."
+            ),
+            (
+                "β compares growth; levels compare how much capacity each series realises at the same width. "
+                "{fig:levels} and the first table give each pair's rank ratio: the geometric mean over the widths "
+                "both series ran, with a t-interval over widths (seed noise and any drift with width included). "
+                "A ratio is resolved when its interval excludes 1×."
             ),
         ],
-        ["scaling"],
+        ["scaling", "levels"],
         [
+            _levels_table(d),
             _table(
                 "β per series and site, all tokens (t-interval and bootstrap interval).",
                 _beta_columns(False, True),
@@ -196,15 +248,29 @@ def _pair_beta(row: dict, kind: str, side: str) -> str:
 def _q2(d: dict) -> Section:
     q = d["q2_matched_loss"]
     cols = [
+        ("geometry", _get("geometry")),
         ("width", _get("width")),
         ("series A", _get("series_a")),
         ("series B", _get("series_b")),
+        ("loss B − A", _get("loss_diff", 4)),
+        (
+            "R2 B / A [CI]",
+            lambda r: (
+                f"{num(r.get('hard_ratio'), 2)}× {interval(r.get('hard_ratio_low'), r.get('hard_ratio_high'), 2)}"
+            ),
+        ),
+        (
+            "β_hard B − A [CI]",
+            lambda r: f"{num(r.get('hard_diff'))} {interval(r.get('hard_diff_low'), r.get('hard_diff_high'))}",
+        ),
+        (
+            "β_soft B − A [CI]",
+            lambda r: f"{num(r.get('soft_diff'))} {interval(r.get('soft_diff_low'), r.get('soft_diff_high'))}",
+        ),
         ("val loss A", _get("val_loss_a", 4)),
         ("val loss B", _get("val_loss_b", 4)),
-        ("B − A", _get("loss_diff", 4)),
         ("β_hard A", lambda r: _pair_beta(r, "hard", "a")),
         ("β_hard B", lambda r: _pair_beta(r, "hard", "b")),
-        ("β_soft A / B", lambda r: f"{num(r.get('beta_soft_a'))} / {num(r.get('beta_soft_b'))}"),
         ("Δβ A / B", lambda r: f"{num(r.get('beta_delta_a'))} / {num(r.get('beta_delta_b'))}"),
     ]
     for bucket in ALL_BUCKETS:
@@ -214,10 +280,7 @@ def _q2(d: dict) -> Section:
                 lambda r, b=bucket: f"{num(r.get(f'hard_frac_{b}_a'))} / {num(r.get(f'hard_frac_{b}_b'))}",
             )
         )
-    cols += [
-        ("log(R1/R2) A / B", lambda r: f"{num(r.get('asymmetry_a'))} / {num(r.get('asymmetry_b'))}"),
-        ("geometry", _get("geometry")),
-    ]
+    cols.append(("log(R1/R2) A / B", lambda r: f"{num(r.get('asymmetry_a'))} / {num(r.get('asymmetry_b'))}"))
     losses = [
         ("series", _get("series")),
         ("width", _get("width")),
@@ -232,8 +295,11 @@ def _q2(d: dict) -> Section:
         [
             (
                 f"Pairs of series (different optimizer or step budget, same architecture) whose final validation loss, "
-                f"median over seeds, agrees within {q['tolerance']:g} nats at a common width. 'different': the β_soft or "
-                "β_hard t-intervals of the two series are disjoint — equal loss, different spectral geometry."
+                f"median over seeds, agrees within {q['tolerance']:g} nats at a common width ({{fig:matched_loss}}). "
+                "'different': at that width the rank ratio's interval (over seeds) excludes 1×, or the interval of "
+                "the β_soft or β_hard difference excludes 0 — equal loss, different spectral geometry; "
+                "'indistinguishable': every interval includes no difference, so these data cannot tell the two "
+                "geometries apart (which is not the same as showing them equal)."
             ),
         ],
         ["matched_loss"],
@@ -244,6 +310,7 @@ def _q2(d: dict) -> Section:
                 q["pairs"],
                 lambda r: r["geometry"] == "different",
                 empty="no pair of series agrees within the tolerance at a common width",
+                pinned=1,
             ),
             _table("Final validation loss per series and width.", losses, q["loss_by_width"], collapsed=True),
         ],
@@ -265,13 +332,13 @@ def _q3(d: dict) -> Section:
         [
             (
                 "Δβ = β_soft − β_hard: how much faster the count of used directions grows than the count of directions "
-                "sharing the energy. Δβ > 0 means the spectrum grows more unequal with width."
+                "sharing the energy. Δβ > 0 means the spectrum grows more unequal with width ({fig:asymmetry})."
             ),
             (
                 f"Phase regions (r1 = R1/D, r2 = R2/D; thresholds are parameters — the paper gives none): impossible if "
                 f"r2 > r1; collapsed if r1 < {t['collapsed_soft']:g}; brittle if r2/r1 < {t['brittle_ratio']:g} "
                 f"(asymmetry log(R1/R2) > {math.log(1 / t['brittle_ratio']):.2f}); broad if r1 ≥ {t['broad_soft']:g}; "
-                "compact otherwise. Each run's final aggregated ranks, bucket all."
+                "compact otherwise. Each run's final aggregated ranks, bucket all ({fig:phase_map})."
             ),
         ],
         ["asymmetry", "phase_map"],
@@ -335,7 +402,8 @@ def _q4(d: dict) -> Section:
                 "the rest); a row is bucketed by its input token. Rare-token (TAIL) representations are where learning is "
                 "hardest; the paper reports AdamW β_hard ≈ 0.44 there against ≈ 1.02 for Muon (GPT-2 160M)."
             ),
-            "Per-bucket validation loss is shown beside the per-bucket capacity of the same runs.",
+            "{fig:regimes} gives β per regime; {fig:bucket_loss} shows per-bucket validation loss beside the "
+            "per-bucket capacity of the same runs.",
         ],
         ["regimes", "bucket_loss"],
         [
@@ -361,7 +429,9 @@ def _q5(d: dict) -> Section:
     text += (
         "Optimizer effect: spread of β across optimizer settings on one architecture; architecture effect: "
         "spread of β across architectures for one optimizer setting. Each spread compares β refitted on "
-        "the widths the compared series share, so that curvature over a wider range is not read as an effect."
+        "the widths the compared series share, so that curvature over a wider range is not read as an effect; "
+        "its interval is that of the difference of the two β. One effect is called larger only when all its "
+        "spans' intervals lie above all the other's ({fig:optimizer_architecture})."
     )
 
     def cell(kind):
@@ -394,7 +464,7 @@ def _q5(d: dict) -> Section:
                     ("effect", _get("kind")),
                     ("within", lambda r: r["within"] or "(single)"),
                     ("β", _get("metric")),
-                    ("span", _get("span")),
+                    ("span [CI]", lambda r: f"{num(r['span'])} {interval(r.get('span_low'), r.get('span_high'))}"),
                     ("highest", _get("highest")),
                     ("lowest", _get("lowest")),
                     ("compared", _get("n_compared")),
@@ -404,12 +474,23 @@ def _q5(d: dict) -> Section:
                 empty="fewer than two settings or architectures with 3 shared widths to compare",
             ),
             _table(
-                "Median spans.",
+                "Median spans, with the envelope of their intervals.",
                 [
                     ("β", _get("metric")),
-                    ("optimizer", _get("optimizer_span")),
-                    ("architecture", _get("architecture_span")),
-                    ("larger", lambda r: r["larger"] or "—"),
+                    ("larger", lambda r: r["larger"] or "not resolved"),
+                    (
+                        "optimizer",
+                        lambda r: (
+                            f"{num(r['optimizer_span'])} within {interval(r.get('optimizer_low'), r.get('optimizer_high'))}"
+                        ),
+                    ),
+                    (
+                        "architecture",
+                        lambda r: (
+                            f"{num(r['architecture_span'])} within {interval(r.get('architecture_low'), r.get('architecture_high'))}"
+                        ),
+                    ),
+                    ("point estimates favour", lambda r: r.get("point_larger") or "—"),
                 ],
                 q["summary"],
             ),
@@ -433,7 +514,8 @@ def _training(d: dict) -> Section:
         "Training: loss curves and rank trajectories",
         [
             (
-                "Ranks per unit width over training (median over layers) show whether the final aggregate was taken on a "
+                "{fig:loss_curves} shows the loss curves; the rank trajectories ({fig:rank_trajectories}: ranks per "
+                "unit width over training, median over layers) show whether the final aggregate was taken on a "
                 "plateau or while ranks were still moving."
             ),
         ],
@@ -456,17 +538,18 @@ def _reliability(d: dict) -> Section:
     ]
     text = (
         f"{len(low)} of {d['reliability']['n_aggregates']} aggregates (run × site × bucket) use records with "
-        "fewer than 10 samples per dimension (N/D); their ranks are biased low by sampling, most in TAIL buckets "
-        "and at large widths. They are kept in the fits and flagged (highlighted rows; 'N/D < 10' in the notes)."
+        f"fewer than {WELL_SAMPLED:g} samples per dimension (N/D); their ranks are biased low by sampling, most in "
+        f"TAIL buckets and at large widths. They are kept in the fits and flagged (highlighted rows; '{ND}' in "
+        "the notes)."
         if low
-        else "Every aggregate rests on well-sampled records (N/D ≥ 10)."
+        else f"Every aggregate rests on well-sampled records (N/D ≥ {WELL_SAMPLED:g})."
     )
     return Section(
         "reliability",
         "Reliability: samples per dimension",
         [text],
         [],
-        [_table("Aggregates with N/D below 10.", cols, low, lambda r: True, collapsed=len(low) > 12)],
+        [_table(f"Aggregates with N/D below {WELL_SAMPLED:g}.", cols, low, lambda r: True, collapsed=len(low) > 12)],
     )
 
 

@@ -1,18 +1,27 @@
 """report.md: the same sections as the HTML, as GitHub-flavoured Markdown; figures as linked PNG files.
 
-Cells are HTML-escaped too (Markdown passes raw HTML through) and pipes escaped.
+Cells are escaped the Markdown way — a backslash before ``<``, ``>``, ``|`` and the
+emphasis and link characters — so a run named ``<script>`` shows as text in a
+renderer and reads as itself in a plain editor (no HTML entities).
 """
 
 from __future__ import annotations
 
-from html import escape
+import re
 
 from capscale.report.figures import FIGURES
-from capscale.report.layout import Table, headline_table, sections
+from capscale.report.layout import FIG_REF, Table, figure_numbers, headline_table, sections
+
+_SPECIAL = re.compile(r"([\\`*\[\]<>|])")
 
 
 def _cell(s: str) -> str:
-    return escape(s, quote=False).replace("|", "\\|").replace("\n", " ")
+    return _SPECIAL.sub(r"\\\1", str(s)).replace("\n", " ")
+
+
+def _text(s: str, numbers: dict[str, int]) -> str:
+    escaped = _cell(s)
+    return FIG_REF.sub(lambda m: f"Figure {numbers[m.group(1)]}" if m.group(1) in numbers else "the figure", escaped)
 
 
 def _table(t: Table) -> str:
@@ -32,6 +41,8 @@ def _table(t: Table) -> str:
 
 def render_markdown(data: dict, figure_files: dict[str, str]) -> str:
     """``figure_files``: figure name → path relative to report.md."""
+    body = sections(data)
+    numbers = figure_numbers(body, figure_files)
     sweep = data["sweep"]
     out = [
         f"# capscale report — {_cell(sweep['name'])}",
@@ -39,17 +50,25 @@ def render_markdown(data: dict, figure_files: dict[str, str]) -> str:
         (
             f"{sweep['n_runs_analysed']} runs analysed in {len(sweep['series'])} series, FFN widths "
             f"{', '.join(str(w) for w in sweep['widths'])}; generated {data['generated']} by capscale "
-            f"{data['versions']['capscale']}. Rows marked ⚑ are flagged (not fittable, N/D < 10, or as noted)."
+            f"{data['versions']['capscale']}. Rows marked ⚑ are flagged (not resolved, not fittable, "
+            "not well sampled, or as noted)."
         ),
         "",
-        "## Summary",
+        "## Answers",
         "",
-        _table(headline_table(data)),
     ]
+    for a in data["answers"]:
+        refs = ", ".join(f"Figure {numbers[f]}" for f in a["figures"] if f in numbers)
+        out.append(
+            f"- **{_cell(a['question'])}** *{a['verdict']}*: {_cell(a['finding'])}" + (f" ({refs})" if refs else "")
+        )
+    out += ["", _table(headline_table(data))]
     out += [f"- {_cell(f)}" for f in data["summary"]["findings"]]
-    for s in sections(data):
+    for s in body:
         out += ["", f"## {_cell(s.title)}", ""]
-        out += [_cell(p) + "\n" for p in s.text]
-        out += [f"![{_cell(FIGURES[f][1])}]({figure_files[f]})\n" for f in s.figures if f in figure_files]
+        out += [_text(p, numbers) + "\n" for p in s.text]
+        out += [
+            f"![Figure {numbers[f]}. {_cell(FIGURES[f][1])}]({figure_files[f]})\n" for f in s.figures if f in numbers
+        ]
         out += [_table(t) for t in s.tables]
     return "\n".join(out) + "\n"

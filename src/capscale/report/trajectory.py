@@ -154,15 +154,16 @@ def _plain(s: str) -> str:
 
 def section(d: dict):
     """The report section: the sentences, the figure, and the table of β per series and step."""
-    from capscale.report.layout import Section, _get, _table, interval, num
+    from capscale.report.layout import ND, Section, _get, _table, interval, num
 
     t = d.get("beta_trajectory") or {"fits": [], "separation": [], "pairs": []}
     site = t.get("site", d["parameters"]["site"])
     fits = [f for f in t["fits"] if f["site"] == site and f["bucket"] == "all" and f["metric"] != "delta_beta"]
     text = [
         "β fitted at every logged step that all widths of a series share (each run's ranks of that one step, "
-        "median over layers; seeds as replicate points), against tokens seen. Two series separate at a step "
-        "when their t-intervals are disjoint; steps where either fit uses a record with N/D below 10 are left out. "
+        "median over layers; seeds as replicate points), against tokens seen ({fig:beta_trajectory}). Two series "
+        f"separate at a step when their t-intervals are disjoint; steps where either fit uses a record with {ND} "
+        "are left out. "
         f"Bootstrap intervals here use {t.get('n_resamples', '—')} resamples per fit."
     ]
     text += [r["sentence"] for r in t["separation"]] or ["No two series share an architecture and a step budget."]
@@ -174,7 +175,7 @@ def section(d: dict):
         ("value", lambda r: num(r["beta"])),
         ("t-interval", lambda r: interval(r["ci_low"], r["ci_high"])),
         ("bootstrap", lambda r: interval(r["boot_low"], r["boot_high"])),
-        ("N/D < 10", _get("n_low_nd")),
+        (ND, _get("n_low_nd")),
     ]
     pairs = [p for p in t["pairs"] if p["site"] == site and p["bucket"] == "all"]
     pair_cols = [
