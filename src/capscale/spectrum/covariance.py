@@ -328,8 +328,9 @@ class StreamingCovariance:
         mean = rows.mean(0)
         if not np.isfinite(mean).all():
             raise NonFiniteError(f"activations refused: NaN or Inf ({n} rows, D={self.dim})")
-        top = max(abs(float(rows.max())), abs(float(rows.min())))
-        if top + float(np.abs(mean).max()) > math.sqrt(_overflow_limit(self.dtype) / n):
+        lo, hi = float(rows.min()), float(rows.max())
+        if max(hi - lo, -lo, hi) > math.sqrt(_overflow_limit(self.dtype) / n):  # as the torch backend
+            top = max(-lo, hi)
             raise NonFiniteError(
                 f"activations refused: values too large: max |x| = {top:.3g} over {n} rows "
                 f"would overflow the {self.dtype} scatter (D={self.dim})"
