@@ -28,13 +28,13 @@ def _damage_middle_metrics_line(run):
 
 # (what is wrong with the one run, what the line says)
 REPORT_CASES = {
-    "optimizer as a string": (
-        lambda run: _edit_json(run / "config.json", lambda c: c.update(optimizer="adamw")),
-        r"config optimizer must be a table \(a JSON object\), got 'adamw'",
+    "optimizer as a number": (
+        lambda run: _edit_json(run / "config.json", lambda c: c.update(optimizer=5)),
+        r"config optimizer must be a table \(a JSON object\), got 5",
     ),
-    "train.steps null": (
-        lambda run: _edit_json(run / "config.json", lambda c: c["train"].update(steps=None)),
-        r"config train.steps must be an integer >= 1, got None",
+    "train.steps a string": (
+        lambda run: _edit_json(run / "config.json", lambda c: c["train"].update(steps="many")),
+        r"config train.steps must be an integer >= 1, got 'many'",
     ),
     "status.json a list": (
         lambda run: (run / "status.json").write_text('["done", 60]'),
@@ -66,6 +66,20 @@ def test_report_on_a_bad_run_is_one_line_and_writes_nothing(tmp_path, capsys, ca
     assert err.startswith("capscale report: error: no finished runs") and err.count("\n") == 1, err
     assert re.search(message, err), err
     assert sorted(p.name for p in run.iterdir()) == before  # no report/ folder
+
+
+@pytest.mark.parametrize(
+    "change",
+    [lambda c: c.update(optimizer=c["optimizer"]["name"]), lambda c: c["train"].update(steps=None)],
+    ids=["optimizer as its name", "train.steps null"],
+)
+def test_what_the_run_format_fills_in_is_analysed_not_refused(tmp_path, change):
+    # docs/run-format.md: an optimizer given by its name, a step budget left out (the status's step)
+    run = planted_run(tmp_path / "r", MUON, 32, 0, np.random.default_rng(0))
+    want = load_sweep(run).runs[["series", "width", "steps"]]
+    _edit_json(run / "config.json", change)
+    got = load_sweep(run).runs[["series", "width", "steps"]]
+    assert got.equals(want), (got, want)
 
 
 def test_a_torn_last_metrics_line_keeps_the_previous_records_and_says_so(tmp_path, caplog):
