@@ -22,8 +22,18 @@ def ids(seed, b=2, s=6):
 
 def test_schedule_rule():
     s = Schedule(every=5, window=2, total_steps=12)
-    assert [t for t in range(14) if s.starts_at(t)] == [0, 5, 10, 11]
-    assert s.end(10) == 12 and s.end(11) == 12 and s.end(0) == 2
+    assert [t for t in range(14) if s.starts_at(t)] == [0, 5, 10]  # 10..11 is already the final window
+    assert s.end(10) == 12 and s.end(0) == 2
+    # the final window is a full one, ending training (not a one-step window at the last step)
+    s = Schedule(every=25, window=8, total_steps=300)
+    starts = [t for t in range(300) if s.starts_at(t)]
+    assert starts[-2:] == [275, 292] and s.end(292) == 300
+    # ... unless the last regular window ends later: then it starts there, and no window overlaps
+    s = Schedule(every=10, window=8, total_steps=25)
+    starts = [t for t in range(25) if s.starts_at(t)]
+    assert starts == [0, 10, 18] and s.end(18) == 25
+    assert all(s.end(a) <= b for a, b in zip(starts, starts[1:]))
+    assert [t for t in range(30) if Schedule(every=5, window=5, total_steps=20).starts_at(t)] == [0, 5, 10, 15]
     with pytest.raises(ValueError, match="overlap"):
         Schedule(every=2, window=3)
     with pytest.raises(ValueError, match="every"):
@@ -314,3 +324,18 @@ def test_explicit_batch_context_and_frequency_table_file(tmp_path):
     row = df[(df.layer == 0) & (df.site == "pre") & (df.bucket == "all")].iloc[0]
     assert row.n_samples == 12 + 8
     assert row.hard_rank == pytest.approx(hard_rank_from_covariance(np.cov(rows, rowvar=False)), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "every,window,total", [(e, w, t) for e in (1, 3, 7, 25) for w in (1, 2, 3, 7) for t in (1, 5, 26, 300) if w <= e]
+)
+def test_schedule_windows_tile_without_overlap_and_the_last_ends_training(every, window, total):
+    s = Schedule(every=every, window=window, total_steps=total)
+    starts = [t for t in range(total + every) if s.starts_at(t)]
+    assert starts[0] == 0 and all(t % every == 0 for t in starts[:-1])
+    assert all(s.end(a) <= b for a, b in zip(starts, starts[1:]))  # no overlap
+    assert s.end(starts[-1]) == total  # the last measurement ends training
+    # it is a full window whenever the run is long enough and the regular windows leave room
+    full = max(total - window, 0)
+    if full % every == 0 or full - full % every + window <= full:
+        assert s.end(starts[-1]) - starts[-1] == min(window, total)

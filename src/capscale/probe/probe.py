@@ -758,7 +758,7 @@ def attach(
     layers: ``"auto"`` or layer indices.
     freq_table: HEAD/MID/TAIL buckets by input token id (a FrequencyTable or its JSON file).
     every, window, total_steps, start_step: full measurements on steps with
-        ``step % every == 0`` and the last step (``total_steps - 1``), each over
+        ``step % every == 0`` and a final window ending at ``total_steps``, each over
         ``window`` steps; ``probe.step()`` advances.
     dtype: the per-batch covariance GEMM dtype; None = the activations' own
         (bf16/fp16 widened to float32). States are always float64.

@@ -7,11 +7,15 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Schedule:
-    """Measure on steps where ``step % every == 0`` (and on step ``total_steps - 1``).
+    """Measure on steps where ``step % every == 0``, and a final window that ends training.
 
     A measurement started at step ``s`` accumulates every forward of steps
     ``s .. s + window - 1`` (all micro-batches of a step belong to it) and is
-    labelled ``s``. ``window <= every`` so that windows never overlap.
+    labelled ``s``. ``window <= every`` so that windows never overlap. With
+    ``total_steps`` known, the final window starts at ``total_steps - window`` (a
+    full window: the last measurement is as well sampled as the others), or where
+    the last regular window before it ends, if that is later; a regular window that
+    would start inside it is not started.
     """
 
     every: int = 200
@@ -30,13 +34,21 @@ class Schedule:
             raise ValueError(f"total_steps must be an int >= 1 or None, got {t!r}")
 
     def starts_at(self, step: int) -> bool:
-        if self.total_steps is not None and step >= self.total_steps:
-            return False
-        return step % self.every == 0 or step == self.last_step
+        last = self.last_step
+        if last is None:
+            return step % self.every == 0
+        return step < self.total_steps and (step == last or (step < last and step % self.every == 0))
 
     @property
     def last_step(self) -> int | None:
-        return None if self.total_steps is None else self.total_steps - 1
+        """The start of the final window (None without ``total_steps``)."""
+        if self.total_steps is None:
+            return None
+        full = max(self.total_steps - self.window, 0)
+        regular = full - full % self.every  # the last regular start at or before it
+        if regular + self.window >= self.total_steps:
+            return regular  # that window already reaches the end of training
+        return max(full, regular + self.window)
 
     def end(self, start: int) -> int:
         """Exclusive end step of the window started at ``start`` (cut at the end of training)."""
