@@ -23,7 +23,8 @@ def _snapshot(path):
 
 def test_two_trains_on_one_directory_one_refuses_and_the_other_ends_intact(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--preset", "smoke", "--set", "train.progress=false"]
+    # long enough (400 steps) that the first is still training when the second starts, on a quiet machine too
+    args = ["train", "--preset", "smoke", "--set", "train.progress=false", "--set", "train.steps=400"]
     args += ["--out", str(out)]
     first = subprocess.Popen([sys.executable, "-m", "capscale", *args], stderr=subprocess.PIPE, text=True)
     run = RunDir(out)
@@ -38,7 +39,7 @@ def test_two_trains_on_one_directory_one_refuses_and_the_other_ends_intact(tmp_p
     _, first_err = first.communicate(timeout=600)
     assert first.returncode == 0, first_err
     steps = [r["step"] for r in run.read_metrics()]
-    assert steps == list(range(5, 31, 5))  # each step once
+    assert steps == list(range(5, 401, 5))  # each step once
     spectra = pd.read_parquet(out / "spectra.parquet")
     assert not spectra.duplicated(["step", "layer", "site", "bucket"]).any()
     assert json.loads(run.status_path.read_text())["status"] == "done"
