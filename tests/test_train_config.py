@@ -109,3 +109,20 @@ def test_with_vocab_leaves_the_config_as_it_was():
     vocab = cfg.model.vocab_size
     other = cfg.with_vocab(512)
     assert other.model.vocab_size == 512 and cfg.model.vocab_size == vocab
+
+
+@pytest.mark.parametrize("kind", [TrainConfig, TelemetryConfig])
+def test_no_integer_or_number_field_takes_a_boolean(kind):
+    """Booleans are ints to Python, never to a config: each int/float field refuses True."""
+    import typing
+
+    hints = typing.get_type_hints(kind)
+    numeric = [
+        f.name
+        for f in dataclasses.fields(kind)
+        if set(typing.get_args(hints[f.name]) or (hints[f.name],)) & {int, float}
+    ]
+    assert {"steps", "batch_size", "seed", "warmdown_frac"} <= set(numeric) or kind is TelemetryConfig
+    for name in numeric:
+        with pytest.raises(ValueError, match=rf"{name} must be"):
+            kind(**{name: True})
