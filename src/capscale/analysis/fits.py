@@ -133,21 +133,25 @@ def _bootstrap(group, layer_group, metric, per_width: pd.Series, options: FitOpt
     return {"boot_low": fit.ci_low, "boot_high": fit.ci_high, "boot_over": over}
 
 
+# The fields of one β fit that the wide table (and the report) carries per metric.
+BETA_FIELDS = (
+    "beta",
+    "ci_low",
+    "ci_high",
+    "boot_low",
+    "boot_high",
+    "boot_over",
+    "r2",
+    "n",
+    "n_low_nd",
+    "fittable",
+    "reason",
+)
+
+
 def beta_table(fits: pd.DataFrame) -> pd.DataFrame:
     """Wide view of the fits: one row per series × site × bucket with β_soft, β_hard, Δβ and intervals."""
-    keep = [
-        "beta",
-        "ci_low",
-        "ci_high",
-        "boot_low",
-        "boot_high",
-        "boot_over",
-        "r2",
-        "n",
-        "n_low_nd",
-        "fittable",
-        "reason",
-    ]
+    keep = list(BETA_FIELDS)
     short = {"soft_rank": "soft", "hard_rank": "hard", "delta_beta": "delta"}
     index = [*_SERIES_COLS, "site", "bucket"]
     parts = [fits[fits["metric"] == "soft_rank"].set_index(index)[["n_widths"]]]

@@ -22,25 +22,13 @@ import pandas as pd
 import capscale
 from capscale.analysis import Analysis
 from capscale.analysis.aggregate import REPORT_COLUMNS
+from capscale.analysis.fits import BETA_FIELDS
 from capscale.report.answers import answers
 from capscale.report.trajectory import trajectory_data
 from capscale.spectrum.summary import REPORT_METRICS, WELL_SAMPLED
 
 FORMAT = "capscale.report"
 FORMAT_VERSION = 2  # 2: answers, levels, β-difference intervals
-_BETA_FIELDS = (
-    "beta",
-    "ci_low",
-    "ci_high",
-    "boot_low",
-    "boot_high",
-    "boot_over",
-    "r2",
-    "n",
-    "n_low_nd",
-    "fittable",
-    "reason",
-)
 
 
 def jsonable(obj: Any) -> Any:
@@ -72,7 +60,7 @@ def _beta_row(r: pd.Series) -> dict:
     """One series × site × bucket: β_soft, β_hard and Δβ, each with its intervals."""
     out = {k: r[k] for k in ("series", "setting", "label", "steps", "arch", "site", "bucket", "n_widths")}
     for kind in ("soft", "hard", "delta"):
-        out[f"beta_{kind}"] = {f: r[f"{kind}_{f}"] for f in _BETA_FIELDS}
+        out[f"beta_{kind}"] = {f: r[f"{kind}_{f}"] for f in BETA_FIELDS}
     return out
 
 

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import ctypes
 import datetime
-import fcntl
 import json
 import os
 import signal
@@ -54,16 +53,7 @@ def die_with_parent() -> None:
 
 def is_locked(run_dir: str | Path) -> bool:
     """Whether a worker holds ``run_dir`` now (a status of "running" without it means interrupted)."""
-    path = Path(run_dir) / LOCK
-    if not path.exists():
-        return False
-    with open(path) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+    return RunDir(run_dir).lock_holder() is not None
 
 
 @contextlib.contextmanager
