@@ -260,6 +260,36 @@ def test_checkpoints_wait_for_open_windows_and_resume_from_them_exactly(tmp_path
     assert int(row["n_samples"].iloc[0]) == 4 * 8 * 32  # the whole 4-step window, none lost to the due checkpoint
 
 
+def test_background_telemetry_writes_the_same_run_and_every_window_before_its_checkpoint(tmp_path, monkeypatch):
+    """telemetry.background decomposes windows on a worker thread: the spectra and metrics are
+    those of the synchronous run; each checkpoint waits for the windows that closed before it
+    (a resume from it would never measure them again); a run may resume with it toggled."""
+    import capscale.train.loop as loop
+
+    over = ["telemetry.every=10", "telemetry.window=4", "train.checkpoint_every=14", "train.keep_checkpoints=10"]
+    ref = tmp_path / "ref"
+    train(resolve("smoke", overrides=over), ref, log=lambda _m: None)
+    seen = []
+    real = loop._checkpoint
+
+    def checkpoint(s, step):
+        spectra = s.run.path / "spectra.parquet"
+        seen.append((step, sorted(pd.read_parquet(spectra).step.unique()) if spectra.exists() else []))
+        real(s, step)
+
+    monkeypatch.setattr(loop, "_checkpoint", checkpoint)
+    bg = tmp_path / "bg"
+    train(resolve("smoke", overrides=[*over, "telemetry.background=host"]), bg, log=lambda _m: None)
+    # windows [0,4) [10,14) [20,24) and the final [26,30)
+    assert seen == [(14, [0, 10]), (30, [0, 10, 20, 26])]  # the one due at 28 waits for [26, 30)
+    assert json.loads((bg / "config.json").read_text())["telemetry"]["background"] == "host"
+    assert _no_timing(_metrics(bg)) == _no_timing(_metrics(ref))
+    pd.testing.assert_frame_equal(pd.read_parquet(bg / "spectra.parquet"), pd.read_parquet(ref / "spectra.parquet"))
+    # the finished synchronous run, asked again with background on, is the same run: a no-op
+    again = train(resolve("smoke", overrides=[*over, "telemetry.background=true"]), ref, log=lambda _m: None)
+    assert again["status"] == "done"
+
+
 @pytest.mark.parametrize("every", [10, 1])
 def test_diverged_means_the_same_at_every_telemetry_cadence(tmp_path, every):
     """Non-finite activations (caught by the probe when it measures every step) are a divergence too."""

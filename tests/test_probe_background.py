@@ -72,6 +72,24 @@ def test_background_compute_waits_and_close_flushes():
     assert [s for s, _ in sink.scalars] == [0, 1]
 
 
+def test_wait_delivers_finished_windows_and_leaves_the_open_one_open():
+    model, sink = toy(), ListSink()
+    probe = capscale.attach(model, every=2, window=2, background=True, sinks=[sink])
+    ids = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):  # window [0, 2) finishes at the second step; [2, 4) is open after the third
+        model(ids)
+        probe.step()
+    probe.wait()
+    assert probe.pending == 0 and [s for s, _ in sink.scalars] == [0]
+    assert probe.window_start == 2  # still open: wait() does not cut it short
+    model(ids)
+    probe.step()
+    probe.close()
+    assert [s for s, _ in sink.scalars] == [0, 2]
+    rows = pd.concat(sink.frames)
+    assert (rows[rows.step == 2].n_samples == 2 * 2 * 8).all()  # both steps of the second window
+
+
 def test_worker_error_surfaces_at_the_next_call(monkeypatch):
     def broken(entries, batched=None):
         raise SpectrumError("layer 0 site 'pre' bucket 'all' at step 0: injected")

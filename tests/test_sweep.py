@@ -108,6 +108,21 @@ def test_a_directory_holds_one_sweep(tmp_path):
         plan(other, tmp_path)
 
 
+def test_a_request_from_an_older_capscale_is_the_same_run_but_a_changed_one_is_not(tmp_path):
+    runs = plan(SweepSpec.from_dict(SPEC), tmp_path)
+    request = runs["adamw_w32_s0"] / "request.json"
+    old = json.loads(request.read_text())
+    # written before telemetry.background existed (defaults fill it), and with it toggled
+    del old["telemetry"]["background"]
+    request.write_text(json.dumps(old))
+    plan(SweepSpec.from_dict(SPEC), tmp_path)
+    request.write_text(json.dumps({**old, "telemetry": {**old["telemetry"], "background": "host"}}))
+    plan(SweepSpec.from_dict(SPEC), tmp_path)
+    request.write_text(json.dumps({**old, "telemetry": {**old["telemetry"], "every": 3}}))
+    with pytest.raises(ValueError, match="planned with a different config"):
+        plan(SweepSpec.from_dict(SPEC), tmp_path)
+
+
 def test_pending_runs_order_and_skip_finished(tmp_path):
     spec = SweepSpec.from_dict({**SPEC, "axes": {**SPEC["axes"], "seed": [1, 0]}})
     runs = plan(spec, tmp_path)

@@ -38,6 +38,7 @@ BAD_OVERRIDES = [
     ("telemetry.window=20", r"telemetry.window \(20\) must not exceed telemetry.every \(10\)"),
     ("telemetry.dtype=bfloat16", r"telemetry.dtype must be one of 'float32', 'float64' or null"),
     ("telemetry.enabled=yes", r"telemetry.enabled must be true or false, got 'yes'"),
+    ("telemetry.background=gpu", r"telemetry.background must be true or false or one of 'device', 'host', got 'gpu'"),
     ("data.val_fraction=x", r"data.val_fraction must be a number in \(0, 1\), got 'x'"),
     ("optimizer=lion", r"unknown optimizer 'lion'"),
     ("optimizer.params=3", r"optimizer.params must be a table/mapping, got 3"),

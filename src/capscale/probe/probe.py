@@ -263,6 +263,17 @@ class Probe:
             self.monitor_records = []
         return df
 
+    @property
+    def pending(self) -> int:
+        """Finished windows whose rows are still being decomposed in the background (0 without)."""
+        return len(self._pending)
+
+    def wait(self) -> None:
+        """Hand every finished window's rows to the sinks now, waiting for background work;
+        open windows stay open (e.g. before a checkpoint)."""
+        self._check_open()
+        self._drain(wait=True)
+
     def flush(self) -> None:
         """Finish the open windows now (e.g. at the end of training) and hand them to the sinks."""
         self._check_open()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from capscale.rundir import RunDir, RunStatus
 from capscale.sweep.worker import BUSY, LOCKED_EXIT, LOG, REQUEST, RunLocked, run_job, run_lock, settle_status
+from capscale.train.config import run_identity
 
 
 @dataclass
@@ -260,7 +261,7 @@ def write_request(run_dir: Path, cfg_dict: dict) -> None:
     path = run_dir / REQUEST
     if path.exists():
         old = json.loads(path.read_text())
-        if old != cfg_dict:
+        if run_identity(old) != run_identity(cfg_dict):
             raise ValueError(f"{run_dir} was planned with a different config; use a new sweep directory")
         return
     atomic_write_json(path, cfg_dict)

@@ -24,6 +24,7 @@ Schedule = Literal["warmdown", "cosine", "constant"]  # warmdown: the paper's
 TrainDtype = Literal["float32", "bfloat16"]  # bfloat16: autocast, on CUDA only
 GemmDtype = Literal["float32", "float64"]  # the probe's per-batch covariance GEMM
 Site = Literal["pre", "post"]
+Background = Literal["device", "host"]
 # "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N", "mps"
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _MAX_SEED = 2**63 - 1  # torch.manual_seed's range (and NumPy's SeedSequence takes it)
@@ -141,6 +142,9 @@ class TelemetryConfig:
     buckets: bool = True
     monitor_every: int | None = None  # cheap hard-rank monitoring cadence (None = off)
     dtype: GemmDtype | None = None  # per-batch covariance GEMM dtype (None: the activations'); states are float64
+    # decompose finished windows on a worker thread (rows identical; not part of a run's identity):
+    # false, true (= "device": snapshot on the activations' device) or "host" (snapshot in host memory)
+    background: bool | Background = False
 
     def __post_init__(self) -> None:
         if isinstance(self.sites, list):  # TOML/JSON give lists
@@ -218,6 +222,21 @@ class RunConfig:
         return cls(**kwargs)
 
 
+# Fields that say how a run is computed or shown, not what it computes: a run may be resumed,
+# and a sweep re-planned, with them changed.
+_NOT_IDENTITY = {"train": ("progress",), "telemetry": ("background",)}
+
+
+def run_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What makes two run configs (``config.json``/``request.json`` dicts) the same run: the
+    config with defaults filled in, so a field added since does not make an older run look
+    different, without ``versions`` and the fields that do not change results."""
+    full = RunConfig.from_dict({k: v for k, v in cfg.items() if k != "versions"}).to_dict()
+    for section, keys in _NOT_IDENTITY.items():
+        full[section] = {k: v for k, v in full[section].items() if k not in keys}
+    return full
+
+
 def _check_keys(d: Any, kind: type, prefix: str) -> None:
     if not isinstance(d, dict):
         raise ValueError(f"config section {prefix.rstrip('.') or 'root'} must be a table/mapping, got {d!r}")
@@ -279,7 +298,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dtype": "bfloat16",
             "grad_clip": None,
         },
-        "telemetry": {"every": 200, "window": 1},
+        # a window's eigendecompositions (up to 6,144 wide) run off the training path; rows are identical
+        "telemetry": {"every": 200, "window": 1, "background": True},
     },
 }
 

@@ -38,16 +38,13 @@ from capscale.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from capscale.train.config import RunConfig, TrainConfig
+from capscale.train.config import RunConfig, TrainConfig, run_identity
 from capscale.train.data import TokenData, load_data
 from capscale.train.model import GPT
 from capscale.train.optim import HybridOptimizer, build_optimizer
 from capscale.train.schedule import lr_factor
 
 _LOG = logging.getLogger("capscale.train")
-
-# Keys that may differ between the first launch of a run and its resumption.
-_VOLATILE = ("versions",)
 
 
 @dataclass
@@ -86,12 +83,6 @@ def _versions() -> dict[str, str]:
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
-
-
-def _comparable(cfg: dict) -> dict:
-    out = {k: v for k, v in cfg.items() if k not in _VOLATILE}
-    out["train"] = {k: v for k, v in out.get("train", {}).items() if k != "progress"}
-    return out
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -177,10 +168,10 @@ def _train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] | None
     resolved = {**cfg.to_dict(), "versions": _versions()}
 
     existing = run.read_config()
-    if existing is not None and _comparable(existing) != _comparable(resolved):
+    if existing is not None and run_identity(existing) != run_identity(resolved):
         raise ValueError(
             f"{run.path} holds a run with a different config (differs in "
-            f"{_diff_keys(_comparable(existing), _comparable(resolved))}); use another --out"
+            f"{_diff_keys(run_identity(existing), run_identity(resolved))}); use another --out"
         )
     status = run.read_status()
     if status and RunStatus(status["status"]).finished:
@@ -316,6 +307,7 @@ def _attach_probe(cfg: RunConfig, model: GPT, freq, start: int):
         window=tel.window,
         dtype=tel.dtype,
         monitor_every=tel.monitor_every,
+        background=tel.background,
         total_steps=cfg.train.steps,
         start_step=start,
         sinks=[sink],
@@ -412,6 +404,12 @@ def _checkpoint(s: RunState, step: int) -> None:
         dist.barrier()
 
 
+def _write_spectra(s: RunState) -> None:
+    frame = s.sink.take()
+    if s.dist.main and frame is not None:
+        s.run.append_spectra(frame)
+
+
 def _loop(s: RunState) -> dict[str, Any]:
     t, main = s.cfg.train, s.dist.main
     progress = _Progress(s)
@@ -431,9 +429,7 @@ def _loop(s: RunState) -> dict[str, Any]:
         s.opt.zero_grad(set_to_none=True)
         if s.probe is not None:
             s.probe.step()
-            frame = s.sink.take()
-            if main and frame is not None:
-                s.run.append_spectra(frame)
+            _write_spectra(s)
         tokens_since += t.batch_size * s.seq
         progress.step(loss_val)
 
@@ -455,6 +451,11 @@ def _loop(s: RunState) -> dict[str, Any]:
         due = due or step % t.checkpoint_every == 0
         if (due and not (s.probe is not None and _mid_window(s.probe))) or step == t.steps:
             due = False
+            if s.probe is not None and s.probe.pending:
+                # rows still being decomposed in the background belong before this checkpoint:
+                # a resume from it never measures their windows again
+                s.probe.wait()
+                _write_spectra(s)
             _checkpoint(s, step)
     progress.close()
     if main:  # also when resuming a run whose last checkpoint was already the final one
