@@ -112,8 +112,7 @@ class FrequencyTable:
             if ids.dtype.is_floating_point or ids.dtype == torch.bool:
                 raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
             if ids.numel():
-                lo, hi = int(ids.min()), int(ids.max())
-                self._check_range(lo, hi)
+                self._check_range(*torch.stack(torch.aminmax(ids.reshape(-1))).tolist())  # one pass, one sync
             table = self._torch_tables.get(ids.device)
             if table is None:
                 table = torch.from_numpy(self._table).to(ids.device)
