@@ -5,7 +5,7 @@
 
 The export is a sweep directory of its own: ``sweep.json`` and, per run,
 ``config.json``, ``metrics.jsonl``, ``status.json`` and ``spectra.parquet`` without the
-eigenvalue lists (every scalar column kept), zstd-compressed. Checkpoints, locks and
+eigenvalue lists (every scalar column kept), as one zstd-compressed part. Checkpoints, locks and
 logs are left behind. With ``--report`` the report is built into ``OUT/report`` from
 the export, so report.json sits beside the data it was computed from.
 Refuses (one line, nothing written) a source that is not a sweep directory, an
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pyarrow.parquet as pq
+from capscale.rundir import read_spectra, spectra_columns, write_spectra_part
 
 RUN_FILES = ("config.json", "metrics.jsonl", "status.json")
 
@@ -46,11 +46,12 @@ def export_study(sweep: Path, out: Path, *, max_mb: float = 20.0) -> int:
             for name in RUN_FILES:
                 if (run / name).is_file():
                     shutil.copy2(run / name, dest / name)
-            spectra = run / "spectra.parquet"
-            if spectra.is_file():
-                columns = [c for c in pq.read_schema(spectra).names if c != "eigenvalues"]
-                table = pq.read_table(spectra, columns=columns)
-                pq.write_table(table, dest / "spectra.parquet", compression="zstd", compression_level=19)
+            spectra = run / "spectra.parquet"  # a dataset of part files (or an older single file)
+            if spectra.exists():
+                columns = [c for c in spectra_columns(spectra) if c != "eigenvalues"]
+                frame = read_spectra(spectra, columns=columns)
+                if frame is not None:  # one part, in the run format
+                    write_spectra_part(dest / "spectra.parquet", frame, compression="zstd", compression_level=19)
         size = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file())
         if size > max_mb * 1e6:
             raise ValueError(f"the export of {sweep} would be {size / 1e6:.1f} MB, over --max-mb {max_mb:g}")

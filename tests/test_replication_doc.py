@@ -58,3 +58,28 @@ def test_posthoc_betas_are_the_fits_of_the_posthoc_ranks():
     assert len(merged) == len(stored) == len(refit)
     for col in ("beta", "ci_low", "ci_high", "n"):
         np.testing.assert_allclose(merged[f"{col}_stored"], merged[f"{col}_refit"], rtol=1e-5, atol=1e-6)
+
+
+LONG = RESULTS / "cpu-long"
+
+
+@pytest.mark.skipif(not (LONG / "report" / "report.json").is_file(), reason="no committed cpu-long results")
+def test_the_cpu_long_tables_on_the_page_are_printed_from_its_committed_export():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "cpu_long_tables.py"), str(LONG)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    doc = DOC.read_text()
+    blocks = out.split("\n## ")
+    assert len(blocks) == 6
+    for block in blocks:
+        title, _, body = block.removeprefix("## ").partition("\n")
+        assert body.strip() in doc, f"section {title!r} of cpu_long_tables.py is not on the page as printed"
+    # the export holds every run of the preset, finished
+    from capscale.sweep.spec import load_spec
+
+    names = set(load_spec("cpu-long").runs())
+    assert {p.name for p in (LONG / "runs").iterdir()} == names
+    assert all(json.loads((LONG / "runs" / n / "status.json").read_text())["status"] == "done" for n in names)

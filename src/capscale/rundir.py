@@ -422,8 +422,9 @@ def spectra_parts(path: str | Path) -> list[tuple[int, int, Path]]:
     return [(first, last, p) for _, first, last, p in _parts(Path(path))]
 
 
-def _write_part(path: Path, table, seq: int | None = None) -> Path:
-    """``table`` as part ``seq`` (default: after the last part), replacing a part of that number."""
+def _write_part(path: Path, table, seq: int | None = None, **options) -> Path:
+    """``table`` as part ``seq`` (default: after the last part), replacing a part of that number;
+    ``options`` go to ``pyarrow.parquet.write_table`` (e.g. ``compression="zstd"``)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -436,7 +437,7 @@ def _write_part(path: Path, table, seq: int | None = None) -> Path:
     if seq is None:  # names only, no Path objects: this listing is the one cost that grows with the run
         seq = 1 + max((int(m.group(1)) for n in os.listdir(path) if (m := _PART.match(n))), default=-1)
     target = path / f"part-{seq:08d}-{first:08d}-{last:08d}.parquet"
-    atomic_write(target, lambda tmp: pq.write_table(table, tmp), fsync=True)
+    atomic_write(target, lambda tmp: pq.write_table(table, tmp, **options), fsync=True)
     if rewrite:  # a part of the same number goes once its successor is in place
         for n, _, _, p in _parts(path):
             if n == seq and p != target:
@@ -458,11 +459,12 @@ def _as_dataset(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
-def write_spectra_part(path: str | Path, frame: pd.DataFrame) -> Path:
-    """Write ``frame`` as one new part of the spectra dataset at ``path``; returns the part's path."""
+def write_spectra_part(path: str | Path, frame: pd.DataFrame, **options) -> Path:
+    """Write ``frame`` as one new part of the spectra dataset at ``path``; returns the part's path.
+    ``options`` go to ``pyarrow.parquet.write_table`` (e.g. ``compression="zstd"``)."""
     path = Path(path)
     _as_dataset(path)
-    return _write_part(path, arrow_table(frame))
+    return _write_part(path, arrow_table(frame), **options)
 
 
 def read_spectra(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame | None:
