@@ -178,3 +178,26 @@ def test_d_model_is_an_architecture_axis_and_pairs_stay_within_it(tmp_path):
         ("muon · d_model=32", "adamw · d_model=32"),
         ("muon · d_model=64", "adamw · d_model=64"),
     ]
+
+
+def test_the_trajectory_figure_has_a_row_per_compared_cell(tmp_path):
+    """One row (β_soft, β_hard) per architecture and budget, each holding that cell's optimizers."""
+    from capscale.analysis import analyze
+    from capscale.report.trajectory import fig_beta_trajectory
+
+    rng = np.random.default_rng(4)
+    for d_model in (32, 64):
+        for s in (DEFAULT_SERIES[0], DEFAULT_SERIES[2]):
+            for k in (1, 2, 4):
+                name = f"{s.label}_w{k * d_model}_d{d_model}"
+                planted_run(tmp_path / "runs" / name, s, k * d_model, 0, rng, widths=(32, 256), d_model=d_model)
+    fig = fig_beta_trajectory(analyze(tmp_path, n_resamples=100))
+    axes = fig.get_axes()
+    assert len(axes) == 4
+    titles = [ax.get_title() for ax in axes]
+    assert all("d_model=32" in t for t in titles[:2]) and all("d_model=64" in t for t in titles[2:])
+    for ax in axes:
+        assert sorted(line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")) == [
+            "adamw",
+            "muon",
+        ]
