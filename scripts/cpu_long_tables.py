@@ -68,10 +68,10 @@ class Study:
     def __init__(self, results: Path):
         report = json.loads((results / "report" / "report.json").read_text())
         bt = report["beta_trajectory"]
-        self.fits = pd.DataFrame(bt["fits"])
-        self.fits = self.fits[(self.fits.site == SITE) & (self.fits.bucket == BUCKET)]
-        self.pairs = pd.DataFrame(bt["pairs"])
-        self.pairs = self.pairs[(self.pairs.site == SITE) & (self.pairs.bucket == BUCKET)]
+        self.all_fits = pd.DataFrame(bt["fits"])
+        self.all_pairs = pd.DataFrame(bt["pairs"])
+        self.fits = self.all_fits[(self.all_fits.site == SITE) & (self.all_fits.bucket == BUCKET)]
+        self.pairs = self.all_pairs[(self.all_pairs.site == SITE) & (self.all_pairs.bucket == BUCKET)]
         self.separation = bt["separation"]
         self.runs = pd.DataFrame(report["runs"])
         self.tpp = tokens_per_param(results)
@@ -130,9 +130,44 @@ def final_table(s: Study) -> str:
         rows.append(row)
     header = ["d_model", "tokens / param", "step"]
     for _, name in METRICS.values():
-        header += [f"{name} AdamW", f"{name} Muon", f"Δ{name[1:]} Muon − AdamW"]
+        header += [f"{name} AdamW", f"{name} Muon", f"Δ{name} Muon − AdamW"]
     header.append("hard rank Muon ÷ AdamW")
     return table(header, rows)
+
+
+def bucket_table(s: Study) -> str:
+    """Δβ_hard and Δβ_soft (Muon − AdamW, post-activation) per token bucket at each cell's final step."""
+    rows = []
+    for steps, d in s.cells:
+        step = s.last_step(steps, d)
+        muon = s.series("muon", steps, d)
+        row = [d, f"{s.tpp[(d, steps)]:.1f}"]
+        for key in METRICS:
+            for bucket in ("head", "mid", "tail"):
+                p = s.all_pairs
+                r = p[
+                    (p.series_a == muon)
+                    & (p.metric == key)
+                    & (p.step == step)
+                    & (p.site == SITE)
+                    & (p.bucket == bucket)
+                ]
+                row.append(ci(r.dbeta.iloc[0], r.dbeta_low.iloc[0], r.dbeta_high.iloc[0]))
+        rows.append(row)
+    header = ["d_model", "tokens / param"] + [f"Δβ_{k} {b.upper()}" for k in METRICS for b in ("head", "mid", "tail")]
+    return table(header, rows)
+
+
+def sampling_line(s: Study) -> str:
+    """How many of the fits the page quotes (every site and bucket, final steps) use an N/D < 10 record."""
+    quoted = [(s.series(o, steps, d), s.last_step(steps, d)) for steps, d in s.cells for o in ("adamw", "muon")]
+    f = s.all_fits[s.all_fits.metric.isin(["hard_rank", "soft_rank"])]
+    sel = f[[(a, b) in quoted for a, b in zip(f.series, f.step)]]
+    low = int((sel.n_low_nd > 0).sum())
+    return (
+        f"Of the {len(sel)} fits at the quoted final steps (both sites, all four buckets, soft and hard), "
+        f"{low} use a record with N/D < 10; the smallest number of seeds in a quoted fit is {int(sel.n_seeds.min())}."
+    )
 
 
 def change(s: Study, a: tuple[int, int], b: tuple[int, int], key: str) -> tuple[float, float, float]:
@@ -213,7 +248,9 @@ def main() -> None:
     s = Study(ap.parse_args().results)
     sections = {
         "cpu-long runs": runs_table(s),
+        "cpu-long sampling": sampling_line(s),
         "cpu-long exponents at the final step": final_table(s),
+        "cpu-long gap per token bucket": bucket_table(s),
         "cpu-long gap against tokens per parameter": gap_table(s, tokens_comparisons(s)),
         "cpu-long gap against d_model": gap_table(s, dmodel_comparisons(s)),
         "cpu-long gap along the long runs": trajectory_table(s),
