@@ -24,13 +24,12 @@ def test_cpu_long_expands_to_the_intended_grid():
     assert {d for d, *_ in cells} == {32, 64, 96}
     for d in (32, 64, 96):
         budgets = sorted({t for dd, _, _, t in cells if dd == d})
-        # d_model 32 and 64: a short and a 4x longer budget; 96: the short one only
-        assert len(budgets) == (1 if d == 96 else 2) and budgets[-1] == 4 ** (len(budgets) - 1) * budgets[0]
+        assert len(budgets) == 2 and budgets[1] == 4 * budgets[0]
         for mult in (1, 2, 4):
             for opt in ("adamw", "muon"):
                 for steps in budgets:
                     assert cells[(d, mult, opt, steps)] == len(seeds[d])
-    assert len(runs) == sum(cells.values()) == 2 * 3 * 3 * (2 + 2 + 1)
+    assert len(runs) == sum(cells.values()) == 2 * 3 * 2 * 3 * 3
     # head size is the same at every d_model, and every run has the same shape otherwise
     assert {c.model_config().head_dim for c in runs.values()} == {32}
     assert {(c.model_config().n_layer, c.model_config().seq_len, c.train.batch_size) for c in runs.values()} == {
@@ -48,15 +47,15 @@ def test_cpu_long_budget_reaches_20_tokens_per_parameter_at_the_widest_width():
         widest = max(arm, key=lambda c: c.model_config().ffn_dim)
         model = GPT(widest.with_vocab(vocab).model)
         params = model.num_params(non_embedding=True)
-        for steps, target in zip(sorted({c.train.steps for c in arm}), (5, 20)):
-            tokens = steps * widest.train.batch_size * widest.model_config().seq_len
-            # the budget is what the study says it is: 5 and 20 tokens per parameter, not far more
-            assert target <= tokens / params < target * 1.05, (d, steps, tokens / params)
+        longest = max(c.train.steps for c in arm)
+        tokens = longest * widest.train.batch_size * widest.model_config().seq_len
+        assert tokens / params >= 20, (d, tokens / params)
+        assert tokens / params < 21  # and not far more: the budget is what the study says it is
 
 
 def test_cpu_long_measurements_are_shared_and_well_sampled():
     runs = _runs().values()
-    for d in (32, 64):  # the arms with a long budget
+    for d in (32, 64, 96):
         arm = [c for c in runs if c.model_config().d_model == d]
         longest = max(c.train.steps for c in arm)
         # the long runs end on a measurement step, so every full window is shared by all widths

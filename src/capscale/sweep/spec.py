@@ -303,13 +303,13 @@ SWEEP_PRESETS: dict[str, dict[str, Any]] = {
 _LONG_ARMS = {32: (1, 140, 560), 64: (2, 400, 1600), 96: (3, 780, 3120)}  # d_model: (n_head, short, long)
 
 
-def _long_arm(d: int, budgets: tuple[int, ...] = (0, 1)) -> dict[str, list]:
-    heads, *steps = _LONG_ARMS[d]
+def _long_arm(d: int) -> dict[str, list]:
+    heads, short, long = _LONG_ARMS[d]
     return {
         "ffn_mult": [1, 2, 4],
         "optimizer": ["adamw", "muon"],
         "seed": [0, 1, 2],
-        "steps": [steps[b] for b in budgets],
+        "steps": [short, long],
         "arch": [{"label": f"d{d}", "model": {"d_model": d, "n_head": heads}}],  # head size 32 throughout
     }
 
@@ -328,9 +328,7 @@ SWEEP_PRESETS["cpu-long"] = {
     },
     # the first arm is the grid, the others extra arms: a sweep's runs are its grid plus extras
     "axes": _long_arm(32),
-    # d_model 96 at the short budget only: its long cell alone (~5 h of the 2 cores) would cost
-    # more than the rest of the grid; d_model 32 and 64 carry the tokens-per-parameter axis.
-    "extra": [{"axes": _long_arm(64)}, {"axes": _long_arm(96, budgets=(0,))}],
+    "extra": [{"axes": _long_arm(d)} for d in (64, 96)],
     "analysis": {"last_k": 3},
 }
 
