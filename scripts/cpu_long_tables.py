@@ -220,18 +220,30 @@ def dmodel_comparisons(s: Study) -> list:
     return out
 
 
+TARGETS = (2.5, 5, 10, 16, 20)  # tokens per parameter; 16 = the end of the constant-rate phase
+
+
 def trajectory_table(s: Study) -> str:
-    """Δβ_hard along each long run: at every shared step, as the report stores it."""
+    """Along each long run: β_hard of both optimizers, Δβ_hard and the level ratio, at the
+    measured steps nearest to 2.5, 5, 10, 16 (warm-down starts) and 20 tokens per parameter."""
     rows = []
     for steps, d in s.cells:
-        if steps != max(st for st, dd in s.cells if dd == d) or steps == min(st for st, dd in s.cells if dd == d):
+        budgets = sorted(st for st, dd in s.cells if dd == d)
+        if len(budgets) < 2 or steps != budgets[-1]:
             continue
-        p = s.pairs[(s.pairs.series_a == s.series("muon", steps, d)) & (s.pairs.metric == "hard")]
-        for _, r in p.sort_values("step").iterrows():
-            if r.step == 0:
-                continue
-            rows.append([d, int(r.step), f"{r.tokens / 1e6:.2f}M", ci(r.dbeta, r.dbeta_low, r.dbeta_high)])
-    return table(["d_model", "step", "tokens", "Δβ_hard Muon − AdamW"], rows)
+        per_step = s.tpp[(d, steps)] / steps
+        shared = sorted(st for st in set(s.fits[s.fits.series == s.series("muon", steps, d)].step) if st > 0)
+        for target in TARGETS:
+            step = min(shared, key=lambda st: abs(st * per_step - target))
+            row = [d, f"{step * per_step:.1f}", step]
+            for opt in ("adamw", "muon"):
+                f = s.fit(opt, steps, d, "hard_rank", step)
+                row.append(ci(f.beta, f.ci_low, f.ci_high))
+            p = s.pair(steps, d, "hard", step)
+            row += [ci(p.dbeta, p.dbeta_low, p.dbeta_high), ci(p.ratio, p.ratio_low, p.ratio_high)]
+            rows.append(row)
+    header = ["d_model", "tokens / param", "step", "β_hard AdamW", "β_hard Muon", "Δβ_hard", "hard rank Muon ÷ AdamW"]
+    return table(header, rows)
 
 
 def separation_lines(s: Study) -> str:
