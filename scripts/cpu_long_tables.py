@@ -114,6 +114,31 @@ def runs_table(s: Study) -> str:
     return table(["d_model", "steps", "tokens / parameter (×4)", "FFN widths", "runs done", "seeds"], rows)
 
 
+def loss_table(s: Study, results: Path) -> str:
+    """Median final validation loss over seeds per width (report.json's runs), and how many
+    runs had their lowest validation loss at their last evaluation (metrics.jsonl)."""
+    rows = []
+    for steps, d in s.cells:
+        sub = s.runs[(s.runs.steps == steps) & (s.runs.d_model == d)]
+        row = [d, f"{s.tpp[(d, steps)]:.1f}"]
+        for opt in ("adamw", "muon"):
+            med = sub[sub.optimizer == opt].groupby("width").final_val_loss.median()
+            row.append(" / ".join(f"{v:.3f}" for v in med.sort_index()))
+        last_best = 0
+        for name in sub.run_id:
+            records = [
+                json.loads(line) for line in (results / "runs" / name / "metrics.jsonl").read_text().splitlines()
+            ]
+            val = [r["val_loss"] for r in records if "val_loss" in r]
+            last_best += val[-1] == min(val)
+        row.append(f"{last_best} of {len(sub)}")
+        rows.append(row)
+    return table(
+        ["d_model", "tokens / param", "val loss AdamW ×1 / ×2 / ×4", "val loss Muon ×1 / ×2 / ×4", "lowest at the end"],
+        rows,
+    )
+
+
 def final_table(s: Study) -> str:
     rows = []
     for steps, d in s.cells:
@@ -257,9 +282,11 @@ def separation_lines(s: Study) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path, help="the export, e.g. docs/results/cpu-long")
-    s = Study(ap.parse_args().results)
+    results = ap.parse_args().results
+    s = Study(results)
     sections = {
         "cpu-long runs": runs_table(s),
+        "cpu-long loss": loss_table(s, results),
         "cpu-long sampling": sampling_line(s),
         "cpu-long exponents at the final step": final_table(s),
         "cpu-long gap per token bucket": bucket_table(s),
