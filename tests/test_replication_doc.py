@@ -18,9 +18,10 @@ DOC = ROOT / "docs" / "replication.md"
 pytestmark = pytest.mark.skipif(not (RESULTS / "report.json").is_file(), reason="no committed results")
 
 
-def _sections() -> dict[str, str]:
+def _sections(script: str = "replication_tables.py", results: Path = RESULTS) -> dict[str, str]:
+    """What a tables script prints, by section title."""
     out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "replication_tables.py"), str(RESULTS)],
+        [sys.executable, str(ROOT / "scripts" / script), str(results)],
         capture_output=True,
         text=True,
         check=True,
@@ -65,18 +66,11 @@ LONG = RESULTS / "cpu-long"
 
 @pytest.mark.skipif(not (LONG / "report" / "report.json").is_file(), reason="no committed cpu-long results")
 def test_the_cpu_long_tables_on_the_page_are_printed_from_its_committed_export():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "cpu_long_tables.py"), str(LONG)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    sections = _sections("cpu_long_tables.py", LONG)
     doc = DOC.read_text()
-    blocks = out.split("\n## ")
-    assert len(blocks) == 9
-    for block in blocks:
-        title, _, body = block.removeprefix("## ").partition("\n")
-        assert body.strip() in doc, f"section {title!r} of cpu_long_tables.py is not on the page as printed"
+    assert len(sections) == 9
+    for title, body in sections.items():
+        assert body in doc, f"section {title!r} of cpu_long_tables.py is not on the page as printed"
     # the export holds every run of the preset, finished
     from capscale.sweep.spec import load_spec
 
