@@ -47,8 +47,6 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def tokens_per_param(results: Path) -> dict[tuple[int, int], float]:
     """(d_model, steps) → tokens seen per non-embedding parameter of the cell's widest model."""
-    import torch  # noqa: F401  (GPT needs it)
-
     from capscale.train.config import RunConfig
     from capscale.train.model import GPT
 

@@ -177,3 +177,9 @@ def test_hard_rank_from_covariance_bad_input():
         hard_rank_from_covariance(np.array([[1.0, np.nan], [np.nan, 1.0]]))
     with pytest.raises(ValueError, match="no variance"):
         hard_rank_from_covariance(np.zeros((3, 3)))
+
+
+def test_hard_rank_of_a_spectrum_whose_sum_overflows_is_still_computed():
+    # every eigenvalue finite, Σλ = inf in float64: the hard rank scales by λ_max first, so it is exact
+    with np.errstate(over="ignore"):
+        assert hard_rank(np.array([1e308, 1e308, 0.0])) == pytest.approx(2.0)

@@ -132,7 +132,7 @@ def fig_beta_trajectory(a: Analysis) -> Figure | None:
         for (arch, steps), g in info[info.index.isin(tr["series"].unique())].groupby(["arch", "steps"], sort=True)
     ]
     fig = Figure(figsize=(10, 1.0 + 2.8 * len(cells)))
-    axes = np.atleast_2d(fig.subplots(len(cells), 2, squeeze=False))
+    axes = fig.subplots(len(cells), 2, squeeze=False)
     for row, (arch, steps, series) in zip(axes, cells):
         sel = tr[tr["series"].isin(series)]
         use_tokens = sel["tokens"].notna().all()
