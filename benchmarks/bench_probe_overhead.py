@@ -205,7 +205,7 @@ def run_case(c: Case, repeats: int, seed: int = 0, gemm_dtype: str = "float32", 
             times.append(time.perf_counter() - t0)
         if probe is not None:
             t0 = time.perf_counter()
-            probe.flush()  # every window has finished inside the timed steps; background ones are waited for
+            probe.wait()  # every window has finished inside the timed steps; background ones are waited for
             times[-1] += time.perf_counter() - t0
             probe.close(flush=False)
         if bare is not None:

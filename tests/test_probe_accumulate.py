@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from capscale.probe.accumulate import (
     FOLD,
+    PARTIAL_FOLD,
     Grouping,
     Scratch,
     WindowMoments,
@@ -61,17 +62,57 @@ def test_pooled_accumulation_matches_numpy(d, dtype):
     np.testing.assert_allclose(c, c.T, rtol=0, atol=1e-14 * np.abs(c).max())
 
 
-def test_snapshot_then_continue_and_reset():
-    d = 256
-    xs = batches(1, 6, d)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_snapshot_then_continue_and_reset(dtype):
+    # float32 GEMMs sum into a float32 partial (PARTIAL_FOLD batches) that every read flushes
+    d, n = 256, PARTIAL_FOLD + 5
+    xs = [x.to(dtype) for x in batches(1, n, d)]
     acc, scratch = WindowMoments(d, "cpu"), Scratch()
+    atol = 1e-10 if dtype == torch.float64 else 2e-6 * np.abs(cov(torch.cat(xs).double().numpy())).max()
     for i, x in enumerate(xs):
-        accumulate(x, Grouping(None, [0, x.shape[0]]), torch.float64, scratch, SITE, 0, None, acc)
-        if i == 2:  # a snapshot mirrors the upper blocks; later batches still add correctly
-            np.testing.assert_allclose(acc.moments().covariance().numpy(), cov(torch.cat(xs[:3]).numpy()), atol=1e-10)
-    np.testing.assert_allclose(acc.moments().covariance().numpy(), cov(torch.cat(xs).numpy()), atol=1e-10)
+        accumulate(x, Grouping(None, [0, x.shape[0]]), dtype, scratch, SITE, 0, [acc], None)
+        if i in (2, PARTIAL_FOLD + 1):  # mid-partial: a copy and a snapshot see every batch so far
+            ref = cov(torch.cat(xs[: i + 1]).double().numpy())
+            np.testing.assert_allclose(acc.copy().moments().covariance().numpy(), ref, atol=atol)
+            np.testing.assert_allclose(acc.moments().covariance().numpy(), ref, atol=atol)
+    np.testing.assert_allclose(acc.moments().covariance().numpy(), cov(torch.cat(xs).double().numpy()), atol=atol)
     acc.reset()
     assert acc.count == 0 and not acc.scatter.any()
+    accumulate(xs[0], Grouping(None, [0, xs[0].shape[0]]), dtype, scratch, SITE, 0, [acc], None)
+    np.testing.assert_allclose(acc.moments().covariance().numpy(), cov(xs[0].double().numpy()), atol=atol)
+
+
+def test_float64_gemm_accumulates_in_the_state_exactly_as_added_batches():
+    # add_rows (the GEMM adds into the state) == each batch's scatter formed, then added
+    d = 130
+    xs = batches(3, 12, d, rows=(1, 300))
+    direct, added = WindowMoments(d, "cpu"), WindowMoments(d, "cpu")
+    for x in xs:
+        accumulate(x, Grouping(None, [0, x.shape[0]]), torch.float64, Scratch(), SITE, 0, [direct], None)
+        mean = x.mean(0)
+        added.add(x.shape[0], mean, (x - mean).T @ (x - mean))
+    a, b = direct.moments(), added.moments()
+    assert a.count == b.count
+    np.testing.assert_allclose(a.scatter.numpy(), b.scatter.numpy(), rtol=0, atol=1e-12 * b.scatter.abs().max())
+
+
+def test_float32_partial_stays_within_one_gemm_of_float64():
+    # the float32 partial's rounding is that of a GEMM over PARTIAL_FOLD batches: against the
+    # float64 result, over many folds, no worse than each batch's float32 scatter added in float64
+    d = 64
+    xs = [x.float() for x in batches(5, 6 * PARTIAL_FOLD, d, rows=(200, 400))]
+    f32, f64, per_batch = WindowMoments(d, "cpu"), WindowMoments(d, "cpu"), WindowMoments(d, "cpu")
+    for x in xs:
+        accumulate(x, Grouping(None, [0, x.shape[0]]), torch.float32, Scratch(), SITE, 0, [f32], None)
+        accumulate(x.double(), Grouping(None, [0, x.shape[0]]), torch.float64, Scratch(), SITE, 0, [f64], None)
+        mean = x.mean(0)
+        per_batch.add(x.shape[0], mean, ((x - mean).T @ (x - mean)).double())
+    ref = f64.moments().scatter
+
+    def err(acc):
+        return float((acc.moments().scatter - ref).norm() / ref.norm())
+
+    assert err(f32) < 1.5 * err(per_batch) and err(f32) < 1e-7, (err(f32), err(per_batch))
 
 
 @given(st.integers(0, 10_000), st.lists(st.integers(0, 3), min_size=1, max_size=60))
@@ -109,3 +150,24 @@ def test_bfloat16_rows_are_widened_not_written():
     accumulate(x, Grouping(None, [0, 32]), torch.float32, Scratch(), SITE, 0, None, acc)
     assert torch.equal(x, before)  # the model's tensor is never centred in place
     np.testing.assert_allclose(acc.moments().covariance().numpy(), cov(x.double().reshape(-1, 130).numpy()), atol=1e-5)
+
+
+def test_upper_triangle_moments_and_their_merge():
+    # a window's states handed over unmirrored (upper=True) still merge and read exactly
+    d = 130
+    xs = batches(7, 3, d, rows=(150, 300))
+    accs = [WindowMoments(d, "cpu") for _ in xs]
+    for acc, x in zip(accs, xs):
+        accumulate(x, Grouping(None, [0, x.shape[0]]), torch.float64, Scratch(), SITE, 0, [acc], None)
+    parts = [a.moments(full=False) for a in accs]
+    assert all(p.upper for p in parts)
+    assert not torch.equal(parts[0].scatter, parts[0].scatter.T)  # the lower triangle was not mirrored
+    for p, x in zip(parts, xs):
+        c = p.covariance()
+        assert torch.equal(c, c.T)
+        np.testing.assert_allclose(c.numpy(), cov(x.numpy()), atol=1e-10)
+    merged = pooled(parts)
+    assert merged.upper and merged.count == sum(len(x) for x in xs)
+    np.testing.assert_allclose(merged.covariance().numpy(), cov(torch.cat(xs).numpy()), atol=1e-10)
+    full = accs[0].moments()
+    assert not full.upper and torch.equal(full.scatter, full.scatter.T)

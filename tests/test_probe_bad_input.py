@@ -144,7 +144,8 @@ def test_indefinite_state_is_a_clear_error():
     probe = capscale.attach(model, every=1, sites=("pre",))
     model(ids(0))
     acc = probe._pool[("full", 1)][0]  # sites: (0, pre), (1, pre)
-    acc.scatter[0, 0] = -1e3 * acc.scatter.abs().max()  # no covariance has this
+    state = acc.moments().scatter  # the state itself, with every batch added in
+    state[0, 0] = -1e3 * state.abs().max()  # no covariance has this
     with pytest.raises(capscale.probe.SpectrumError, match="layer 1 site 'pre' bucket 'all' at step 0.*indefinite"):
         probe.compute()
     probe.close(flush=False)

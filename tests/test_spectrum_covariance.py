@@ -266,3 +266,20 @@ def test_host_tensors_decompose_like_arrays_on_either_path(dim):
         eigenvalues_from_covariance(bad)
     with pytest.raises(ValueError, match="square"):
         eigenvalues_from_covariance(torch.zeros(3, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dim", [64, SERIAL_EIG_MAX_DIM + 8])
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_upper_triangle_and_divisor(dim, as_torch):
+    # a scatter read by its upper triangle (the lower one stale), divided on its eigenvalues:
+    # the spectrum of the full scatter / (n - 1)
+    x = np.random.default_rng(dim).standard_normal((2 * dim, dim)) * np.linspace(0.1, 3, dim)
+    centred = x - x.mean(0)
+    scatter = centred.T @ centred
+    want = eigenvalues_from_covariance(_reference_cov(x))
+    stale = np.triu(scatter) + np.tril(np.random.default_rng(1).standard_normal((dim, dim)) * 1e3, -1)
+    given = torch.from_numpy(stale) if as_torch else stale
+    got = eigenvalues_from_covariance(given, divisor=len(x) - 1, upper=True)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14 * want[0])
+    with pytest.raises(IndefiniteCovarianceError):  # the lower triangle is not read as if symmetric
+        eigenvalues_from_covariance(given, divisor=len(x) - 1)

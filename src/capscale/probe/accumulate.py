@@ -14,6 +14,7 @@ from capscale.probe.sites import Site
 from capscale.spectrum import BUCKETS, NonFiniteError
 from capscale.spectrum._torch import (
     FOLD,
+    PARTIAL_FOLD,
     Grouping,
     Moments,
     Scratch,
@@ -27,6 +28,7 @@ from capscale.spectrum._torch import accumulate as _accumulate
 
 __all__ = [
     "FOLD",
+    "PARTIAL_FOLD",
     "Forward",
     "Grouping",
     "Moments",

@@ -58,7 +58,7 @@ def reduce_moments(
         p = parts[i]
         if p is None or p.count == 0:
             return None
-        return Moments(p.count, p.mean.to(dev, torch.float64), p.scatter.to(dev, torch.float64))
+        return Moments(p.count, p.mean.to(dev, torch.float64), p.scatter.to(dev, torch.float64), p.upper)
 
     loc = {i: local(i) for i in live}
     # Phase 1: counts and sums → global means.
@@ -95,6 +95,7 @@ def reduce_moments(
         n_all, mean = glob[i]
         size = dims[i] * dims[i]
         home = parts[i].scatter.device if parts[i] is not None else dev
-        out[i] = Moments(n_all, mean.to(home), buf[off : off + size].reshape(dims[i], dims[i]).to(home))
+        # upper: a rank's upper-triangle state leaves only the sum's upper triangle meaningful
+        out[i] = Moments(n_all, mean.to(home), buf[off : off + size].reshape(dims[i], dims[i]).to(home), upper=True)
         off += size
     return out, extra_out

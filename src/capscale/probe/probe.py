@@ -16,7 +16,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -466,16 +466,18 @@ class Probe:
         return accs
 
     # -- finishing windows ----------------------------------------------------------
-    def _gather(self, window: _Window, idx: list[int], per_site: int) -> tuple[list[Moments | None], int]:
+    def _gather(
+        self, window: _Window, idx: list[int], per_site: int, full: bool = True
+    ) -> tuple[list[Moments | None], int]:
         """Moments of the window (``per_site`` per site), merged across ranks, and its forward count.
 
         Without distribution the moments share the accumulators' buffers: use
-        them before ``_release``.
+        them before ``_release``. ``full=False``: upper triangles only (for ``eigvalsh``).
         """
         flat, dims = [], []
         for i in idx:
             accs = window.states.get(i)
-            flat += [None] * per_site if accs is None else [a.moments() for a in accs]
+            flat += [None] * per_site if accs is None else [a.moments(full=full) for a in accs]
             dims += [self._dims[i]] * per_site
         if distributed.world_size(self.group) > 1:
             flat, (forwards,) = distributed.reduce_moments(flat, dims, [float(window.forwards)], self.group)
@@ -507,7 +509,7 @@ class Probe:
         """
         k = len(BUCKETS) if self.freq_table is not None else 1
         try:
-            flat, forwards = self._gather(window, self._full_idx, k)
+            flat, forwards = self._gather(window, self._full_idx, k, full=False)
             if not forwards:
                 return None
             out = []
@@ -518,10 +520,11 @@ class Probe:
                     continue
                 if copy == "host":
                     parts = [
-                        Moments(p.count, p.mean.to("cpu", copy=True), p.scatter.to("cpu", copy=True)) for p in parts
+                        replace(p, mean=p.mean.to("cpu", copy=True), scatter=p.scatter.to("cpu", copy=True))
+                        for p in parts
                     ]
                 elif copy == "device":
-                    parts = [Moments(p.count, p.mean.clone(), p.scatter.clone()) for p in parts]
+                    parts = [replace(p, mean=p.mean.clone(), scatter=p.scatter.clone()) for p in parts]
                 out.append((self.sites[i], parts))
             return window.start, out
         finally:

@@ -74,31 +74,36 @@ def spectrum_rows(entries: list[tuple[Moments, dict]], batched: bool | None = No
     width are stacked into one batched ``eigvalsh`` (``batched=None``: only off the CPU;
     True forces it, e.g. to test the path on a CPU).
     """
-    covs: dict[int, torch.Tensor] = {}
+    # Decomposed: each scatter, read by its upper triangle where that is all it holds; the
+    # division by n − 1 is applied to the D eigenvalues rather than the D² entries.
+    scatters: dict[int, torch.Tensor] = {}
     zero: set[int] = set()
     for j, (m, _) in enumerate(entries):
         if m.count >= 2:
-            cov = m.covariance()
-            if bool((cov.diagonal() == 0).all()):  # NaN is not 0: it goes on to be an error
+            if bool((m.scatter.diagonal() == 0).all()):  # NaN is not 0: it goes on to be an error
                 zero.add(j)
             else:
-                covs[j] = cov
+                scatters[j] = m.scatter
     eigs: dict[int, np.ndarray] = {}
     groups: dict[tuple, list[int]] = {}
-    for j, cov in covs.items():
-        stack = cov.device.type != "cpu" if batched is None else batched
-        groups.setdefault((tuple(cov.shape), cov.device) if stack else ("one", j), []).append(j)
+    for j, s in scatters.items():
+        stack = s.device.type != "cpu" if batched is None else batched
+        key = (tuple(s.shape), s.device, entries[j][0].upper) if stack else ("one", j)
+        groups.setdefault(key, []).append(j)
     for members in groups.values():
+        first = entries[members[0]][0]
         try:
             if len(members) == 1:
-                eigs[members[0]] = eigenvalues_from_covariance(covs[members[0]])
+                eigs[members[0]] = eigenvalues_from_covariance(
+                    scatters[members[0]], divisor=first.count - 1, upper=first.upper
+                )
                 continue
-            raw = _batched_eigvalsh([covs[j] for j in members])
+            raw = _batched_eigvalsh([scatters[j] for j in members], upper=first.upper)
         except ValueError as exc:  # non-finite, indefinite
             raise _named(entries[members[0]][1], exc) from exc
         for j, r in zip(members, raw):
             try:
-                eigs[j] = clamp_spectrum(r)
+                eigs[j] = clamp_spectrum(r / (entries[j][0].count - 1))
             except ValueError as exc:
                 raise _named(entries[j][1], exc) from exc
     rows = []
@@ -116,12 +121,13 @@ def spectrum_rows(entries: list[tuple[Moments, dict]], batched: bool | None = No
     return rows
 
 
-def _batched_eigvalsh(covs: list[torch.Tensor]) -> np.ndarray:
-    """Raw eigenvalues of equal-shaped covariances on one device, one ``eigvalsh`` call (float64)."""
+def _batched_eigvalsh(covs: list[torch.Tensor], upper: bool = False) -> np.ndarray:
+    """Raw eigenvalues of equal-shaped matrices on one device, one ``eigvalsh`` call (float64);
+    ``upper``: read their upper triangles."""
     batch = torch.stack([c.double() for c in covs])
     if not bool(torch.isfinite(batch).all()):
         raise NonFiniteError("covariance contains NaN or Inf")
-    return torch.linalg.eigvalsh(batch).cpu().numpy()
+    return torch.linalg.eigvalsh(batch, UPLO="U" if upper else "L").cpu().numpy()
 
 
 def _named(labels: dict, exc: Exception) -> SpectrumError:

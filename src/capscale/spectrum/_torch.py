@@ -31,6 +31,10 @@ from capscale.spectrum._arrays import OVERFLOW_HEADROOM
 # Batch means kept before their between-means term is folded into the scatter:
 # bounds memory (FOLD × D per accumulator) while amortising the rank-k GEMM.
 FOLD = 32
+# Batch scatters summed in a narrower GEMM dtype on the host before they are added
+# to the float64 state: the partial sum's rounding is then that of one GEMM over
+# this many batches' rows (see ``WindowMoments.add_rows``).
+PARTIAL_FOLD = 8
 
 
 def overflow_limit(dtype) -> float:
@@ -40,22 +44,30 @@ def overflow_limit(dtype) -> float:
 
 @dataclass(frozen=True)
 class Moments:
-    """``count`` rows summarised by their mean and scatter ``Σ (x − mean)(x − mean)ᵀ`` (float64)."""
+    """``count`` rows summarised by their mean and scatter ``Σ (x − mean)(x − mean)ᵀ`` (float64).
+
+    ``upper``: only the scatter's upper triangle holds the state (what is below it is
+    finite but stale), as the probe hands a window's states to ``eigvalsh(UPLO="U")``
+    without mirroring them; ``covariance()`` is always the full matrix.
+    """
 
     count: int
     mean: torch.Tensor
     scatter: torch.Tensor
+    upper: bool = False
 
     @property
     def dim(self) -> int:
         return int(self.mean.shape[0])
 
     def covariance(self) -> torch.Tensor:
-        """Unbiased ``scatter / (count − 1)``; needs count ≥ 2."""
-        return self.scatter / (self.count - 1)
+        """Unbiased ``scatter / (count − 1)``, a new symmetric tensor; needs count ≥ 2."""
+        cov = self.scatter / (self.count - 1)
+        return symmetrize_(cov) if self.upper else cov
 
     def scatter_about(self, center: torch.Tensor) -> torch.Tensor:
-        """``Σ (x − center)(x − center)ᵀ`` over this state's rows (parallel-axis theorem), a new tensor."""
+        """``Σ (x − center)(x − center)ᵀ`` over this state's rows (parallel-axis theorem), a new tensor
+        (its upper triangle only, if ``upper``)."""
         delta = (self.mean - center).to(self.scatter.dtype)
         return self.scatter + self.count * torch.outer(delta, delta)
 
@@ -69,7 +81,7 @@ class Moments:
         acc = WindowMoments(parts[0].dim, parts[0].scatter.device, parts[0].scatter.dtype)
         for p in parts:
             acc.add(p.count, p.mean, p.scatter)
-        return acc.moments()
+        return acc.moments(full=not any(p.upper for p in parts))
 
 
 class WindowMoments:
@@ -88,6 +100,8 @@ class WindowMoments:
         self.count = 0
         self._counts: list[int] = []
         self._means: list[torch.Tensor] = []
+        self._partial: torch.Tensor | None = None  # see add_rows
+        self._partial_batches = 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -98,21 +112,59 @@ class WindowMoments:
         return self.scatter.device
 
     def reset(self) -> None:
-        """Empty again, keeping the D×D buffer (reused window after window)."""
+        """Empty again, keeping the D×D buffers (reused window after window)."""
         if self.count:
             self.scatter.zero_()
         self.count = 0
         self._counts, self._means = [], []
+        self._partial_batches = 0
 
-    def add(self, count: int, mean: torch.Tensor, scatter: torch.Tensor) -> None:
-        """A batch of ``count`` rows: its mean and its scatter about that mean (any float dtype).
+    def add_rows(self, centred: torch.Tensor, mean: torch.Tensor) -> None:
+        """A batch given by its rows about their own ``mean`` (``centred``, N×D, N ≥ 1): the
+        scatter GEMM (in ``centred``'s dtype) accumulates straight into this state.
+
+        In the state's own dtype the GEMM adds into the state itself. A narrower
+        GEMM on the host adds into a partial sum in its own dtype, added to the
+        state every ``PARTIAL_FOLD`` batches: per batch this saves a D×D
+        conversion and a D×D float64 add, which at D = 256 cost as much as a
+        small batch's GEMM. On an accelerator those are cheap and the partial
+        (half a state again) is not worth its memory: the batch's scatter is
+        formed in a scratch buffer and handed to :meth:`add` (``takes_rows`` is False).
+        """
+        if centred.dtype == self.scatter.dtype:
+            scatter_upper_(self.scatter, centred, accumulate=True)
+        else:
+            if not self.takes_rows(centred.dtype):
+                raise ValueError(f"a {centred.dtype} GEMM on {self.device} goes through add(), not add_rows()")
+            if self._partial is None or self._partial.dtype != centred.dtype:
+                self._partial = torch.zeros_like(self.scatter, dtype=centred.dtype)  # below the diagonal: finite
+                self._partial_batches = 0
+            scatter_upper_(self._partial, centred, accumulate=self._partial_batches > 0)
+            self._partial_batches += 1
+            if self._partial_batches >= PARTIAL_FOLD:
+                self._flush_partial()
+        self.add(int(centred.shape[0]), mean, None)
+
+    def takes_rows(self, dtype: torch.dtype) -> bool:
+        """Whether :meth:`add_rows` takes a batch whose GEMM runs in ``dtype``."""
+        return dtype == self.scatter.dtype or self.scatter.device.type == "cpu"
+
+    def _flush_partial(self) -> None:
+        if self._partial_batches:
+            self.scatter.add_(self._partial)
+            self._partial_batches = 0
+
+    def add(self, count: int, mean: torch.Tensor, scatter: torch.Tensor | None) -> None:
+        """A batch of ``count`` rows: its mean and its scatter about that mean (any float dtype;
+        None when it is zero, as for one row).
 
         Only the upper triangle of ``scatter`` matters (see ``scatter_upper_``).
         """
         if count == 0:
             return
         dev = self.scatter.device
-        self.scatter.add_(scatter.to(dev))
+        if scatter is not None:
+            self.scatter.add_(scatter.to(dev))
         self._counts.append(int(count))
         self._means.append(mean.to(dev))  # widened to float64 when folded
         self.count += int(count)
@@ -136,26 +188,35 @@ class WindowMoments:
 
     def mean(self) -> torch.Tensor:
         """The float64 mean of everything added so far (zeros when empty)."""
+        self._flush_partial()
         self._fold()
         return (
             self._means[0].to(torch.float64) if self._means else self.scatter.new_zeros(self.dim, dtype=torch.float64)
         )
 
-    def moments(self) -> Moments:
-        """The stream so far. Shares this accumulator's buffer: use it before ``reset``/``add``."""
+    def moments(self, full: bool = True) -> Moments:
+        """The stream so far. Shares this accumulator's buffer: use it before ``reset``/``add``.
+
+        ``full=False`` skips mirroring the upper triangle into the lower one (a Moments
+        with ``upper=True``), for a consumer that reads only the upper triangle.
+        """
         mean = self.mean()
-        symmetrize_(self.scatter)
-        return Moments(self.count, mean, self.scatter)
+        if full:
+            symmetrize_(self.scatter)
+        return Moments(self.count, mean, self.scatter, upper=not full)
 
     def load(self, count: int, mean: torch.Tensor, scatter: torch.Tensor) -> None:
         """Replace the state by ``(count, mean, scatter)`` (copied onto this device and dtype)."""
         self.scatter.copy_(scatter)
+        self._partial_batches = 0
         self.count = int(count)
         self._counts, self._means = ([self.count], [mean.to(self.device, torch.float64).clone()]) if count else ([], [])
 
     def copy(self) -> WindowMoments:
+        self._flush_partial()
         out = object.__new__(WindowMoments)
         out.dim, out.count, out.scatter = self.dim, self.count, self.scatter.clone()
+        out._partial, out._partial_batches = None, 0
         out._counts, out._means = list(self._counts), list(self._means)  # means are never written in place
         return out
 
@@ -178,11 +239,15 @@ def symmetrize_(square: torch.Tensor) -> torch.Tensor:
     return square.triu_().add_(lower)
 
 
-def scatter_upper_(square: torch.Tensor, centred: torch.Tensor) -> None:
-    """``square``'s upper triangle ← that of ``centredᵀ centred``; what is below it is left undefined."""
+def scatter_upper_(square: torch.Tensor, centred: torch.Tensor, accumulate: bool = False) -> None:
+    """``square``'s upper triangle ← (or += with ``accumulate``) that of ``centredᵀ centred``;
+    what is below it is left undefined."""
     for a, b in itertools.pairwise(panel_bounds(*centred.shape)):
         block = square[a:b, a:]
-        torch.addmm(block, centred[:, a:b].T, centred[:, a:], beta=0, out=block)
+        if accumulate:
+            block.addmm_(centred[:, a:b].T, centred[:, a:])
+        else:
+            torch.addmm(block, centred[:, a:b].T, centred[:, a:], beta=0, out=block)
 
 
 class Scratch:
@@ -194,15 +259,23 @@ class Scratch:
 
     def __init__(self):
         self._bufs: dict = {}
+        self._last: dict = {}  # name -> (request, view): shapes repeat batch after batch
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-        """An uninitialised ``shape`` view of the buffer ``name`` (grown when too small)."""
+        """A ``shape`` view of the buffer ``name`` (grown when too small), holding whatever was last
+        written there; zeros when new, so a triangle no GEMM writes stays finite."""
+        request = (shape, dtype, device)
+        last = self._last.get(name)
+        if last is not None and last[0] == request:
+            return last[1]
         numel = math.prod(shape)
         key = (name, dtype, device)
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < numel:
-            buf = self._bufs[key] = torch.empty(numel, dtype=dtype, device=device)
-        return buf[:numel].view(shape)
+            buf = self._bufs[key] = torch.zeros(numel, dtype=dtype, device=device)
+        view = buf[:numel].view(shape)
+        self._last[name] = (request, view)
+        return view
 
 
 @dataclass
@@ -267,8 +340,7 @@ def accumulate(
         src, owned = rows, False  # the caller's own tensor: read, never written
     segs = list(itertools.pairwise(grouping.bounds))
     means = [src[a:b].mean(0) if b > a else None for a, b in segs]
-    live = [m for m in means if m is not None]
-    if not live:
+    if all(m is None for m in means):
         return
     # One pass over the kept rows: NaN/Inf propagate into the extremes; max − min bounds
     # every |x − μ|, so n · (max − min)² bounds each scatter diagonal entry, and
@@ -281,22 +353,30 @@ def accumulate(
             f"values too large: |x| up to {max(-lo, hi):.3g} over {n_kept} rows would overflow the {dtype} "
             f"scatter (D={d})"
         )
-    targets = [a for a in (*(segment_accs or ()), pooled_acc) if a is not None]
-    state_dtype = targets[0].dtype if targets else dtype
-    square = scratch.get("square", (d, d), dtype, rows.device)
-    wide = square if dtype == state_dtype else scratch.get("square_state", (d, d), state_dtype, rows.device)
+    # Centred per batch: the GEMM sees deviations, so its rounding is
+    # relative to the variance rather than to the mean².
+    centred = [
+        None if m is None or b - a < 2 else src[a:b].sub_(m) if owned else torch.sub(src[a:b], m, out=buf[a:b])
+        for m, (a, b) in zip(means, segs)
+    ]
+    square = wide = None
     for j, (a, b) in enumerate(segs):
         if means[j] is None:
             continue
-        # Centred per batch: the GEMM sees deviations, so its rounding is
-        # relative to the variance rather than to the mean².
-        if owned:
-            centred = src[a:b].sub_(means[j])
-        else:
-            centred = torch.sub(src[a:b], means[j], out=buf[: b - a])
-        scatter_upper_(square, centred)
+        targets = [acc for acc in (segment_accs[j] if segment_accs else None, pooled_acc) if acc is not None]
+        if centred[j] is None:  # one row is its own mean: its scatter is exactly zero
+            for acc in targets:
+                acc.add(1, means[j], None)
+            continue
+        if len(targets) == 1 and targets[0].takes_rows(dtype):
+            targets[0].add_rows(centred[j], means[j])  # the GEMM accumulates in place
+            continue
+        if square is None:
+            state_dtype = targets[0].dtype
+            square = scratch.get("square", (d, d), dtype, rows.device)
+            wide = square if dtype == state_dtype else scratch.get("square_state", (d, d), state_dtype, rows.device)
+        scatter_upper_(square, centred[j])
         if wide is not square:
             wide.copy_(square)  # convert once into a reused buffer, not per target
-        for acc in (segment_accs[j] if segment_accs is not None else None, pooled_acc):
-            if acc is not None:
-                acc.add(b - a, means[j], wide)
+        for acc in targets:
+            acc.add(b - a, means[j], wide)

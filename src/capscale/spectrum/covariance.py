@@ -143,8 +143,13 @@ def clamp_spectrum(raw: np.ndarray) -> np.ndarray:
 SERIAL_EIG_MAX_DIM = 1024
 
 
-def eigenvalues_from_covariance(cov) -> np.ndarray:
+def eigenvalues_from_covariance(cov, *, divisor: float = 1, upper: bool = False) -> np.ndarray:
     """Descending, clamped eigenvalues of a covariance matrix (NumPy or torch), float64.
+
+    ``divisor``: the eigenvalues of ``cov / divisor`` (a scatter and ``n − 1``: the
+    division is done on the D eigenvalues, not the D² entries). ``upper``: only the
+    upper triangle of ``cov`` is read (``eigvalsh(UPLO="U")``); the lower one may hold
+    anything finite.
 
     Uses ``eigvalsh`` (no eigenvectors). NumPy input is decomposed by NumPy as
     configured; an accelerator tensor by torch on its device. A host tensor comes
@@ -158,14 +163,17 @@ def eigenvalues_from_covariance(cov) -> np.ndarray:
     _check_square(c)
     if not _all_finite(c):
         raise NonFiniteError("covariance contains NaN or Inf")
+    uplo = "U" if upper else "L"
     if not is_torch(c):
-        return clamp_spectrum(np.linalg.eigvalsh(c))
-    if c.device.type != "cpu" or c.shape[-1] > SERIAL_EIG_MAX_DIM:
+        raw = np.linalg.eigvalsh(c, UPLO=uplo)
+    elif c.device.type != "cpu" or c.shape[-1] > SERIAL_EIG_MAX_DIM:
         import torch
 
-        return clamp_spectrum(torch.linalg.eigvalsh(c).cpu().numpy())
-    with _serial_blas():
-        return clamp_spectrum(np.linalg.eigvalsh(c.numpy()))
+        raw = torch.linalg.eigvalsh(c, UPLO=uplo).cpu().numpy()
+    else:
+        with _serial_blas():
+            raw = np.linalg.eigvalsh(c.numpy(), UPLO=uplo)
+    return clamp_spectrum(raw / divisor if divisor != 1 else raw)
 
 
 _BLAS_CONTROLLER = None
