@@ -18,6 +18,7 @@ from capscale.probe.accumulate import (
     pooled,
 )
 from capscale.probe.sites import Site
+from capscale.spectrum._torch import _group_host, group_rows
 
 SITE = Site(0, "pre", "m", None, "output")
 
@@ -171,3 +172,17 @@ def test_upper_triangle_moments_and_their_merge():
     np.testing.assert_allclose(merged.covariance().numpy(), cov(torch.cat(xs).numpy()), atol=1e-10)
     full = accs[0].moments()
     assert not full.upper and torch.equal(full.scatter, full.scatter.T)
+
+
+@given(st.lists(st.integers(0, 2), min_size=1, max_size=80), st.booleans(), st.integers(0, 10_000))
+@settings(max_examples=60, deadline=None)
+def test_host_grouping_equals_the_device_one(labels, masked, seed):
+    # group_rows runs in NumPy for host tensors; on a device in torch: the same rows, order, bounds
+    ids = torch.tensor(labels, dtype=torch.int8)
+    keep = torch.rand(len(labels), generator=torch.Generator().manual_seed(seed)) > 0.3 if masked else None
+    host = _group_host(keep, ids, 3)
+    b = ids.long() if keep is None else torch.where(keep, ids.long(), 3)
+    order = torch.argsort(b, stable=True)
+    bounds = [0, *torch.cumsum(torch.bincount(b, minlength=4)[:3], 0).tolist()]
+    assert host.bounds == bounds and torch.equal(host.index, order[: bounds[-1]])
+    assert torch.equal(group_rows(len(labels), keep, ids, 3).index, host.index)

@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from capscale.spectrum._arrays import OVERFLOW_HEADROOM
@@ -296,6 +297,8 @@ def group_rows(n_rows: int, keep: torch.Tensor | None, segment_ids: torch.Tensor
             return Grouping(None, [0, n_rows])
         index = keep.reshape(-1).nonzero().squeeze(1)
         return Grouping(index, [0, int(index.numel())])
+    if segment_ids.device.type == "cpu":  # NumPy: µs where each torch call costs tens inside a training step
+        return _group_host(keep, segment_ids, k)
     b = segment_ids.reshape(-1).long()
     if keep is not None:
         b = torch.where(keep.reshape(-1).to(b.device), b, k)
@@ -303,6 +306,15 @@ def group_rows(n_rows: int, keep: torch.Tensor | None, segment_ids: torch.Tensor
     bounds = [0] + torch.cumsum(counts, 0).tolist()
     order = torch.argsort(b, stable=True)[: bounds[-1]]
     return Grouping(order, bounds)
+
+
+def _group_host(keep: torch.Tensor | None, segment_ids: torch.Tensor, k: int) -> Grouping:
+    """``group_rows`` for host tensors, in NumPy (the same stable order)."""
+    b = segment_ids.reshape(-1).numpy().astype(np.int64)
+    if keep is not None:
+        b = np.where(keep.reshape(-1).cpu().numpy(), b, k)
+    bounds = [0, *np.cumsum(np.bincount(b, minlength=k + 1)[:k]).tolist()]
+    return Grouping(torch.from_numpy(np.argsort(b, kind="stable")[: bounds[-1]]), bounds)
 
 
 def accumulate(
