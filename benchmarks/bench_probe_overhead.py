@@ -7,7 +7,7 @@
                                                                         # step that leaves a core idle
 
 One process, one model, one fixed set of batches; the modes are run in
-interleaved blocks (baseline, bare, pooled, bare-buckets, buckets, baseline, ...)
+interleaved blocks (baseline, bare, pooled, bare-buckets, bare-split, buckets, baseline, ...)
 so that load drift on a shared machine hits them alike, and each probe is
 attached for its block only (with its defaults: float32 GEMM, float64 states,
 records kept). A step is zero_grad + forward + backward + SGD step + probe.step(),
@@ -25,7 +25,9 @@ even registered, see tests/test_probe_schedule.py).
 
 Modes: baseline (no probe); pooled; buckets (HEAD/MID/TAIL by a Zipf frequency
 table); bare and bare-buckets (BareFloor: the floor of each, measured inside the
-same training loop: only the GEMM and the eigvalsh calls, nothing else); with
+same training loop: only the GEMM and the eigvalsh calls, nothing else); bare-split
+(the bucketed floor that also splits the rows by bucket: sort, gather, one GEMM per
+bucket, which any per-bucket covariance needs, printed as "buckets / split floor"); with
 ``--background`` also pooled-bg and buckets-bg (``attach(background=True)``: the
 window's decomposition on a worker thread; the wait for the last window at the end
 of a block is counted in its last step). "product/floor" = a probe block's time
@@ -64,6 +66,7 @@ from torch import nn
 
 import capscale
 from capscale.spectrum import FrequencyTable
+from capscale.spectrum.covariance import _serial_blas
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ CASES = (
 )
 
 
-MODES = ("baseline", "bare", "pooled", "bare-buckets", "buckets")
+MODES = ("baseline", "bare", "pooled", "bare-buckets", "bare-split", "buckets")
 BG_MODES = ("pooled-bg", "buckets-bg")
 
 
@@ -123,13 +126,22 @@ class TinyLM(nn.Module):
 class BareFloor:
     """The floor, measured in the loop: a hook doing only the covariance GEMM (uncentred,
     float32, no state, no checks, no grouping) and ``eigs`` eigvalsh per site per window
-    (1 pooled; 4 with buckets: all, head, mid, tail)."""
+    (1 pooled; 4 with buckets: all, head, mid, tail).
 
-    def __init__(self, model: TinyLM, c: Case, eigs: int, dtype: torch.dtype = torch.float32):
-        self.on, self.eigs, self.dtype = False, eigs, dtype
+    ``table`` (the split floor): the rows are first put in HEAD/MID/TAIL order (bucket
+    lookup and one stable sort per forward, one gather per site) and each bucket gets its
+    own GEMM: the least arithmetic that yields per-bucket covariances at all, which the
+    one-GEMM floor does not (it computes only the pooled one)."""
+
+    def __init__(
+        self, model: TinyLM, c: Case, eigs: int, dtype: torch.dtype = torch.float32, table=None, eig: str = "torch"
+    ):
+        self.on, self.eigs, self.dtype, self.table, self.eig = False, eigs, dtype, table, eig
+        self.ids = self._split = None
         mods = [(b.fc1, "output") for b in model.blocks] if "pre" in c.sites else []
         mods += [(b.fc2, "input") for b in model.blocks] if "post" in c.sites else []
-        self.acc = [torch.zeros(c.ffn, c.ffn, dtype=dtype) for _ in mods]
+        k = 1 if table is None else 3
+        self.acc = [[torch.zeros(c.ffn, c.ffn, dtype=dtype) for _ in range(k)] for _ in mods]
         self.handles = []
         for j, (m, cap) in enumerate(mods):
             if cap == "output":
@@ -140,13 +152,29 @@ class BareFloor:
     def _add(self, j, x):
         if self.on:
             x = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)
-            self.acc[j].addmm_(x.T, x)
+            if self.table is None:
+                self.acc[j][0].addmm_(x.T, x)
+                return
+            if self._split is None or self._split[0] is not self.ids:  # once per forward
+                b = self.table.bucket(self.ids).reshape(-1).long()
+                bounds = [0, *torch.cumsum(torch.bincount(b, minlength=3), 0).tolist()]
+                self._split = (self.ids, torch.argsort(b, stable=True), bounds)
+            _, order, bounds = self._split
+            rows = x.index_select(0, order)
+            for acc, a, z in zip(self.acc[j], bounds, bounds[1:]):
+                acc.addmm_(rows[a:z].T, rows[a:z])
 
     def finish(self):
-        for a in self.acc:
-            for _ in range(self.eigs):
-                torch.linalg.eigvalsh(a.double())
-            a.zero_()
+        for accs in self.acc:
+            for e in range(self.eigs):  # the "all" spectrum: the buckets' sum
+                a = (accs[e] if e < len(accs) else sum(accs)).double()
+                if self.eig == "serial":  # the probe's own call: NumPy's LAPACK on one thread
+                    with _serial_blas():
+                        np.linalg.eigvalsh(a.numpy())
+                else:
+                    torch.linalg.eigvalsh(a)
+            for a in accs:
+                a.zero_()
 
     def close(self):
         for h in self.handles:
@@ -162,7 +190,14 @@ def site_spec(sites):
     return {s: spec[s] for s in sites}
 
 
-def run_case(c: Case, repeats: int, seed: int = 0, gemm_dtype: str = "float32", background: bool = False) -> dict:
+def run_case(
+    c: Case,
+    repeats: int,
+    seed: int = 0,
+    gemm_dtype: str = "float32",
+    background: bool = False,
+    floor_eig: str = "torch",
+) -> dict:
     dtype = getattr(torch, gemm_dtype)
     torch.manual_seed(seed)
     model = TinyLM(c)
@@ -180,7 +215,8 @@ def run_case(c: Case, repeats: int, seed: int = 0, gemm_dtype: str = "float32", 
     def block(mode: str) -> list[float]:
         probe = bare = None
         if mode.startswith("bare"):
-            bare = BareFloor(model, c, eigs=4 if mode == "bare-buckets" else 1, dtype=dtype)
+            split = table if mode == "bare-split" else None
+            bare = BareFloor(model, c, eigs=1 if mode == "bare" else 4, dtype=dtype, table=split, eig=floor_eig)
         elif mode != "baseline":
             probe = capscale.attach(
                 model,
@@ -196,7 +232,7 @@ def run_case(c: Case, repeats: int, seed: int = 0, gemm_dtype: str = "float32", 
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             if bare is not None:
-                bare.on = k % c.every < c.window
+                bare.on, bare.ids = k % c.every < c.window, ids
             model(ids, tgt).backward()
             opt.step()
             if probe is not None:
@@ -247,18 +283,19 @@ def run_case(c: Case, repeats: int, seed: int = 0, gemm_dtype: str = "float32", 
             stats["ratio_amortised"] = 1 + extra / (c.every * base_median)
             stats["ratio_unmeasured"] = statistics.median(quiet) / base_median
         res["modes"][m] = stats
-    for m, bare_mode in (
-        ("pooled", "bare"),
-        ("buckets", "bare-buckets"),
-        ("pooled-bg", "bare"),
-        ("buckets-bg", "bare-buckets"),
+    for m, bare_mode, key in (
+        ("pooled", "bare", "product_over_floor"),
+        ("buckets", "bare-buckets", "product_over_floor"),
+        ("buckets", "bare-split", "product_over_split_floor"),
+        ("pooled-bg", "bare", "product_over_floor"),
+        ("buckets-bg", "bare-buckets", "product_over_floor"),
     ):
         if m in res["modes"]:
             # each product block against its floor's block of the same repeat (run a block apart,
             # so load drift cancels better than between two medians); median and quartiles
             per = sorted(sum(p) / sum(f) for p, f in zip(times[m], times[bare_mode]))
-            res["modes"][m]["product_over_floor"] = statistics.median(per)
-            res["modes"][m]["product_over_floor_iqr"] = [per[len(per) // 4], per[(3 * len(per)) // 4]]
+            res["modes"][m][key] = statistics.median(per)
+            res["modes"][m][key + "_iqr"] = [per[len(per) // 4], per[(3 * len(per)) // 4]]
     res["floor"] = floor(c, base_median, dtype)
     if background:
         res["background_rows_identical"] = background_rows_identical(c, table, gemm_dtype)
@@ -324,6 +361,12 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--gemm-dtype", choices=("float32", "float64"), default="float32", help="covariance GEMM dtype")
     ap.add_argument("--background", action="store_true", help="add attach(background=True) modes")
+    ap.add_argument(
+        "--floor-eig",
+        choices=("torch", "serial"),
+        default="torch",
+        help="the floors' eigvalsh: torch's threaded one, or the probe's own (NumPy, one BLAS thread)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
     ap.add_argument("--block-steps", type=int, default=None, help="steps per block of the every-step cases")
     args = ap.parse_args()
@@ -336,13 +379,13 @@ def main() -> None:
         reps = args.repeats or ((3 if args.quick else 8) if c.block_steps > 50 else (15 if args.quick else 40))
         if args.block_steps and c.every == c.window:
             c = dataclasses.replace(c, block_steps=args.block_steps)
-        r = run_case(c, reps, gemm_dtype=args.gemm_dtype, background=args.background)
+        r = run_case(c, reps, gemm_dtype=args.gemm_dtype, background=args.background, floor_eig=args.floor_eig)
         results.append(r)
         base = r["modes"]["baseline"]
         print(
             f"\n== {c.name}: d_model {c.d_model}, FFN {c.ffn}, {c.layers} layers, seq {c.seq}, batch {c.batch}, "
             f"sites {','.join(c.sites)}, every={c.every} window={c.window}, {reps} x {c.block_steps} steps/mode, "
-            f"GEMM {args.gemm_dtype}, {torch.get_num_threads()} torch threads"
+            f"GEMM {args.gemm_dtype}, {torch.get_num_threads()} torch threads, floor eigvalsh {args.floor_eig}"
         )
         cadence = c.every > c.window
         head = f"{'mode':<13}{'mean ms':>9}{'median ms':>11}{'ratio (blocks)':>16}{'product/floor':>15}{'floor':>8}"
@@ -367,6 +410,13 @@ def main() -> None:
             if "product_over_floor_iqr" in v
         ]
         print("   product/floor quartiles over repeats: " + ", ".join(iqr))
+        if "product_over_split_floor" in r["modes"].get("buckets", {}):
+            v = r["modes"]["buckets"]
+            q = v["product_over_split_floor_iqr"]
+            print(
+                f"   buckets / split floor (bucket sort, gather, per-bucket GEMMs): "
+                f"{v['product_over_split_floor']:.4f} [{q[0]:.3f}, {q[1]:.3f}]"
+            )
         if "background_rows_identical" in r:
             print(f"   background rows identical to synchronous rows: {r['background_rows_identical']}")
     if args.json:
