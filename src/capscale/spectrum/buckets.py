@@ -112,7 +112,7 @@ class FrequencyTable:
             if ids.dtype.is_floating_point or ids.dtype == torch.bool:
                 raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
             if ids.device.type == "cpu":  # NumPy: µs where each torch call costs tens inside a training step
-                return torch.from_numpy(self.bucket(ids.numpy()))
+                return torch.from_numpy(np.asarray(self.bucket(ids.numpy())))  # a 0-d id gives a 0-d tensor
             if ids.numel():
                 self._check_range(*torch.stack(torch.aminmax(ids.reshape(-1))).tolist())  # one pass, one sync
             table = self._torch_tables.get(ids.device)
