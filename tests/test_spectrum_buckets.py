@@ -110,7 +110,7 @@ def test_from_token_ids_iterable_and_torch_lookup():
     assert isinstance(out, torch.Tensor) and out.shape == ids.shape
     np.testing.assert_array_equal(out.numpy(), ft.bucket(ids.numpy()))
     # host tensors go through NumPy: strided, narrow-int and 0-d ids keep their shape
-    for other in (ids.T, ids[:, ::-1].contiguous()[:, :1], ids.to(torch.int16), ids[1, 0]):
+    for other in (ids.T, ids[:, 1:], ids.to(torch.int16), ids[1, 0]):
         got = ft.bucket(other)
         assert torch.is_tensor(got) and got.shape == other.shape
         np.testing.assert_array_equal(got.numpy(), ft.bucket(other.numpy()))
