@@ -78,9 +78,39 @@ def test_snapshot_then_continue_and_reset(dtype):
             np.testing.assert_allclose(acc.moments().covariance().numpy(), ref, atol=atol)
     np.testing.assert_allclose(acc.moments().covariance().numpy(), cov(torch.cat(xs).double().numpy()), atol=atol)
     acc.reset()
-    assert acc.count == 0 and not acc.scatter.any()
+    assert acc.count == 0 and not acc.moments().scatter.any()  # the old values are not read again
     accumulate(xs[0], Grouping(None, [0, xs[0].shape[0]]), dtype, scratch, SITE, 0, [acc], None)
     np.testing.assert_allclose(acc.moments().covariance().numpy(), cov(xs[0].double().numpy()), atol=atol)
+
+
+@pytest.mark.parametrize("route", ["rows-f64", "rows-f32", "add", "one-row"])
+def test_a_reset_state_is_not_cleared_but_reads_as_fresh(route):
+    # reset() leaves the old D×D values in place; the next write overwrites them (a copy,
+    # or a GEMM with beta = 0): a reused accumulator equals a new one, whatever the route
+    d = 40
+    old = batches(7, 5, d)
+    xs = batches(8, PARTIAL_FOLD + 3, d, rows=(1, 2) if route == "one-row" else (5, 40))
+    dtype = torch.float32 if route == "rows-f32" else torch.float64
+    reused, fresh = WindowMoments(d, "cpu"), WindowMoments(d, "cpu")
+    for x in old:
+        accumulate(x, Grouping(None, [0, x.shape[0]]), torch.float64, Scratch(), SITE, 0, [reused], None)
+    reused.moments()
+    reused.reset()
+    assert reused.scatter.abs().max() > 0  # nothing was cleared
+    for acc in (reused, fresh):
+        for x in xs:
+            if route == "add":
+                mean = x.mean(0)
+                acc.add(x.shape[0], mean, (x - mean).T @ (x - mean))
+            else:
+                accumulate(x.to(dtype), Grouping(None, [0, x.shape[0]]), dtype, Scratch(), SITE, 0, [acc], None)
+    a, b = reused.moments(), fresh.moments()
+    assert a.count == b.count == sum(x.shape[0] for x in xs)
+    np.testing.assert_allclose(a.scatter.numpy(), b.scatter.numpy(), rtol=1e-13, atol=1e-13 * b.scatter.abs().max())
+    ref = cov(torch.cat(xs).to(dtype).double().numpy())
+    np.testing.assert_allclose(a.covariance().numpy(), ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+    reused.reset()  # an empty window after a full one reads as zeros
+    assert reused.moments().count == 0 and not reused.moments().scatter.any()
 
 
 def test_float64_gemm_accumulates_in_the_state_exactly_as_added_batches():

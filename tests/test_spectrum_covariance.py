@@ -11,6 +11,7 @@ from capscale.spectrum import (
     InsufficientSamplesError,
     NonFiniteError,
     StreamingCovariance,
+    clamp_spectrum,
     eigenvalues_from_covariance,
     hard_rank,
     soft_rank,
@@ -283,3 +284,31 @@ def test_upper_triangle_and_divisor(dim, as_torch):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14 * want[0])
     with pytest.raises(IndefiniteCovarianceError):  # the lower triangle is not read as if symmetric
         eigenvalues_from_covariance(given, divisor=len(x) - 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-1e-9, 1e3, allow_nan=False), min_size=2, max_size=40).filter(lambda v: max(map(abs, v)) > 0))
+def test_clamp_of_an_ascending_spectrum_is_the_sorting_clamp(values):
+    # eigvalsh returns ascending eigenvalues: reversed instead of sorted, with the same result
+    raw = np.sort(np.asarray(values))
+    try:
+        want = clamp_spectrum(raw)
+    except IndefiniteCovarianceError:
+        with pytest.raises(IndefiniteCovarianceError):
+            clamp_spectrum(raw, ascending=True)
+        return
+    got = clamp_spectrum(raw, ascending=True)
+    np.testing.assert_array_equal(got, want)
+    assert got.flags.c_contiguous and got.dtype == np.float64
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_check_finite_off_still_refuses_non_finite_eigenvalues(as_torch):
+    # the caller vouches for finiteness (a scatter with a finite diagonal); a NaN that gets
+    # into LAPACK anyway comes out of it as an error, not as a spectrum
+    a = np.diag([3.0, 2.0, 1.0])
+    a[2, 0] = np.nan  # read with UPLO="L"
+    given = torch.from_numpy(a) if as_torch else a
+    with pytest.raises(NonFiniteError):
+        eigenvalues_from_covariance(given, check_finite=False)
+    np.testing.assert_array_equal(eigenvalues_from_covariance(given, upper=True, check_finite=False), [3.0, 2.0, 1.0])

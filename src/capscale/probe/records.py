@@ -7,6 +7,7 @@ eigenvalues (descending, float64) as a list column.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -21,7 +22,7 @@ from capscale.spectrum import (
     spectrum_summary,
 )
 from capscale.spectrum._torch import Moments
-from capscale.spectrum.covariance import EIG_FLOOR, EIG_FLOOR_RTOL
+from capscale.spectrum.covariance import EIG_FLOOR, EIG_FLOOR_RTOL, SERIAL_EIG_MAX_DIM, _serial_blas
 
 KEY_COLUMNS = ("step", "layer", "site", "bucket")
 SUMMARY_FIELDS = tuple(spectrum_summary(None, 0, dim=2))
@@ -78,9 +79,14 @@ def spectrum_rows(entries: list[tuple[Moments, dict]], batched: bool | None = No
     # division by n − 1 is applied to the D eigenvalues rather than the D² entries.
     scatters: dict[int, torch.Tensor] = {}
     zero: set[int] = set()
-    for j, (m, _) in enumerate(entries):
+    for j, (m, labels) in enumerate(entries):
         if m.count >= 2:
-            if bool((m.scatter.diagonal() == 0).all()):  # NaN is not 0: it goes on to be an error
+            # A scatter's diagonal is ≥ 0 and bounds every entry (|S_ij| ≤ √(S_ii S_jj)):
+            # its extremes say whether the state is all zero and whether it is finite.
+            lo, hi = torch.stack(torch.aminmax(m.scatter.diagonal())).tolist()
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise _named(labels, NonFiniteError("covariance contains NaN or Inf"))
+            if hi == 0 and lo == 0:
                 zero.add(j)
             else:
                 scatters[j] = m.scatter
@@ -90,22 +96,25 @@ def spectrum_rows(entries: list[tuple[Moments, dict]], batched: bool | None = No
         stack = s.device.type != "cpu" if batched is None else batched
         key = (tuple(s.shape), s.device, entries[j][0].upper) if stack else ("one", j)
         groups.setdefault(key, []).append(j)
-    for members in groups.values():
-        first = entries[members[0]][0]
-        try:
-            if len(members) == 1:
-                eigs[members[0]] = eigenvalues_from_covariance(
-                    scatters[members[0]], divisor=first.count - 1, upper=first.upper
-                )
-                continue
-            raw = _batched_eigvalsh([scatters[j] for j in members], upper=first.upper)
-        except ValueError as exc:  # non-finite, indefinite
-            raise _named(entries[members[0]][1], exc) from exc
-        for j, r in zip(members, raw):
+    # Host decompositions share one serial-BLAS scope (set and restored once, not per state).
+    serial = any(s.device.type == "cpu" and s.shape[-1] <= SERIAL_EIG_MAX_DIM for s in scatters.values())
+    with _serial_blas() if serial else contextlib.nullcontext():
+        for members in groups.values():
+            first = entries[members[0]][0]
             try:
-                eigs[j] = clamp_spectrum(r / (entries[j][0].count - 1))
-            except ValueError as exc:
-                raise _named(entries[j][1], exc) from exc
+                if len(members) == 1:
+                    eigs[members[0]] = eigenvalues_from_covariance(
+                        scatters[members[0]], divisor=first.count - 1, upper=first.upper, check_finite=False
+                    )
+                    continue
+                raw = _batched_eigvalsh([scatters[j] for j in members], upper=first.upper)
+            except ValueError as exc:  # non-finite, indefinite
+                raise _named(entries[members[0]][1], exc) from exc
+            for j, r in zip(members, raw):
+                try:
+                    eigs[j] = clamp_spectrum(r / (entries[j][0].count - 1), ascending=True)
+                except ValueError as exc:
+                    raise _named(entries[j][1], exc) from exc
     rows = []
     for j, (m, labels) in enumerate(entries):
         e = eigs.get(j)
@@ -123,10 +132,8 @@ def spectrum_rows(entries: list[tuple[Moments, dict]], batched: bool | None = No
 
 def _batched_eigvalsh(covs: list[torch.Tensor], upper: bool = False) -> np.ndarray:
     """Raw eigenvalues of equal-shaped matrices on one device, one ``eigvalsh`` call (float64);
-    ``upper``: read their upper triangles."""
+    ``upper``: read their upper triangles. Their diagonals were checked finite (``spectrum_rows``)."""
     batch = torch.stack([c.double() for c in covs])
-    if not bool(torch.isfinite(batch).all()):
-        raise NonFiniteError("covariance contains NaN or Inf")
     return torch.linalg.eigvalsh(batch, UPLO="U" if upper else "L").cpu().numpy()
 
 

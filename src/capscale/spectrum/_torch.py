@@ -79,7 +79,7 @@ class Moments:
     @staticmethod
     def merge_all(parts: Sequence[Moments]) -> Moments:
         """The exact merge of disjoint states (e.g. HEAD/MID/TAIL into ALL), as a new Moments."""
-        acc = WindowMoments(parts[0].dim, parts[0].scatter.device, parts[0].scatter.dtype)
+        acc = WindowMoments(parts[0].dim, parts[0].scatter.device, parts[0].scatter.dtype, _blank=True)
         for p in parts:
             acc.add(p.count, p.mean, p.scatter)
         return acc.moments(full=not any(p.upper for p in parts))
@@ -92,12 +92,17 @@ class WindowMoments:
     accelerators where float64 is slow); batch means are always kept in float64.
     """
 
-    def __init__(self, dim: int, device, dtype: torch.dtype = torch.float64):
+    def __init__(self, dim: int, device, dtype: torch.dtype = torch.float64, *, _blank: bool = False):
         self.dim = dim
         # Σ over batches of each batch's scatter about its own mean (plus folded
         # between-terms). Only the upper triangle is meaningful (see
         # ``scatter_upper_``); ``moments()`` mirrors it before anyone reads it.
-        self.scatter = torch.zeros(dim, dim, dtype=dtype, device=device)
+        # ``_blank`` (an internal merge, whose first write is a whole-matrix add): not cleared.
+        make = torch.empty if _blank else torch.zeros
+        self.scatter = make(dim, dim, dtype=dtype, device=device)
+        # True while ``scatter`` counts as zero but still holds old values: after ``reset``
+        # the next write overwrites it instead of adding, which saves a D×D clearing pass.
+        self._stale = _blank
         self.count = 0
         self._counts: list[int] = []
         self._means: list[torch.Tensor] = []
@@ -114,8 +119,7 @@ class WindowMoments:
 
     def reset(self) -> None:
         """Empty again, keeping the D×D buffers (reused window after window)."""
-        if self.count:
-            self.scatter.zero_()
+        self._stale = True
         self.count = 0
         self._counts, self._means = [], []
         self._partial_batches = 0
@@ -133,7 +137,8 @@ class WindowMoments:
         formed in a scratch buffer and handed to :meth:`add` (``takes_rows`` is False).
         """
         if centred.dtype == self.scatter.dtype:
-            scatter_upper_(self.scatter, centred, accumulate=True)
+            scatter_upper_(self.scatter, centred, accumulate=not self._stale)
+            self._stale = False
         else:
             if not self.takes_rows(centred.dtype):
                 raise ValueError(f"a {centred.dtype} GEMM on {self.device} goes through add(), not add_rows()")
@@ -152,8 +157,16 @@ class WindowMoments:
 
     def _flush_partial(self) -> None:
         if self._partial_batches:
-            self.scatter.add_(self._partial)
+            self._write(self._partial)
             self._partial_batches = 0
+
+    def _write(self, scatter: torch.Tensor) -> None:
+        """Add a whole D×D term into the state (a copy when the state is stale)."""
+        if self._stale:
+            self.scatter.copy_(scatter)
+            self._stale = False
+        else:
+            self.scatter.add_(scatter)
 
     def add(self, count: int, mean: torch.Tensor, scatter: torch.Tensor | None) -> None:
         """A batch of ``count`` rows: its mean and its scatter about that mean (any float dtype;
@@ -165,7 +178,7 @@ class WindowMoments:
             return
         dev = self.scatter.device
         if scatter is not None:
-            self.scatter.add_(scatter.to(dev))
+            self._write(scatter.to(dev))
         self._counts.append(int(count))
         self._means.append(mean.to(dev))  # widened to float64 when folded
         self.count += int(count)
@@ -176,10 +189,13 @@ class WindowMoments:
         if len(self._means) <= 1:
             return
         n = torch.tensor(self._counts, dtype=torch.float64, device=self.scatter.device)
-        means = torch.stack([m.to(torch.float64) for m in self._means])
+        means = torch.stack(self._means).to(torch.float64)  # one widening, not one per mean
         total = sum(self._counts)
         mu = (n @ means) / total
         dev = means - mu
+        if self._stale:  # every batch so far was one row: nothing was written yet
+            self.scatter.zero_()
+            self._stale = False
         # Σ n_b (μ_b − μ)(μ_b − μ)ᵀ: the folded batches now act as one batch (total, μ).
         if self.scatter.dtype == torch.float64:
             self.scatter.addmm_(dev.T * n, dev)
@@ -202,6 +218,9 @@ class WindowMoments:
         with ``upper=True``), for a consumer that reads only the upper triangle.
         """
         mean = self.mean()
+        if self._stale:  # nothing but one-row batches (or nothing at all): a zero scatter
+            self.scatter.zero_()
+            self._stale = False
         if full:
             symmetrize_(self.scatter)
         return Moments(self.count, mean, self.scatter, upper=not full)
@@ -209,6 +228,7 @@ class WindowMoments:
     def load(self, count: int, mean: torch.Tensor, scatter: torch.Tensor) -> None:
         """Replace the state by ``(count, mean, scatter)`` (copied onto this device and dtype)."""
         self.scatter.copy_(scatter)
+        self._stale = False
         self._partial_batches = 0
         self.count = int(count)
         self._counts, self._means = ([self.count], [mean.to(self.device, torch.float64).clone()]) if count else ([], [])
@@ -216,8 +236,9 @@ class WindowMoments:
     def copy(self) -> WindowMoments:
         self._flush_partial()
         out = object.__new__(WindowMoments)
-        out.dim, out.count, out.scatter = self.dim, self.count, self.scatter.clone()
-        out._partial, out._partial_batches = None, 0
+        out.dim, out.count = self.dim, self.count
+        out.scatter = self.scatter.new_zeros(self.scatter.shape) if self._stale else self.scatter.clone()
+        out._stale, out._partial, out._partial_batches = False, None, 0
         out._counts, out._means = list(self._counts), list(self._means)  # means are never written in place
         return out
 

@@ -12,6 +12,7 @@ row of that product); the upper triangle is mirrored only when ``scatter`` is re
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import Any
@@ -117,25 +118,32 @@ def _all_finite(a) -> bool:
     return bool(np.isfinite(a).all())
 
 
-def clamp_spectrum(raw: np.ndarray) -> np.ndarray:
+def clamp_spectrum(raw: np.ndarray, ascending: bool = False) -> np.ndarray:
     """Validate raw ascending/unsorted eigenvalues of a covariance; clamp round-off.
 
     Returns float64 eigenvalues sorted descending with every value ≥ ``eig_floor(max|λ|)``
     (1e-12 for any spectrum with max|λ| ≥ 1e-6). Only an exactly zero spectrum is an error.
+    ``ascending``: ``raw`` is in ascending order already (as ``eigvalsh`` returns it), so
+    it is reversed rather than sorted.
     """
     raw = np.asarray(raw, dtype=np.float64)
     if not np.all(np.isfinite(raw)):
         raise NonFiniteError("covariance eigenvalues contain NaN or Inf")
-    max_abs = float(np.abs(raw).max())
+    if ascending:
+        lo, max_abs = float(raw[0]), max(-float(raw[0]), float(raw[-1]))
+    else:
+        lo, max_abs = float(raw.min()), float(np.abs(raw).max())
     if max_abs == 0:
         raise ValueError("all-zero variance: every eigenvalue is 0 (constant features?); ranks are undefined")
-    lo = float(raw.min())
     if lo < -INDEFINITE_RTOL * max_abs:
         raise IndefiniteCovarianceError(
             f"covariance is materially indefinite: min eigenvalue {lo:.3e} < "
             f"-{INDEFINITE_RTOL:g} x max|λ| ({max_abs:.3e}); this is not round-off"
         )
-    return np.sort(np.clip(raw, eig_floor(max_abs), None))[::-1].copy()
+    floor = eig_floor(max_abs)
+    if ascending:
+        return np.maximum(raw[::-1], floor)  # a new, contiguous array
+    return np.sort(np.clip(raw, floor, None))[::-1].copy()
 
 
 # Host tensors up to this width are decomposed by NumPy with one BLAS thread;
@@ -143,13 +151,17 @@ def clamp_spectrum(raw: np.ndarray) -> np.ndarray:
 SERIAL_EIG_MAX_DIM = 1024
 
 
-def eigenvalues_from_covariance(cov, *, divisor: float = 1, upper: bool = False) -> np.ndarray:
+def eigenvalues_from_covariance(
+    cov, *, divisor: float = 1, upper: bool = False, check_finite: bool = True
+) -> np.ndarray:
     """Descending, clamped eigenvalues of a covariance matrix (NumPy or torch), float64.
 
     ``divisor``: the eigenvalues of ``cov / divisor`` (a scatter and ``n − 1``: the
     division is done on the D eigenvalues, not the D² entries). ``upper``: only the
     upper triangle of ``cov`` is read (``eigvalsh(UPLO="U")``); the lower one may hold
-    anything finite.
+    anything finite. ``check_finite=False`` (as in SciPy) skips the NaN/Inf pass over the
+    matrix, for a caller that knows it (a scatter whose diagonal is finite: every entry
+    is bounded by ``√(S_ii S_jj)``); non-finite eigenvalues are still an error.
 
     Uses ``eigvalsh`` (no eigenvectors). NumPy input is decomposed by NumPy as
     configured; an accelerator tensor by torch on its device. A host tensor comes
@@ -161,32 +173,56 @@ def eigenvalues_from_covariance(cov, *, divisor: float = 1, upper: bool = False)
     """
     c = cov.detach().double() if is_torch(cov) else np.asarray(cov, dtype=np.float64)
     _check_square(c)
-    if not _all_finite(c):
+    if check_finite and not _all_finite(c):
         raise NonFiniteError("covariance contains NaN or Inf")
-    uplo = "U" if upper else "L"
+    try:
+        raw = _eigvalsh(c, "U" if upper else "L")
+    except Exception as exc:  # LAPACK's "did not converge" on an unchecked NaN: say what it was
+        if not check_finite and not _all_finite(c):
+            raise NonFiniteError("covariance contains NaN or Inf") from exc
+        raise
+    return clamp_spectrum(raw / divisor if divisor != 1 else raw, ascending=True)
+
+
+def _eigvalsh(c, uplo: str) -> np.ndarray:
+    """Ascending eigenvalues of a float64 NumPy array or torch tensor (see ``eigenvalues_from_covariance``)."""
     if not is_torch(c):
-        raw = np.linalg.eigvalsh(c, UPLO=uplo)
-    elif c.device.type != "cpu" or c.shape[-1] > SERIAL_EIG_MAX_DIM:
+        return np.linalg.eigvalsh(c, UPLO=uplo)
+    if c.device.type != "cpu" or c.shape[-1] > SERIAL_EIG_MAX_DIM:
         import torch
 
-        raw = torch.linalg.eigvalsh(c, UPLO=uplo).cpu().numpy()
-    else:
-        with _serial_blas():
-            raw = np.linalg.eigvalsh(c.numpy(), UPLO=uplo)
-    return clamp_spectrum(raw / divisor if divisor != 1 else raw)
+        return torch.linalg.eigvalsh(c, UPLO=uplo).cpu().numpy()
+    with _serial_blas():
+        return np.linalg.eigvalsh(c.numpy(), UPLO=uplo)
 
 
 _BLAS_CONTROLLER = None
+_SERIAL = threading.local()
 
 
+@contextlib.contextmanager
 def _serial_blas():
-    """A context in which NumPy's BLAS/LAPACK runs on one thread (threadpoolctl)."""
-    global _BLAS_CONTROLLER
-    if _BLAS_CONTROLLER is None:
-        from threadpoolctl import ThreadpoolController
+    """A context in which NumPy's BLAS/LAPACK runs on one thread (threadpoolctl).
 
-        _BLAS_CONTROLLER = ThreadpoolController()  # scans the loaded libraries once
-    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+    Nested uses in a thread are free: only the outermost sets and restores the limit,
+    which costs tens of µs inside a training step (the probe holds it for a window's
+    decompositions, see ``capscale.probe.records.spectrum_rows``).
+    """
+    global _BLAS_CONTROLLER
+    depth = getattr(_SERIAL, "depth", 0)
+    _SERIAL.depth = depth + 1
+    try:
+        if depth:
+            yield
+            return
+        if _BLAS_CONTROLLER is None:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS_CONTROLLER = ThreadpoolController()  # scans the loaded libraries once
+        with _BLAS_CONTROLLER.limit(limits=1, user_api="blas"):
+            yield
+    finally:
+        _SERIAL.depth = depth
 
 
 def _check_square(c) -> None:
