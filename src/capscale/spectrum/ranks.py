@@ -38,16 +38,18 @@ def _eigs(eigenvalues) -> np.ndarray:
 
 
 def probabilities(eigenvalues) -> np.ndarray:
-    """The normalised spectrum p = λ / Σλ."""
+    """The normalised spectrum p = λ / Σλ (scaled by λ_max first: Σλ may overflow where every λ is finite)."""
     lam = _eigs(eigenvalues)
-    return lam / lam.sum()
+    total = lam.sum()
+    if not math.isfinite(total):  # every λ is finite (checked), their sum is not
+        lam = lam / lam.max()
+        total = lam.sum()
+    return lam / total
 
 
 def spectral_entropy(eigenvalues) -> float:
     """Shannon entropy of p in nats (NerVE's spectral entropy)."""
-    p = probabilities(eigenvalues)
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
+    return _entropy(probabilities(eigenvalues))
 
 
 def soft_rank(eigenvalues) -> float:
@@ -57,9 +59,7 @@ def soft_rank(eigenvalues) -> float:
 
 def hard_rank(eigenvalues) -> float:
     """Participation ratio R2 = (Σλ)² / Σλ² = 1 / Σp²."""
-    lam = _eigs(eigenvalues)
-    scaled = lam / lam.max()  # scale first: Σλ² overflows for huge λ
-    return float(scaled.sum() ** 2 / (scaled**2).sum())
+    return _hard(probabilities(eigenvalues))
 
 
 participation_ratio = hard_rank
@@ -74,11 +74,26 @@ def renyi_rank(eigenvalues, alpha: float) -> float:
     alpha = float(alpha)
     if math.isnan(alpha) or alpha <= 0:
         raise ValueError(f"Rényi order alpha must be in (0, inf], got {alpha}")
-    p = probabilities(eigenvalues)
+    return _renyi(probabilities(eigenvalues), alpha)
+
+
+# The ranks of a validated, normalised spectrum p (``probabilities``): the functions above
+# check and normalise once per call; ``spectrum_summary`` does it once for all of them.
+def _entropy(p: np.ndarray) -> float:
+    q = p[p > 0]
+    return float(-(q * np.log(q)).sum())
+
+
+def _hard(p: np.ndarray) -> float:
+    s = p / p.max()  # (Σs)² / Σs² rather than 1 / Σp²: exactly k for a flat rank-k spectrum
+    return float(s.sum() ** 2 / np.dot(s, s))
+
+
+def _renyi(p: np.ndarray, alpha: float) -> float:
     if math.isinf(alpha):
         return float(1.0 / p.max())
     if alpha == 1.0:
-        return soft_rank(eigenvalues)
+        return math.exp(_entropy(p))
     x = alpha * np.log(p[p > 0])
     # log R = logsumexp(α log p) / (1 - α): stable near α = 1 and for tiny p (NumPy's own
     # max-shifted form: scipy's array-API logsumexp costs 10x more at these sizes).
@@ -119,9 +134,12 @@ def early_enrichment(eigenvalues) -> float:
     relative to ``0.5·D``: ``(AUC - 0.5 D) / (0.5 D)``. A flat spectrum gives
     1/D (→ 0), a single spike gives 1.
     """
-    p = np.sort(probabilities(eigenvalues))[::-1]
+    return _early_enrichment(probabilities(eigenvalues))
+
+
+def _early_enrichment(p: np.ndarray) -> float:
     d = p.size
-    auc = float(np.cumsum(p).sum())
+    auc = float(np.cumsum(np.sort(p)[::-1]).sum())
     return (auc - 0.5 * d) / (0.5 * d)
 
 

@@ -30,25 +30,28 @@ class Metric:
     aggregated metrics (``capscale.analysis``) and the report's rank columns are derived."""
 
     name: str
-    # (eigenvalues, the metrics declared before it) → value; derived metrics reuse earlier ones
-    compute: Callable[[np.ndarray, dict], float]
+    # (eigenvalues, their normalised p = λ / Σλ, the metrics declared before it) → value;
+    # derived metrics reuse earlier ones
+    compute: Callable[[np.ndarray, np.ndarray, dict], float]
     description: str
     aggregated: bool = True  # aggregated per run × site × bucket by the analysis
     label: str | None = None  # column label in the report's rank tables; None: not shown there
     frac: str | None = None  # also as a fraction of D: ``<name>_frac_dim`` / ``_frac_max``, aggregated as ``frac``
 
 
+# Each rank is computed from p, validated and normalised once per spectrum (the same
+# arithmetic as the public functions of ``capscale.spectrum.ranks``, which do it per call).
 SPECTRUM_METRICS: tuple[Metric, ...] = (
-    Metric("soft_rank", lambda lam, m: ranks.soft_rank(lam), "R1 = exp(−Σ p log p)", label="R1", frac="soft_frac"),
-    Metric("hard_rank", lambda lam, m: ranks.hard_rank(lam), "R2 = (Σλ)² / Σλ²", label="R2", frac="hard_frac"),
-    Metric("renyi_rank_0_5", lambda lam, m: ranks.renyi_rank(lam, 0.5), "Rényi rank R½ = (Σ √p)²"),
-    Metric("renyi_rank_inf", lambda lam, m: ranks.renyi_rank(lam, math.inf), "R∞ = 1 / max p"),
-    Metric("asymmetry", lambda lam, m: math.log(m["soft_rank"] / m["hard_rank"]), "log(R1 / R2) ≥ 0"),
-    Metric("spectral_entropy", lambda lam, m: math.log(m["soft_rank"]), "−Σ p log p (nats)"),
-    Metric("participation_ratio", lambda lam, m: m["hard_rank"], "= hard_rank"),
-    Metric("early_enrichment", lambda lam, m: ranks.early_enrichment(lam), "NerVE early eigenvalue enrichment"),
-    Metric("lambda_max", lambda lam, m: float(lam.max()), "largest eigenvalue", aggregated=False),
-    Metric("trace", lambda lam, m: float(lam.sum()), "Σλ (total variance)", aggregated=False),
+    Metric("soft_rank", lambda lam, p, m: ranks._renyi(p, 1.0), "R1 = exp(−Σ p log p)", label="R1", frac="soft_frac"),
+    Metric("hard_rank", lambda lam, p, m: ranks._hard(p), "R2 = (Σλ)² / Σλ²", label="R2", frac="hard_frac"),
+    Metric("renyi_rank_0_5", lambda lam, p, m: ranks._renyi(p, 0.5), "Rényi rank R½ = (Σ √p)²"),
+    Metric("renyi_rank_inf", lambda lam, p, m: ranks._renyi(p, math.inf), "R∞ = 1 / max p"),
+    Metric("asymmetry", lambda lam, p, m: math.log(m["soft_rank"] / m["hard_rank"]), "log(R1 / R2) ≥ 0"),
+    Metric("spectral_entropy", lambda lam, p, m: math.log(m["soft_rank"]), "−Σ p log p (nats)"),
+    Metric("participation_ratio", lambda lam, p, m: m["hard_rank"], "= hard_rank"),
+    Metric("early_enrichment", lambda lam, p, m: ranks._early_enrichment(p), "NerVE early eigenvalue enrichment"),
+    Metric("lambda_max", lambda lam, p, m: float(lam.max()), "largest eigenvalue", aggregated=False),
+    Metric("trace", lambda lam, p, m: float(lam.sum()), "Σλ (total variance)", aggregated=False),
 )
 
 RANK_FIELDS = tuple(m.name for m in SPECTRUM_METRICS)
@@ -99,8 +102,9 @@ def spectrum_summary(eigs, n_samples: int, *, dim: int | None = None) -> dict:
     if eigs is None or n < 2:
         rec.update({k: math.nan for k in RANK_FIELDS})
     else:
+        p = ranks.probabilities(lam)
         for m in SPECTRUM_METRICS:
-            rec[m.name] = m.compute(lam, rec)
+            rec[m.name] = m.compute(lam, p, rec)
     for m in SPECTRUM_METRICS:
         if m.frac is not None:
             rec[f"{m.name}_frac_dim"] = rec[m.name] / dim
