@@ -38,7 +38,7 @@ def _eigs(eigenvalues) -> np.ndarray:
 
 
 def probabilities(eigenvalues) -> np.ndarray:
-    """The normalised spectrum p = λ / Σλ (scaled by λ_max first: Σλ may overflow where every λ is finite)."""
+    """The normalised spectrum p = λ / Σλ (by way of λ / λ_max where Σλ overflows float64)."""
     lam = _eigs(eigenvalues)
     total = lam.sum()
     if not math.isfinite(total):  # every λ is finite (checked), their sum is not
