@@ -197,6 +197,7 @@ def run_case(
     gemm_dtype: str = "float32",
     background: bool = False,
     floor_eig: str = "torch",
+    host_wait_ms: float = 0.0,
 ) -> dict:
     dtype = getattr(torch, gemm_dtype)
     torch.manual_seed(seed)
@@ -239,6 +240,8 @@ def run_case(
                 probe.step()
             if bare is not None and k % c.every == c.window - 1:
                 bare.finish()
+            if host_wait_ms:  # the host blocks on its device (no core, no GIL), as at a GPU step's sync
+                time.sleep(host_wait_ms / 1e3)
             times.append(time.perf_counter() - t0)
         if probe is not None:
             t0 = time.perf_counter()
@@ -369,6 +372,12 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
     ap.add_argument("--block-steps", type=int, default=None, help="steps per block of the every-step cases")
+    ap.add_argument(
+        "--host-wait-ms",
+        type=float,
+        default=0.0,
+        help="end every step (all modes) with this long a sleep: a host thread waiting on an accelerator",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -379,13 +388,21 @@ def main() -> None:
         reps = args.repeats or ((3 if args.quick else 8) if c.block_steps > 50 else (15 if args.quick else 40))
         if args.block_steps and c.every == c.window:
             c = dataclasses.replace(c, block_steps=args.block_steps)
-        r = run_case(c, reps, gemm_dtype=args.gemm_dtype, background=args.background, floor_eig=args.floor_eig)
+        r = run_case(
+            c,
+            reps,
+            gemm_dtype=args.gemm_dtype,
+            background=args.background,
+            floor_eig=args.floor_eig,
+            host_wait_ms=args.host_wait_ms,
+        )
         results.append(r)
         base = r["modes"]["baseline"]
         print(
             f"\n== {c.name}: d_model {c.d_model}, FFN {c.ffn}, {c.layers} layers, seq {c.seq}, batch {c.batch}, "
             f"sites {','.join(c.sites)}, every={c.every} window={c.window}, {reps} x {c.block_steps} steps/mode, "
             f"GEMM {args.gemm_dtype}, {torch.get_num_threads()} torch threads, floor eigvalsh {args.floor_eig}"
+            + (f", host wait {args.host_wait_ms:g} ms per step" if args.host_wait_ms else "")
         )
         cadence = c.every > c.window
         head = f"{'mode':<13}{'mean ms':>9}{'median ms':>11}{'ratio (blocks)':>16}{'product/floor':>15}{'floor':>8}"

@@ -72,6 +72,23 @@ def test_background_compute_waits_and_close_flushes():
     assert [s for s, _ in sink.scalars] == [0, 1]
 
 
+def test_the_worker_runs_torch_on_its_own_thread_and_training_keeps_its_threads():
+    # a worker thread with its own OpenMP team slowed every training step while it lived
+    # (docs/benchmarks.md); its torch ops run single-threaded, the caller's setting is untouched
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = toy()
+        probe = capscale.attach(model, every=1, background=True)
+        model(torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(0)))
+        probe.step()  # window 0 goes to the worker
+        assert probe._worker.submit(torch.get_num_threads).result() == 1
+        probe.close()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_wait_delivers_finished_windows_and_leaves_the_open_one_open():
     model, sink = toy(), ListSink()
     probe = capscale.attach(model, every=2, window=2, background=True, sinks=[sink])

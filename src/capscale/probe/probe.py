@@ -147,7 +147,11 @@ class Probe:
         # Off the training path: finished windows are snapshotted and decomposed by one
         # worker thread; their rows reach the records and sinks, in order, at a later call.
         self.background = background
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="capscale-spectra") if background else None
+        self._worker = (
+            ThreadPoolExecutor(1, thread_name_prefix="capscale-spectra", initializer=_one_thread)
+            if background
+            else None
+        )
         self._pending: deque = deque()
         if persistent_hooks:
             self._install()
@@ -723,6 +727,17 @@ class _BatchScope:
 
     def __exit__(self, *exc) -> None:
         self._probe._explicit = None
+
+
+def _one_thread() -> None:
+    """The background worker's torch ops run on its own thread only.
+
+    A thread that runs a parallel torch op gets its own OpenMP team, whose threads spin
+    between regions and take the cores training uses: ~20% slower steps for as long as
+    the worker lives (measured, docs/benchmarks.md). The setting is the calling thread's
+    own; training keeps its threads.
+    """
+    torch.set_num_threads(1)
 
 
 def _ids_and_mask(args, kwargs):
