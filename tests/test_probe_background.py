@@ -1,6 +1,8 @@
 """attach(background=...): windows decomposed by a worker thread give the synchronous rows, in order;
 compute/flush/close wait for them, and a worker's error surfaces at the next call."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +12,7 @@ from test_probe_sites import toy
 import capscale
 from capscale.probe import SpectrumError
 from capscale.probe import probe as probe_module
+from capscale.probe.probe import NothingCapturedWarning
 from capscale.probe.records import spectrum_rows
 from capscale.spectrum import FrequencyTable
 from capscale.spectrum._torch import Moments
@@ -83,7 +86,9 @@ def test_the_worker_runs_torch_on_its_own_thread_and_training_keeps_its_threads(
         model(torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(0)))
         probe.step()  # window 0 goes to the worker
         assert probe._worker.submit(torch.get_num_threads).result() == 1
-        probe.close()
+        with warnings.catch_warnings():  # training ended as window 1 opened: nothing to warn about,
+            warnings.simplefilter("error", NothingCapturedWarning)  # as without background
+            probe.close()
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

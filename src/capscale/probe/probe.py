@@ -281,6 +281,9 @@ class Probe:
     def flush(self) -> None:
         """Finish the open windows now (e.g. at the end of training) and hand them to the sinks."""
         self._check_open()
+        # Earlier windows' rows first: whether an empty last window deserves a warning
+        # depends on whether anything was emitted before it, in the background as not.
+        self._drain(wait=True)
         if self._full is not None:
             self._finish_full()
         if self._monitor is not None:
