@@ -5,6 +5,8 @@
     python benchmarks/bench_probe_overhead.py --gemm-dtype float64   # the GEMM dtype of spectral-telemetry
     python benchmarks/bench_probe_overhead.py --background --threads 1  # + attach(background=True), a
                                                                         # step that leaves a core idle
+    python benchmarks/bench_probe_overhead.py --background --host-wait-ms 10  # every step ends waiting,
+                                                                        # as a host on its GPU
 
 One process, one model, one fixed set of batches; the modes are run in
 interleaved blocks (baseline, bare, pooled, bare-buckets, bare-split, buckets, baseline, ...)
