@@ -168,6 +168,12 @@ class WindowMoments:
         else:
             self.scatter.add_(scatter)
 
+    def _zero_if_stale(self) -> None:
+        """Clear the state's old values before a term is added in place to it."""
+        if self._stale:
+            self.scatter.zero_()
+            self._stale = False
+
     def add(self, count: int, mean: torch.Tensor, scatter: torch.Tensor | None) -> None:
         """A batch of ``count`` rows: its mean and its scatter about that mean (any float dtype;
         None when it is zero, as for one row).
@@ -193,9 +199,7 @@ class WindowMoments:
         total = sum(self._counts)
         mu = (n @ means) / total
         dev = means - mu
-        if self._stale:  # every batch so far was one row: nothing was written yet
-            self.scatter.zero_()
-            self._stale = False
+        self._zero_if_stale()  # every batch so far was one row: nothing was written yet
         # Σ n_b (μ_b − μ)(μ_b − μ)ᵀ: the folded batches now act as one batch (total, μ).
         if self.scatter.dtype == torch.float64:
             self.scatter.addmm_(dev.T * n, dev)
@@ -218,9 +222,7 @@ class WindowMoments:
         with ``upper=True``), for a consumer that reads only the upper triangle.
         """
         mean = self.mean()
-        if self._stale:  # nothing but one-row batches (or nothing at all): a zero scatter
-            self.scatter.zero_()
-            self._stale = False
+        self._zero_if_stale()  # nothing but one-row batches (or nothing at all): a zero scatter
         if full:
             symmetrize_(self.scatter)
         return Moments(self.count, mean, self.scatter, upper=not full)

@@ -129,10 +129,9 @@ def clamp_spectrum(raw: np.ndarray, ascending: bool = False) -> np.ndarray:
     raw = np.asarray(raw, dtype=np.float64)
     if not np.all(np.isfinite(raw)):
         raise NonFiniteError("covariance eigenvalues contain NaN or Inf")
-    if ascending:
-        lo, max_abs = float(raw[0]), max(-float(raw[0]), float(raw[-1]))
-    else:
-        lo, max_abs = float(raw.min()), float(np.abs(raw).max())
+    if not ascending:
+        raw = np.sort(raw)
+    lo, max_abs = float(raw[0]), max(-float(raw[0]), float(raw[-1]))
     if max_abs == 0:
         raise ValueError("all-zero variance: every eigenvalue is 0 (constant features?); ranks are undefined")
     if lo < -INDEFINITE_RTOL * max_abs:
@@ -140,10 +139,7 @@ def clamp_spectrum(raw: np.ndarray, ascending: bool = False) -> np.ndarray:
             f"covariance is materially indefinite: min eigenvalue {lo:.3e} < "
             f"-{INDEFINITE_RTOL:g} x max|λ| ({max_abs:.3e}); this is not round-off"
         )
-    floor = eig_floor(max_abs)
-    if ascending:
-        return np.maximum(raw[::-1], floor)  # a new, contiguous array
-    return np.sort(np.clip(raw, floor, None))[::-1].copy()
+    return np.maximum(raw[::-1], eig_floor(max_abs))  # a new, contiguous array
 
 
 # Host tensors up to this width are decomposed by NumPy with one BLAS thread;

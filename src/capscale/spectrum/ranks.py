@@ -20,7 +20,8 @@ from capscale.spectrum._arrays import is_torch, to_numpy
 INDEFINITE_RTOL = 1e-6
 
 
-def _eigs(eigenvalues) -> np.ndarray:
+def _eigs(eigenvalues) -> tuple[np.ndarray, float]:
+    """Validated eigenvalues and their sum."""
     lam = to_numpy(eigenvalues, "float64").reshape(-1)
     if lam.size == 0:
         raise ValueError("empty spectrum: need at least one eigenvalue")
@@ -34,13 +35,12 @@ def _eigs(eigenvalues) -> np.ndarray:
         )
     if total <= 0:
         raise ValueError("all eigenvalues are zero: the spectrum has no variance")
-    return lam
+    return lam, total
 
 
 def probabilities(eigenvalues) -> np.ndarray:
     """The normalised spectrum p = λ / Σλ (by way of λ / λ_max where Σλ overflows float64)."""
-    lam = _eigs(eigenvalues)
-    total = lam.sum()
+    lam, total = _eigs(eigenvalues)
     if not math.isfinite(total):  # every λ is finite (checked), their sum is not
         lam = lam / lam.max()
         total = lam.sum()
