@@ -122,7 +122,8 @@ def test_memory_matches_the_formula():
     assert n_states * d * d * 8 <= detail[("cpu", "states")] <= n_states * (d * d + FOLD * d) * 8
     rows = 4 * 6  # one micro-batch's tokens: the largest batch a site saw
     # One shared GEMM buffer and one rows buffer for every site, in the GEMM dtype (no float64 copy).
-    assert detail[("cpu", "scratch")] == (d * d + rows * d) * 4
+    assert detail[("cpu", "gemm")] == d * d * 4
+    assert detail[("cpu", "rows")] == rows * d * 4
     # Two staging slots for the scatter and two for the mean, float32.
     assert detail[("cpu", "staging")] == 2 * (d * d + d) * 4
 
@@ -174,3 +175,27 @@ def test_lanczos_rows_are_close_to_exact_and_state_their_error():
     # The same frame shape and dtypes as the exact rows: a run directory holds either.
     assert list(est.columns) == list(exact.columns)
     assert (est.dtypes == exact.dtypes).all()
+
+
+def test_telemetry_config_carries_the_layout_and_spectrum(monkeypatch):
+    from capscale.train import config as cfgmod
+    from capscale.train import loop
+
+    tel = cfgmod.TelemetryConfig(states="host", spectrum="lanczos")
+    with pytest.raises(ValueError, match="telemetry.states"):
+        cfgmod.TelemetryConfig(states="gpu")
+    with pytest.raises(ValueError, match="telemetry.spectrum"):
+        cfgmod.TelemetryConfig(spectrum="approx")
+    assert cfgmod.PRESETS["paper-160m"]["telemetry"]["states"] == "auto"
+    assert cfgmod.PRESETS["paper-350m"]["telemetry"]["states"] == "auto"
+    run = cfgmod.RunConfig(telemetry=tel).to_dict()
+    # Where the states live does not change the numbers: not part of a run's identity; the method does.
+    other = {**run, "telemetry": {**run["telemetry"], "states": "device"}}
+    assert cfgmod.run_identity(run) == cfgmod.run_identity(other)
+    changed = {**run, "telemetry": {**run["telemetry"], "spectrum": "exact"}}
+    assert cfgmod.run_identity(run) != cfgmod.run_identity(changed)
+
+    seen = {}
+    monkeypatch.setattr(capscale.probe, "attach", lambda model, **kw: seen.update(kw) or "probe")
+    loop._attach_probe(cfgmod.RunConfig(telemetry=tel), None, None, 0)
+    assert seen["states"] == "host" and seen["spectrum"] == "lanczos"

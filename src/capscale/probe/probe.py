@@ -35,6 +35,7 @@ from capscale.probe.accumulate import (
     compute_dtype,
 )
 from capscale.probe.estimated import SPECTRUM_METHODS
+from capscale.probe.estimated import resolve as resolve_spectrum
 from capscale.probe.hoststates import (
     STATE_LAYOUTS,
     HostMoments,
@@ -367,6 +368,11 @@ class Probe:
         """Where the float64 states live: "device" or "host" (None until the first measured forward)."""
         return self._layout
 
+    @property
+    def layout_note(self) -> str:
+        """One line: where the states live and why (e.g. "states: host (auto: … > … free on cuda:0)")."""
+        return self._layout_note
+
     def _spectrum_note(self) -> str:
         from capscale.probe.estimated import spectrum_note
 
@@ -376,7 +382,8 @@ class Probe:
         """Bytes this probe holds, per device (``{"cpu": …, "cuda:0": …}``): its accumulators'
         states, scratch buffers (one activation batch in the GEMM dtype and one D×D GEMM
         buffer) and host staging slots. ``detail``: keyed by ``(device, kind)``, kind one of
-        "states", "scratch", "staging". A background snapshot waiting for the worker adds
+        "states", "rows" (the activation rows in the GEMM dtype: one batch), "gemm" (the
+        D×D GEMM buffers), "staging" (host copies in flight, host layout). A background snapshot waiting for the worker adds
         one copy of the states (background="host": in host memory)."""
         out: dict = {}
 
@@ -394,9 +401,9 @@ class Probe:
             if id(sc) in seen:
                 continue
             seen.add(id(sc))
-            for buf in sc._bufs.values():
+            for (name, _, _), buf in sc._bufs.items():
                 dev, n = tensor_bytes(buf)
-                count((dev, "scratch"), n)
+                count((dev, "rows" if name == "rows" else "gemm"), n)
         if self._stage is not None:
             count(("cpu", "staging"), self._stage.nbytes())
         if detail:
@@ -642,7 +649,10 @@ class Probe:
                 labels = {"step": start, "layer": site.layer, "site": site.site, "bucket": bucket}
                 entries.append((m, {**labels, "stack": site.stack, "module": site.name}))
                 marks.append((parts is None, ran))
-        rows = spectrum_rows(entries, method=spectrum)
+        if all(resolve_spectrum(spectrum, m.dim) == "exact" for m, _ in entries):
+            rows = spectrum_rows(entries)
+        else:
+            rows = spectrum_rows(entries, method=spectrum)
         for row, (unknown, ran) in zip(rows, marks):
             if unknown:
                 row["dim"] = row["max_empirical_rank"] = 0
