@@ -199,3 +199,24 @@ def test_telemetry_config_carries_the_layout_and_spectrum(monkeypatch):
     monkeypatch.setattr(capscale.probe, "attach", lambda model, **kw: seen.update(kw) or "probe")
     loop._attach_probe(cfgmod.RunConfig(telemetry=tel), None, None, 0)
     assert seen["states"] == "host" and seen["spectrum"] == "lanczos"
+
+
+def test_a_run_directory_of_lanczos_rows_is_read_by_the_analysis(tmp_path):
+    from capscale.analysis import load_sweep
+
+    model = toy(d=8, h=H)
+    g = torch.Generator().manual_seed(2)
+    out = tmp_path / "run"
+    probe = capscale.attach(
+        model, every=2, out=out, run_config={"optimizer": "sgd", "seed": 1}, spectrum="lanczos", states="host"
+    )
+    for step in range(4):
+        model(torch.randint(0, V, (8, 6), generator=g))
+        probe.log(step, loss=1.0)
+        probe.step()
+    probe.close()
+    raw = pd.read_parquet(out / "spectra.parquet")
+    assert (raw["spectrum_method"] == "lanczos").all() and raw["eigenvalues"].isna().all()
+    sweep = load_sweep(out)
+    assert len(sweep.runs) == 1 and len(sweep.spectra) == len(raw)
+    assert sweep.spectra["soft_rank"].notna().all()
