@@ -116,6 +116,8 @@ def test_memory_matches_the_formula():
     states = detail[("cpu", "states")]
     assert n_states * d * d * 8 <= states <= n_states * (d * d + FOLD * d) * 8
     assert probe.memory()["cpu"] == sum(detail.values())
+    # One rows buffer (a micro-batch of 4 × 6 tokens, float64 GEMM) serves every site.
+    assert detail[("cpu", "rows")] == 4 * 6 * d * 8
 
     host, _ = run("host", steps=1, dtype="float32")
     detail = host.memory(detail=True)

@@ -151,7 +151,10 @@ class Probe:
         self._handles: list = []
         # Accumulators and scratch buffers are reused window after window.
         self._pool: dict[tuple[str, int], list[WindowMoments]] = {}
-        self._scratch = {i: Scratch() for i in range(len(sites))}
+        # Sites run one after another and a batch's buffers are consumed before the next site
+        # runs: one set (an activation batch's rows, a D×D GEMM buffer) serves them all.
+        shared = Scratch()
+        self._scratch = {i: shared for i in range(len(sites))}
         self._closed = False
         self._run = None  # the run-directory writer (attach(out=...)); also one of the sinks
         self._writes_elsewhere = False
@@ -563,8 +566,6 @@ class Probe:
         log.info("capscale: %s", self._layout_note)
         if self._layout == "host":
             self._stage = HostStage(self.transfer or transfer_for(device))
-            shared = Scratch()  # sites run one after another: one GEMM buffer and one rows buffer for all
-            self._scratch = {i: shared for i in self._scratch}
 
     # -- finishing windows ----------------------------------------------------------
     def _gather(
