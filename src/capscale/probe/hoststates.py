@@ -206,7 +206,35 @@ def choose_layout(requested: str, device: torch.device, need_bytes: int) -> tupl
     )
 
 
-def tensor_bytes(t: torch.Tensor | None) -> tuple[str, int]:
-    if t is None:
-        return "", 0
-    return str(t.device), t.numel() * t.element_size()
+def _bytes(t: torch.Tensor | None) -> tuple[str, int]:
+    return ("", 0) if t is None else (str(t.device), t.numel() * t.element_size())
+
+
+def held_bytes(accumulators, scratches, stage: HostStage | None) -> dict[tuple[str, str], int]:
+    """Bytes held per ``(device, kind)``: "states" (the accumulators' D×D states, float32 partial
+    sums and batch means), "rows" (the activation rows in the GEMM dtype: one batch), "gemm"
+    (D×D GEMM buffers), "staging" (host slots of the copies in flight, host layout)."""
+    out: dict[tuple[str, str], int] = {}
+
+    def count(dev: str, kind: str, n: int) -> None:
+        if n:
+            out[(dev, kind)] = out.get((dev, kind), 0) + n
+
+    for a in accumulators:
+        for t in (a.scatter, a._partial, *a._means):
+            dev, n = _bytes(t)
+            count(dev, "states", n)
+    for sc in {id(s): s for s in scratches}.values():  # shared scratch counted once
+        for (name, _, _), buf in sc._bufs.items():
+            dev, n = _bytes(buf)
+            count(dev, "rows" if name == "rows" else "gemm", n)
+    if stage is not None:
+        count("cpu", "staging", stage.nbytes())
+    return out
+
+
+def per_device(held: dict[tuple[str, str], int]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for (dev, _), n in held.items():
+        total[dev] = total.get(dev, 0) + n
+    return total

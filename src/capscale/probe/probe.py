@@ -34,15 +34,16 @@ from capscale.probe.accumulate import (
     accumulate,
     compute_dtype,
 )
-from capscale.probe.estimated import SPECTRUM_METHODS
+from capscale.probe.estimated import SPECTRUM_METHODS, spectrum_note
 from capscale.probe.estimated import resolve as resolve_spectrum
 from capscale.probe.hoststates import (
     STATE_LAYOUTS,
     HostMoments,
     HostStage,
     choose_layout,
+    held_bytes,
+    per_device,
     state_bytes,
-    tensor_bytes,
     transfer_for,
 )
 from capscale.probe.records import (
@@ -377,44 +378,15 @@ class Probe:
         return self._layout_note
 
     def _spectrum_note(self) -> str:
-        from capscale.probe.estimated import spectrum_note
-
         return spectrum_note(self.spectrum, [d for d in self._dims.values() if d])
 
     def memory(self, detail: bool = False) -> dict:
-        """Bytes this probe holds, per device (``{"cpu": …, "cuda:0": …}``): its accumulators'
-        states, scratch buffers (one activation batch in the GEMM dtype and one D×D GEMM
-        buffer) and host staging slots. ``detail``: keyed by ``(device, kind)``, kind one of
-        "states", "rows" (the activation rows in the GEMM dtype: one batch), "gemm" (the
-        D×D GEMM buffers), "staging" (host copies in flight, host layout). A background snapshot waiting for the worker adds
-        one copy of the states (background="host": in host memory)."""
-        out: dict = {}
-
-        def count(key, n):
-            if n:
-                out[key] = out.get(key, 0) + n
-
-        for accs in self._pool.values():
-            for a in accs:
-                for t in (a.scatter, a._partial, *a._means):
-                    dev, n = tensor_bytes(t)
-                    count((dev, "states"), n)
-        seen = set()
-        for sc in self._scratch.values():
-            if id(sc) in seen:
-                continue
-            seen.add(id(sc))
-            for (name, _, _), buf in sc._bufs.items():
-                dev, n = tensor_bytes(buf)
-                count((dev, "rows" if name == "rows" else "gemm"), n)
-        if self._stage is not None:
-            count(("cpu", "staging"), self._stage.nbytes())
-        if detail:
-            return out
-        total: dict[str, int] = {}
-        for (dev, _), n in out.items():
-            total[dev] = total.get(dev, 0) + n
-        return total
+        """Bytes this probe holds per device (``{"cpu": …, "cuda:0": …}``): its states, its scratch
+        buffers and host staging slots; ``detail``: per ``(device, kind)`` (see
+        ``capscale.probe.hoststates.held_bytes``). A background snapshot waiting for the worker
+        adds one copy of the states (with background="host", in host memory)."""
+        held = held_bytes([a for accs in self._pool.values() for a in accs], self._scratch.values(), self._stage)
+        return held if detail else per_device(held)
 
     def __repr__(self) -> str:
         layers = sorted({s.layer for s in self.sites})
