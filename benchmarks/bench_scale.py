@@ -15,9 +15,12 @@
     median of ``--repeats``; unmeasured steps as the baseline. Prints the probe's bytes
     per kind (``probe.memory(detail=True)``), the measured step's extra time in each
     layout and their ratio, and the per-state figures extrapolated to paper-160m
-    (12 layers × 2 sites × 3 bucket states). On a CPU the "device" is host memory: what
-    (b) measures is the host layout's extra work (a D×D copy and a float64 add per
-    bucket per micro-batch) against the default path; on a GPU see benchmarks/gpu_check.py.
+    (12 layers × 2 sites × 3 bucket states). On a CPU the "device" is host memory and the
+    device layout's CPU path differs (float32 partial sums, added every 8 batches), so the
+    host layout's own cost is also timed alone: one hand-over (a D×D float32 scatter
+    staged and added into the float64 state) against one bucket's scatter GEMM; the
+    paper-160m host work per measured step is extrapolated from it. On a GPU see
+    benchmarks/gpu_check.py.
 """
 
 from __future__ import annotations
@@ -160,22 +163,46 @@ def bench_layout(width: int, layers: int, tokens: int, micro: int, repeats: int)
     print("\nprobe.memory(detail=True), MB:")
     for layout, det in memory.items():
         print(f"  {layout:>6}: " + ", ".join(f"{dev} {kind} {n / 1e6:.1f}" for (dev, kind), n in sorted(det.items())))
-    n_states = layers * 2 * 3
+    per_add, per_gemm = handover_seconds(width, tokens // 3, repeats)
     per_state = width * width * 8
-    host_extra = extra["host"] - extra["device"]
-    per_add = host_extra / (n_states * micro)
-    paper_states = 12 * 2 * 3
+    paper_states, paper_micro = 12 * 2 * 3, 16
     print(
-        f"\nper state: {per_state / 1e6:.1f} MB float64; the host layout's extra work per state per micro-batch: "
-        f"{per_add * 1e3:.1f} ms on this CPU"
+        f"\nper state: {per_state / 1e6:.1f} MB float64. One hand-over in the host layout (a D×D float32 scatter "
+        f"copied to a staging slot and added into the float64 state): {per_add * 1e3:.1f} ms on this CPU, "
+        f"{per_add / per_gemm:.2f}x one bucket's scatter GEMM ({tokens // 3} rows, {per_gemm * 1e3:.1f} ms)"
     )
     print(
-        f"paper-160m extrapolation: states {paper_states} × {per_state / 1e6:.1f} MB = "
-        f"{paper_states * per_state / 1e9:.2f} GB (device layout; plus one merged 'all' per site while decomposed); "
-        f"host layout device bytes = one D×D float32 GEMM buffer = {width * width * 4 / 1e6:.1f} MB "
-        f"(+ the activation rows); host work {paper_states * per_add:.2f} s per micro-batch at this CPU's rate"
+        f"paper-160m: device layout {paper_states} states × {per_state / 1e6:.1f} MB = "
+        f"{paper_states * per_state / 1e9:.2f} GB on the device (+ one merged 'all' per site while decomposed); "
+        f"host layout: one D×D float32 GEMM buffer = {width * width * 4 / 1e6:.1f} MB on the device "
+        f"(+ the activation rows); host work per measured step ({paper_micro} micro-batches × {paper_states} "
+        f"hand-overs) {paper_states * paper_micro * per_add:.1f} s at this CPU's rate"
     )
     return {"times": times, "memory": memory, "per_add_s": per_add}
+
+
+def handover_seconds(width: int, rows: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of one host-layout hand-over (stage a D×D float32 scatter, add it into the float64
+    state) and, for scale, of one scatter GEMM of ``rows`` rows into the same buffer."""
+    from capscale.probe.hoststates import HostMoments, HostStage, Transfer
+    from capscale.spectrum._torch import scatter_upper_
+
+    stage = HostStage(Transfer())
+    acc = HostMoments(width, stage)
+    square = torch.zeros(width, width)
+    x = torch.randn(rows, width)
+    mean = torch.zeros(width)
+    hand, gemm = [], []
+    for _ in range(max(3, repeats) + 1):
+        t0 = time.perf_counter()
+        scatter_upper_(square, x)
+        t1 = time.perf_counter()
+        acc.add(rows, mean, square)
+        stage.drain()
+        t2 = time.perf_counter()
+        gemm.append(t1 - t0)
+        hand.append(t2 - t1)
+    return statistics.median(hand[1:]), statistics.median(gemm[1:])  # the first pays the page faults
 
 
 def main() -> None:
