@@ -222,3 +222,15 @@ def test_a_run_directory_of_lanczos_rows_is_read_by_the_analysis(tmp_path):
     sweep = load_sweep(out)
     assert len(sweep.runs) == 1 and len(sweep.spectra) == len(raw)
     assert sweep.spectra["soft_rank"].notna().all()
+
+
+def test_host_states_with_background_and_monitor_equal_device_states():
+    kw = {"background": "host", "monitor_every": 1}
+    dev_probe, dev = run("device", **kw)
+    host_probe, host = run("host", **kw)
+    _close(host, dev, rel=1e-12)
+    a, b = dev_probe.monitor_frame(), host_probe.monitor_frame()
+    assert len(a) == len(b) > 0
+    np.testing.assert_allclose(b["hard_rank"], a["hard_rank"], rtol=1e-12)
+    dev_probe.close()
+    host_probe.close()
