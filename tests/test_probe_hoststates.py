@@ -234,3 +234,18 @@ def test_host_states_with_background_and_monitor_equal_device_states():
     np.testing.assert_allclose(b["hard_rank"], a["hard_rank"], rtol=1e-12)
     dev_probe.close()
     host_probe.close()
+
+
+def test_banded_host_add_keeps_the_whole_upper_triangle():
+    # Wider than a band (hoststates.BAND): every band's upper part must reach the state.
+    d = 2 * hoststates.BAND + 37
+    stage = HostStage(Transfer())
+    host, ref = HostMoments(d, stage), WindowMoments(d, "cpu")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(40, d, generator=g)
+        scatter = (x.T @ x).float()  # a float32 GEMM result, as a device hands over
+        mean = torch.randn(d, generator=g)
+        host.add(40, mean, scatter)
+        ref.add(40, mean, scatter.double())
+    torch.testing.assert_close(host.moments().scatter, ref.moments().scatter, rtol=1e-12, atol=1e-9)

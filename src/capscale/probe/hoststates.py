@@ -37,6 +37,7 @@ STATE_LAYOUTS = ("auto", "device", "host")
 # most this fraction of its free memory; beyond it, in host memory.
 AUTO_DEVICE_FRACTION = 0.25
 SLOTS = 2  # staging slots: one being filled by the device while the host adds the other
+BAND = 256  # rows per band of a host add over the upper triangle (the diagonal blocks' lower halves ride along)
 
 
 class Transfer:
@@ -143,17 +144,18 @@ class HostMoments(WindowMoments):
         return False  # the GEMM runs on the device, into the shared buffer
 
     def _write(self, scatter: torch.Tensor) -> None:
-        """Add a staged scatter (GEMM dtype, host) into the float64 state in one pass: NumPy's
-        mixed-dtype add is ~3x torch's ``add_`` with a dtype promotion at D = 3,072 on one core,
-        and a widening copy first costs a second pass."""
+        """Add a staged scatter (GEMM dtype, host) into the float64 state in one pass over its upper
+        triangle (row bands × the columns from the band on: only the upper triangle of a state is
+        read, ``capscale.spectrum._torch``), about half the entries. NumPy's mixed-dtype add is ~3x
+        torch's ``add_`` with a dtype promotion at D = 3,072 on one core, and a widening copy
+        first would cost a second pass."""
         if scatter.dtype == self.scatter.dtype or scatter.device.type != "cpu":
             return super()._write(scatter)
         dst, src = self.scatter.numpy(), scatter.numpy()
-        if self._stale:
-            np.copyto(dst, src)
-            self._stale = False
-        else:
-            np.add(dst, src, out=dst)
+        op = np.copyto if self._stale else (lambda d, s: np.add(d, s, out=d))
+        for a in range(0, self.dim, BAND):
+            op(dst[a : a + BAND, a:], src[a : a + BAND, a:])
+        self._stale = False
 
     def add(self, count: int, mean: torch.Tensor, scatter: torch.Tensor | None) -> None:
         if count == 0:
