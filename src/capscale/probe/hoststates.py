@@ -1,7 +1,8 @@
 """Bounded device memory: float64 states held in host memory, fed by the device's batch scatters.
 
-In the default ("device") layout every site × bucket keeps a float64 D×D state on the
-activations' device: 96 states of 3,072² (7.2 GB) at the paper-160m shape. In the
+In the "device" layout every site × bucket keeps a float64 D×D state on the
+activations' device: 72 states of 3,072² (5.4 GB; 7.2 GB with the merged "all" matrices)
+at the paper-160m shape. In the
 "host" layout the device keeps only one reused D×D buffer in the GEMM dtype (and the
 activation rows it centres): each batch's scatter is formed there, copied without
 blocking into a pinned host buffer, and added to the float64 host state once the copy
@@ -22,15 +23,12 @@ but the path is the same one (tests drive it with a deliberately late transfer).
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 
 import numpy as np
 import torch
 
 from capscale.spectrum._torch import WindowMoments
-
-log = logging.getLogger("capscale")
 
 STATE_LAYOUTS = ("auto", "device", "host")
 # "auto" keeps the states on the device while they (and a background snapshot) take at
