@@ -14,7 +14,12 @@ def test_gpu_check_toy_mode_runs_every_check():
         ["bash", str(SCRIPT), "--toy", "--steps", "3"], capture_output=True, text=True, env=env, timeout=600
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    for line in ("StreamingCovariance on cpu, float64 state", "BucketedCovariance on cpu vs host", "background", "host"):
+    for line in (
+        "StreamingCovariance on cpu, float64 state",
+        "BucketedCovariance on cpu vs host",
+        "background",
+        "host",
+    ):
         assert line in out.stdout
     assert "background rows identical: True" in out.stdout
     assert out.stdout.rstrip().endswith("gpu_check: ok")
