@@ -14,6 +14,13 @@
    overhead amortised over 200 steps, and whether the background rows equal the
    synchronous ones (exactly on the CPU; on a GPU to the bf16 run-to-run noise of
    atomics in the backward, reported as the largest relative rank difference).
+3. Bounded device memory: a fourth run with ``states="host"`` (float64 states in host
+   memory, one D×D float32 GEMM buffer on the device). Prints ``probe.memory()`` per
+   device and kind for the synchronous and host runs, each run's peak allocated device
+   memory above the baseline run's, and checks that the host layout's device GEMM buffer
+   is ≤ 64 MB (at paper-160m: 3,072² float32 = 37.7 MB; the activation rows it centres,
+   one micro-batch in float32, are counted apart) and that its rows equal the
+   synchronous ones (relative soft-rank difference ≤ 1e-4 on the CPU, 1e-2 on a GPU).
 Exit status 1 when a check fails.
 """
 
@@ -73,9 +80,12 @@ def train_run(cfg: GPTConfig, device, steps: int, batch: int, mode: str, bf16: b
             total_steps=steps,
             freq_table=table,
             background=mode == "background",
+            states="host" if mode == "host" else "device",
         )
     times = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(steps):
         ids = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), generator=g, device=device)
         sync()
@@ -89,13 +99,43 @@ def train_run(cfg: GPTConfig, device, steps: int, batch: int, mode: str, bf16: b
             probe.step()
         sync()
         times.append(time.perf_counter() - t0)
-    df = None
+    df, memory = None, {}
     if probe is not None:
         t0 = time.perf_counter()
         df = probe.compute()  # waits for background work: its time counts
+        memory = probe.memory(detail=True)
         probe.close()
         times[-1] += time.perf_counter() - t0
-    return times, df
+    if device.type == "cuda":
+        memory["peak"] = torch.cuda.max_memory_allocated(device)
+    return times, (df, memory)
+
+
+def check_bounded(runs: dict, device: torch.device, width: int) -> bool:
+    """The host layout: its device GEMM buffer ≤ 64 MB, its rows equal the device layout's."""
+    print("probe.memory() in MB (device kind: bytes), and peak allocated above the baseline run:")
+    base_peak = runs["baseline"][1][1].get("peak")
+    for mode in ("sync", "host"):
+        memory = runs[mode][1][1]
+        held = ", ".join(
+            f"{d} {kind} {n / 1e6:.1f}" for (d, kind), n in sorted(k for k in memory.items() if k[0] != "peak")
+        )
+        peak = "" if base_peak is None else f"; peak +{(memory['peak'] - base_peak) / 1e6:.1f} MB"
+        print(f"  {mode:<6} {held}{peak}")
+    memory = runs["host"][1][1]
+    dev = str(torch.empty(0, device=device).device)
+    gemm = memory.get((dev, "gemm"), 0)
+    states_on_device = memory.get((dev, "states"), 0) if device.type != "cpu" else 0
+    a, h = runs["sync"][1][0], runs["host"][1][0]
+    rel = float(np.nanmax(np.abs(a.soft_rank - h.soft_rank) / a.soft_rank))
+    tol = 1e-4 if device.type == "cpu" else 1e-2
+    ok = gemm == width * width * 4 and gemm <= 64 * 2**20 and states_on_device == 0 and rel <= tol
+    print(
+        f"bounded (states='host'): device GEMM buffer {gemm / 1e6:.1f} MB (<= 64 MB: {gemm <= 64 * 2**20}), "
+        f"float64 states on the device: {states_on_device}, rows vs sync max relative soft-rank difference "
+        f"{rel:.2e} (tol {tol:g}): {'ok' if ok else 'FAILED'}"
+    )
+    return ok
 
 
 def main() -> int:
@@ -123,7 +163,8 @@ def main() -> int:
         f"== {steps} steps: {cfg.n_layer} x {cfg.d_model}, FFN {cfg.ffn_dim}, seq {cfg.seq_len}, batch {batch}, "
         f"{'bf16 autocast' if bf16 else 'fp32'}; telemetry every=200 (windows at 0 and {steps - 1}), pre+post, buckets"
     )
-    runs = {m: train_run(cfg, device, steps, batch, m, bf16, table) for m in ("baseline", "sync", "background")}
+    modes = ("baseline", "sync", "background", "host")
+    runs = {m: train_run(cfg, device, steps, batch, m, bf16, table) for m in modes}
     base = statistics.median(runs["baseline"][0][1:-1])
     print(f"{'mode':<12}{'median ms':>11}{'window ms (0, last)':>22}{'amortised':>11}")
     for mode, (times, _) in runs.items():
@@ -131,13 +172,14 @@ def main() -> int:
         extra = [1e3 * (times[k] - med) for k in (0, len(times) - 1)]
         amort = 1 + (sum(times) - len(times) * base) / (len(times) * base)
         print(f"{mode:<12}{1e3 * med:>11.2f}{extra[0]:>11.1f}{extra[1]:>11.1f}{amort:>11.4f}")
-    a, b = runs["sync"][1], runs["background"][1]
+    a, b = runs["sync"][1][0], runs["background"][1][0]
     same = a.drop(columns="eigenvalues").equals(b.drop(columns="eigenvalues")) and all(
         np.array_equal(x, y) for x, y in zip(a.eigenvalues, b.eigenvalues)
     )
     rel = float(np.nanmax(np.abs(a.soft_rank - b.soft_rank) / a.soft_rank))
     print(f"background rows identical: {same} (max relative soft-rank difference {rel:.2e}; {len(a)} rows)")
     ok &= same if device.type == "cpu" else rel < 1e-2
+    ok &= check_bounded(runs, device, cfg.ffn_dim)
     print("gpu_check:", "ok" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -11,6 +11,7 @@ once when no window is open.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections import deque
@@ -33,6 +34,18 @@ from capscale.probe.accumulate import (
     accumulate,
     compute_dtype,
 )
+from capscale.probe.estimated import SPECTRUM_METHODS, spectrum_note
+from capscale.probe.estimated import resolve as resolve_spectrum
+from capscale.probe.hoststates import (
+    STATE_LAYOUTS,
+    HostMoments,
+    HostStage,
+    choose_layout,
+    held_bytes,
+    per_device,
+    state_bytes,
+    transfer_for,
+)
 from capscale.probe.records import (
     SpectrumError,
     add_js_divergence,
@@ -46,6 +59,7 @@ from capscale.probe.sinks import Sink
 from capscale.probe.sites import SITE_NAMES, Site, Skipped, discover
 from capscale.spectrum import BUCKETS, FrequencyTable, hard_rank_from_covariance
 
+log = logging.getLogger("capscale")
 MODES = ("train", "eval", "any")
 # The sampling status of a site that captured nothing in a window (its module never ran).
 NOT_RUN = "not-run"
@@ -112,6 +126,8 @@ class Probe:
         start_step: int,
         skipped: Iterable[Skipped] = (),
         background: bool | str = False,
+        states: str = "auto",
+        spectrum: str = "auto",
     ):
         self.model, self.sites, self.schedule, self.monitor = model, sites, schedule, monitor
         self.freq_table, self.dtype, self.mode, self.keep = freq_table, dtype, mode, keep
@@ -136,7 +152,10 @@ class Probe:
         self._handles: list = []
         # Accumulators and scratch buffers are reused window after window.
         self._pool: dict[tuple[str, int], list[WindowMoments]] = {}
-        self._scratch = {i: Scratch() for i in range(len(sites))}
+        # Sites run one after another and a batch's buffers are consumed before the next site
+        # runs: one set (an activation batch's rows, a D×D GEMM buffer) serves them all.
+        shared = Scratch()
+        self._scratch = {i: shared for i in range(len(sites))}
         self._closed = False
         self._run = None  # the run-directory writer (attach(out=...)); also one of the sinks
         self._writes_elsewhere = False
@@ -153,6 +172,13 @@ class Probe:
             else None
         )
         self._pending: deque = deque()
+        # Where the float64 states live ("device" or "host", see capscale.probe.hoststates):
+        # "auto" is decided at the first measured forward, from the free device memory.
+        self.states, self.spectrum = states, spectrum
+        self._layout: str | None = None
+        self._layout_note = f"states: {states} (decided at the first measured forward)"
+        self._stage: HostStage | None = None
+        self.transfer = None  # how device scatters reach host states; None: by the device (tests may plug one)
         if persistent_hooks:
             self._install()
         self._open_windows()
@@ -336,9 +362,31 @@ class Probe:
             + "; ".join(f"{st or 'layers'} {v}" for st, v in by.items())
             + f", sites {sorted({s.site for s in self.sites})}"
         )
+        text += f"\n{self._layout_note}\nspectrum: {self._spectrum_note()}"
         if self.skipped:
             text += "\nnot measured:\n" + "\n".join(f"  {s}" for s in self.skipped)
         return text
+
+    @property
+    def layout(self) -> str | None:
+        """Where the float64 states live: "device" or "host" (None until the first measured forward)."""
+        return self._layout
+
+    @property
+    def layout_note(self) -> str:
+        """One line: where the states live and why (e.g. "states: host (auto: … > … free on cuda:0)")."""
+        return self._layout_note
+
+    def _spectrum_note(self) -> str:
+        return spectrum_note(self.spectrum, [d for d in self._dims.values() if d])
+
+    def memory(self, detail: bool = False) -> dict:
+        """Bytes this probe holds per device (``{"cpu": …, "cuda:0": …}``): its states, its scratch
+        buffers and host staging slots; ``detail``: per ``(device, kind)`` (see
+        ``capscale.probe.hoststates.held_bytes``). A background snapshot waiting for the worker
+        adds one copy of the states (with background="host", in host memory)."""
+        held = held_bytes([a for accs in self._pool.values() for a in accs], self._scratch.values(), self._stage)
+        return held if detail else per_device(held)
 
     def __repr__(self) -> str:
         layers = sorted({s.layer for s in self.sites})
@@ -467,10 +515,29 @@ class Probe:
         )
 
     def _acquire(self, level: str, i: int, d: int, k: int, device) -> list[WindowMoments]:
+        if self._layout is None:
+            self._choose_layout(d, device)
+        host = self._layout == "host"
         accs = self._pool.get((level, i))
-        if accs is None or len(accs) != k or accs[0].scatter.device != torch.device(device):
-            accs = self._pool[(level, i)] = [WindowMoments(d, device) for _ in range(k)]
+        want = torch.device("cpu") if host else torch.device(device)
+        if accs is None or len(accs) != k or accs[0].scatter.device != want or isinstance(accs[0], HostMoments) != host:
+            if host:
+                accs = [HostMoments(d, self._stage) for _ in range(k)]
+            else:
+                accs = [WindowMoments(d, device) for _ in range(k)]
+            self._pool[(level, i)] = accs
         return accs
+
+    def _choose_layout(self, d: int, device) -> None:
+        """Decide where the states live (once), from what they need and the device's free memory."""
+        k = len(BUCKETS) if self.freq_table is not None else 1
+        dims = [self._dims[i] or d for i in self._full_idx] + [self._dims[i] or d for i in self._mon_idx]
+        per = [k] * len(self._full_idx) + [1] * len(self._mon_idx)
+        need = state_bytes(dims, per) * (2 if self.background in (True, "device") else 1)
+        self._layout, self._layout_note = choose_layout(self.states, device, need)
+        log.info("capscale: %s", self._layout_note)
+        if self._layout == "host":
+            self._stage = HostStage(self.transfer or transfer_for(device))
 
     # -- finishing windows ----------------------------------------------------------
     def _gather(
@@ -539,7 +606,7 @@ class Probe:
                 self._release(window)
 
     @staticmethod
-    def _decompose(start: int, states: list, bucketed: bool) -> list[dict]:
+    def _decompose(start: int, states: list, bucketed: bool, spectrum: str = "exact") -> list[dict]:
         """Spectra rows of one window's states (pools the buckets into "all"); runs on any thread."""
         entries, marks = [], []
         for site, parts in states:
@@ -555,7 +622,10 @@ class Probe:
                 labels = {"step": start, "layer": site.layer, "site": site.site, "bucket": bucket}
                 entries.append((m, {**labels, "stack": site.stack, "module": site.name}))
                 marks.append((parts is None, ran))
-        rows = spectrum_rows(entries)
+        if all(resolve_spectrum(spectrum, m.dim) == "exact" for m, _ in entries):
+            rows = spectrum_rows(entries)
+        else:
+            rows = spectrum_rows(entries, method=spectrum)
         for row, (unknown, ran) in zip(rows, marks):
             if unknown:
                 row["dim"] = row["max_empirical_rank"] = 0
@@ -569,7 +639,7 @@ class Probe:
         bucketed = self.freq_table is not None
         try:
             got = self._states(window, release=False)
-            return [] if got is None else self._decompose(*got, bucketed)
+            return [] if got is None else self._decompose(*got, bucketed, self.spectrum)
         finally:
             if release:
                 self._release(window)
@@ -590,7 +660,7 @@ class Probe:
         if got is not None:
             if len(self._pending) >= _MAX_PENDING:  # bound the snapshots held: wait for the oldest
                 self._drain(wait=True, keep=_MAX_PENDING - 1)
-            job = self._worker.submit(self._decompose, *got, self.freq_table is not None)
+            job = self._worker.submit(self._decompose, *got, self.freq_table is not None, self.spectrum)
             self._pending.append((window.start, job, captured))
 
     def _drain(self, wait: bool, keep: int = 0) -> None:
@@ -779,6 +849,8 @@ def attach(
     out: str | Path | None = None,
     run_config: dict | None = None,
     background: bool | str = False,
+    states: str = "auto",
+    spectrum: str = "auto",
 ) -> Probe:
     """Attach spectral telemetry to ``model``; returns a :class:`Probe` (also a context manager).
 
@@ -817,7 +889,21 @@ def attach(
         training goes on. Rows are identical to the synchronous path; they reach
         ``compute()`` and the sinks at a later probe call (``compute``, ``flush`` and
         ``close`` wait for them), and a worker's error is raised there.
+    states: where the float64 states live: "device" (the activations' device), "host"
+        (host memory; the device keeps one D×D buffer in the GEMM dtype, whose scatter
+        is copied over after each batch: bounded device memory, same numbers), or
+        "auto" (default): "device" while the states take at most a quarter of the free
+        device memory, else "host"; on a CPU the states are host memory either way.
+        ``probe.description`` says which was chosen, ``probe.memory()`` the bytes held.
+    spectrum: how ranks are computed: "exact" (eigvalsh), "lanczos" (stochastic
+        Lanczos quadrature: soft rank with its standard error, no eigenvalues),
+        "hard-only" (tr(C)²/‖C‖²_F), or "auto" (default): exact where a state's
+        decomposition fits in half the free host memory, else Lanczos.
     """
+    if states not in STATE_LAYOUTS:
+        raise ValueError(f"states must be one of {STATE_LAYOUTS}, got {states!r}")
+    if spectrum not in SPECTRUM_METHODS:
+        raise ValueError(f"spectrum must be one of {SPECTRUM_METHODS}, got {spectrum!r}")
     if background not in (False, True, "device", "host"):
         raise ValueError(f"background must be False, True, 'device' or 'host', got {background!r}")
     if mode not in MODES:
@@ -890,6 +976,8 @@ def attach(
         start_step=start_step,
         skipped=found.skipped,
         background=background,
+        states=states,
+        spectrum=spectrum,
     )
     probe._run, probe._writes_elsewhere = run, out is not None
     return probe

@@ -29,7 +29,19 @@ SUMMARY_FIELDS = tuple(spectrum_summary(None, 0, dim=2))
 # JS divergence between the pre- and post-activation spectra of the same
 # (step, layer, bucket) (NerVE); NaN unless both sites were measured.
 # ``stack``: which FFN stack of the model ("encoder" / "decoder", "shared-expert"; "" for one stack).
-COLUMNS = (*KEY_COLUMNS, "stack", "module", *SUMMARY_FIELDS, "js_divergence_pre_post", "spectrum_status", "eigenvalues")
+# ``spectrum_method``: how the ranks were computed ("exact" eigvalsh, "lanczos", "hard-only"; see
+# capscale.probe.estimated); ``soft_rank_stderr``: the standard error of a Lanczos soft rank (0 when exact).
+COLUMNS = (
+    *KEY_COLUMNS,
+    "stack",
+    "module",
+    *SUMMARY_FIELDS,
+    "js_divergence_pre_post",
+    "spectrum_status",
+    "spectrum_method",
+    "soft_rank_stderr",
+    "eigenvalues",
+)
 # What the decomposition met: "ok"; "insufficient" (< 2 samples); "zero_variance" (identical
 # rows: no ranks); "tiny_variance" (λ_max < EIG_FLOOR / EIG_FLOOR_RTOL = 1e-6: ranks from a
 # clamp relative to the spectrum's scale, see docs/conventions.md "Spectrum").
@@ -47,7 +59,16 @@ def empty_frame() -> pd.DataFrame:
 def _dtype(col: str) -> str:
     if col in ("step", "layer", "n_samples", "dim", "max_empirical_rank"):
         return "int64"
-    if col in ("site", "bucket", "stack", "module", "sampling_status", "spectrum_status", "eigenvalues"):
+    if col in (
+        "site",
+        "bucket",
+        "stack",
+        "module",
+        "sampling_status",
+        "spectrum_status",
+        "spectrum_method",
+        "eigenvalues",
+    ):
         return "object"
     return "float64"
 
@@ -67,14 +88,28 @@ def spectrum_row(m: Moments, *, step: int, layer: int, site: str, bucket: str, m
     return spectrum_rows([(m, labels)])[0]
 
 
-def spectrum_rows(entries: list[tuple[Moments, dict]], batched: bool | None = None) -> list[dict]:
+def spectrum_rows(
+    entries: list[tuple[Moments, dict]], batched: bool | None = None, method: str = "exact"
+) -> list[dict]:
     """``spectrum_row`` for each ``(moments, labels)``, with one decomposition call per group.
+
+    ``method``: "exact", or "lanczos" / "hard-only" / "auto" (``capscale.probe.estimated``).
 
     Host states go one by one through ``eigenvalues_from_covariance`` (NumPy's LAPACK on
     one thread up to ``SERIAL_EIG_MAX_DIM``, torch's above). Accelerator states of equal
     width are stacked into one batched ``eigvalsh`` (``batched=None``: only off the CPU;
     True forces it, e.g. to test the path on a CPU).
     """
+    if method != "exact":
+        from capscale.probe.estimated import estimated_row, resolve
+
+        kinds = [resolve(method, m.dim) for m, _ in entries]
+        if any(k != "exact" for k in kinds):
+            exact = iter(spectrum_rows([e for e, k in zip(entries, kinds) if k == "exact"], batched))
+            return [
+                next(exact) if k == "exact" else estimated_row(m, labels, k, _named)
+                for (m, labels), k in zip(entries, kinds)
+            ]
     # Decomposed: each scatter, read by its upper triangle where that is all it holds; the
     # division by n − 1 is applied to the D eigenvalues rather than the D² entries.
     scatters: dict[int, torch.Tensor] = {}
@@ -125,6 +160,7 @@ def spectrum_rows(entries: list[tuple[Moments, dict]], batched: bool | None = No
             row["trace"] = row["lambda_max"] = 0.0
         row["js_divergence_pre_post"] = math.nan
         row["spectrum_status"] = _status(m.count, j in zero, e)
+        row["spectrum_method"], row["soft_rank_stderr"] = "exact", 0.0
         row["eigenvalues"] = None if e is None else e.tolist()
         rows.append(row)
     return rows

@@ -92,6 +92,10 @@ class WindowMoments:
     accelerators where float64 is slow); batch means are always kept in float64.
     """
 
+    # True for a state that takes each batch's scatter in its GEMM dtype and widens it itself
+    # (a host-held state fed from a device buffer, ``capscale.probe.hoststates``).
+    staged = False
+
     def __init__(self, dim: int, device, dtype: torch.dtype = torch.float64, *, _blank: bool = False):
         self.dim = dim
         # Σ over batches of each batch's scatter about its own mean (plus folded
@@ -409,7 +413,8 @@ def accumulate(
         if square is None:
             state_dtype = targets[0].dtype
             square = scratch.get("square", (d, d), dtype, rows.device)
-            wide = square if dtype == state_dtype else scratch.get("square_state", (d, d), state_dtype, rows.device)
+            narrow_ok = dtype == state_dtype or all(acc.staged for acc in targets)
+            wide = square if narrow_ok else scratch.get("square_state", (d, d), state_dtype, rows.device)
         scatter_upper_(square, centred[j])
         if wide is not square:
             wide.copy_(square)  # convert once into a reused buffer, not per target

@@ -25,6 +25,8 @@ TrainDtype = Literal["float32", "bfloat16"]  # bfloat16: autocast, on CUDA only
 GemmDtype = Literal["float32", "float64"]  # the probe's per-batch covariance GEMM
 Site = Literal["pre", "post"]
 Background = Literal["device", "host"]
+StateLayout = Literal["auto", "device", "host"]  # where the probe's float64 states live
+SpectrumMethod = Literal["auto", "exact", "lanczos", "hard-only"]  # how ranks are computed
 # "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N", "mps"
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _MAX_SEED = 2**63 - 1  # torch.manual_seed's range (and NumPy's SeedSequence takes it)
@@ -145,6 +147,12 @@ class TelemetryConfig:
     # decompose finished windows on a worker thread (rows identical; not part of a run's identity):
     # false, true (= "device": snapshot on the activations' device) or "host" (snapshot in host memory)
     background: bool | Background = False
+    # where the float64 states live (not part of a run's identity: the numbers are the same):
+    # "device", "host" (bounded device memory: one D×D GEMM buffer) or "auto" (by free device memory)
+    states: StateLayout = "auto"
+    # how ranks are computed: "exact" (eigvalsh), "lanczos" (SLQ, soft rank ± its standard error,
+    # no eigenvalues), "hard-only" (tr(C)²/‖C‖²_F) or "auto" (exact where it fits in host memory)
+    spectrum: SpectrumMethod = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.sites, list):  # TOML/JSON give lists
@@ -224,7 +232,7 @@ class RunConfig:
 
 # Fields that say how a run is computed or shown, not what it computes: a run may be resumed,
 # and a sweep re-planned, with them changed.
-_NOT_IDENTITY = {"train": ("progress",), "telemetry": ("background",)}
+_NOT_IDENTITY = {"train": ("progress",), "telemetry": ("background", "states")}
 
 
 def run_identity(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -298,8 +306,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dtype": "bfloat16",
             "grad_clip": None,
         },
-        # a window's eigendecompositions (up to 6,144 wide) run off the training path; rows are identical
-        "telemetry": {"every": 200, "window": 1, "background": True},
+        # a window's eigendecompositions (up to 6,144 wide) run off the training path; rows are identical.
+        # states "auto": on the device while they take ≤ 1/4 of its free memory, else in host memory
+        # (the device then holds one D×D GEMM buffer: tens of MB, docs/scale.md)
+        "telemetry": {"every": 200, "window": 1, "background": True, "states": "auto"},
     },
 }
 

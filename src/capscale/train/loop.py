@@ -308,6 +308,8 @@ def _attach_probe(cfg: RunConfig, model: GPT, freq, start: int):
         dtype=tel.dtype,
         monitor_every=tel.monitor_every,
         background=tel.background,
+        states=tel.states,
+        spectrum=tel.spectrum,
         total_steps=cfg.train.steps,
         start_step=start,
         sinks=[sink],
@@ -414,6 +416,7 @@ def _loop(s: RunState) -> dict[str, Any]:
     t, main = s.cfg.train, s.dist.main
     progress = _Progress(s)
     due = False  # a checkpoint waiting for a measurement window to close
+    layout_said = False  # the probe's state layout, said once it is chosen (at its first measured forward)
     tokens_since, t_since = 0, time.perf_counter()
     for it in range(s.start, t.steps):
         factor = lr_factor(it, t.steps, kind=t.schedule, warmup=t.warmup_steps, warmdown_frac=t.warmdown_frac)
@@ -430,6 +433,9 @@ def _loop(s: RunState) -> dict[str, Any]:
         if s.probe is not None:
             s.probe.step()
             _write_spectra(s)
+            if not layout_said and s.probe.layout is not None:
+                layout_said = True
+                s.say(f"telemetry {s.probe.layout_note}")
         tokens_since += t.batch_size * s.seq
         progress.step(loss_val)
 
