@@ -202,8 +202,9 @@ def _dtensor_tp(rank, world, gated=False):
         if gated
         else {"up": ColwiseParallel(), "down": RowwiseParallel()}
     )
-    for block in model.layers.values():
-        parallelize_module(block.mlp, mesh, plan)
+    for name, block in model.layers.items():
+        if gated or name == "0":  # the plain MLP's layer 1 stays whole: its rows are counted once, not tp times
+            parallelize_module(block.mlp, mesh, plan)
     sites = GATED if gated else PATTERNS
     df, mon = run(attach(model, sites), model, batches(0))
     return (df, mon, reference(twin, [batches(0)], sites)) if rank == 0 else None
@@ -264,8 +265,15 @@ def pipeline(rank, world):
             with probe.batch(token_ids=ids):  # a later stage sees hidden states: its tokens are given
                 model(h)
 
-    df, mon = run(attach(stage, PATTERNS), stage, batches(0), forward)
-    return (df, mon, reference(full, [batches(0)], PATTERNS)) if rank == 0 else None
+    out = pipeline.tmp + "/run"
+    probe = attach(stage, PATTERNS, out=out, run_config={"label": "pp"})
+    df, mon = run(probe, stage, batches(0), forward)
+    if rank != 0:
+        return None
+    import pandas as pd
+
+    written = pd.read_parquet(out + "/spectra.parquet")
+    return written, mon, reference(full, [batches(0)], PATTERNS)
 
 
 class Expert(nn.Module):
@@ -362,6 +370,7 @@ def _worker(rank, world, tmp, names):
     )
     try:
         torch.set_num_threads(1)
+        pipeline.tmp = tmp  # where its run directory goes
         for scenario in [f for f in (TWO if world == 2 else FOUR) if f.__name__ in names]:
             try:
                 t0 = time.perf_counter()
@@ -432,6 +441,7 @@ def check_rows(df, ref, layers):
 
 
 def test_dtensor_colwise_rowwise_tp2_equals_unsharded(two):
+    """Layer 0 parallelised (ColwiseParallel up, RowwiseParallel down), layer 1 left whole on both ranks."""
     df, _, ref = _result(two, "dtensor_tp2")
     check_rows(df, ref, [0, 1])
 
@@ -467,6 +477,7 @@ def test_two_by_two_data_by_tensor_mesh_equals_unsharded(four):
 
 
 def test_pipeline_stages_write_every_layer_once_with_global_indices(two):
+    """Both stages' rows in one run directory's spectra.parquet (written by rank 0), each once."""
     df, _, ref = _result(two, "pipeline")
     check_rows(df, ref, [0, 1, 2, 3])
 

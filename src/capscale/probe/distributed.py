@@ -144,9 +144,13 @@ def reduce_sites(entries: list[tuple], per_site: int, forwards: int, group=None,
             elif dim is not None:
                 union[k][2] = max(dim, union[k][2] or 0)
     plain = [k for k in union if k not in mine or mine[k][3] is None]
+    # Under tensor parallelism a site left whole (not sharded) sees the same rows on every rank
+    # of the tensor-parallel group: the group's first rank alone contributes them.
+    tp = next((e[3].group for e in entries if e[3] is not None), None)
+    lead = tp is None or dist.get_rank(tp) == 0
     flat, dims = [], []
     for k in plain:
-        parts = mine[k][1] if k in mine else None
+        parts = mine[k][1] if k in mine and lead else None
         flat += [None] * per_site if parts is None else list(parts)
         dims += [union[k][2]] * per_site
     flat, (total,) = reduce_moments(flat, dims, [float(forwards)], group)
