@@ -246,6 +246,23 @@ def data_x_tensor(rank, world):
     return (df, mon, reference(Net(), [batches(0), batches(1)], PATTERNS)) if rank == 0 else None
 
 
+def fsdp_x_tensor(rank, world):
+    """torchtitan's layout: tensor parallel inside, FSDP2 over the data-parallel mesh dimension."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = Net()
+    for block in model.layers.values():
+        parallelize_module(block.mlp, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    replica = mesh["dp"].get_local_rank()
+    df, mon = run(attach(model, PATTERNS), model, batches(replica))
+    return (df, mon, reference(Net(), [batches(0), batches(1)], PATTERNS)) if rank == 0 else None
+
+
 def pipeline(rank, world):
     """Two stages of a 4-layer model, as torchtitan splits it: each deletes the other's layers."""
     full = Net(layers=4)
@@ -361,7 +378,7 @@ def expert_parallel(rank, world):
 
 
 TWO = [dtensor_tp2, dtensor_swiglu_tp2, megatron_tp, pipeline, expert_parallel]
-FOUR = [megatron_tp, data_x_tensor]
+FOUR = [megatron_tp, data_x_tensor, fsdp_x_tensor]
 
 
 def _worker(rank, world, tmp, names):
@@ -393,7 +410,8 @@ def _spawn(world, tmp_path_factory):
         pytest.skip("torch.distributed with gloo is not available")
     tmp = tmp_path_factory.mktemp(f"world{world}")
     names = [f.__name__ for f in (TWO if world == 2 else FOUR)]
-    import torch.distributed.tensor.parallel  # noqa: F401  (once here, not in each child: seconds)
+    import torch.distributed.fsdp  # noqa: F401  (once here, not in each child: seconds)
+    import torch.distributed.tensor.parallel  # noqa: F401
 
     try:
         # fork: the children inherit torch and capscale imported (spawn re-imports them: ~10 s each)
@@ -473,6 +491,11 @@ def test_megatron_uneven_shards_tp4_equals_unsharded(four):
 
 def test_two_by_two_data_by_tensor_mesh_equals_unsharded(four):
     df, _, ref = _result(four, "data_x_tensor")
+    check_rows(df, ref, [0, 1])
+
+
+def test_fsdp2_over_data_with_tensor_parallel_inside_equals_unsharded(four):
+    df, _, ref = _result(four, "fsdp_x_tensor")
     check_rows(df, ref, [0, 1])
 
 

@@ -163,23 +163,29 @@ def hard_ranks(states: list[BlockState], group) -> list[tuple[float, float]]:
 def assemble(states: list[BlockState], widths: list[int], group, dst: int) -> list[Moments] | None:
     """The whole states from their blocks, on global rank ``dst`` of ``group`` (host memory); None elsewhere.
 
-    ``widths``: every group rank's block width, in group-rank order (blocks are padded to the widest
-    for the gather). The result is read by its upper triangle (``upper=True``).
+    ``widths``: every group rank's block width, in group-rank order. Equal blocks are gathered
+    straight into the rows of the whole matrix (no other D × D buffer); uneven ones are padded
+    to the widest. The result is read by its upper triangle (``upper=True``).
     """
     dist = torch.distributed
-    if not states:
-        return [] if dist.get_rank() == dst else None
-    d, wide = states[0].dim, max(widths)
-    mine = torch.zeros(len(states), wide, d, dtype=torch.float64)
-    for j, s in enumerate(states):
-        mine[j, : s.width] = s.block.to("cpu", torch.float64)
     here = dist.get_rank() == dst
-    got = [torch.empty_like(mine) for _ in widths] if here else None
-    dist.gather(mine, got, dst=dst, group=group)
-    if not here:
-        return None
+    wide, even = max(widths), len(set(widths)) == 1
     out = []
-    for j, s in enumerate(states):
-        whole = torch.cat([g[j, :w] for g, w in zip(got, widths)])
-        out.append(Moments(s.count, s.mean.to("cpu"), whole, upper=True))
-    return out
+    for s in states:
+        d = s.dim
+        mine = s.block.to("cpu", torch.float64)
+        if not even:
+            mine = torch.nn.functional.pad(mine, (0, 0, 0, wide - s.width))
+        whole = got = None
+        if here:
+            if even:
+                whole = torch.empty(d, d, dtype=torch.float64)
+                got = list(whole.split(wide))
+            else:
+                got = [torch.empty(wide, d, dtype=torch.float64) for _ in widths]
+        dist.gather(mine.contiguous(), got, dst=dst, group=group)
+        if here:
+            if not even:
+                whole = torch.cat([g[:w] for g, w in zip(got, widths)])
+            out.append(Moments(s.count, s.mean.to("cpu"), whole, upper=True))
+    return out if here else None

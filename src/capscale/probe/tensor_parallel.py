@@ -101,7 +101,11 @@ def _dtensor_layout(weight, capture: str, fsdp: bool):
         if fsdp and (mesh.ndim == 1 or k < mesh.ndim - 1):
             continue
         if isinstance(p, Shard) and p.dim % weight.ndim == dim:
-            return mesh.get_group(k), int(weight.to_local().shape[dim]), int(weight.shape[dim])
+            # This mesh dimension's share only (under FSDP2 the local tensor is cut by its dims too),
+            # as torch's Shard cuts: chunks of ceil(full / size).
+            full, size, me = int(weight.shape[dim]), mesh.size(k), mesh.get_local_rank(k)
+            chunk = -(-full // size)
+            return mesh.get_group(k), max(0, min(full, (me + 1) * chunk) - min(full, me * chunk)), full
     return None
 
 
