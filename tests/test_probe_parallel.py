@@ -225,11 +225,23 @@ def _megatron(model: Net, rank: int, size: int, group) -> Net:
     return model
 
 
-def megatron_tp(rank, world):
+def megatron_tp(rank, world, background=False):
     model = _megatron(Net(), rank, world, None)
-    probe = attach(model, PATTERNS, tp_group=dist.group.WORLD, monitor_every=1, monitor_sites=("pre", "post"))
+    probe = attach(
+        model,
+        PATTERNS,
+        tp_group=dist.group.WORLD,
+        monitor_every=None if background else 1,
+        monitor_sites=("pre", "post"),
+        background=background,
+    )
     df, mon = run(probe, model, batches(0))
     return (df, mon, reference(Net(), [batches(0)], PATTERNS)) if rank == 0 else None
+
+
+def megatron_tp_background(rank, world):
+    """The blocks gathered on rank 0 at the window's end, decomposed there by the background worker."""
+    return megatron_tp(rank, world, background=True)
 
 
 def data_x_tensor(rank, world):
@@ -377,7 +389,7 @@ def expert_parallel(rank, world):
     return df, mon, summarise(rows, {})
 
 
-TWO = [dtensor_tp2, dtensor_swiglu_tp2, megatron_tp, pipeline, expert_parallel]
+TWO = [dtensor_tp2, dtensor_swiglu_tp2, megatron_tp, megatron_tp_background, pipeline, expert_parallel]
 FOUR = [megatron_tp, data_x_tensor, fsdp_x_tensor]
 
 
@@ -481,6 +493,12 @@ def test_megatron_column_row_parallel_tp2_equals_unsharded(two):
     df, mon, ref = _result(two, "megatron_tp")
     check_rows(df, ref, [0, 1])
     _check_monitor(mon, ref)
+
+
+def test_megatron_tp2_background_decomposition_equals_unsharded(two):
+    df, mon, ref = _result(two, "megatron_tp_background")
+    check_rows(df, ref, [0, 1])
+    assert mon.empty
 
 
 def test_megatron_uneven_shards_tp4_equals_unsharded(four):
