@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from capscale.probe.distributed import _comm_device
 from capscale.spectrum._torch import Moments
 
 
@@ -120,7 +121,8 @@ def reduce_blocks(states: list[BlockState], group) -> list[BlockState]:
     dist = torch.distributed
     if group is None or not states:
         return states
-    dev = states[0].block.device
+    dev = _comm_device(group)  # a rank with no rows yet holds host zeros: all meet on one device
+    states = [BlockState(s.count, s.mean.to(dev), s.block.to(dev), s.offset) for s in states]
     buf = torch.cat(
         [torch.cat([torch.tensor([float(s.count)], device=dev, dtype=torch.float64), s.mean * s.count]) for s in states]
     )
@@ -150,6 +152,7 @@ def hard_ranks(states: list[BlockState], group) -> list[tuple[float, float]]:
     ``tr(S)² / ‖S‖²_F`` from two scalars per block, no decomposition (NaN where undefined)."""
     terms = torch.tensor([s.scalars() for s in states], dtype=torch.float64).reshape(-1)
     if group is not None and torch.distributed.get_world_size(group) > 1:
+        terms = terms.to(_comm_device(group))
         torch.distributed.all_reduce(terms, group=group)
     out = []
     for s, (tr, fro) in zip(states, terms.reshape(-1, 2).tolist()):
@@ -163,29 +166,34 @@ def hard_ranks(states: list[BlockState], group) -> list[tuple[float, float]]:
 def assemble(states: list[BlockState], widths: list[int], group, dst: int) -> list[Moments] | None:
     """The whole states from their blocks, on global rank ``dst`` of ``group`` (host memory); None elsewhere.
 
-    ``widths``: every group rank's block width, in group-rank order. Equal blocks are gathered
-    straight into the rows of the whole matrix (no other D × D buffer); uneven ones are padded
-    to the widest. The result is read by its upper triangle (``upper=True``).
+    ``widths``: every group rank's block width, in group-rank order. Each rank sends its block
+    to ``dst``, which receives it straight into its rows of the host matrix (through one
+    block-sized buffer on the communication device where that is an accelerator). The
+    result is read by its upper triangle (``upper=True``).
     """
     dist = torch.distributed
+    dev = _comm_device(group)
     here = dist.get_rank() == dst
-    wide, even = max(widths), len(set(widths)) == 1
+    ranks = dist.get_process_group_ranks(group)
+    me = dist.get_rank(group)
     out = []
     for s in states:
-        d = s.dim
-        mine = s.block.to("cpu", torch.float64)
-        if not even:
-            mine = torch.nn.functional.pad(mine, (0, 0, 0, wide - s.width))
-        whole = got = None
-        if here:
-            if even:
-                whole = torch.empty(d, d, dtype=torch.float64)
-                got = list(whole.split(wide))
-            else:
-                got = [torch.empty(wide, d, dtype=torch.float64) for _ in widths]
-        dist.gather(mine.contiguous(), got, dst=dst, group=group)
-        if here:
-            if not even:
-                whole = torch.cat([g[:w] for g, w in zip(got, widths)])
-            out.append(Moments(s.count, s.mean.to("cpu"), whole, upper=True))
+        if not here:
+            if widths[me]:
+                dist.send(s.block.to(dev, torch.float64).contiguous(), dst=dst, group=group)
+            continue
+        whole = torch.empty(s.dim, s.dim, dtype=torch.float64)
+        off = 0
+        for r, w in zip(ranks, widths):
+            rows = whole[off : off + w]
+            if r == dst:
+                rows.copy_(s.block)
+            elif w and dev.type == "cpu":
+                dist.recv(rows, src=r, group=group)
+            elif w:
+                buf = torch.empty(w, s.dim, dtype=torch.float64, device=dev)
+                dist.recv(buf, src=r, group=group)
+                rows.copy_(buf)
+            off += w
+        out.append(Moments(s.count, s.mean.to("cpu"), whole, upper=True))
     return out if here else None
