@@ -68,3 +68,20 @@ def test_hard_rank_from_block_scalars_equals_the_eigenvalue_route():
     np.testing.assert_allclose(hard, lam.sum() ** 2 / (lam**2).sum(), rtol=1e-10)
     np.testing.assert_allclose(tr, lam.sum(), rtol=1e-12)
     assert np.isnan(nan_rank)  # one row has no covariance
+
+
+def test_megatron_flags_say_which_linears_are_whole():
+    """With a tensor-parallel group, a linear's output (input) is a shard unless Megatron's
+    ``gather_output=True`` (``input_is_parallel=False``) says it is whole."""
+    from torch import nn
+
+    from capscale.probe.tensor_parallel import _local_layout
+
+    group = object()  # any group: only passed through
+    col, row = nn.Linear(8, 5), nn.Linear(5, 8)
+    assert _local_layout(col, "output", group) == (group, 5, None)
+    assert _local_layout(row, "input", group) == (group, 5, None)
+    assert _local_layout(col, "output", None) is None  # no group given: not tensor parallel
+    col.gather_output, row.input_is_parallel = True, False
+    assert _local_layout(col, "output", group) is None
+    assert _local_layout(row, "input", group) is None
