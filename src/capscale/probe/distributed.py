@@ -99,3 +99,90 @@ def reduce_moments(
         out[i] = Moments(n_all, mean.to(home), buf[off : off + size].reshape(dims[i], dims[i]).to(home), upper=True)
         off += size
     return out, extra_out
+
+
+class _Elsewhere:
+    """A sharded site's whole state, assembled on the writing rank only."""
+
+    def __repr__(self) -> str:
+        return "ELSEWHERE"
+
+
+ELSEWHERE = _Elsewhere()
+
+
+def _writer(group) -> int:
+    """The global rank that writes the run's rows: rank 0 of ``group``."""
+    return 0 if group is None else torch.distributed.get_global_rank(group, 0)
+
+
+def reduce_sites(entries: list[tuple], per_site: int, forwards: int, group=None, assemble: bool = True):
+    """Merge a window's states across ranks by key (stack, layer, site), not by position.
+
+    ``entries``: ``(site, parts | None, dim, shard | None)`` per local site, ``parts`` its
+    ``per_site`` states (buckets). A key present on several ranks (data or expert
+    parallel) is merged; a key present on one rank (a pipeline stage's layers) passes
+    through; every rank gets every key, in one order (ranks' own orders, rank by rank).
+    Tensor-parallel sites (``shard``) merge their blocks over the shard's replicas and,
+    with ``assemble``, are gathered whole on the writing rank (:data:`ELSEWHERE` on the
+    others); without, their parts stay merged :class:`~capscale.probe.sharded.BlockState`\\ s.
+    Returns ``([(site, parts), ...], forwards summed over the ranks)``.
+    """
+    from capscale.probe import sharded
+    from capscale.probe.sites import Site
+
+    dist = torch.distributed
+    mine = {(s.stack, s.layer, s.site): (s, parts, dim, shard) for s, parts, dim, shard in entries}
+    heads = [(k, s.name, s.capture, dim) for k, (s, _, dim, _) in mine.items()]
+    every: list = [None] * world_size(group)
+    dist.all_gather_object(every, heads, group=group)
+    union: dict = {}
+    for rank_heads in every:
+        for k, name, capture, dim in rank_heads:
+            if k not in union:
+                union[k] = [name, capture, dim]
+            elif dim is not None:
+                union[k][2] = max(dim, union[k][2] or 0)
+    plain = [k for k in union if k not in mine or mine[k][3] is None]
+    # Under tensor parallelism a site left whole (not sharded) sees the same rows on every rank
+    # of the tensor-parallel group: the group's first rank alone contributes them.
+    tp = next((e[3].group for e in entries if e[3] is not None), None)
+    lead = tp is None or dist.get_rank(tp) == 0
+    flat, dims = [], []
+    for k in plain:
+        parts = mine[k][1] if k in mine and lead else None
+        flat += [None] * per_site if parts is None else list(parts)
+        dims += [union[k][2]] * per_site
+    flat, (total,) = reduce_moments(flat, dims, [float(forwards)], group)
+    merged = {k: flat[j * per_site : (j + 1) * per_site] for j, k in enumerate(plain)}
+    cut = [k for k in union if k in mine and mine[k][3] is not None]
+    states = []
+    for k in cut:
+        s, parts, dim, shard = mine[k]
+        if parts is None:  # no rows here yet: an empty block, so that every rank joins the collectives
+            dev = torch.device("cpu")
+            parts = [
+                sharded.BlockState(
+                    0,
+                    torch.zeros(dim, dtype=torch.float64, device=dev),
+                    torch.zeros(shard.width, dim, dtype=torch.float64, device=dev),
+                    shard.offset,
+                )
+            ] * per_site
+        states += parts
+    if cut:
+        states = sharded.reduce_blocks(states, mine[cut[0]][3].replicas)
+    for j, k in enumerate(cut):
+        parts, shard = states[j * per_site : (j + 1) * per_site], mine[k][3]
+        if assemble:
+            writer = _writer(group)
+            whole = None
+            if writer in dist.get_process_group_ranks(shard.group):
+                whole = sharded.assemble(parts, list(shard.widths), shard.group, writer)
+            parts = ELSEWHERE if whole is None else whole
+        merged[k] = parts
+    out = []
+    for k, (name, capture, _) in union.items():
+        site = mine[k][0] if k in mine else Site(k[1], k[2], name, None, capture, k[0])
+        out.append((site, merged[k]))
+    return out, round(total)

@@ -221,7 +221,9 @@ def held_bytes(accumulators, scratches, stage: HostStage | None) -> dict[tuple[s
             out[(dev, kind)] = out.get((dev, kind), 0) + n
 
     for a in accumulators:
-        for t in (a.scatter, a._partial, *a._means):
+        # a tensor-parallel row block (probe.sharded.BlockMoments) has one mean and no partial sums
+        parts = (getattr(a, "_partial", None), *getattr(a, "_means", (getattr(a, "_mean", None),)))
+        for t in (a.scatter, *parts):
             dev, n = _bytes(t)
             count(dev, "states", n)
     for sc in {id(s): s for s in scratches}.values():  # shared scratch counted once

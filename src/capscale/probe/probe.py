@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from capscale.probe import distributed
+from capscale.probe import distributed, sharded, tensor_parallel
 from capscale.probe.accumulate import (
     Forward,
     Moments,
@@ -128,6 +128,7 @@ class Probe:
         background: bool | str = False,
         states: str = "auto",
         spectrum: str = "auto",
+        tp_group=None,
     ):
         self.model, self.sites, self.schedule, self.monitor = model, sites, schedule, monitor
         self.freq_table, self.dtype, self.mode, self.keep = freq_table, dtype, mode, keep
@@ -142,6 +143,9 @@ class Probe:
         self._mon_idx = [i for i, s in enumerate(sites) if s.site in monitor_sites] if monitor else []
         self._full_set, self._mon_set = set(self._full_idx), set(self._mon_idx)
         self._dims = {i: s.feature_dim() for i, s in enumerate(sites)}
+        # Tensor-parallel sites: each rank holds its columns' rows of the states (probe/sharded.py).
+        self._shards = tensor_parallel.find_shards(sites, tp_group, group, model)
+        self._dims.update({i: sh.full_dim for i, sh in self._shards.items()})
         self.step_index = int(start_step)
         self._full: _Window | None = None
         self._monitor: _Window | None = None
@@ -482,6 +486,8 @@ class Probe:
         site = self.sites[i]
         if not (torch.is_tensor(x) and x.is_floating_point()):
             raise TypeError(f"{site.label}: expected a floating-point tensor, got {type(x).__name__}")
+        if i in self._shards:  # a column shard: every rank sees the whole rows, keeps its block
+            x = self._shards[i].gather(x)
         d = int(x.shape[-1])
         known = self._dims[i]
         if known is None:
@@ -517,11 +523,16 @@ class Probe:
     def _acquire(self, level: str, i: int, d: int, k: int, device) -> list[WindowMoments]:
         if self._layout is None:
             self._choose_layout(d, device)
-        host = self._layout == "host"
+        shard = self._shards.get(i)
+        # A tensor-parallel site keeps its row block (1/tp of the state) on the device in
+        # either layout: host-held blocks are not built yet (docs/parallel.md).
+        host = self._layout == "host" and shard is None
         accs = self._pool.get((level, i))
         want = torch.device("cpu") if host else torch.device(device)
         if accs is None or len(accs) != k or accs[0].scatter.device != want or isinstance(accs[0], HostMoments) != host:
-            if host:
+            if shard is not None:
+                accs = [shard.accumulator(device) for _ in range(k)]
+            elif host:
                 accs = [HostMoments(d, self._stage) for _ in range(k)]
             else:
                 accs = [WindowMoments(d, device) for _ in range(k)]
@@ -541,22 +552,26 @@ class Probe:
 
     # -- finishing windows ----------------------------------------------------------
     def _gather(
-        self, window: _Window, idx: list[int], per_site: int, full: bool = True
-    ) -> tuple[list[Moments | None], int]:
-        """Moments of the window (``per_site`` per site), merged across ranks, and its forward count.
+        self, window: _Window, idx: list[int], per_site: int, full: bool = True, assemble: bool = True
+    ) -> tuple[list[tuple[Site, Any]], int]:
+        """``([(site, parts), ...], forwards)``: the window's moments (``per_site`` per site), merged
+        across ranks by (stack, layer, site), and its forward count.
 
         Without distribution the moments share the accumulators' buffers: use
         them before ``_release``. ``full=False``: upper triangles only (for ``eigvalsh``).
+        Tensor-parallel sites: see ``distributed.reduce_sites`` (``ELSEWHERE``, blocks).
         """
-        flat, dims = [], []
+        entries = []
         for i in idx:
             accs = window.states.get(i)
-            flat += [None] * per_site if accs is None else [a.moments(full=full) for a in accs]
-            dims += [self._dims[i]] * per_site
+            parts = None if accs is None else [a.moments(full=full) for a in accs]
+            entries.append((self.sites[i], parts, self._dims[i], self._shards.get(i)))
         if distributed.world_size(self.group) > 1:
-            flat, (forwards,) = distributed.reduce_moments(flat, dims, [float(window.forwards)], self.group)
-            return flat, round(forwards)
-        return [m if m is not None or d is None else self._empty(d) for m, d in zip(flat, dims)], window.forwards
+            return distributed.reduce_sites(entries, per_site, window.forwards, self.group, assemble)
+        out = []
+        for site, parts, d, _ in entries:
+            out.append((site, [None if d is None else self._empty(d)] * per_site if parts is None else parts))
+        return out, window.forwards
 
     def _empty(self, d: int) -> Moments:
         """The state of a site or bucket that saw no rows in a window."""
@@ -583,14 +598,15 @@ class Probe:
         """
         k = len(BUCKETS) if self.freq_table is not None else 1
         try:
-            flat, forwards = self._gather(window, self._full_idx, k, full=False)
+            entries, forwards = self._gather(window, self._full_idx, k, full=False)
             if not forwards:
                 return None
             out = []
-            for j, i in enumerate(self._full_idx):
-                parts = flat[j * k : (j + 1) * k]
+            for site, parts in entries:
+                if parts is distributed.ELSEWHERE:  # a sharded site: decomposed on the writing rank
+                    continue
                 if any(p is None for p in parts):  # never saw data anywhere: width unknown, a row all the same
-                    out.append((self.sites[i], None))
+                    out.append((site, None))
                     continue
                 if copy == "host":
                     parts = [
@@ -599,7 +615,7 @@ class Probe:
                     ]
                 elif copy == "device":
                     parts = [replace(p, mean=p.mean.clone(), scatter=p.scatter.clone()) for p in parts]
-                out.append((self.sites[i], parts))
+                out.append((site, parts))
             return window.start, out
         finally:
             if release:
@@ -649,8 +665,10 @@ class Probe:
         captured = bool(window.states)  # before the states are released
         if self._worker is None:
             rows = self._rows(window, release=True)
-            if not rows or not captured:
+            # (A rank that holds only tensor-parallel blocks has no rows: the writing rank has them.)
+            if not (rows or self._shards) or not captured:
                 self._warn_empty(window)
+            self._emitted = self._emitted or (captured and bool(self._shards))
             self._deliver(window.start, rows, captured)
             return
         copy = "host" if self.background == "host" else "device"
@@ -685,11 +703,19 @@ class Probe:
     def _finish_monitor(self) -> None:
         window, self._monitor = self._monitor, None
         try:
-            flat, forwards = self._gather(window, self._mon_idx, 1)
+            entries, forwards = self._gather(window, self._mon_idx, 1, assemble=False)
             if not forwards:
                 self._warn_empty(window)
                 return
-            recs = [self._monitor_record(m, self.sites[i], window.start) for m, i in zip(flat, self._mon_idx) if m]
+            # Sharded sites: hard rank from per-block scalars summed over the tensor-parallel group.
+            blocks = [p[0] for _, p in entries if isinstance(p[0], sharded.BlockState)]
+            tp = next(iter(self._shards.values())).group if blocks else None
+            hard = iter(sharded.hard_ranks(blocks, tp))
+            recs = []
+            for site, (m,) in entries:
+                if m is not None:
+                    own = next(hard) if isinstance(m, sharded.BlockState) else None
+                    recs.append(self._monitor_record(m, site, window.start, own))
         finally:
             self._release(window)
         if self.keep:
@@ -745,7 +771,7 @@ class Probe:
             )
 
     @staticmethod
-    def _monitor_record(m: Moments, site: Site, step: int) -> dict:
+    def _monitor_record(m: Moments, site: Site, step: int, sharded_rank: tuple | None = None) -> dict:
         rec = {
             "step": step,
             "stack": site.stack,
@@ -757,7 +783,9 @@ class Probe:
             "hard_rank": math.nan,
             "trace": math.nan,
         }
-        if m.count >= 2:
+        if sharded_rank is not None:  # (hard rank, trace) from the blocks: see sharded.hard_ranks
+            rec["hard_rank"], rec["trace"] = sharded_rank
+        elif m.count >= 2:
             cov = m.covariance()
             rec["trace"] = float(cov.trace())
             if rec["trace"] > 0:  # identical rows have no rank (as in the full records), not an error
@@ -851,6 +879,7 @@ def attach(
     background: bool | str = False,
     states: str = "auto",
     spectrum: str = "auto",
+    tp_group=None,
 ) -> Probe:
     """Attach spectral telemetry to ``model``; returns a :class:`Probe` (also a context manager).
 
@@ -899,6 +928,11 @@ def attach(
         Lanczos quadrature: soft rank with its standard error, no eigenvalues),
         "hard-only" (tr(C)²/‖C‖²_F), or "auto" (default): exact where a state's
         decomposition fits in half the free host memory, else Lanczos.
+    tp_group: the tensor-parallel group (a ProcessGroup or a 1-D DeviceMesh) of
+        Megatron-style column/row-parallel linears whose outputs/inputs are local
+        shards; DTensor weights (``ColwiseParallel``/``RowwiseParallel``) name their
+        own. Each rank keeps its columns' rows of the states; rows equal the
+        unsharded model's and are decomposed on the writing rank (docs/parallel.md).
     """
     if states not in STATE_LAYOUTS:
         raise ValueError(f"states must be one of {STATE_LAYOUTS}, got {states!r}")
@@ -978,6 +1012,7 @@ def attach(
         background=background,
         states=states,
         spectrum=spectrum,
+        tp_group=tp_group,
     )
     probe._run, probe._writes_elsewhere = run, out is not None
     return probe

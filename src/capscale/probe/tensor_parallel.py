@@ -1,0 +1,199 @@
+"""Which sites are tensor-parallel, and how to see their whole activations.
+
+A site is a column shard of the FFN hidden state when its module's weight is a
+DTensor sharded along the captured features (``ColwiseParallel``: weight
+``Shard(0)``, output columns; ``RowwiseParallel``: weight ``Shard(1)``, input
+columns) — the group is the weight's device-mesh dimension — or, given
+``attach(..., tp_group=...)``, when its module is a plain (Megatron-style)
+column- or row-parallel linear whose output or input is the rank's local shard.
+Megatron's own flags are honoured: ``gather_output=True`` (a whole output) and
+``input_is_parallel=False`` (a whole input) are not shards.
+
+Each shard's ``(offset, width)`` comes from one all-gather of the local widths at
+attach; columns are laid out in group-rank order, as torch's ``Shard`` and
+Megatron lay them.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from capscale.probe.sharded import BlockMoments
+
+
+@dataclass(frozen=True, eq=False)
+class ColumnShard:
+    """A site's columns on this rank: ``[offset, offset + width)`` of ``full_dim``, over ``group``.
+
+    ``widths``: every group rank's width, in group-rank order. ``replicas``: the group of
+    ranks holding the same columns of other data (data parallel), or None.
+    """
+
+    group: object
+    offset: int
+    width: int
+    full_dim: int
+    widths: tuple[int, ...]
+    replicas: object = field(default=None)
+
+    def accumulator(self, device) -> BlockMoments:
+        return BlockMoments(self.full_dim, self.offset, self.width, device)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole activations ``[..., full_dim]`` from this rank's ``x`` (an all-gather over the group)."""
+        if _is_dtensor(x):
+            if not _shards_last(x.placements, x.ndim):
+                return x.full_tensor().detach()  # replicated or sharded on tokens: make it whole
+            x = x.to_local()
+        d = int(x.shape[-1])
+        if d == self.full_dim and self.width != self.full_dim:
+            return x  # already whole (e.g. an output gathered by the layer itself)
+        if d != self.width:
+            raise ValueError(f"tensor-parallel activations have {d} columns on this rank, expected {self.width}")
+        rows = x.detach().reshape(-1, d)
+        wide = max(self.widths)
+        if d < wide:  # all_gather needs equal sizes: pad the narrower shards
+            rows = torch.nn.functional.pad(rows, (0, wide - d))
+        parts = [torch.empty_like(rows) for _ in self.widths]
+        torch.distributed.all_gather(parts, rows.contiguous(), group=self.group)
+        whole = torch.cat([p[:, :w] for p, w in zip(parts, self.widths)], dim=1)
+        return whole.reshape(*x.shape[:-1], self.full_dim)
+
+
+def _is_dtensor(x) -> bool:
+    """Whether ``x`` is a DTensor, without importing DTensor's package where nothing did (seconds)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(x, mod.DTensor)
+
+
+def _shards_last(placements, ndim: int) -> bool:
+    from torch.distributed.tensor import Shard
+
+    return any(isinstance(p, Shard) and p.dim % ndim == ndim - 1 for p in placements)
+
+
+def _as_group(tp):
+    """A process group from a ProcessGroup or a 1-D DeviceMesh."""
+    if tp is None or not hasattr(tp, "get_group"):
+        return tp
+    if tp.ndim != 1:
+        raise ValueError(f"tp_group: a 1-D device mesh (e.g. mesh['tp']), got a {tp.ndim}-D one")
+    return tp.get_group()
+
+
+def _dtensor_layout(weight, capture: str, fsdp: bool):
+    """(group, local width, full width) when ``weight`` is a DTensor sharded along the captured features.
+
+    ``fsdp``: the weight is FSDP2's, whose own shards (dim 0 on the leading mesh dims) are whole
+    again in the forward; only a last mesh dim beyond them can be tensor parallel.
+    """
+    if not _is_dtensor(weight):
+        return None
+    from torch.distributed.tensor import Shard
+
+    dim = 0 if capture == "output" else 1  # nn.Linear: weight [out, in]
+    mesh = weight.device_mesh
+    for k, p in enumerate(weight.placements):
+        if fsdp and (mesh.ndim == 1 or k < mesh.ndim - 1):
+            continue
+        if isinstance(p, Shard) and p.dim % weight.ndim == dim:
+            # This mesh dimension's share only (under FSDP2 the local tensor is cut by its dims too),
+            # as torch's Shard cuts: chunks of ceil(full / size).
+            full, size, me = int(weight.shape[dim]), mesh.size(k), mesh.get_local_rank(k)
+            chunk = -(-full // size)
+            return mesh.get_group(k), max(0, min(full, (me + 1) * chunk) - min(full, me * chunk)), full
+    return None
+
+
+def _local_layout(module: nn.Module, capture: str, group):
+    """(group, local width, None) for a Megatron-style parallel linear on ``group``, else None."""
+    weight = getattr(module, "weight", None)
+    if group is None or not torch.is_tensor(weight) or weight.dim() != 2:
+        return None
+    if capture == "output" and getattr(module, "gather_output", False):
+        return None
+    if capture == "input" and getattr(module, "input_is_parallel", True) is False:
+        return None
+    return group, int(weight.shape[0] if capture == "output" else weight.shape[1]), None
+
+
+def _fsdp_params(model: nn.Module | None) -> set[int]:
+    """Ids of the parameters FSDP2 (``fully_shard``) manages in ``model``."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: no FSDP2 module exists (saves seconds)
+    if model is None or fsdp is None or not hasattr(fsdp, "FSDPModule"):
+        return set()
+    FSDPModule = fsdp.FSDPModule  # noqa: N806
+    return {id(p) for m in model.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
+
+
+def find_shards(sites, tp_group=None, group=None, model: nn.Module | None = None) -> dict[int, ColumnShard]:
+    """The tensor-parallel sites among ``sites`` (index → :class:`ColumnShard`); a collective at attach.
+
+    ``tp_group``: the tensor-parallel group (a ProcessGroup or 1-D DeviceMesh) of Megatron-style
+    layers; DTensor weights name their own. ``group``: the run's ranks (default: world), over
+    which the replicas (same columns, other data) are found. ``model``: to tell FSDP2's
+    parameter shards from tensor-parallel ones.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return {}
+    tp_group = _as_group(tp_group)
+    found = {}
+    fsdp = _fsdp_params(model)
+    for i, s in enumerate(sites):
+        w = getattr(s.module, "weight", None)
+        layout = _dtensor_layout(w, s.capture, id(w) in fsdp) or _local_layout(s.module, s.capture, tp_group)
+        if layout is None:
+            continue
+        if s.part is not None or s.experts or s.members:
+            raise NotImplementedError(f"{s.label}: tensor-parallel fused or expert sites are not supported")
+        found[i] = layout
+    groups = {id(g): g for g, _, _ in found.values()}
+    if not found:
+        return {}
+    if len(groups) > 1:
+        raise NotImplementedError("sites on more than one tensor-parallel group")
+    (tp,) = groups.values()
+    size = dist.get_world_size(tp)
+    local = torch.tensor([w for _, w, _ in found.values()], dtype=torch.int64)
+    every = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(every, local, group=tp)
+    every = torch.stack(every)  # [tp rank, site]
+    me = dist.get_rank(tp)
+    replicas = _replica_group(tp, group)
+    out = {}
+    for j, (i, (_, width, full)) in enumerate(found.items()):
+        widths = tuple(int(v) for v in every[:, j].tolist())
+        total = sum(widths)
+        if full is not None and full != total:
+            raise ValueError(f"{sites[i].label}: local widths {widths} do not add up to the weight's {full}")
+        out[i] = ColumnShard(tp, sum(widths[:me]), width, total, widths, replicas)
+    return out
+
+
+def _replica_group(tp, group):
+    """The ranks of ``group`` with this rank's tensor-parallel rank (its data-parallel peers), or None.
+
+    Every rank of the world creates every such group (``new_group`` is collective), in one order.
+    """
+    dist = torch.distributed
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    if len(ranks) == dist.get_world_size(tp):
+        return None
+    mine = torch.tensor([dist.get_rank(tp)], dtype=torch.int64)
+    every = [torch.empty_like(mine) for _ in ranks]
+    dist.all_gather(every, mine, group=group)
+    by: dict[int, list[int]] = {}
+    for r, t in zip(ranks, every):
+        by.setdefault(int(t), []).append(r)
+    out = None
+    me = dist.get_rank()
+    for k in sorted(by):
+        g = dist.new_group(by[k])
+        if me in by[k]:
+            out = g
+    return out if len(by[dist.get_rank(tp)]) > 1 else None

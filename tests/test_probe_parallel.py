@@ -1,0 +1,528 @@
+"""Tensor / data×tensor / pipeline / expert parallelism on gloo: every row equals the unsharded model's.
+
+One spawn per world size runs every scenario (torch's start-up dominates a toy run); rank 0
+saves the probe's rows and an independent float64 reference computed from an unsharded
+twin with the same weights (its own hooks, NumPy covariances and eigenvalues), and each
+test compares one scenario's rows with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import pickle
+import time
+import traceback
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as fn
+from test_probe_distributed import table
+from torch import nn
+
+import capscale
+
+V, H, F, S = 50, 8, 18, 6  # F = 18: uneven column shards over 4 ranks (5, 5, 5, 3)
+STEPS, LAYERS = 2, 2
+BUCKET_OF = {**dict.fromkeys((0, 1), "head"), **dict.fromkeys(range(2, 6), "mid")}  # the rest: tail
+PATTERNS = {"pre": "layers.{layer}.mlp.up", "post": ("layers.{layer}.mlp.down", "input")}
+GATED = {"pre": "layers.{layer}.mlp.w1", "post": ("layers.{layer}.mlp.w2", "input")}
+
+
+class MLP(nn.Module):
+    def __init__(self, gated: bool = False):
+        super().__init__()
+        self.gated = gated
+        if gated:  # torchtitan's feed_forward: w2(silu(w1 x) * w3 x)
+            self.w1, self.w3, self.w2 = (
+                nn.Linear(H, F, bias=False),
+                nn.Linear(H, F, bias=False),
+                nn.Linear(F, H, bias=False),
+            )
+        else:
+            self.up, self.down = nn.Linear(H, F), nn.Linear(F, H)
+
+    def forward(self, x):
+        if self.gated:
+            return self.w2(fn.silu(self.w1(x)) * self.w3(x))
+        return self.down(torch.tanh(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, gated: bool = False):
+        super().__init__()
+        self.mlp = MLP(gated)
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
+class Net(nn.Module):
+    """Blocks in an nn.ModuleDict keyed by the global layer index (a pipeline stage deletes keys)."""
+
+    def __init__(self, layers: int = LAYERS, gated: bool = False, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed, self.pos = nn.Embedding(V, H), nn.Parameter(torch.randn(S, H))
+        self.layers = nn.ModuleDict({str(i): Block(gated) for i in range(layers)})
+        self.double()
+
+    def forward(self, x):
+        if self.embed is not None:
+            x = self.embed(x) + self.pos
+        for block in self.layers.values():
+            x = block(x)
+        return x
+
+
+def _chunk(n: int, size: int, rank: int) -> tuple[int, int]:
+    c = -(-n // size)  # torch's Shard / torch.chunk layout
+    return min(rank * c, n), min((rank + 1) * c, n)
+
+
+class ColumnParallel(nn.Module):
+    """Megatron-style: this rank's output columns of a linear (a local tensor, not a DTensor)."""
+
+    def __init__(self, full: nn.Linear, rank: int, size: int):
+        super().__init__()
+        a, b = _chunk(full.out_features, size, rank)
+        self.weight = nn.Parameter(full.weight[a:b].detach().clone())
+        self.bias = nn.Parameter(full.bias[a:b].detach().clone())
+
+    def forward(self, x):
+        return fn.linear(x, self.weight, self.bias)
+
+
+class RowParallel(nn.Module):
+    """Megatron-style: takes this rank's input columns; the partial outputs are summed over the group."""
+
+    input_is_parallel = True
+
+    def __init__(self, full: nn.Linear, rank: int, size: int, group):
+        super().__init__()
+        a, b = _chunk(full.in_features, size, rank)
+        self.weight = nn.Parameter(full.weight[:, a:b].detach().clone())
+        self.bias = nn.Parameter(full.bias.detach().clone())
+        self.group = group
+
+    def forward(self, x):
+        y = fn.linear(x, self.weight)
+        dist.all_reduce(y, group=self.group)
+        return y + self.bias
+
+
+def batches(replica: int, seed: int = 5) -> list[list[torch.Tensor]]:
+    """Per step, two id batches of data-parallel replica ``replica`` (every bucket present)."""
+    g = torch.Generator().manual_seed(seed + 100 * replica)
+    out = []
+    for _ in range(STEPS):
+        # a third of the tokens from each bucket's ids: HEAD {0, 1}, MID {2..5}, TAIL the rest
+        b = torch.randint(0, 3, (2, 2, S), generator=g)
+        lo, hi = torch.tensor([0, 2, 6])[b], torch.tensor([2, 6, V])[b]
+        out.append([lo[k] + (torch.rand(2, S, generator=g) * (hi[k] - lo[k])).long() for k in range(2)])
+    return out
+
+
+def run(probe, model, steps, stage_ids=None):
+    with torch.no_grad():
+        for step in steps:
+            for ids in step:
+                if stage_ids is None:
+                    model(ids)
+                else:
+                    stage_ids(probe, model, ids)
+            probe.step()
+    df = probe.compute()
+    mon = probe.monitor_frame()
+    probe.close()
+    return df, mon
+
+
+def reference(twin: Net, steps_by_replica: list, sites: dict) -> dict:
+    """Eigenvalues per (layer, site, bucket) over every replica's data, and per-step pooled hard ranks."""
+    got: dict = {}
+    hooks = []
+    for name, block in twin.layers.items():
+        for site, spec in sites.items():
+            path, capture = (spec, "output") if isinstance(spec, str) else spec
+            mod = block.get_submodule(path.split("{layer}.")[1])
+            if capture == "output":
+                hooks.append(mod.register_forward_hook(lambda m, a, o, k=(int(name), site): got[k].append(o)))
+            else:
+                hooks.append(mod.register_forward_pre_hook(lambda m, a, k=(int(name), site): got[k].append(a[0])))
+    rows: dict = {}
+    per_step: dict = {}
+    with torch.no_grad():
+        for replica in steps_by_replica:
+            for t, step in enumerate(replica):
+                for ids in step:
+                    got.clear()
+                    for k in [(int(n), s) for n in twin.layers for s in sites]:
+                        got[k] = []
+                    twin(ids)
+                    for k, (x,) in got.items():
+                        rows.setdefault(k, []).append((ids.reshape(-1), x.reshape(-1, x.shape[-1])))
+                        per_step.setdefault((t, *k), []).append(x.reshape(-1, x.shape[-1]))
+    for h in hooks:
+        h.remove()
+    return summarise(rows, per_step)
+
+
+def summarise(rows: dict, per_step: dict) -> dict:
+    out = {}
+    for (layer, site), chunks in rows.items():
+        ids = torch.cat([i for i, _ in chunks]).numpy()
+        x = torch.cat([r for _, r in chunks]).numpy()
+        buckets = np.array([BUCKET_OF.get(int(i), "tail") for i in ids])
+        for b in ("all", "head", "mid", "tail"):
+            sel = x if b == "all" else x[buckets == b]
+            out[(layer, site, b)] = (len(sel), np.sort(np.linalg.eigvalsh(np.cov(sel, rowvar=False)))[::-1])
+    for (t, layer, site), xs in per_step.items():
+        lam = np.linalg.eigvalsh(np.cov(torch.cat(xs).numpy(), rowvar=False))
+        out[("monitor", t, layer, site)] = lam.sum() ** 2 / (lam**2).sum()
+    return out
+
+
+def attach(model, sites, **kw):
+    return capscale.attach(model, sites=sites, every=STEPS, window=STEPS, freq_table=table(), dtype=torch.float64, **kw)
+
+
+# -- scenarios: each returns (rows, monitor rows, reference) on rank 0, None elsewhere ----------------
+def _dtensor_tp(rank, world, gated=False):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    model, twin = Net(gated=gated), Net(gated=gated)
+    plan = (
+        {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()}
+        if gated
+        else {"up": ColwiseParallel(), "down": RowwiseParallel()}
+    )
+    for name, block in model.layers.items():
+        if gated or name == "0":  # the plain MLP's layer 1 stays whole: its rows are counted once, not tp times
+            parallelize_module(block.mlp, mesh, plan)
+    sites = GATED if gated else PATTERNS
+    df, mon = run(attach(model, sites), model, batches(0))
+    return (df, mon, reference(twin, [batches(0)], sites)) if rank == 0 else None
+
+
+def dtensor_tp2(rank, world):
+    return _dtensor_tp(rank, world)
+
+
+def dtensor_swiglu_tp2(rank, world):
+    return _dtensor_tp(rank, world, gated=True)
+
+
+def _megatron(model: Net, rank: int, size: int, group) -> Net:
+    for block in model.layers.values():
+        block.mlp.up = ColumnParallel(block.mlp.up, rank, size)
+        block.mlp.down = RowParallel(block.mlp.down, rank, size, group)
+    return model
+
+
+def megatron_tp(rank, world, background=False):
+    model = _megatron(Net(), rank, world, None)
+    probe = attach(
+        model,
+        PATTERNS,
+        tp_group=dist.group.WORLD,
+        monitor_every=None if background else 1,
+        monitor_sites=("pre", "post"),
+        background=background,
+    )
+    df, mon = run(probe, model, batches(0))
+    return (df, mon, reference(Net(), [batches(0)], PATTERNS)) if rank == 0 else None
+
+
+def megatron_tp_background(rank, world):
+    """The blocks gathered on rank 0 at the window's end, decomposed there by the background worker."""
+    return megatron_tp(rank, world, background=True)
+
+
+def data_x_tensor(rank, world):
+    """A 2×2 mesh: data-parallel replicas (other data) of a DTensor tensor-parallel MLP."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = Net()
+    for block in model.layers.values():
+        parallelize_module(block.mlp, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    replica = mesh["dp"].get_local_rank()
+    df, mon = run(attach(model, PATTERNS), model, batches(replica))
+    return (df, mon, reference(Net(), [batches(0), batches(1)], PATTERNS)) if rank == 0 else None
+
+
+def fsdp_x_tensor(rank, world):
+    """torchtitan's layout: tensor parallel inside, FSDP2 over the data-parallel mesh dimension."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = Net()
+    for block in model.layers.values():
+        parallelize_module(block.mlp, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    replica = mesh["dp"].get_local_rank()
+    df, mon = run(attach(model, PATTERNS), model, batches(replica))
+    return (df, mon, reference(Net(), [batches(0), batches(1)], PATTERNS)) if rank == 0 else None
+
+
+def pipeline(rank, world):
+    """Two stages of a 4-layer model, as torchtitan splits it: each deletes the other's layers."""
+    full = Net(layers=4)
+    stage = copy.deepcopy(full)
+    for k in list(stage.layers):
+        if (int(k) < 2) != (rank == 0):
+            del stage.layers[k]
+    if rank == 1:
+        stage.embed = None
+
+    def forward(probe, model, ids):
+        if rank == 0:
+            dist.send(model(ids).contiguous(), dst=1)
+        else:
+            h = torch.empty(*ids.shape, H, dtype=torch.float64)
+            dist.recv(h, src=0)
+            with probe.batch(token_ids=ids):  # a later stage sees hidden states: its tokens are given
+                model(h)
+
+    out = pipeline.tmp + "/run"
+    probe = attach(stage, PATTERNS, out=out, run_config={"label": "pp"})
+    df, mon = run(probe, stage, batches(0), forward)
+    if rank != 0:
+        return None
+    import pandas as pd
+
+    written = pd.read_parquet(out + "/spectra.parquet")
+    return written, mon, reference(full, [batches(0)], PATTERNS)
+
+
+class Expert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(H, F), nn.Linear(F, H)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+class MoE(nn.Module):
+    """Top-1 routing over ``n`` experts, of which this rank holds ``held`` (the rest on other ranks)."""
+
+    def __init__(self, n: int, held: list[int], group=None):
+        super().__init__()
+        self.router = nn.Linear(H, n, bias=False)
+        every = [Expert() for _ in range(n)]
+        self.held = held
+        self.experts = nn.ModuleList([every[e] for e in held])
+        self.group = group
+        self.trace = None  # the reference's own record: (expert, token rows, pre, post)
+
+    def forward(self, x):
+        flat = x.reshape(-1, H)
+        choice = self.router(flat).argmax(-1)
+        out = torch.zeros_like(flat)
+        for e, expert in zip(self.held, self.experts):
+            idx = (choice == e).nonzero().squeeze(1)
+            if idx.numel():
+                out[idx] = expert(flat[idx])
+                if self.trace is not None:
+                    pre = expert.up(flat[idx])
+                    self.trace.append((idx, pre, torch.tanh(pre)))
+        if self.group is not None:
+            dist.all_reduce(out, group=self.group)  # tokens come back from the experts' ranks
+        return out.reshape(x.shape)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, n, held, group=None):
+        super().__init__()
+        self.moe = MoE(n, held, group)
+
+    def forward(self, x):
+        return x + self.moe(x)
+
+
+class MoENet(nn.Module):
+    def __init__(self, held, group=None, n=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.pos = nn.Embedding(V, H), nn.Parameter(torch.randn(S, H))
+        self.blocks = nn.ModuleList([MoEBlock(n, held, group) for _ in range(LAYERS)])
+        self.double()
+
+    def forward(self, ids):
+        x = self.embed(ids) + self.pos
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def expert_parallel(rank, world):
+    """4 experts per layer, 2 on each rank; every rank sees the same tokens and runs its own experts."""
+    model = MoENet([2 * rank, 2 * rank + 1], dist.group.WORLD)
+    df, mon = run(
+        capscale.attach(model, every=STEPS, window=STEPS, freq_table=table(), dtype=torch.float64), model, batches(0)
+    )
+    if rank != 0:
+        return None
+    twin = MoENet([0, 1, 2, 3])
+    rows: dict = {}
+    with torch.no_grad():
+        for step in batches(0):
+            for ids in step:
+                for b in twin.blocks:
+                    b.moe.trace = []
+                twin(ids)
+                for layer, b in enumerate(twin.blocks):
+                    for idx, pre, post in b.moe.trace:
+                        for site, x in (("pre", pre), ("post", post)):
+                            rows.setdefault((layer, site), []).append((ids.reshape(-1)[idx], x))
+    return df, mon, summarise(rows, {})
+
+
+TWO = [dtensor_tp2, dtensor_swiglu_tp2, megatron_tp, megatron_tp_background, pipeline, expert_parallel]
+FOUR = [megatron_tp, data_x_tensor, fsdp_x_tensor]
+
+
+def _worker(rank, world, tmp, names):
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        torch.set_num_threads(1)
+        pipeline.tmp = tmp  # where its run directory goes
+        for scenario in [f for f in (TWO if world == 2 else FOUR) if f.__name__ in names]:
+            try:
+                t0 = time.perf_counter()
+                got = scenario(rank, world)
+                print(f"{scenario.__name__} rank {rank}: {time.perf_counter() - t0:.1f}s", flush=True)
+            except Exception:
+                with open(f"{tmp}/{scenario.__name__}.{rank}.err", "w") as f:
+                    f.write(traceback.format_exc())
+                raise
+            if got is not None:
+                with open(f"{tmp}/{scenario.__name__}.pkl", "wb") as f:
+                    pickle.dump(got, f)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world, tmp_path_factory):
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    tmp = tmp_path_factory.mktemp(f"world{world}")
+    names = [f.__name__ for f in (TWO if world == 2 else FOUR)]
+    import torch.distributed.fsdp  # noqa: F401  (once here, not in each child: seconds)
+    import torch.distributed.tensor.parallel  # noqa: F401
+
+    try:
+        # fork: the children inherit torch and capscale imported (spawn re-imports them: ~10 s each)
+        mp.start_processes(_worker, args=(world, str(tmp), names), nprocs=world, join=True, start_method="fork")
+    except Exception as exc:  # each test reports its own scenario's error below
+        (tmp / "spawn.err").write_text(str(exc))
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    return _spawn(2, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    return _spawn(4, tmp_path_factory)
+
+
+def _result(tmp, name):
+    path = tmp / f"{name}.pkl"
+    if not path.exists():
+        errs = sorted(tmp.glob(f"{name}.*.err")) or sorted(tmp.glob("spawn.err"))
+        pytest.fail(f"scenario {name} did not finish:\n" + "\n".join(e.read_text() for e in errs))
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def check_rows(df, ref, layers):
+    """Every (layer, site, bucket) row once, equal to the reference in float64."""
+    assert not df.duplicated(["step", "layer", "site", "bucket"]).any()
+    keys = {k for k in ref if k[0] != "monitor"}
+    assert {(r.layer, r.site, r.bucket) for r in df.itertuples()} == keys
+    assert sorted({k[0] for k in keys}) == layers
+    for r in df.itertuples():
+        n, lam = ref[(r.layer, r.site, r.bucket)]
+        assert r.n_samples == n and r.dim == F
+        assert r.eigenvalues is not None, (r.layer, r.site, r.bucket)
+        got = np.sort(np.asarray(r.eigenvalues))[::-1]
+        np.testing.assert_allclose(got, np.clip(lam, 0, None), rtol=0, atol=1e-9 * lam[0])
+        p = np.clip(lam, 0, None) / np.clip(lam, 0, None).sum()
+        np.testing.assert_allclose(r.hard_rank, 1 / (p**2).sum(), rtol=1e-9)
+        p = p[p > 1e-15]
+        np.testing.assert_allclose(r.soft_rank, np.exp(-(p * np.log(p)).sum()), rtol=1e-9)
+
+
+def test_dtensor_colwise_rowwise_tp2_equals_unsharded(two):
+    """Layer 0 parallelised (ColwiseParallel up, RowwiseParallel down), layer 1 left whole on both ranks."""
+    df, _, ref = _result(two, "dtensor_tp2")
+    check_rows(df, ref, [0, 1])
+
+
+def test_dtensor_swiglu_w1_w3_w2_tp2_equals_unsharded(two):
+    df, _, ref = _result(two, "dtensor_swiglu_tp2")
+    check_rows(df, ref, [0, 1])
+
+
+def _check_monitor(mon, ref):
+    """The monitor's hard rank from per-block scalars (no eigvalsh) == the eigenvalue route, to 1e-10."""
+    assert len(mon) == STEPS * LAYERS * 2
+    for r in mon.itertuples():
+        assert r.dim == F
+        np.testing.assert_allclose(r.hard_rank, ref[("monitor", r.step, r.layer, r.site)], rtol=1e-10)
+
+
+def test_megatron_column_row_parallel_tp2_equals_unsharded(two):
+    df, mon, ref = _result(two, "megatron_tp")
+    check_rows(df, ref, [0, 1])
+    _check_monitor(mon, ref)
+
+
+def test_megatron_tp2_background_decomposition_equals_unsharded(two):
+    df, mon, ref = _result(two, "megatron_tp_background")
+    check_rows(df, ref, [0, 1])
+    assert mon.empty
+
+
+def test_megatron_uneven_shards_tp4_equals_unsharded(four):
+    df, mon, ref = _result(four, "megatron_tp")
+    check_rows(df, ref, [0, 1])
+    _check_monitor(mon, ref)
+
+
+def test_two_by_two_data_by_tensor_mesh_equals_unsharded(four):
+    df, _, ref = _result(four, "data_x_tensor")
+    check_rows(df, ref, [0, 1])
+
+
+def test_fsdp2_over_data_with_tensor_parallel_inside_equals_unsharded(four):
+    df, _, ref = _result(four, "fsdp_x_tensor")
+    check_rows(df, ref, [0, 1])
+
+
+def test_pipeline_stages_write_every_layer_once_with_global_indices(two):
+    """Both stages' rows in one run directory's spectra.parquet (written by rank 0), each once."""
+    df, _, ref = _result(two, "pipeline")
+    check_rows(df, ref, [0, 1, 2, 3])
+
+
+def test_experts_split_over_two_ranks_pool_to_the_single_process_result(two):
+    df, _, ref = _result(two, "expert_parallel")
+    check_rows(df, ref, [0, 1])
