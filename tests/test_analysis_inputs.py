@@ -189,3 +189,49 @@ def test_records_logged_again_after_a_resume_keep_the_latest(tmp_path):
     assert (sweep.spectra[sweep.spectra["step"] == 60]["soft_rank"] == 31.0).all()
     assert sweep.runs["final_val_loss"].iloc[0] == 2.5
     assert sweep.metrics["step"].is_unique
+
+
+# -- hostile input: the directory walk (issue 30, item 1) --------------------------------
+
+
+def _three_runs(root, rng):
+    return [planted_run(root / "grp" / f"m{w}", MUON, w, 0, rng) for w in (32, 64, 128)]
+
+
+def test_a_symlink_loop_or_a_link_out_of_the_root_is_skipped_and_each_run_counted_once(tmp_path):
+    rng = np.random.default_rng(11)
+    root = tmp_path / "root"
+    _three_runs(root, rng)
+    outside = planted_run(tmp_path / "elsewhere" / "m256", MUON, 256, 0, rng)
+    (root / "self").symlink_to(".")  # a loop
+    (root / "grp" / "up").symlink_to("..")  # a loop through the parent
+    (root / "usr").symlink_to(tmp_path / "elsewhere")  # out of the root
+    (root / "again").symlink_to(root / "grp" / "m64")  # a run reached twice
+    (root / "runlink").symlink_to(outside)  # a run directory outside the root
+    sweep = load_sweep(root)
+    assert sorted(sweep.runs["run_id"]) == ["grp/m128", "grp/m32", "grp/m64"]
+    skipped = sweep.excluded[sweep.excluded["status"] == "skipped"].set_index("name")["reason"]
+    assert set(skipped.index) == {"self", "up", "usr", "again", "runlink"}
+    assert "outside the root" in skipped["usr"] and "outside the root" in skipped["runlink"]
+    assert "inside the walk already" in skipped["self"] and "inside the walk already" in skipped["again"]
+
+
+def test_a_sweeps_runs_folder_does_not_follow_links_out_of_the_root(tmp_path):
+    rng = np.random.default_rng(12)
+    for w in (32, 64, 128):
+        planted_run(tmp_path / "sw" / "runs" / f"m{w}", MUON, w, 0, rng)
+    (tmp_path / "sw" / "runs" / "ext").symlink_to(planted_run(tmp_path / "ext", MUON, 256, 0, rng))
+    (tmp_path / "sw" / "runs" / "dup").symlink_to(tmp_path / "sw" / "runs" / "m32")
+    sweep = load_sweep(tmp_path / "sw")
+    assert sorted(sweep.runs["run_id"]) == ["m128", "m32", "m64"]
+    assert set(sweep.excluded.loc[sweep.excluded["status"] == "skipped", "name"]) == {"ext", "dup"}
+
+
+def test_a_config_json_that_is_a_directory_is_listed(tmp_path):
+    rng = np.random.default_rng(13)
+    _three_runs(tmp_path, rng)
+    bad = tmp_path / "grp" / "bad"
+    (bad / "config.json").mkdir(parents=True)
+    sweep = load_sweep(tmp_path)
+    reason = sweep.excluded.set_index("run_id").loc["grp/bad", "reason"]
+    assert "config.json" in reason and len(sweep.runs) == 3

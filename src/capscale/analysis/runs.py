@@ -18,7 +18,9 @@ between the model configs of the analysed runs is an error
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ import pandas as pd
 
 from capscale.rundir import CONFIG_FILE, STATUS_FILE, RunDir, RunStatus, read_spectra, spectra_columns
 from capscale.runformat import resolve_config
+
+log = logging.getLogger(__name__)
 
 # Model keys that may vary within one analysis and then become part of the series key.
 ARCH_AXES = ("activation", "pos", "variant", "d_model", "n_head")
@@ -85,8 +89,11 @@ class Sweep:
 
 def load_sweep(source: str | Path | Iterable[str | Path]) -> Sweep:
     """Read a sweep directory, a single run directory, or a list of run directories."""
-    root, spec, run_dirs = _locate(source)
-    included, excluded, spectra, metrics = [], [], [], []
+    root, spec, run_dirs, skipped = _locate(source)
+    for entry in skipped:
+        log.warning("skipped %s: %s", entry["path"], entry["reason"])
+    included, spectra, metrics = [], [], []
+    excluded: list[dict] = list(skipped)
     for run_dir in run_dirs:
         rec = _read_run(run_dir, _run_id(run_dir, root))
         if rec["reason"] is None:
@@ -125,46 +132,133 @@ def load_sweep(source: str | Path | Iterable[str | Path]) -> Sweep:
 # -- locating and reading ---------------------------------------------------------
 
 
-def _locate(source) -> tuple[Path | None, dict | None, list[Path]]:
+def _locate(source) -> tuple[Path | None, dict | None, list[Path], list[dict]]:
+    """(root, sweep.json, run directories, skipped entries). Directory symlinks are never
+    followed out of the root or into a loop, and every run is counted once, by its real path."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"no such sweep or run directory: {path}")
         if (path / "runs").is_dir():
-            spec = _read_json(path / "sweep.json") if (path / "sweep.json").is_file() else None
-            dirs = sorted(p for p in (path / "runs").iterdir() if p.is_dir())
-            return path, spec, dirs
+            spec = _read_spec(path / "sweep.json") if (path / "sweep.json").exists() else None
+            walk = _Walk(path)
+            dirs = walk.children(path / "runs", runs_only=True)
+            return path, spec, dirs, walk.skipped
         if _is_run_dir(path):
-            return None, None, [path]
-        dirs = _find_run_dirs(path)
+            return None, None, [path], []
+        walk = _Walk(path)
+        dirs = walk.find(path)
         if not dirs:
             raise FileNotFoundError(
                 f"{path} is neither a sweep directory (with runs/) nor a run directory (with config.json), "
                 "and holds no run directory below it"
+                + (f" ({len(walk.skipped)} entr(y/ies) skipped: {walk.skipped[0]['reason']})" if walk.skipped else "")
             )
-        return path, None, dirs
+        return path, None, dirs, walk.skipped
     dirs = [Path(p) for p in source]
     missing = [str(p) for p in dirs if not p.is_dir()]
     if missing:
         raise FileNotFoundError(f"run directories not found: {missing}")
     if len({p.name for p in dirs}) != len(dirs):
         raise ValueError("run directories must have distinct names (the name identifies the run)")
-    return None, None, dirs
+    unique, skipped, seen = [], [], {}
+    for p in dirs:
+        real = os.path.realpath(p)
+        if real in seen:
+            skipped.append(_skip(p, f"the same directory as {seen[real]}"))
+        else:
+            seen[real] = p
+            unique.append(p)
+    return None, None, unique, skipped
+
+
+def _read_spec(path: Path) -> dict:
+    spec = _read_json(path)
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(spec).__name__} ({spec!r:.40})")
+    return spec
 
 
 def _is_run_dir(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() or (path / STATUS_FILE).is_file()
+    return (path / CONFIG_FILE).exists() or (path / STATUS_FILE).exists()
 
 
-def _find_run_dirs(root: Path) -> list[Path]:
-    """Run directories at any depth below ``root`` (a run's own subdirectories are not searched)."""
-    found = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if _is_run_dir(sub):
-            found.append(sub)
-        else:
-            found += _find_run_dirs(sub)
-    return found
+def _skip(path: Path, reason: str) -> dict:
+    rec = {"run_id": str(path), "path": str(path), "name": path.name, "status": "skipped", "reason": reason}
+    return {**rec, "step": None, "config": None}
+
+
+class _Walk:
+    """The directories below a root, each real directory once; directory symlinks are followed
+    only to a directory inside the root that the walk has not reached by its real path."""
+
+    def __init__(self, root: Path):
+        self.root = os.path.realpath(root)
+        self.seen: dict[str, Path] = {self.root: root}
+        self.skipped: list[dict] = []
+        self._links: list[Path] = []
+
+    def _admit(self, sub: Path) -> bool:
+        real = os.path.realpath(sub)
+        if sub.is_symlink():
+            if os.path.commonpath([real, self.root]) != self.root:
+                self.skipped.append(_skip(sub, f"a symlink to {real}, outside the root {self.root}: not followed"))
+                return False
+            if real in self.seen or any(os.path.commonpath([real, s]) == real for s in self.seen if s != real):
+                # a link to a directory already walked, or to one of its ancestors (a loop)
+                where = self.seen.get(real)
+                self.skipped.append(
+                    _skip(
+                        sub,
+                        f"a symlink to {where if where is not None else real}, inside the walk already: not followed",
+                    )
+                )
+                return False
+        elif real in self.seen:
+            self.skipped.append(_skip(sub, f"the same directory as {self.seen[real]}: counted once"))
+            return False
+        self.seen[real] = sub
+        return True
+
+    def _subdirs(self, folder: Path) -> list[Path]:
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError as exc:
+            self.skipped.append(_skip(folder, f"cannot be listed: {exc.strerror}"))
+            return []
+        # real directories first: a run reached both directly and through a link is counted as itself
+        dirs = [p for p in entries if p.is_dir() and not p.is_symlink()]
+        self._links += [p for p in entries if p.is_dir() and p.is_symlink()]
+        return dirs
+
+    def children(self, folder: Path, runs_only: bool = False) -> list[Path]:
+        """The directories directly in ``folder`` (a sweep's runs/), links last."""
+        self.seen.setdefault(os.path.realpath(folder), folder)
+        found = [p for p in self._subdirs(folder) if self._admit(p)]
+        links, self._links = self._links, []
+        found += [p for p in links if self._admit(p)]
+        return found
+
+    def find(self, root: Path) -> list[Path]:
+        """Run directories at any depth (a run's own subdirectories are not searched)."""
+        found = self._find(root)
+        while self._links:
+            links, self._links = sorted(self._links), []
+            for link in links:
+                if self._admit(link):
+                    found += [link] if _is_run_dir(link) else self._find(link)
+        return found
+
+    def _find(self, folder: Path) -> list[Path]:
+        found = []
+        for sub in self._subdirs(folder):
+            if sub.name.startswith(".") or not self._admit(sub):
+                continue
+            if _is_run_dir(sub):
+                found.append(sub)
+            else:
+                found += self._find(sub)
+        return found
 
 
 def _run_id(run_dir: Path, root: Path | None) -> str:
