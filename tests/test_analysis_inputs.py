@@ -235,3 +235,45 @@ def test_a_config_json_that_is_a_directory_is_listed(tmp_path):
     sweep = load_sweep(tmp_path)
     reason = sweep.excluded.set_index("run_id").loc["grp/bad", "reason"]
     assert "config.json" in reason and len(sweep.runs) == 3
+
+
+# -- degenerate intervals never resolve a question (issue 30, item 2) ----------------------
+
+
+def _equal_ratio_sweep(root):
+    """Soft rank twice the hard rank at every width, up to round-off (a tilt of 3e-15 in the exponent):
+    Δβ ≈ 3e-15 with a t-interval of that order, which lies above 0 and means nothing."""
+    write_sweep(root, series=(MUON,), widths=(32, 64, 128))
+    for part in root.glob("runs/*/spectra.parquet"):
+        df = pd.read_parquet(part)
+        df["soft_rank"] = 2.0 * df["hard_rank"] * df["dim"] ** 3e-15
+        df.to_parquet(part, index=False)
+    return root
+
+
+def test_resolves_needs_a_nondegenerate_interval_beyond_round_off():
+    from capscale.analysis.fits import degenerate, resolves
+
+    assert resolves(0.1, 0.3) and resolves(-0.3, -0.1) and not resolves(-0.1, 0.3)
+    assert degenerate(1.60171294e-16, 1.60171355e-16)  # the t-interval of a zero-residual fit
+    assert not resolves(1.60171294e-16, 1.60171355e-16)
+    assert not resolves(0.5, 0.5) and not resolves(float("nan"), 1.0) and not resolves(None, 1.0)
+    assert not resolves(1e-12, 0.2)  # a bound within round-off of the null does not exclude it
+    assert resolves(2.0, 3.0, null=1.0) and not resolves(1.0 + 1e-12, 3.0, null=1.0)
+
+
+def test_a_delta_beta_of_round_off_is_degenerate_and_not_resolved(tmp_path):
+    a = analyze(_equal_ratio_sweep(tmp_path), n_resamples=200)
+    delta = a.fits[(a.fits["metric"] == "delta_beta") & (a.fits["bucket"] == "all")]
+    assert delta["fittable"].all() and delta["degenerate"].all()
+    assert (delta["beta"].abs() < 1e-12).all()
+    soft = a.fits[a.fits["metric"] == "soft_rank"]
+    assert not soft["degenerate"].any()  # real fits keep their intervals
+
+
+def test_the_report_does_not_call_round_off_a_resolved_asymmetry(tmp_path):
+    from capscale.report import build_report
+
+    files = build_report(_equal_ratio_sweep(tmp_path), n_resamples=100)
+    q3 = next(a for a in json.loads(files.json.read_text())["answers"] if a["id"] == "q3")
+    assert q3["verdict"] != "resolved", q3["finding"]

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from capscale.analysis.fits import RESOLVE_RTOL, degenerate
 from capscale.spectrum import fit_power_law
 
 MIN_WIDTHS = 3
@@ -66,7 +67,7 @@ def beta_difference(
         ses.append((hi - lo) / (2 * stats.t.ppf(0.5 + confidence / 2, n - 2)))
         dfs.append(n - 2)
     se = math.hypot(*ses)
-    if se == 0:
+    if se == 0:  # both fits degenerate: a zero-width interval, which ``fits.resolves`` never counts
         return diff, diff, diff
     df = se**4 / sum(s**4 / d for s, d in zip(ses, dfs))
     half = stats.t.ppf(0.5 + confidence / 2, df) * se
@@ -147,6 +148,13 @@ def _triple(fit) -> tuple[float, float, float, int]:
     return fit.beta, fit.ci_low, fit.ci_high, fit.n
 
 
+def _above(lo_a, hi_a, lo_b, hi_b) -> bool:
+    """Interval a lies above interval b, by more than round-off, neither degenerate."""
+    if degenerate(lo_a, hi_a) or degenerate(lo_b, hi_b):
+        return False
+    return lo_a - hi_b > RESOLVE_RTOL * max(1.0, abs(lo_a), abs(hi_b))
+
+
 def effect_summary(effects: pd.DataFrame) -> pd.DataFrame:
     """Per metric and kind: the median span and the envelope of the spans' intervals; ``larger``
     names the kind whose spans all lie above the other's, intervals included (else None)."""
@@ -164,9 +172,9 @@ def effect_summary(effects: pd.DataFrame) -> pd.DataFrame:
             row["point_larger"], row["larger"] = None, None
         else:
             row["point_larger"] = "optimizer" if opt > arch else "architecture"
-            if row["optimizer_low"] > row["architecture_high"]:
+            if _above(row["optimizer_low"], row["optimizer_high"], row["architecture_low"], row["architecture_high"]):
                 row["larger"] = "optimizer"
-            elif row["architecture_low"] > row["optimizer_high"]:
+            elif _above(row["architecture_low"], row["architecture_high"], row["optimizer_low"], row["optimizer_high"]):
                 row["larger"] = "architecture"
             else:
                 row["larger"] = None
