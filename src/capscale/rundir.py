@@ -332,10 +332,15 @@ def _holder() -> dict:
     }
 
 
-def _read_object(path: Path) -> dict:
-    """A JSON object from ``path``; anything else is one line naming the file."""
+def read_json_object(path: str | Path) -> dict:
+    """A JSON object from ``path``; anything else (a directory included) is one ``RunDirError`` naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise RunDirError(f"{path} is a directory, not a file")
     try:
         obj = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise RunDirError(f"{path} cannot be read: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise RunDirError(f"{path} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
@@ -343,6 +348,9 @@ def _read_object(path: Path) -> dict:
     if not isinstance(obj, dict):
         raise RunDirError(f"{path} must hold a JSON object, not {type(obj).__name__}")
     return obj
+
+
+_read_object = read_json_object
 
 
 # -- metrics.jsonl: the one reading rule -------------------------------------------

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from capscale.rundir import RunDir, RunStatus, atomic_write_json
+from capscale.rundir import RunDir, RunDirError, RunStatus, atomic_write_json, read_json_object
 from capscale.sweep.executors import (
     RunResult,
     check_submitit,
@@ -29,13 +29,10 @@ SPEC_FILE = "sweep.json"
 def plan(spec: SweepSpec, out: str | Path) -> dict[str, Path]:
     """Write the sweep spec and one request per run (idempotent); returns run dirs by name."""
     out = Path(out)
+    _check_same_sweep(spec, out)
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / SPEC_FILE
-    if spec_path.exists():
-        old = json.loads(spec_path.read_text())
-        if old != json.loads(json.dumps(spec.to_dict())):
-            raise ValueError(f"{out} holds a different sweep ({old.get('name')!r}); use another --out")
-    else:
+    if not spec_path.exists():
         atomic_write_json(spec_path, spec.to_dict())
     runs = {}
     for name, cfg in spec.runs().items():
@@ -43,6 +40,27 @@ def plan(spec: SweepSpec, out: str | Path) -> dict[str, Path]:
         write_request(run_dir, json.loads(json.dumps(cfg.to_dict())))
         runs[name] = run_dir
     return runs
+
+
+def saved_spec(out: str | Path) -> SweepSpec:
+    """The sweep that ``out`` holds, from its ``sweep.json`` (what ``plan`` wrote there)."""
+    path = Path(out) / SPEC_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{out} holds no sweep ({SPEC_FILE} missing): give --preset or --config")
+    try:
+        return SweepSpec.from_dict(read_json_object(path))
+    except RunDirError:
+        raise  # names the file already
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not a sweep spec: {exc}") from None
+
+
+def _check_same_sweep(spec: SweepSpec, out: Path) -> None:
+    spec_path = out / SPEC_FILE
+    if spec_path.exists():
+        old = read_json_object(spec_path)
+        if old != json.loads(json.dumps(spec.to_dict())):
+            raise ValueError(f"{out} holds a different sweep ({old.get('name')!r}); use another --out")
 
 
 def run_order(spec: SweepSpec, names) -> list[str]:
@@ -184,6 +202,9 @@ def run_sweep(
     if log is None:
         ensure_handler()
     say = log or logger.info
+    # Validated before anything is written: a refused sweep leaves no trace.
+    select_runs({name: Path(out) / "runs" / name for name in spec.runs()}, only)
+    _check_same_sweep(spec, Path(out))
     planned = plan(spec, out)
     runs = select_runs(planned, only)
     pending = pending_runs(spec, runs)
