@@ -139,26 +139,34 @@ class RunDir:
 
     # one writer at a time
     @contextlib.contextmanager
-    def lock(self, *, wait: float = 1.0) -> Iterator[RunDir]:
+    def lock(self, *, wait: float = 1.0, reentrant: bool = True) -> Iterator[RunDir]:
         """Hold the run directory exclusively while the block runs; refuse at once if another process does.
 
-        ``fcntl.flock`` on ``.lock``, which records the holder (pid, host, started):
-        the kernel releases it when the holder dies, so a killed run never blocks
-        its resume. Re-entrant within one process (a sweep worker holds it around
-        ``train``, which takes it too). ``wait`` (seconds) only outlasts a momentary
-        shared lock taken by a status query. On first acquisition the temp files
-        left by killed writers are removed (no writer can own them now). The lock
-        file, and a directory, that the lock itself created are removed on release
-        (the directory only if empty): refused input leaves no trace.
+        ``fcntl.flock`` on the run directory itself and on ``.lock``, which records the
+        holder (pid, host, started): the kernel releases both when the holder dies, so a
+        killed run never blocks its resume, and deleting ``.lock`` under a live writer
+        lets no second one in (the directory stays locked). Re-entrant within one process
+        (a sweep worker holds it around ``train``, which takes it too) unless
+        ``reentrant=False``: then a second holder in this process is refused too (two
+        ``attach(out=SAME)`` in one notebook). ``wait`` (seconds) only outlasts a
+        momentary shared lock taken by a status query. On first acquisition the temp
+        files left by killed writers are removed (no writer can own them now). The lock
+        file, and a directory, that the lock itself created are removed on release (the
+        directory only if empty): refused input leaves no trace.
         """
-        key = os.path.realpath(self.lock_path)
+        key = os.path.realpath(self.path)
         held = _HELD.get(key)
         if held is not None:
-            held[1] += 1
+            if not reentrant:
+                raise RunLockedError(
+                    f"{self.path} is already being written by this process (pid {os.getpid()}); "
+                    "one writer per run directory: close() the other probe first"
+                )
+            held[2] += 1
             try:
                 yield self
             finally:
-                held[1] -= 1
+                held[2] -= 1
             return
         created = not self.path.exists()
         try:
@@ -166,8 +174,8 @@ class RunDir:
         except OSError as exc:
             raise RunDirError(f"cannot create run directory {self.path}: {exc.strerror}") from exc
         made_lock_file = not self.lock_path.exists()
-        fd = self._acquire(wait)
-        _HELD[key] = [fd, 1]
+        dir_fd, fd = self._acquire(wait)
+        _HELD[key] = [dir_fd, fd, 1]
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(_holder()).encode(), 0)
@@ -181,10 +189,40 @@ class RunDir:
                     self.lock_path.unlink()
                 if created and not any(self.path.iterdir()):
                     self.path.rmdir()
-            os.close(fd)  # releases the flock
+            os.close(fd)  # releases the flocks
+            os.close(dir_fd)
 
-    def _acquire(self, wait: float) -> int:
+    def _refuse(self) -> RunLockedError:
+        holder = self.lock_holder() or {}
+        who = (
+            f" (pid {holder['pid']} on {holder.get('host')}, since {holder.get('started')})" if "pid" in holder else ""
+        )
+        return RunLockedError(
+            f"{self.path} is being trained by another process{who}; one process writes a run directory at a time"
+        )
+
+    def _acquire(self, wait: float) -> tuple[int, int]:
         deadline = time.monotonic() + wait
+        try:
+            dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise RunDirError(f"cannot open the run directory {self.path}: {exc.strerror}") from exc
+        try:
+            # The directory first: a writer holds it even after its .lock file was deleted.
+            while True:
+                try:
+                    fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise self._refuse() from None
+                    time.sleep(0.05)
+            return dir_fd, self._acquire_file(deadline)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+
+    def _acquire_file(self, deadline: float) -> int:
         while True:
             try:
                 fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -195,16 +233,7 @@ class RunDir:
             except BlockingIOError:
                 os.close(fd)
                 if time.monotonic() >= deadline:
-                    holder = self.lock_holder() or {}
-                    who = (
-                        f" (pid {holder['pid']} on {holder.get('host')}, since {holder.get('started')})"
-                        if "pid" in holder
-                        else ""
-                    )
-                    raise RunLockedError(
-                        f"{self.path} is being trained by another process{who}; "
-                        "one process writes a run directory at a time"
-                    ) from None
+                    raise self._refuse() from None
                 time.sleep(0.05)
                 continue
             # The file may have been removed (a refused first run tidying up) between open and flock.
@@ -221,7 +250,7 @@ class RunDir:
         try:
             fd = os.open(self.lock_path, os.O_RDONLY)
         except OSError:
-            return None
+            return {} if self._dir_locked() else None  # .lock deleted under a live writer
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -233,7 +262,22 @@ class RunDir:
                     rec = None  # being written this instant
                 return rec if isinstance(rec, dict) else {}
             fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
+        finally:
+            os.close(fd)
+        return {} if self._dir_locked() else None
+
+    def _dir_locked(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
         finally:
             os.close(fd)
 
@@ -321,7 +365,7 @@ class RunDir:
         truncate_spectra(self.spectra_path, last_step)
 
 
-_HELD: dict[str, list] = {}  # this process's run locks: lock-file path → [fd, depth]
+_HELD: dict[str, list] = {}  # this process's run locks: run directory's real path → [dir fd, lock fd, depth]
 
 
 def _holder() -> dict:
