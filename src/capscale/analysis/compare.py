@@ -57,12 +57,15 @@ def beta_difference(
     ``a``, ``b``: (β, ci_low, ci_high, n points) as ``fit_power_law`` reports them at
     ``confidence``; each standard error is recovered from its t-interval (n − 2 degrees of
     freedom) and the difference gets a Welch–Satterthwaite t-interval. NaN bounds when
-    either interval is missing.
+    either interval is missing (NaN or None: a degenerate fit, or its JSON form).
     """
+    if not all(_real(x) for x in (a[0], b[0])):
+        return math.nan, math.nan, math.nan
     diff = a[0] - b[0]
     ses, dfs = [], []
     for _, lo, hi, n in (a, b):
-        if not (n is not None and n > 2 and math.isfinite(lo) and math.isfinite(hi)):
+        # a missing bound (None from JSON, NaN) or a degenerate fit's n: no interval
+        if not (_real(n) and n > 2 and _real(lo) and _real(hi)):
             return diff, math.nan, math.nan
         ses.append((hi - lo) / (2 * stats.t.ppf(0.5 + confidence / 2, n - 2)))
         dfs.append(n - 2)
@@ -72,6 +75,10 @@ def beta_difference(
     df = se**4 / sum(s**4 / d for s, d in zip(ses, dfs))
     half = stats.t.ppf(0.5 + confidence / 2, df) * se
     return diff, diff - half, diff + half
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def shared_widths(widths: dict[str, set[int]], min_widths: int = MIN_WIDTHS) -> tuple[list[str], list[int]]:

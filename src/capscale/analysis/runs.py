@@ -28,7 +28,15 @@ from typing import Any
 
 import pandas as pd
 
-from capscale.rundir import CONFIG_FILE, STATUS_FILE, RunDir, RunStatus, read_spectra, spectra_columns
+from capscale.analysis.validate import (
+    InvalidRunError,
+    check_config,
+    check_metrics,
+    check_spectra_schema,
+    check_spectra_values,
+    check_status,
+)
+from capscale.rundir import CONFIG_FILE, METRICS_FILE, STATUS_FILE, RunDir, RunStatus, spectra_parts
 from capscale.runformat import resolve_config
 
 log = logging.getLogger(__name__)
@@ -96,6 +104,13 @@ def load_sweep(source: str | Path | Iterable[str | Path]) -> Sweep:
     excluded: list[dict] = list(skipped)
     for run_dir in run_dirs:
         rec = _read_run(run_dir, _run_id(run_dir, root))
+        for part, why in rec.pop("damaged", None) or []:
+            where = Path(rec["path"]) / part
+            log.warning("%s: damaged (%s); the run's other windows are analysed", where, why)
+            excluded.append(
+                _skip(where, f"damaged spectra part, left out ({why}); the run's other windows are analysed")
+            )
+            excluded[-1].update(status="damaged", run_id=f"{rec['run_id']}/{part}")
         if rec["reason"] is None:
             included.append(rec)
             spectra.append(rec.pop("spectra"))
@@ -140,8 +155,14 @@ def _locate(source) -> tuple[Path | None, dict | None, list[Path], list[dict]]:
         if not path.exists():
             raise FileNotFoundError(f"no such sweep or run directory: {path}")
         if (path / "runs").is_dir():
-            spec = _read_spec(path / "sweep.json") if (path / "sweep.json").exists() else None
             walk = _Walk(path)
+            spec = None
+            if (path / "sweep.json").exists():
+                try:
+                    spec = _read_spec(path / "sweep.json")
+                except (OSError, ValueError) as exc:  # the runs are still analysable, with the defaults
+                    why = " ".join(str(exc).split())
+                    walk.skipped.append(_skip(path / "sweep.json", f"{why}; its analysis defaults are not used"))
             dirs = walk.children(path / "runs", runs_only=True)
             return path, spec, dirs, walk.skipped
         if _is_run_dir(path):
@@ -176,6 +197,11 @@ def _read_spec(path: Path) -> dict:
     spec = _read_json(path)
     if not isinstance(spec, dict):
         raise ValueError(f"{path} must hold a JSON object, not {type(spec).__name__} ({spec!r:.40})")
+    for key, kind in (("name", str), ("analysis", dict)):
+        if spec.get(key) is not None and not isinstance(spec[key], kind):
+            raise ValueError(
+                f"{path}: {key} must be a {'string' if kind is str else 'JSON object'}, got {spec[key]!r:.40}"
+            )
     return spec
 
 
@@ -274,6 +300,8 @@ def _run_id(run_dir: Path, root: Path | None) -> str:
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not a file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
@@ -293,8 +321,12 @@ def _read_run(run_dir: Path, run_id: str | None = None) -> dict[str, Any]:
     try:
         status = run.read_status()
         config = run.read_config()
+        if status is not None:
+            check_status(status, STATUS_FILE)
+        if config is not None:
+            check_config(config, CONFIG_FILE)
     except (OSError, ValueError) as exc:
-        rec["reason"] = str(exc)
+        rec["reason"] = " ".join(str(exc).split())
         return rec
     if config is not None:
         rec["config"] = config
@@ -316,45 +348,77 @@ def _read_run(run_dir: Path, run_id: str | None = None) -> dict[str, Any]:
         rec["reason"] = "done, but config.json is missing"
         return rec
     try:
-        rec["spectra"] = _read_spectra(run, rec["run_id"])
+        rec["spectra"], rec["damaged"] = _read_spectra(run, rec["run_id"])
         dims = sorted(int(d) for d in rec["spectra"]["dim"].dropna().unique())
         rec["config"] = config = resolve_config(config, final_step=rec["step"], dims=dims)
+        check_config(config, CONFIG_FILE)
         _config_fields(config)
         rec["metrics"] = _read_metrics(run, rec["run_id"])
         rec["final"] = _final_losses(rec["metrics"])
     except KeyError as exc:
         rec["reason"] = f"done, but config.json lacks the key {exc}"
+    except InvalidRunError as exc:
+        rec["reason"] = f"done, but invalid: {exc}"
     except (OSError, ValueError) as exc:
         rec["reason"] = f"done, but unreadable: {exc}"
+    except Exception as exc:  # noqa: BLE001 — one bad run never stops an analysis; its line says what
+        rec["reason"] = f"done, but unreadable: {type(exc).__name__}: {exc}"
     if rec["reason"]:
         rec["reason"] = " ".join(str(rec["reason"]).split())  # one line, whatever the library said
     return rec
 
 
-def _read_spectra(run: RunDir, run_id: str) -> pd.DataFrame:
+def _read_spectra(run: RunDir, run_id: str) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The run's spectra, every file or part validated (types, then ranges: ``InvalidRunError``
+    names it); a part that cannot be read at all is left out and returned as (name, why), so
+    the run's other windows are analysed."""
+    import pyarrow.parquet as pq
+
     path = run.spectra_path
     if not path.exists():
         raise FileNotFoundError(f"{path.name} is missing")
-    # Lazily: every column but the eigenvalue lists, which no analysis needs.
-    columns = [c for c in spectra_columns(path) if c != "eigenvalues"]
+    files = [(path.name, path)] if path.is_file() else [(f"{path.name}/{p.name}", p) for _, _, p in spectra_parts(path)]
+    frames, damaged, columns = [], [], []
+    for label, file in files:
+        try:
+            schema = pq.read_schema(file)
+            check_spectra_schema(schema, label)
+            # Lazily: every column but the eigenvalue lists, which no analysis needs.
+            names = [c for c in schema.names if c != "eigenvalues"]
+            frame = pq.read_table(file, columns=names).to_pandas()
+        except InvalidRunError:
+            raise
+        except (OSError, ValueError) as exc:  # not Parquet, truncated, unreadable
+            damaged.append((label, " ".join(str(exc).split()) or type(exc).__name__))
+            continue
+        check_spectra_values(frame, label)
+        columns += [c for c in names if c not in columns]
+        frames.append(frame)
+    if not frames:
+        raise ValueError(
+            f"{path.name} has no readable part" + (f" ({damaged[0][0]}: {damaged[0][1]})" if damaged else "")
+        )
     missing = [c for c in REQUIRED_SPECTRA_COLUMNS if c not in columns]
     if missing:
         raise ValueError(f"{path.name} lacks column(s) {missing}")
-    df = read_spectra(path, columns)
-    if df is None or df.empty:
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    if df.empty:
         raise ValueError(f"{path.name} has no rows")
     if "stack" not in df.columns:  # written before the stack column: one stack
         df["stack"] = ""
+    df["stack"] = df["stack"].fillna("")
     # A run resumed from a checkpoint may record a window again: the later record wins.
     df = df.drop_duplicates(["step", "stack", "layer", "site", "bucket"], keep="last")
     df.insert(0, "run_id", run_id)
-    return df
+    return df, damaged
 
 
 def _read_metrics(run: RunDir, run_id: str) -> pd.DataFrame:
     """metrics.jsonl by the run directory's one rule: a torn last line is dropped (with a logged
     warning) and the complete records before it stand; a damaged line elsewhere excludes the run."""
-    df = pd.DataFrame(run.read_metrics())
+    records = run.read_metrics()
+    check_metrics(records, METRICS_FILE)
+    df = pd.DataFrame(records)
     if df.empty:
         df = pd.DataFrame({"step": pd.Series(dtype="int64")})
     if "step" not in df.columns:
