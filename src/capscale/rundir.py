@@ -344,6 +344,13 @@ class RunDir:
         if not self.metrics_path.exists():
             return
         parsed = _parse_metrics(self.metrics_path)
+        for n, (rec, _) in enumerate(parsed.records, start=1):
+            step = rec.get("step", -1)
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise RunDirError(
+                    f"{self.metrics_path} record {n}: 'step' must be an integer, got {step!r:.40}; "
+                    "repair or remove that line; the file was left as it was"
+                )
         kept = [line for rec, line in parsed.records if rec.get("step", -1) <= last_step]
         if len(kept) == len(parsed.records) and parsed.complete:
             return
@@ -359,6 +366,10 @@ class RunDir:
     def read_spectra(self, columns: list[str] | None = None) -> pd.DataFrame | None:
         """spectra.parquet (dataset or an older single file), in step order; ``columns`` to read only those."""
         return read_spectra(self.spectra_path, columns)
+
+    def damaged_spectra_parts(self) -> list[tuple[Path, str]]:
+        """The spectra parts whose Parquet footer cannot be read or that hold no rows, with why."""
+        return damaged_spectra_parts(self.spectra_path)
 
     def truncate_spectra(self, last_step: int) -> None:
         """Keep only rows with step <= last_step: later parts are deleted, at most one part is rewritten."""
@@ -535,6 +546,25 @@ def read_spectra(path: str | Path, columns: list[str] | None = None) -> pd.DataF
         names = set(pq.read_schema(p).names)
         tables.append(pq.read_table(p, columns=None if columns is None else [c for c in columns if c in names]))
     return pa.concat_tables(tables, promote_options="default").to_pandas()
+
+
+def damaged_spectra_parts(path: str | Path) -> list[tuple[Path, str]]:
+    """Each part (or the single file) of a spectra dataset whose footer is unreadable or whose
+    row count is 0, with the reason; reads footers only, not rows."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    files = [path] if path.is_file() else [p for _, _, p in spectra_parts(path)]
+    damaged = []
+    for p in files:
+        try:
+            rows = pq.read_metadata(p).num_rows
+        except (OSError, ValueError) as exc:  # ArrowInvalid: "Parquet magic bytes not found", truncated
+            damaged.append((p, " ".join(str(exc).split()) or type(exc).__name__))
+            continue
+        if rows < 1:
+            damaged.append((p, "its footer counts 0 rows"))
+    return damaged
 
 
 def spectra_columns(path: str | Path) -> list[str]:
