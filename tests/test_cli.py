@@ -60,7 +60,7 @@ def test_sweep_help_lists_every_preset_and_report_help_says_where_defaults_come_
     text = re.sub(r"-\s+", "-", sweep.stdout)  # argparse wraps lines at hyphens
     assert all(name in text for name in SWEEP_PRESETS) and "cpu-long" in text
     report = subprocess.run([sys.executable, "-m", "capscale", "report", "--help"], capture_output=True, text=True)
-    assert "the sweep's analysis.last_k, else 5" in " ".join(report.stdout.split())
+    assert "unset: the sweep's analysis.last_k, if it has one (default 5)" in " ".join(report.stdout.split())
 
 
 def test_the_demo_exits_nonzero_when_runs_failed(tmp_path, monkeypatch, capsys):

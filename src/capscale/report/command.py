@@ -46,9 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             type=kind,
             default=None,
             # unset flags take the sweep's own value first (the demo's last_k is 3), so say so
-            help=f"{help_} (default: the sweep's analysis.{dest}, else {default[dest]:g})"
+            help=f"{help_}; unset: the sweep's analysis.{dest}, if it has one (default {default[dest]:g})"
             if not isinstance(default[dest], str)
-            else f"{help_} (default: the sweep's analysis.{dest}, else {default[dest]})",
+            else f"{help_}; unset: the sweep's analysis.{dest}, if it has one (default {default[dest]})",
         )
 
 
