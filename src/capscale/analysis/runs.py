@@ -18,7 +18,6 @@ between the model configs of the analysed runs is an error
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -38,8 +37,6 @@ from capscale.analysis.validate import (
 )
 from capscale.rundir import CONFIG_FILE, METRICS_FILE, STATUS_FILE, RunDir, RunStatus, spectra_parts
 from capscale.runformat import resolve_config
-
-log = logging.getLogger(__name__)
 
 # Model keys that may vary within one analysis and then become part of the series key.
 ARCH_AXES = ("activation", "pos", "variant", "d_model", "n_head")
@@ -98,15 +95,15 @@ class Sweep:
 def load_sweep(source: str | Path | Iterable[str | Path]) -> Sweep:
     """Read a sweep directory, a single run directory, or a list of run directories."""
     root, spec, run_dirs, skipped = _locate(source)
-    for entry in skipped:
-        log.warning("skipped %s: %s", entry["path"], entry["reason"])
+    for entry in skipped:  # listed with the excluded runs, named by their path below the root
+        if root is not None and Path(entry["path"]).is_relative_to(root):
+            entry["run_id"] = Path(entry["path"]).relative_to(root).as_posix()
     included, spectra, metrics = [], [], []
     excluded: list[dict] = list(skipped)
     for run_dir in run_dirs:
         rec = _read_run(run_dir, _run_id(run_dir, root))
         for part, why in rec.pop("damaged", None) or []:
             where = Path(rec["path"]) / part
-            log.warning("%s: damaged (%s); the run's other windows are analysed", where, why)
             excluded.append(
                 _skip(where, f"damaged spectra part, left out ({why}); the run's other windows are analysed")
             )
