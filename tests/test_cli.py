@@ -99,3 +99,22 @@ def test_help_imports_nothing_heavy():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "usage: capscale" in r.stdout
+
+
+def test_a_damaged_request_json_is_one_line_and_nothing_is_written(tmp_path, capsys):
+    from capscale.sweep import load_spec
+    from capscale.sweep.sweep import plan
+
+    out = tmp_path / "s"
+    plan(load_spec("smoke"), out)
+    request = sorted((out / "runs").glob("*/request.json"))[1]
+    for text, message in (("[1]", "must hold a JSON object, not list"), ('{"model": [1]}', "is not a run config")):
+        request.write_text(text)
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert main(["sweep", "--status", "--out", str(out)]) == 0  # reading the states needs no request
+        capsys.readouterr()
+        assert main(["sweep", "--out", str(out), "--only", "zzz*"]) == 2  # refused before planning
+        assert main(["sweep", "--out", str(out), "--workers", "1", "--only", "adamw_w32_s0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 2 and str(request) in err[1] and message in err[1], err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -21,7 +21,7 @@ from capscale.sweep.executors import (
 )
 from capscale.sweep.progress import Progress, duration, ensure_handler, logger
 from capscale.sweep.spec import SweepSpec, _expand, slurm_gpus
-from capscale.sweep.worker import BUSY, is_finished, is_locked
+from capscale.sweep.worker import BUSY, REQUEST, is_finished, is_locked
 
 SPEC_FILE = "sweep.json"
 
@@ -30,16 +30,34 @@ def plan(spec: SweepSpec, out: str | Path) -> dict[str, Path]:
     """Write the sweep spec and one request per run (idempotent); returns run dirs by name."""
     out = Path(out)
     _check_same_sweep(spec, out)
+    configs = {name: json.loads(json.dumps(cfg.to_dict())) for name, cfg in spec.runs().items()}
+    _check_requests(out, configs)  # every existing request.json, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / SPEC_FILE
     if not spec_path.exists():
         atomic_write_json(spec_path, spec.to_dict())
     runs = {}
-    for name, cfg in spec.runs().items():
+    for name, cfg in configs.items():
         run_dir = out / "runs" / name
-        write_request(run_dir, json.loads(json.dumps(cfg.to_dict())))
+        write_request(run_dir, cfg)
         runs[name] = run_dir
     return runs
+
+
+def _check_requests(out: Path, configs: dict[str, dict]) -> None:
+    """An existing ``request.json`` must be a run config (one line naming it otherwise); whether
+    it is this sweep's run is ``write_request``'s check."""
+    from capscale.train.config import run_identity
+
+    for name in configs:
+        path = out / "runs" / name / REQUEST
+        if not path.exists():
+            continue
+        old = read_json_object(path)  # a RunDirError naming the file
+        try:
+            run_identity(old)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise RunDirError(f"{path} is not a run config ({' '.join(str(exc).split())})") from None
 
 
 def saved_spec(out: str | Path) -> SweepSpec:
