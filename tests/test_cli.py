@@ -111,10 +111,11 @@ def test_a_damaged_request_json_is_one_line_and_nothing_is_written(tmp_path, cap
     for text, message in (("[1]", "must hold a JSON object, not list"), ('{"model": [1]}', "is not a run config")):
         request.write_text(text)
         before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-        assert main(["sweep", "--status", "--out", str(out)]) == 0  # reading the states needs no request
+        smoke = ["sweep", "--preset", "smoke", "--out", str(out)]
+        assert main([*smoke, "--status"]) == 0  # reading the states needs no request
         capsys.readouterr()
-        assert main(["sweep", "--out", str(out), "--only", "zzz*"]) == 2  # refused before planning
-        assert main(["sweep", "--out", str(out), "--workers", "1", "--only", "adamw_w32_s0"]) == 2
+        assert main([*smoke, "--only", "zzz*"]) == 2  # refused before planning
+        assert main([*smoke, "--workers", "1", "--only", "adamw_w32_s0"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 2 and str(request) in err[1] and message in err[1], err
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
