@@ -244,7 +244,7 @@ def test_a_config_json_that_is_a_directory_is_listed(tmp_path):
 def _equal_ratio_sweep(root):
     """Soft rank twice the hard rank at every width, up to round-off (a tilt of 3e-15 in the exponent):
     Δβ ≈ 3e-15 with a t-interval of that order, which lies above 0 and means nothing."""
-    write_sweep(root, series=(MUON,), widths=(32, 64, 128))
+    write_sweep(root, series=(MUON,), widths=(32, 64, 128), n_layer=2, n_logged=3)
     for part in root.glob("runs/*/spectra.parquet"):
         df = pd.read_parquet(part)
         df["soft_rank"] = 2.0 * df["hard_rank"] * df["dim"] ** 3e-15
