@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -189,3 +190,247 @@ def test_records_logged_again_after_a_resume_keep_the_latest(tmp_path):
     assert (sweep.spectra[sweep.spectra["step"] == 60]["soft_rank"] == 31.0).all()
     assert sweep.runs["final_val_loss"].iloc[0] == 2.5
     assert sweep.metrics["step"].is_unique
+
+
+# -- hostile input: the directory walk (issue 30, item 1) --------------------------------
+
+
+def _three_runs(root, rng):
+    return [planted_run(root / "grp" / f"m{w}", MUON, w, 0, rng) for w in (32, 64, 128)]
+
+
+def test_a_symlink_loop_or_a_link_out_of_the_root_is_skipped_and_each_run_counted_once(tmp_path):
+    rng = np.random.default_rng(11)
+    root = tmp_path / "root"
+    _three_runs(root, rng)
+    outside = planted_run(tmp_path / "elsewhere" / "m256", MUON, 256, 0, rng)
+    (root / "self").symlink_to(".")  # a loop
+    (root / "grp" / "up").symlink_to("..")  # a loop through the parent
+    (root / "usr").symlink_to(tmp_path / "elsewhere")  # out of the root
+    (root / "again").symlink_to(root / "grp" / "m64")  # a run reached twice
+    (root / "runlink").symlink_to(outside)  # a run directory outside the root
+    sweep = load_sweep(root)
+    assert sorted(sweep.runs["run_id"]) == ["grp/m128", "grp/m32", "grp/m64"]
+    skipped = sweep.excluded[sweep.excluded["status"] == "skipped"].set_index("name")["reason"]
+    assert set(skipped.index) == {"self", "up", "usr", "again", "runlink"}
+    assert "outside the root" in skipped["usr"] and "outside the root" in skipped["runlink"]
+    assert "inside the walk already" in skipped["self"] and "inside the walk already" in skipped["again"]
+
+
+def test_a_sweeps_runs_folder_does_not_follow_links_out_of_the_root(tmp_path):
+    rng = np.random.default_rng(12)
+    for w in (32, 64, 128):
+        planted_run(tmp_path / "sw" / "runs" / f"m{w}", MUON, w, 0, rng)
+    (tmp_path / "sw" / "runs" / "ext").symlink_to(planted_run(tmp_path / "ext", MUON, 256, 0, rng))
+    (tmp_path / "sw" / "runs" / "dup").symlink_to(tmp_path / "sw" / "runs" / "m32")
+    sweep = load_sweep(tmp_path / "sw")
+    assert sorted(sweep.runs["run_id"]) == ["m128", "m32", "m64"]
+    assert set(sweep.excluded.loc[sweep.excluded["status"] == "skipped", "name"]) == {"ext", "dup"}
+
+
+def test_a_config_json_that_is_a_directory_is_listed(tmp_path):
+    rng = np.random.default_rng(13)
+    _three_runs(tmp_path, rng)
+    bad = tmp_path / "grp" / "bad"
+    (bad / "config.json").mkdir(parents=True)
+    sweep = load_sweep(tmp_path)
+    reason = sweep.excluded.set_index("run_id").loc["grp/bad", "reason"]
+    assert "config.json" in reason and len(sweep.runs) == 3
+
+
+# -- degenerate intervals never resolve a question (issue 30, item 2) ----------------------
+
+
+def _equal_ratio_sweep(root):
+    """Soft rank twice the hard rank at every width, up to round-off (a tilt of 3e-15 in the exponent):
+    Δβ ≈ 3e-15 with a t-interval of that order, which lies above 0 and means nothing."""
+    write_sweep(root, series=(MUON,), widths=(32, 64, 128), n_layer=2, n_logged=3)
+    for part in root.glob("runs/*/spectra.parquet"):
+        df = pd.read_parquet(part)
+        df["soft_rank"] = 2.0 * df["hard_rank"] * df["dim"] ** 3e-15
+        df.to_parquet(part, index=False)
+    return root
+
+
+def test_resolves_needs_a_nondegenerate_interval_beyond_round_off():
+    from capscale.analysis.fits import degenerate, resolves
+
+    assert resolves(0.1, 0.3) and resolves(-0.3, -0.1) and not resolves(-0.1, 0.3)
+    assert degenerate(1.60171294e-16, 1.60171355e-16)  # the t-interval of a zero-residual fit
+    assert not resolves(1.60171294e-16, 1.60171355e-16)
+    assert not resolves(0.5, 0.5) and not resolves(float("nan"), 1.0) and not resolves(None, 1.0)
+    assert not resolves(1e-12, 0.2)  # a bound within round-off of the null does not exclude it
+    assert resolves(2.0, 3.0, null=1.0) and not resolves(1.0 + 1e-12, 3.0, null=1.0)
+
+
+def test_a_delta_beta_of_round_off_is_degenerate_and_not_resolved(tmp_path):
+    a = analyze(_equal_ratio_sweep(tmp_path), n_resamples=200)
+    delta = a.fits[(a.fits["metric"] == "delta_beta") & (a.fits["bucket"] == "all")]
+    assert delta["fittable"].all() and delta["degenerate"].all()
+    assert (delta["beta"].abs() < 1e-12).all()
+    soft = a.fits[a.fits["metric"] == "soft_rank"]
+    assert not soft["degenerate"].any()  # real fits keep their intervals
+
+
+def test_the_report_does_not_call_round_off_a_resolved_asymmetry(tmp_path):
+    from capscale.report import build_report
+
+    files = build_report(_equal_ratio_sweep(tmp_path), n_resamples=100)
+    q3 = next(a for a in json.loads(files.json.read_text())["answers"] if a["id"] == "q3")
+    assert q3["verdict"] != "resolved", q3["finding"]
+
+
+# -- one bad run never stops the analysis: the bad-input table (issue 30, item 3) ----------------
+
+
+def _parts(run, frames):
+    """Replace the run's spectra file by a dataset of these part frames."""
+    from capscale.rundir import write_spectra_part
+
+    (run / "spectra.parquet").unlink()
+    for frame in frames:
+        write_spectra_part(run / "spectra.parquet", frame)
+
+
+def _spectra(run, **cols):
+    df = pd.read_parquet(run / "spectra.parquet")
+    for name, value in cols.items():
+        df[name] = value(df) if callable(value) else value
+    df.to_parquet(run / "spectra.parquet", index=False)
+
+
+def _config(run, section, key, value):
+    cfg = json.loads((run / "config.json").read_text())
+    if key is None:
+        cfg[section] = value
+    else:
+        cfg[section][key] = value
+    (run / "config.json").write_text(json.dumps(cfg))
+
+
+def _metrics_step(run, value):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec["step"] = value
+    lines[1] = json.dumps(rec)
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _string_hard_rank_in_a_part(run):
+    df = pd.read_parquet(run / "spectra.parquet")
+    first, second = df[df.step == df.step.min()], df[df.step != df.step.min()].copy()
+    second["hard_rank"] = second["hard_rank"].astype(str)
+    _parts(run, [first, second])
+
+
+BAD_RUNS = {
+    "string hard_rank in a part": (
+        _string_hard_rank_in_a_part,
+        r"spectra.parquet/part-00000001-\S+: column 'hard_rank' must hold numbers, holds (large_)?string",
+    ),
+    "string soft_rank": (
+        lambda r: _spectra(r, soft_rank=lambda d: d.soft_rank.astype(str)),
+        "column 'soft_rank' must hold numbers",
+    ),
+    "string dim": (
+        lambda r: _spectra(r, dim=lambda d: d.dim.astype(str)),
+        "column 'dim' must hold integers, holds (large_)?string",
+    ),
+    "integer site": (lambda r: _spectra(r, site=1), "column 'site' must hold strings, holds int64"),
+    "string step": (lambda r: _spectra(r, step=lambda d: d.step.astype(str)), "column 'step' must hold integers"),
+    "float layer": (
+        lambda r: _spectra(r, layer=lambda d: d.layer + 0.5),
+        "column 'layer' must hold integers, holds double",
+    ),
+    "string samples_per_dim": (
+        lambda r: _spectra(r, samples_per_dim="many"),
+        "column 'samples_per_dim' must hold numbers",
+    ),
+    "negative ranks": (
+        lambda r: _spectra(r, hard_rank=lambda d: -d.hard_rank),
+        r"column 'hard_rank' must be a number >= 0 or NaN, got -",
+    ),
+    "infinite rank": (
+        lambda r: _spectra(r, soft_rank=float("inf")),
+        "column 'soft_rank' must be a number >= 0 or NaN, got inf",
+    ),
+    "string batch_size": (
+        lambda r: _config(r, "train", "batch_size", "8"),
+        "config.json: train.batch_size must be an integer >= 1, got '8'",
+    ),
+    "string seq_len": (
+        lambda r: _config(r, "model", "seq_len", "128"),
+        "config.json: model.seq_len must be an integer >= 1, got '128'",
+    ),
+    "model a list": (
+        lambda r: _config(r, "model", None, [1, 2]),
+        r"config.json: model must be a JSON object, got \[1, 2\]",
+    ),
+    "seed 1e30": (
+        lambda r: _config(r, "train", "seed", 1e30),
+        "config.json: train.seed must be an integer >= 0 and <= 2\\*\\*63 - 1, got 1e\\+30",
+    ),
+    "seed 10**30": (lambda r: _config(r, "train", "seed", 10**30), "train.seed must be an integer >= 0 and <= 2"),
+    "float ffn_width": (
+        lambda r: _config(r, "model", "ffn_width", 256.0),
+        "model.ffn_width must be an integer >= 1, got 256.0",
+    ),
+    "string metrics step": (
+        lambda r: _metrics_step(r, "x"),
+        "metrics.jsonl record 2: 'step' must be an integer >= 0, got 'x'",
+    ),
+    "float metrics step": (
+        lambda r: _metrics_step(r, 10.5),
+        "metrics.jsonl record 2: 'step' must be an integer >= 0, got 10.5",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_one_invalid_run_is_excluded_naming_file_field_and_value(tmp_path, case):
+    mutate, message = BAD_RUNS[case]
+    rng = np.random.default_rng(21)
+    for w in (32, 64, 128):
+        planted_run(tmp_path / "runs" / f"m{w}", MUON, w, 0, rng)
+    bad = planted_run(tmp_path / "runs" / "bad", MUON, 256, 0, rng)
+    mutate(bad)
+    sweep = load_sweep(tmp_path)
+    assert sorted(sweep.runs["run_id"]) == ["m128", "m32", "m64"]
+    reason = sweep.excluded.set_index("run_id").loc["bad", "reason"]
+    assert re.search(message, reason), reason
+    assert "\n" not in reason
+
+
+def test_a_sweep_json_that_is_no_object_is_listed_and_the_runs_analysed(tmp_path):
+    write_sweep(tmp_path, series=(MUON,), widths=(32, 64, 128))
+    (tmp_path / "sweep.json").write_text("[1]")
+    sweep = load_sweep(tmp_path)
+    assert len(sweep.runs) == 6 and sweep.spec is None
+    reason = sweep.excluded.set_index("name").loc["sweep.json", "reason"]
+    assert "must hold a JSON object, not list" in reason
+
+
+def test_a_damaged_spectra_part_is_named_and_the_other_windows_analysed(tmp_path):
+    # issue 30, item 10: "Parquet magic bytes not found" dropped the whole run without naming the part
+    rng = np.random.default_rng(22)
+    runs = [planted_run(tmp_path / "runs" / f"m{w}", MUON, w, 0, rng) for w in (32, 64, 128)]
+    df = pd.read_parquet(runs[0] / "spectra.parquet")
+    _parts(runs[0], [g for _, g in df.groupby("step")])
+    parts = sorted((runs[0] / "spectra.parquet").iterdir())
+    parts[2].write_bytes(b"not parquet at all")
+    sweep = load_sweep(tmp_path)
+    assert sorted(sweep.runs["run_id"]) == ["m128", "m32", "m64"]
+    steps = sorted(sweep.spectra.loc[sweep.spectra.run_id == "m32", "step"].unique())
+    assert steps == sorted(set(df.step) - {sorted(df.step.unique())[2]})
+    damaged = sweep.excluded[sweep.excluded.status == "damaged"]
+    assert list(damaged["run_id"]) == [f"m32/spectra.parquet/{parts[2].name}"]
+    assert "damaged spectra part" in damaged["reason"].iloc[0]
+
+
+def test_beta_difference_of_a_missing_interval_is_nan_not_a_type_error():
+    # constant ranks: the report's JSON carries a degenerate fit's NaN bounds as None
+    from capscale.analysis import beta_difference
+
+    diff, lo, hi = beta_difference((0.0, None, None, 6), (0.5, 0.4, 0.6, 6))
+    assert diff == -0.5 and math.isnan(lo) and math.isnan(hi)
+    assert all(math.isnan(x) for x in beta_difference((None, None, None, None), (0.5, 0.4, 0.6, 6)))

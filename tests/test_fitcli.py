@@ -119,3 +119,23 @@ def test_bad_input_is_one_line_naming_the_file_or_argument(tmp_path, capsys, con
     assert err.count("\n") == 1 and err.startswith("capscale fit: error: ")
     assert re.search(message, err), err
     assert not out.exists()
+
+
+def test_a_run_column_is_an_identifier_not_a_group(tmp_path, capsys):
+    # issue 30, item 11: an exported points file names each point's run; grouping by it left nothing fittable
+    w = np.repeat([64, 128, 256], 2)
+    df = pd.DataFrame(
+        {
+            "run": [f"adamw_w{x}_s{s}" for x, s in zip(w, [0, 1] * 3)],
+            "opt": "adamw",
+            "width": w,
+            "value": 2.0 * w**0.5 * np.array([1.0, 1.01, 0.99, 1.0, 1.02, 0.98]),
+        }
+    )
+    table = fitcli.fit_table(df)
+    assert list(table["opt"]) == ["adamw"] and "run" not in table.columns
+    assert table.loc[0, "beta"] == pytest.approx(0.5, abs=0.03) and table.loc[0, "n"] == 6
+    df.to_csv(tmp_path / "p.csv", index=False)
+    assert _run([str(tmp_path / "p.csv")]) == 0
+    out = capsys.readouterr()
+    assert "not grouped by ['run']" in out.err and "adamw" in out.out

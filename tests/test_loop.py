@@ -325,3 +325,44 @@ def test_metrics_are_on_disk_at_every_log_step_and_progress_is_plain_lines(tmp_p
     assert [int(m.split()[1].split("/")[0]) for m, _ in seen] == [2, 4, 6, 8, 10, 12]
     assert all(m.split()[1].split("/")[0] == str(step) for m, step in seen), seen
     assert all("\r" not in m and m.split()[1].endswith("/12") for m, _ in seen)
+
+
+def test_full_disk_keeps_the_checkpointed_step_and_resume_names_damage(tmp_path, monkeypatch):
+    # issue 30, items 9 and 10
+    import errno
+
+    from capscale.rundir import RunDir
+
+    over = ["train.steps=20", "train.checkpoint_every=10", "train.log_every=5", "telemetry.every=5"]
+    cfg = resolve("smoke", overrides=over)
+    out = tmp_path / "r"
+    append = RunDir.append_metrics
+
+    def full_disk(self, records):
+        if any(r["step"] > 12 for r in records):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        append(self, records)
+
+    monkeypatch.setattr(RunDir, "append_metrics", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg, out, log=lambda _m: None)
+    monkeypatch.undo()
+    status = json.loads((out / "status.json").read_text())
+    assert (status["status"], status["step"]) == ("failed", 10)  # not "failed at step 0"
+
+    # a metrics line whose step is no integer: one line, the file left as it was
+    metrics = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(metrics.replace('{"step": 5,', '{"step": "x",', 1))
+    damaged = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=r"metrics.jsonl record 1: 'step' must be an integer, got 'x'"):
+        train(cfg, out, log=lambda _m: None)
+    assert (out / "metrics.jsonl").read_bytes() == damaged
+    (out / "metrics.jsonl").write_text(metrics)
+
+    # a damaged middle spectra part: the resume names it and finishes
+    part = sorted((out / "spectra.parquet").glob("part-00000001-*"))[0]
+    part.write_bytes(b"garbage")
+    said = []
+    status = train(cfg, out, log=said.append)
+    assert status["status"] == "done"
+    assert any(f"spectra part {part} is damaged" in line for line in said), said

@@ -311,3 +311,46 @@ def test_a_model_that_reads_no_tokens_is_one_line(tmp_path, data, capfd):
     code, _, err = _run(capfd, d, "--data", data, "--out", tmp_path / "o.parquet")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "reads input_features, not token ids" in lines[0], err
+
+
+# -- issue 30, item 9: more tracebacks become one line ------------------------------------
+
+
+@pytest.mark.parametrize("arch", [["logging"], ["AutoConfig"], "OPTForCausalLM", [["nested"]]])
+def test_an_architectures_entry_that_is_no_model_class_falls_back_to_automodel(tmp_path, data, capfd, arch):
+    opt = _save(tmp_path, "opt")
+    cfg = json.loads((opt / "config.json").read_text())
+    cfg["architectures"] = arch
+    (opt / "config.json").write_text(json.dumps(cfg))
+    code, out, err = _run(capfd, opt, "--data", data, "--out", tmp_path / "o.parquet")
+    assert code == 0, err
+    assert "measured" in out
+
+
+def test_a_checkpoint_holding_a_pickle_payload_is_one_line_and_does_not_run(tmp_path, capfd):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": {}, "optimizer": {"name": "adamw"}, "train": {}}))
+    marker = tmp_path / "ran"
+    torch.save({"model": _Payload(str(marker))}, run / "checkpoints" / "step_00000010.pt")
+    code, _, err = _run(capfd, run, "--out", tmp_path / "o.parquet")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "holds pickled objects, not only tensors (io.open): refused unread" in lines[0]
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # what a hostile checkpoint would run on a plain torch.load
+        return (open, (self.path, "w"))
+
+
+def test_the_meta_device_is_one_line(tmp_path, data, capfd):
+    opt = _save(tmp_path, "opt")
+    code, _, err = _run(capfd, opt, "--data", data, "--device", "meta", "--out", tmp_path / "o.parquet")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--device 'meta' holds no weights" in lines[0], err
+    assert not (tmp_path / "o.parquet").exists()

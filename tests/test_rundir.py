@@ -268,3 +268,31 @@ def test_parts_with_different_columns_read_as_one_frame(tmp_path):
     df = run.read_spectra(columns=["step", "soft_rank"])
     assert list(df["step"]) == [5] * 4 + [10] * 4
     assert df["soft_rank"].iloc[:4].isna().all() and df["soft_rank"].iloc[4:].notna().all()
+
+
+def test_a_deleted_lock_file_lets_no_second_writer_in(tmp_path):
+    # issue 30, item 5: the holder's flock was on the deleted inode; the directory's own lock stays
+    run = RunDir(tmp_path / "run")
+    proc = _holder(run.path)
+    try:
+        run.lock_path.unlink()
+        with pytest.raises(RunLockedError, match="being trained by another process"):
+            with run.lock(wait=0):
+                pass
+        assert run.lock_holder() == {}  # held, by a holder whose record was deleted
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert run.lock_holder() is None
+    with run.lock(wait=0):
+        pass
+
+
+def test_a_non_reentrant_lock_refuses_a_second_holder_in_the_same_process(tmp_path):
+    run = RunDir(tmp_path)
+    with run.lock(reentrant=False):
+        with pytest.raises(RunLockedError, match=f"already being written by this process \\(pid {os.getpid()}\\)"):
+            with RunDir(tmp_path).lock(reentrant=False):
+                pass
+    with run.lock(reentrant=False):  # released: free again
+        pass

@@ -3,8 +3,9 @@
 Layers, each importing only those below it:
 ``spectrum -> probe -> train -> sweep -> analysis -> report -> cli``;
 ``capscale.atomic`` (atomic file writes) sits below them all.
-Importing ``capscale`` loads only the NumPy core; torch is imported by the
-layers that need it.
+Importing ``capscale`` loads nothing heavy (``capscale --help`` answers at once);
+``capscale.spectrum`` loads NumPy and SciPy on first use, and torch is imported
+only by the layers that need it.
 """
 
 from importlib.metadata import PackageNotFoundError
@@ -14,8 +15,6 @@ try:
     __version__ = _version("capscale")
 except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+unknown"
-
-from capscale import spectrum  # noqa: E402
 
 __all__ = ["HFCallback", "LightningCallback", "SiteSpec", "__version__", "attach", "spectrum"]
 
@@ -35,4 +34,8 @@ def __getattr__(name: str):
 
         module, attr = _LAZY[name]
         return getattr(import_module(module), attr)
+    if name == "spectrum":
+        from importlib import import_module
+
+        return import_module("capscale.spectrum")
     raise AttributeError(f"module 'capscale' has no attribute {name!r}")

@@ -38,8 +38,10 @@ def _version_run(args: argparse.Namespace) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
+    from capscale.train.config import PRESETS  # the train path loads it anyway
+
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="smoke | cpu | paper-160m | paper-350m")
+    src.add_argument("--preset", help=" | ".join(PRESETS))
     src.add_argument("--config", help="a TOML/YAML run config")
     p.add_argument(
         "--set",
@@ -68,8 +70,12 @@ def _train_run(args: argparse.Namespace) -> int:
 
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="smoke | demo | cpu | paper-160m | paper-350m")
+    from capscale.sweep.spec import SWEEP_PRESETS  # the sweep path loads it anyway
+
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--preset", help=" | ".join(SWEEP_PRESETS) + " (default: the sweep that --out holds, from its sweep.json)"
+    )
     src.add_argument("--config", help="a TOML/YAML sweep spec")
     p.add_argument("--out", required=True, help="sweep directory (re-running on it resumes)")
     p.add_argument(
@@ -106,9 +112,12 @@ def _sweep_run(args: argparse.Namespace) -> int:
     from capscale.rundir import RunStatus
     from capscale.sweep import load_spec, run_sweep
     from capscale.sweep.progress import duration
-    from capscale.sweep.sweep import select_runs, sweep_status
+    from capscale.sweep.sweep import saved_spec, select_runs, sweep_status
 
-    spec = load_spec(args.preset, args.config)
+    if args.preset is None and args.config is None:
+        spec = saved_spec(args.out)  # resuming, or asking about, the sweep that --out holds
+    else:
+        spec = load_spec(args.preset, args.config)
     if args.status:
         rows = sweep_status(spec, args.out)
         chosen = select_runs({r["name"]: r for r in rows}, args.only)
@@ -148,12 +157,14 @@ def _demo_run(args: argparse.Namespace) -> int:
     import time
 
     from capscale.report.build import build_report
+    from capscale.rundir import RunStatus
     from capscale.sweep import load_spec, run_sweep
     from capscale.train.corpus import CREDIT
 
     t0 = time.perf_counter()
     print(CREDIT)
-    run_sweep(load_spec(args.preset), args.out, workers=args.workers or os.cpu_count() or 1)
+    results = run_sweep(load_spec(args.preset), args.out, workers=args.workers or os.cpu_count() or 1)
+    failed = [r for r in results if r.status not in (RunStatus.DONE, RunStatus.DIVERGED)]
     files = build_report(args.out)
     betas = files.analysis.betas
     print("\nrealized capacity, post-activation, all tokens (rank ~ width^beta, 95% t-interval):")
@@ -163,6 +174,15 @@ def _demo_run(args: argparse.Namespace) -> int:
         print(f"  [{a['verdict']}] {a['question']}\n      {a['finding']}")
     print(f"\nreport: {files.html}\n        {files.markdown}\n        {files.json}")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
+    if failed:
+        print(
+            f"capscale demo: {len(failed)} run(s) did not finish: "
+            + ", ".join(f"{r.name} ({r.status})" for r in failed[:5])
+            + (" ..." if len(failed) > 5 else "")
+            + f"; see their worker.log under {args.out}/runs/",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -214,7 +234,12 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given ``argv``, only the named command's arguments are built (a command's
+    options may import its module, and ``capscale --help`` should not wait for all of them)."""
+    named = None
+    if argv is not None:
+        named = next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(
         prog="capscale",
         description="Realized spectral capacity for LLM pretraining: "
@@ -223,13 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, add_args, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        add_args(p)
+        if argv is None or name == named:
+            add_args(p)
         p.set_defaults(_run=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

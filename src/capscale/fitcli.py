@@ -2,7 +2,9 @@
 
 One fit per group, the groups being the distinct combinations of the other
 non-numeric columns (e.g. ``optimizer_variant × metric`` in the paper's published
-points), or of the columns named with ``--by``. Other numeric columns (a seed, a
+points), or of the columns named with ``--by``. A text column that identifies points
+(each of its values at one width only: a ``run`` or ``path`` column) is not a group:
+grouping by it would leave every group one width; it is named on stderr. Other numeric columns (a seed, a
 layer) are pooled as replicate points. Prints one row per group — β, its t-interval,
 R², n — the paper's method (``capscale.spectrum.fit_power_law``), so published or
 foreign results can be refit and compared. A group with fewer than 3 widths is
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +38,8 @@ def fit_table(
         if not pd.api.types.is_numeric_dtype(points[col]):
             raise ValueError(f"column {col!r} must be numeric (got values like {points[col].iloc[0]!r})")
     if by is None:
-        by = [c for c in points.columns if c not in (x, y) and not pd.api.types.is_numeric_dtype(points[c])]
+        text = [c for c in points.columns if c not in (x, y) and not pd.api.types.is_numeric_dtype(points[c])]
+        by = [c for c in text if c not in identifier_columns(points, x, text)]
     rows = []
     groups = points.groupby(by, sort=True, dropna=False) if by else [((), points)]
     for key, g in groups:
@@ -54,6 +58,15 @@ def fit_table(
             row.update(beta=math.nan, ci_low=math.nan, ci_high=math.nan, r2=math.nan, n=len(g), note=note)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def identifier_columns(points: pd.DataFrame, x: str = "width", columns: list[str] | None = None) -> list[str]:
+    """The text columns that identify points rather than group them: each value at one width only,
+    while the data has several (a run name, a path). Grouping by one leaves nothing fittable."""
+    if points[x].nunique() < 2:
+        return []
+    columns = columns if columns is not None else [c for c in points.columns if c != x]
+    return [c for c in columns if points.groupby(c, dropna=False)[x].nunique().max() <= 1]
 
 
 def format_table(table: pd.DataFrame, digits: int = 3, confidence: float = 0.95) -> str:
@@ -98,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
         points = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not a readable CSV: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    if args.by is None and args.x in points.columns:
+        text = [c for c in points.columns if c not in (args.x, args.y) and not pd.api.types.is_numeric_dtype(points[c])]
+        ids = identifier_columns(points, args.x, text)
+        if ids:
+            print(f"not grouped by {ids}: each value is at one width (name groups with --by)", file=sys.stderr)
     try:
         table = fit_table(points, args.x, args.y, args.by, args.confidence)
     except ValueError as exc:

@@ -166,6 +166,8 @@ def check_device(name: str) -> str:
         raise ValueError(f"--device {name!r}: this machine has no CUDA device (torch sees none)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "meta":
+        raise ValueError(f"--device {name!r} holds no weights (shapes only): measure on cpu, cuda or mps")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name!r}: MPS is not available on this machine")
     return name
@@ -285,9 +287,14 @@ def _hf_class(model_dir: Path):
         raise ValueError(f"{str(model_dir / 'config.json')!r} is not readable JSON: {exc}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{str(model_dir / 'config.json')!r} is not a JSON object")
-    for name in config.get("architectures") or []:
-        cls = getattr(transformers, str(name), None)
-        if cls is not None:
+    names = config.get("architectures")
+    for name in names if isinstance(names, list) else []:
+        try:
+            cls = getattr(transformers, str(name), None)
+        except Exception:  # noqa: BLE001 — a lazy attribute whose backend is missing
+            cls = None
+        # only a model class: "logging" or "AutoConfig" are attributes of transformers too
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
     return transformers.AutoModel
 
@@ -318,7 +325,16 @@ def load_hf(model_dir: Path, device: str) -> Loaded:
             model, info = AutoModel.from_pretrained(model_dir, local_files_only=True, output_loading_info=True)
         if info.get("missing_keys"):
             raise ValueError(f"weights missing for {sorted(info['missing_keys'])[:5]}")
-    except (OSError, ValueError, RuntimeError, TypeError, pickle.UnpicklingError) as exc:
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        KeyError,
+        pickle.UnpicklingError,
+    ) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{str(model_dir)!r}: cannot load the model ({type(exc).__name__}: {first})") from None
     finally:
@@ -432,6 +448,8 @@ def measure_one(path: Path, args: argparse.Namespace, texts, sites, layers, give
     from capscale.spectrum import FrequencyTable
 
     loaded = load_model(path, args.device)
+    if any(p.is_meta for p in loaded.model.parameters()):
+        raise ValueError(f"{str(path)!r}: the model's weights are on the meta device (shapes only, never loaded)")
     vocab = loaded.vocab
     run_table = None
     if texts is not None:

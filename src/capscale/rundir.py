@@ -139,26 +139,34 @@ class RunDir:
 
     # one writer at a time
     @contextlib.contextmanager
-    def lock(self, *, wait: float = 1.0) -> Iterator[RunDir]:
+    def lock(self, *, wait: float = 1.0, reentrant: bool = True) -> Iterator[RunDir]:
         """Hold the run directory exclusively while the block runs; refuse at once if another process does.
 
-        ``fcntl.flock`` on ``.lock``, which records the holder (pid, host, started):
-        the kernel releases it when the holder dies, so a killed run never blocks
-        its resume. Re-entrant within one process (a sweep worker holds it around
-        ``train``, which takes it too). ``wait`` (seconds) only outlasts a momentary
-        shared lock taken by a status query. On first acquisition the temp files
-        left by killed writers are removed (no writer can own them now). The lock
-        file, and a directory, that the lock itself created are removed on release
-        (the directory only if empty): refused input leaves no trace.
+        ``fcntl.flock`` on the run directory itself and on ``.lock``, which records the
+        holder (pid, host, started): the kernel releases both when the holder dies, so a
+        killed run never blocks its resume, and deleting ``.lock`` under a live writer
+        lets no second one in (the directory stays locked). Re-entrant within one process
+        (a sweep worker holds it around ``train``, which takes it too) unless
+        ``reentrant=False``: then a second holder in this process is refused too (two
+        ``attach(out=SAME)`` in one notebook). ``wait`` (seconds) only outlasts a
+        momentary shared lock taken by a status query. On first acquisition the temp
+        files left by killed writers are removed (no writer can own them now). The lock
+        file, and a directory, that the lock itself created are removed on release (the
+        directory only if empty): refused input leaves no trace.
         """
-        key = os.path.realpath(self.lock_path)
+        key = os.path.realpath(self.path)
         held = _HELD.get(key)
         if held is not None:
-            held[1] += 1
+            if not reentrant:
+                raise RunLockedError(
+                    f"{self.path} is already being written by this process (pid {os.getpid()}); "
+                    "one writer per run directory: close() the other probe first"
+                )
+            held[2] += 1
             try:
                 yield self
             finally:
-                held[1] -= 1
+                held[2] -= 1
             return
         created = not self.path.exists()
         try:
@@ -166,8 +174,8 @@ class RunDir:
         except OSError as exc:
             raise RunDirError(f"cannot create run directory {self.path}: {exc.strerror}") from exc
         made_lock_file = not self.lock_path.exists()
-        fd = self._acquire(wait)
-        _HELD[key] = [fd, 1]
+        dir_fd, fd = self._acquire(wait)
+        _HELD[key] = [dir_fd, fd, 1]
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(_holder()).encode(), 0)
@@ -181,10 +189,40 @@ class RunDir:
                     self.lock_path.unlink()
                 if created and not any(self.path.iterdir()):
                     self.path.rmdir()
-            os.close(fd)  # releases the flock
+            os.close(fd)  # releases the flocks
+            os.close(dir_fd)
 
-    def _acquire(self, wait: float) -> int:
+    def _refuse(self) -> RunLockedError:
+        holder = self.lock_holder() or {}
+        who = (
+            f" (pid {holder['pid']} on {holder.get('host')}, since {holder.get('started')})" if "pid" in holder else ""
+        )
+        return RunLockedError(
+            f"{self.path} is being trained by another process{who}; one process writes a run directory at a time"
+        )
+
+    def _acquire(self, wait: float) -> tuple[int, int]:
         deadline = time.monotonic() + wait
+        try:
+            dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise RunDirError(f"cannot open the run directory {self.path}: {exc.strerror}") from exc
+        try:
+            # The directory first: a writer holds it even after its .lock file was deleted.
+            while True:
+                try:
+                    fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise self._refuse() from None
+                    time.sleep(0.05)
+            return dir_fd, self._acquire_file(deadline)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+
+    def _acquire_file(self, deadline: float) -> int:
         while True:
             try:
                 fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -195,16 +233,7 @@ class RunDir:
             except BlockingIOError:
                 os.close(fd)
                 if time.monotonic() >= deadline:
-                    holder = self.lock_holder() or {}
-                    who = (
-                        f" (pid {holder['pid']} on {holder.get('host')}, since {holder.get('started')})"
-                        if "pid" in holder
-                        else ""
-                    )
-                    raise RunLockedError(
-                        f"{self.path} is being trained by another process{who}; "
-                        "one process writes a run directory at a time"
-                    ) from None
+                    raise self._refuse() from None
                 time.sleep(0.05)
                 continue
             # The file may have been removed (a refused first run tidying up) between open and flock.
@@ -221,7 +250,7 @@ class RunDir:
         try:
             fd = os.open(self.lock_path, os.O_RDONLY)
         except OSError:
-            return None
+            return {} if self._dir_locked() else None  # .lock deleted under a live writer
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -233,7 +262,22 @@ class RunDir:
                     rec = None  # being written this instant
                 return rec if isinstance(rec, dict) else {}
             fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
+        finally:
+            os.close(fd)
+        return {} if self._dir_locked() else None
+
+    def _dir_locked(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
         finally:
             os.close(fd)
 
@@ -300,6 +344,13 @@ class RunDir:
         if not self.metrics_path.exists():
             return
         parsed = _parse_metrics(self.metrics_path)
+        for n, (rec, _) in enumerate(parsed.records, start=1):
+            step = rec.get("step", -1)
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise RunDirError(
+                    f"{self.metrics_path} record {n}: 'step' must be an integer, got {step!r:.40}; "
+                    "repair or remove that line; the file was left as it was"
+                )
         kept = [line for rec, line in parsed.records if rec.get("step", -1) <= last_step]
         if len(kept) == len(parsed.records) and parsed.complete:
             return
@@ -316,12 +367,16 @@ class RunDir:
         """spectra.parquet (dataset or an older single file), in step order; ``columns`` to read only those."""
         return read_spectra(self.spectra_path, columns)
 
+    def damaged_spectra_parts(self) -> list[tuple[Path, str]]:
+        """The spectra parts whose Parquet footer cannot be read or that hold no rows, with why."""
+        return damaged_spectra_parts(self.spectra_path)
+
     def truncate_spectra(self, last_step: int) -> None:
         """Keep only rows with step <= last_step: later parts are deleted, at most one part is rewritten."""
         truncate_spectra(self.spectra_path, last_step)
 
 
-_HELD: dict[str, list] = {}  # this process's run locks: lock-file path → [fd, depth]
+_HELD: dict[str, list] = {}  # this process's run locks: run directory's real path → [dir fd, lock fd, depth]
 
 
 def _holder() -> dict:
@@ -332,10 +387,15 @@ def _holder() -> dict:
     }
 
 
-def _read_object(path: Path) -> dict:
-    """A JSON object from ``path``; anything else is one line naming the file."""
+def read_json_object(path: str | Path) -> dict:
+    """A JSON object from ``path``; anything else (a directory included) is one ``RunDirError`` naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise RunDirError(f"{path} is a directory, not a file")
     try:
         obj = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise RunDirError(f"{path} cannot be read: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise RunDirError(f"{path} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
@@ -343,6 +403,9 @@ def _read_object(path: Path) -> dict:
     if not isinstance(obj, dict):
         raise RunDirError(f"{path} must hold a JSON object, not {type(obj).__name__}")
     return obj
+
+
+_read_object = read_json_object
 
 
 # -- metrics.jsonl: the one reading rule -------------------------------------------
@@ -483,6 +546,25 @@ def read_spectra(path: str | Path, columns: list[str] | None = None) -> pd.DataF
         names = set(pq.read_schema(p).names)
         tables.append(pq.read_table(p, columns=None if columns is None else [c for c in columns if c in names]))
     return pa.concat_tables(tables, promote_options="default").to_pandas()
+
+
+def damaged_spectra_parts(path: str | Path) -> list[tuple[Path, str]]:
+    """Each part (or the single file) of a spectra dataset whose footer is unreadable or whose
+    row count is 0, with the reason; reads footers only, not rows."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    files = [path] if path.is_file() else [p for _, _, p in spectra_parts(path)]
+    damaged = []
+    for p in files:
+        try:
+            rows = pq.read_metadata(p).num_rows
+        except (OSError, ValueError) as exc:  # ArrowInvalid: "Parquet magic bytes not found", truncated
+            damaged.append((p, " ".join(str(exc).split()) or type(exc).__name__))
+            continue
+        if rows < 1:
+            damaged.append((p, "its footer counts 0 rows"))
+    return damaged
 
 
 def spectra_columns(path: str | Path) -> list[str]:

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from capscale.analysis.fits import RESOLVE_RTOL, degenerate
 from capscale.spectrum import fit_power_law
 
 MIN_WIDTHS = 3
@@ -56,21 +57,28 @@ def beta_difference(
     ``a``, ``b``: (β, ci_low, ci_high, n points) as ``fit_power_law`` reports them at
     ``confidence``; each standard error is recovered from its t-interval (n − 2 degrees of
     freedom) and the difference gets a Welch–Satterthwaite t-interval. NaN bounds when
-    either interval is missing.
+    either interval is missing (NaN or None: a degenerate fit, or its JSON form).
     """
+    if not all(_real(x) for x in (a[0], b[0])):
+        return math.nan, math.nan, math.nan
     diff = a[0] - b[0]
     ses, dfs = [], []
     for _, lo, hi, n in (a, b):
-        if not (n is not None and n > 2 and math.isfinite(lo) and math.isfinite(hi)):
+        # a missing bound (None from JSON, NaN) or a degenerate fit's n: no interval
+        if not (_real(n) and n > 2 and _real(lo) and _real(hi)):
             return diff, math.nan, math.nan
         ses.append((hi - lo) / (2 * stats.t.ppf(0.5 + confidence / 2, n - 2)))
         dfs.append(n - 2)
     se = math.hypot(*ses)
-    if se == 0:
+    if se == 0:  # both fits degenerate: a zero-width interval, which ``fits.resolves`` never counts
         return diff, diff, diff
     df = se**4 / sum(s**4 / d for s, d in zip(ses, dfs))
     half = stats.t.ppf(0.5 + confidence / 2, df) * se
     return diff, diff - half, diff + half
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def shared_widths(widths: dict[str, set[int]], min_widths: int = MIN_WIDTHS) -> tuple[list[str], list[int]]:
@@ -147,6 +155,13 @@ def _triple(fit) -> tuple[float, float, float, int]:
     return fit.beta, fit.ci_low, fit.ci_high, fit.n
 
 
+def _above(lo_a, hi_a, lo_b, hi_b) -> bool:
+    """Interval a lies above interval b, by more than round-off, neither degenerate."""
+    if degenerate(lo_a, hi_a) or degenerate(lo_b, hi_b):
+        return False
+    return lo_a - hi_b > RESOLVE_RTOL * max(1.0, abs(lo_a), abs(hi_b))
+
+
 def effect_summary(effects: pd.DataFrame) -> pd.DataFrame:
     """Per metric and kind: the median span and the envelope of the spans' intervals; ``larger``
     names the kind whose spans all lie above the other's, intervals included (else None)."""
@@ -164,9 +179,9 @@ def effect_summary(effects: pd.DataFrame) -> pd.DataFrame:
             row["point_larger"], row["larger"] = None, None
         else:
             row["point_larger"] = "optimizer" if opt > arch else "architecture"
-            if row["optimizer_low"] > row["architecture_high"]:
+            if _above(row["optimizer_low"], row["optimizer_high"], row["architecture_low"], row["architecture_high"]):
                 row["larger"] = "optimizer"
-            elif row["architecture_low"] > row["optimizer_high"]:
+            elif _above(row["architecture_low"], row["architecture_high"], row["optimizer_low"], row["optimizer_high"]):
                 row["larger"] = "architecture"
             else:
                 row["larger"] = None

@@ -12,7 +12,10 @@ runs, pooled); ``boot_over`` says which.
 estimate equals β_soft − β_hard exactly, and the fit gives Δβ its own t-interval.
 
 A group with fewer than 3 distinct widths (with finite ranks) yields a row with
-``fittable = False`` and the reason, never an exception.
+``fittable = False`` and the reason, never an exception. A fit with zero residual
+variance or no more points than parameters has ``degenerate = True``: its t-interval is
+round-off, and ``resolves`` (the predicate every verdict uses) never lets it settle a
+question.
 """
 
 from __future__ import annotations
@@ -34,6 +37,30 @@ _SERIES_COLS = ["series", "setting", "label", "steps", "arch"]
 # measures how much β depends on which layers are aggregated (conservative when layers
 # differ systematically, as they do).
 MIN_SEEDS_FOR_SEED_BOOTSTRAP = 3
+
+
+# Relative numerical tolerance of a verdict: an interval narrower than this (times the
+# quantity's scale) is round-off of a degenerate fit (zero residual variance), and a bound
+# closer than this to the null does not exclude it.
+RESOLVE_RTOL = 1e-9
+
+
+def degenerate(lo, hi, scale: float = 1.0, rtol: float = RESOLVE_RTOL) -> bool:
+    """The interval [lo, hi] carries no uncertainty information: missing, or of zero width
+    relative to ``scale`` (a fit with zero residual variance or too few points)."""
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return True
+    return hi - lo <= rtol * max(abs(scale), abs(lo), abs(hi))
+
+
+def resolves(lo, hi, null: float = 0.0, scale: float = 1.0, rtol: float = RESOLVE_RTOL) -> bool:
+    """Whether the interval [lo, hi] settles a question about ``null``: it is not ``degenerate``
+    and lies on one side of ``null`` by more than ``rtol`` times the quantity's scale (a β is of
+    order 1: ``scale`` 1). Every verdict of the report goes through this predicate."""
+    if degenerate(lo, hi, scale, rtol):
+        return False
+    tol = rtol * max(abs(scale), abs(lo), abs(hi), abs(null))
+    return lo > null + tol or hi < null - tol
 
 
 @dataclass(frozen=True)
@@ -93,6 +120,7 @@ def _fit_one(group: pd.DataFrame, layer_group: pd.DataFrame, metric: str, option
         "boot_low": math.nan,
         "boot_high": math.nan,
         "boot_over": None,
+        "degenerate": True,
     }
     if n_widths < 3:
         dropped = int((~ok).sum())
@@ -112,6 +140,8 @@ def _fit_one(group: pd.DataFrame, layer_group: pd.DataFrame, metric: str, option
         "intercept": fit.intercept,
         "r2": fit.r2,
         "stderr": fit.stderr,
+        # zero residual variance (e.g. a ratio equal at every width): the t-interval is round-off
+        "degenerate": n_widths < 3 or int(ok.sum()) <= 2 or degenerate(fit.ci_low, fit.ci_high),
     }
     out.update(_bootstrap(group, layer_group, metric, per_width, options))
     return out
@@ -146,6 +176,7 @@ BETA_FIELDS = (
     "n_low_nd",
     "fittable",
     "reason",
+    "degenerate",
 )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,15 @@ from typing import Any
 
 import pandas as pd
 
-from capscale.rundir import CONFIG_FILE, STATUS_FILE, RunDir, RunStatus, read_spectra, spectra_columns
+from capscale.analysis.validate import (
+    InvalidRunError,
+    check_config,
+    check_metrics,
+    check_spectra_schema,
+    check_spectra_values,
+    check_status,
+)
+from capscale.rundir import CONFIG_FILE, METRICS_FILE, STATUS_FILE, RunDir, RunStatus, spectra_parts
 from capscale.runformat import resolve_config
 
 # Model keys that may vary within one analysis and then become part of the series key.
@@ -85,10 +94,20 @@ class Sweep:
 
 def load_sweep(source: str | Path | Iterable[str | Path]) -> Sweep:
     """Read a sweep directory, a single run directory, or a list of run directories."""
-    root, spec, run_dirs = _locate(source)
-    included, excluded, spectra, metrics = [], [], [], []
+    root, spec, run_dirs, skipped = _locate(source)
+    for entry in skipped:  # listed with the excluded runs, named by their path below the root
+        if root is not None and Path(entry["path"]).is_relative_to(root):
+            entry["run_id"] = Path(entry["path"]).relative_to(root).as_posix()
+    included, spectra, metrics = [], [], []
+    excluded: list[dict] = list(skipped)
     for run_dir in run_dirs:
         rec = _read_run(run_dir, _run_id(run_dir, root))
+        for part, why in rec.pop("damaged", None) or []:
+            where = Path(rec["path"]) / part
+            excluded.append(
+                _skip(where, f"damaged spectra part, left out ({why}); the run's other windows are analysed")
+            )
+            excluded[-1].update(status="damaged", run_id=f"{rec['run_id']}/{part}")
         if rec["reason"] is None:
             included.append(rec)
             spectra.append(rec.pop("spectra"))
@@ -125,46 +144,144 @@ def load_sweep(source: str | Path | Iterable[str | Path]) -> Sweep:
 # -- locating and reading ---------------------------------------------------------
 
 
-def _locate(source) -> tuple[Path | None, dict | None, list[Path]]:
+def _locate(source) -> tuple[Path | None, dict | None, list[Path], list[dict]]:
+    """(root, sweep.json, run directories, skipped entries). Directory symlinks are never
+    followed out of the root or into a loop, and every run is counted once, by its real path."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"no such sweep or run directory: {path}")
         if (path / "runs").is_dir():
-            spec = _read_json(path / "sweep.json") if (path / "sweep.json").is_file() else None
-            dirs = sorted(p for p in (path / "runs").iterdir() if p.is_dir())
-            return path, spec, dirs
+            walk = _Walk(path)
+            spec = None
+            if (path / "sweep.json").exists():
+                try:
+                    spec = _read_spec(path / "sweep.json")
+                except (OSError, ValueError) as exc:  # the runs are still analysable, with the defaults
+                    why = " ".join(str(exc).split())
+                    walk.skipped.append(_skip(path / "sweep.json", f"{why}; its analysis defaults are not used"))
+            dirs = walk.children(path / "runs", runs_only=True)
+            return path, spec, dirs, walk.skipped
         if _is_run_dir(path):
-            return None, None, [path]
-        dirs = _find_run_dirs(path)
+            return None, None, [path], []
+        walk = _Walk(path)
+        dirs = walk.find(path)
         if not dirs:
             raise FileNotFoundError(
                 f"{path} is neither a sweep directory (with runs/) nor a run directory (with config.json), "
                 "and holds no run directory below it"
+                + (f" ({len(walk.skipped)} entr(y/ies) skipped: {walk.skipped[0]['reason']})" if walk.skipped else "")
             )
-        return path, None, dirs
+        return path, None, dirs, walk.skipped
     dirs = [Path(p) for p in source]
     missing = [str(p) for p in dirs if not p.is_dir()]
     if missing:
         raise FileNotFoundError(f"run directories not found: {missing}")
     if len({p.name for p in dirs}) != len(dirs):
         raise ValueError("run directories must have distinct names (the name identifies the run)")
-    return None, None, dirs
+    unique, skipped, seen = [], [], {}
+    for p in dirs:
+        real = os.path.realpath(p)
+        if real in seen:
+            skipped.append(_skip(p, f"the same directory as {seen[real]}"))
+        else:
+            seen[real] = p
+            unique.append(p)
+    return None, None, unique, skipped
+
+
+def _read_spec(path: Path) -> dict:
+    spec = _read_json(path)
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(spec).__name__} ({spec!r:.40})")
+    for key, kind in (("name", str), ("analysis", dict)):
+        if spec.get(key) is not None and not isinstance(spec[key], kind):
+            raise ValueError(
+                f"{path}: {key} must be a {'string' if kind is str else 'JSON object'}, got {spec[key]!r:.40}"
+            )
+    return spec
 
 
 def _is_run_dir(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() or (path / STATUS_FILE).is_file()
+    return (path / CONFIG_FILE).exists() or (path / STATUS_FILE).exists()
 
 
-def _find_run_dirs(root: Path) -> list[Path]:
-    """Run directories at any depth below ``root`` (a run's own subdirectories are not searched)."""
-    found = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if _is_run_dir(sub):
-            found.append(sub)
-        else:
-            found += _find_run_dirs(sub)
-    return found
+def _skip(path: Path, reason: str) -> dict:
+    rec = {"run_id": str(path), "path": str(path), "name": path.name, "status": "skipped", "reason": reason}
+    return {**rec, "step": None, "config": None}
+
+
+class _Walk:
+    """The directories below a root, each real directory once; directory symlinks are followed
+    only to a directory inside the root that the walk has not reached by its real path."""
+
+    def __init__(self, root: Path):
+        self.root = os.path.realpath(root)
+        self.seen: dict[str, Path] = {self.root: root}
+        self.skipped: list[dict] = []
+        self._links: list[Path] = []
+
+    def _admit(self, sub: Path) -> bool:
+        real = os.path.realpath(sub)
+        if sub.is_symlink():
+            if os.path.commonpath([real, self.root]) != self.root:
+                self.skipped.append(_skip(sub, f"a symlink to {real}, outside the root {self.root}: not followed"))
+                return False
+            if real in self.seen or any(os.path.commonpath([real, s]) == real for s in self.seen if s != real):
+                # a link to a directory already walked, or to one of its ancestors (a loop)
+                where = self.seen.get(real)
+                self.skipped.append(
+                    _skip(
+                        sub,
+                        f"a symlink to {where if where is not None else real}, inside the walk already: not followed",
+                    )
+                )
+                return False
+        elif real in self.seen:
+            self.skipped.append(_skip(sub, f"the same directory as {self.seen[real]}: counted once"))
+            return False
+        self.seen[real] = sub
+        return True
+
+    def _subdirs(self, folder: Path) -> list[Path]:
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError as exc:
+            self.skipped.append(_skip(folder, f"cannot be listed: {exc.strerror}"))
+            return []
+        # real directories first: a run reached both directly and through a link is counted as itself
+        dirs = [p for p in entries if p.is_dir() and not p.is_symlink()]
+        self._links += [p for p in entries if p.is_dir() and p.is_symlink()]
+        return dirs
+
+    def children(self, folder: Path, runs_only: bool = False) -> list[Path]:
+        """The directories directly in ``folder`` (a sweep's runs/), links last."""
+        self.seen.setdefault(os.path.realpath(folder), folder)
+        found = [p for p in self._subdirs(folder) if self._admit(p)]
+        links, self._links = self._links, []
+        found += [p for p in links if self._admit(p)]
+        return found
+
+    def find(self, root: Path) -> list[Path]:
+        """Run directories at any depth (a run's own subdirectories are not searched)."""
+        found = self._find(root)
+        while self._links:
+            links, self._links = sorted(self._links), []
+            for link in links:
+                if self._admit(link):
+                    found += [link] if _is_run_dir(link) else self._find(link)
+        return found
+
+    def _find(self, folder: Path) -> list[Path]:
+        found = []
+        for sub in self._subdirs(folder):
+            if sub.name.startswith(".") or not self._admit(sub):
+                continue
+            if _is_run_dir(sub):
+                found.append(sub)
+            else:
+                found += self._find(sub)
+        return found
 
 
 def _run_id(run_dir: Path, root: Path | None) -> str:
@@ -180,6 +297,8 @@ def _run_id(run_dir: Path, root: Path | None) -> str:
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not a file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
@@ -199,8 +318,12 @@ def _read_run(run_dir: Path, run_id: str | None = None) -> dict[str, Any]:
     try:
         status = run.read_status()
         config = run.read_config()
+        if status is not None:
+            check_status(status, STATUS_FILE)
+        if config is not None:
+            check_config(config, CONFIG_FILE)
     except (OSError, ValueError) as exc:
-        rec["reason"] = str(exc)
+        rec["reason"] = " ".join(str(exc).split())
         return rec
     if config is not None:
         rec["config"] = config
@@ -222,45 +345,77 @@ def _read_run(run_dir: Path, run_id: str | None = None) -> dict[str, Any]:
         rec["reason"] = "done, but config.json is missing"
         return rec
     try:
-        rec["spectra"] = _read_spectra(run, rec["run_id"])
+        rec["spectra"], rec["damaged"] = _read_spectra(run, rec["run_id"])
         dims = sorted(int(d) for d in rec["spectra"]["dim"].dropna().unique())
         rec["config"] = config = resolve_config(config, final_step=rec["step"], dims=dims)
+        check_config(config, CONFIG_FILE)
         _config_fields(config)
         rec["metrics"] = _read_metrics(run, rec["run_id"])
         rec["final"] = _final_losses(rec["metrics"])
     except KeyError as exc:
         rec["reason"] = f"done, but config.json lacks the key {exc}"
+    except InvalidRunError as exc:
+        rec["reason"] = f"done, but invalid: {exc}"
     except (OSError, ValueError) as exc:
         rec["reason"] = f"done, but unreadable: {exc}"
+    except Exception as exc:  # noqa: BLE001 — one bad run never stops an analysis; its line says what
+        rec["reason"] = f"done, but unreadable: {type(exc).__name__}: {exc}"
     if rec["reason"]:
         rec["reason"] = " ".join(str(rec["reason"]).split())  # one line, whatever the library said
     return rec
 
 
-def _read_spectra(run: RunDir, run_id: str) -> pd.DataFrame:
+def _read_spectra(run: RunDir, run_id: str) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The run's spectra, every file or part validated (types, then ranges: ``InvalidRunError``
+    names it); a part that cannot be read at all is left out and returned as (name, why), so
+    the run's other windows are analysed."""
+    import pyarrow.parquet as pq
+
     path = run.spectra_path
     if not path.exists():
         raise FileNotFoundError(f"{path.name} is missing")
-    # Lazily: every column but the eigenvalue lists, which no analysis needs.
-    columns = [c for c in spectra_columns(path) if c != "eigenvalues"]
+    files = [(path.name, path)] if path.is_file() else [(f"{path.name}/{p.name}", p) for _, _, p in spectra_parts(path)]
+    frames, damaged, columns = [], [], []
+    for label, file in files:
+        try:
+            schema = pq.read_schema(file)
+            check_spectra_schema(schema, label)
+            # Lazily: every column but the eigenvalue lists, which no analysis needs.
+            names = [c for c in schema.names if c != "eigenvalues"]
+            frame = pq.read_table(file, columns=names).to_pandas()
+        except InvalidRunError:
+            raise
+        except (OSError, ValueError) as exc:  # not Parquet, truncated, unreadable
+            damaged.append((label, " ".join(str(exc).split()) or type(exc).__name__))
+            continue
+        check_spectra_values(frame, label)
+        columns += [c for c in names if c not in columns]
+        frames.append(frame)
+    if not frames:
+        raise ValueError(
+            f"{path.name} has no readable part" + (f" ({damaged[0][0]}: {damaged[0][1]})" if damaged else "")
+        )
     missing = [c for c in REQUIRED_SPECTRA_COLUMNS if c not in columns]
     if missing:
         raise ValueError(f"{path.name} lacks column(s) {missing}")
-    df = read_spectra(path, columns)
-    if df is None or df.empty:
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    if df.empty:
         raise ValueError(f"{path.name} has no rows")
     if "stack" not in df.columns:  # written before the stack column: one stack
         df["stack"] = ""
+    df["stack"] = df["stack"].fillna("")
     # A run resumed from a checkpoint may record a window again: the later record wins.
     df = df.drop_duplicates(["step", "stack", "layer", "site", "bucket"], keep="last")
     df.insert(0, "run_id", run_id)
-    return df
+    return df, damaged
 
 
 def _read_metrics(run: RunDir, run_id: str) -> pd.DataFrame:
     """metrics.jsonl by the run directory's one rule: a torn last line is dropped (with a logged
     warning) and the complete records before it stand; a damaged line elsewhere excludes the run."""
-    df = pd.DataFrame(run.read_metrics())
+    records = run.read_metrics()
+    check_metrics(records, METRICS_FILE)
+    df = pd.DataFrame(records)
     if df.empty:
         df = pd.DataFrame({"step": pd.Series(dtype="int64")})
     if "step" not in df.columns:

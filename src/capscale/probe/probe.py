@@ -29,6 +29,7 @@ from capscale.probe import distributed, sharded, tensor_parallel
 from capscale.probe.accumulate import (
     Forward,
     Moments,
+    NonFiniteActivationError,
     Scratch,
     WindowMoments,
     accumulate,
@@ -164,6 +165,7 @@ class Probe:
         self._run = None  # the run-directory writer (attach(out=...)); also one of the sinks
         self._writes_elsewhere = False
         self._error: str | None = None
+        self._diverged: str | None = None  # a refused non-finite forward: close() records "diverged"
         self._warned = False
         self._emitted = False
         self._closing = False
@@ -343,7 +345,10 @@ class Probe:
             for sink in self.sinks:
                 sink.close()
             if self._run is not None and distributed.rank(self.group) == 0:
-                self._run.finish(self.step_index, error if error is not None or flush else "closed without flush")
+                if self._diverged is not None:
+                    self._run.finish(self.step_index, self._diverged, diverged=True)
+                else:
+                    self._run.finish(self.step_index, error if error is not None or flush else "closed without flush")
 
     def __enter__(self) -> Probe:
         return self
@@ -509,16 +514,20 @@ class Probe:
             if accs is None:
                 accs = self._monitor.states[i] = self._acquire("monitor", i, d, 1, dev)
             pooled_acc = accs[0]  # the pooled state: bucket moments merge into it exactly
-        accumulate(
-            x,
-            grouping,
-            compute_dtype(x.dtype, self.dtype),
-            self._scratch[i],
-            site,
-            self.step_index,
-            seg_accs,
-            pooled_acc,
-        )
+        try:
+            accumulate(
+                x,
+                grouping,
+                compute_dtype(x.dtype, self.dtype),
+                self._scratch[i],
+                site,
+                self.step_index,
+                seg_accs,
+                pooled_acc,
+            )
+        except NonFiniteActivationError as exc:
+            self._diverged = str(exc)  # the harness's meaning: the run diverged
+            raise
 
     def _acquire(self, level: str, i: int, d: int, k: int, device) -> list[WindowMoments]:
         if self._layout is None:
@@ -971,6 +980,10 @@ def attach(
         for s in (*full_sites, *monitor_sites):
             if s not in SITE_NAMES:
                 raise ValueError(f"unknown site {s!r}: sites are {SITE_NAMES}")
+    if not isinstance(layers, str):  # records name layers 0..N-1: a negative index names none of them
+        bad = [x for x in ([layers] if isinstance(layers, int) else layers) if isinstance(x, int) and x < 0]
+        if bad:
+            raise ValueError(f"layers must be layer indices >= 0 (as the records name them), got {bad}")
     found = discover(model, spec, layers)
     if found.skipped:
         warnings.warn(

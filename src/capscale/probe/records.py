@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -44,8 +45,10 @@ COLUMNS = (
 )
 # What the decomposition met: "ok"; "insufficient" (< 2 samples); "zero_variance" (identical
 # rows: no ranks); "tiny_variance" (λ_max < EIG_FLOOR / EIG_FLOOR_RTOL = 1e-6: ranks from a
-# clamp relative to the spectrum's scale, see docs/conventions.md "Spectrum").
-SPECTRUM_STATUSES = ("ok", "insufficient", "zero_variance", "tiny_variance")
+# clamp relative to the spectrum's scale, see docs/conventions.md "Spectrum"); and, with NaN
+# ranks and a warning naming the site, "indefinite" (a materially negative eigenvalue, e.g.
+# float32 activations of 1e-22 whose products are subnormal) or "non_finite" (NaN/Inf state).
+SPECTRUM_STATUSES = ("ok", "insufficient", "zero_variance", "tiny_variance", "indefinite", "non_finite")
 
 
 class SpectrumError(ValueError):
@@ -80,9 +83,9 @@ def spectrum_row(m: Moments, *, step: int, layer: int, site: str, bucket: str, m
     eigenvalues. Rows that are all identical (zero variance, e.g. a bucket
     holding one token type at one position) have no ranks either: NaN ranks,
     ``trace`` and ``lambda_max`` 0, no eigenvalues. A tiny but non-zero variance
-    gets ranks from a clamp relative to its scale. Neither is an error, so
-    neither stops a training run (``spectrum_status`` says which it was);
-    NaN/Inf or a materially indefinite covariance is an error.
+    gets ranks from a clamp relative to its scale. A state that cannot be decomposed
+    (NaN/Inf, materially indefinite) gets NaN ranks and a warning naming it. None is an
+    error, so none stops a training run (``spectrum_status`` says which it was).
     """
     labels = {"step": step, "layer": layer, "site": site, "bucket": bucket, "module": module}
     return spectrum_rows([(m, labels)])[0]
@@ -114,14 +117,15 @@ def spectrum_rows(
     # division by n − 1 is applied to the D eigenvalues rather than the D² entries.
     scatters: dict[int, torch.Tensor] = {}
     zero: set[int] = set()
+    failed: dict[int, str] = {}  # states that could not be decomposed → their status
     for j, (m, labels) in enumerate(entries):
         if m.count >= 2:
             # A scatter's diagonal is ≥ 0 and bounds every entry (|S_ij| ≤ √(S_ii S_jj)):
             # its extremes say whether the state is all zero and whether it is finite.
             lo, hi = torch.stack(torch.aminmax(m.scatter.diagonal())).tolist()
             if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise _named(labels, NonFiniteError("covariance contains NaN or Inf"))
-            if hi == 0 and lo == 0:
+                _undecomposed(failed, j, labels, NonFiniteError("covariance contains NaN or Inf"))
+            elif hi == 0 and lo == 0:
                 zero.add(j)
             else:
                 scatters[j] = m.scatter
@@ -136,20 +140,21 @@ def spectrum_rows(
     with _serial_blas() if serial else contextlib.nullcontext():
         for members in groups.values():
             first = entries[members[0]][0]
-            try:
-                if len(members) == 1:
-                    eigs[members[0]] = eigenvalues_from_covariance(
-                        scatters[members[0]], divisor=first.count - 1, upper=first.upper, check_finite=False
+            if len(members) == 1:
+                j = members[0]
+                try:
+                    eigs[j] = eigenvalues_from_covariance(
+                        scatters[j], divisor=first.count - 1, upper=first.upper, check_finite=False
                     )
-                    continue
-                raw = _batched_eigvalsh([scatters[j] for j in members], upper=first.upper)
-            except ValueError as exc:  # non-finite, indefinite
-                raise _named(entries[members[0]][1], exc) from exc
+                except ValueError as exc:  # non-finite eigenvalues, indefinite
+                    _undecomposed(failed, j, entries[j][1], exc)
+                continue
+            raw = _batched_eigvalsh([scatters[j] for j in members], upper=first.upper)
             for j, r in zip(members, raw):
                 try:
                     eigs[j] = clamp_spectrum(r / (entries[j][0].count - 1), ascending=True)
                 except ValueError as exc:
-                    raise _named(entries[j][1], exc) from exc
+                    _undecomposed(failed, j, entries[j][1], exc)
     rows = []
     for j, (m, labels) in enumerate(entries):
         e = eigs.get(j)
@@ -159,7 +164,7 @@ def spectrum_rows(
         if j in zero:
             row["trace"] = row["lambda_max"] = 0.0
         row["js_divergence_pre_post"] = math.nan
-        row["spectrum_status"] = _status(m.count, j in zero, e)
+        row["spectrum_status"] = failed.get(j) or _status(m.count, j in zero, e)
         row["spectrum_method"], row["soft_rank_stderr"] = "exact", 0.0
         row["eigenvalues"] = None if e is None else e.tolist()
         rows.append(row)
@@ -171,6 +176,13 @@ def _batched_eigvalsh(covs: list[torch.Tensor], upper: bool = False) -> np.ndarr
     ``upper``: read their upper triangles. Their diagonals were checked finite (``spectrum_rows``)."""
     batch = torch.stack([c.double() for c in covs])
     return torch.linalg.eigvalsh(batch, UPLO="U" if upper else "L").cpu().numpy()
+
+
+def _undecomposed(failed: dict[int, str], j: int, labels: dict, exc: Exception) -> None:
+    """A state that cannot be decomposed is a record (NaN ranks, its status) and a warning
+    naming it, never an error: the probe's numerics do not stop a training run."""
+    failed[j] = "non_finite" if isinstance(exc, NonFiniteError) else "indefinite"
+    warnings.warn(f"capscale: {_named(labels, exc)}; recorded with spectrum_status {failed[j]!r}", stacklevel=3)
 
 
 def _named(labels: dict, exc: Exception) -> SpectrumError:

@@ -3,7 +3,8 @@
 The same format as capscale's harness (``docs/run-format.md``), through
 :class:`capscale.rundir.RunDir`'s atomic writes: ``config.json`` and
 ``status.json`` ("running") at attach, spectra after every measurement window,
-metrics from ``probe.log``, status "done" (or "failed") on close. A run killed
+metrics from ``probe.log``, status "done" (or "failed", or "diverged" after a refused
+non-finite activation) on close. A run killed
 mid-way stays "running": the report lists it as unfinished and never analyses it.
 The writer holds the run directory's lock from attach to close, so a second loop
 pointed at the same directory is refused at once, naming the holder.
@@ -37,7 +38,9 @@ class RunWriter(Sink):
         if path.exists() and not path.is_dir():
             raise ValueError(f"out={str(path)!r} is a file, not a run directory")
         self._lock = contextlib.ExitStack()
-        self._lock.enter_context(run.lock())  # RunLockedError (a ValueError) names the other writer
+        # RunLockedError (a ValueError) names the other writer; not re-entrant: a second
+        # attach(out=SAME) in this process (a notebook cell run again) is refused too.
+        self._lock.enter_context(run.lock(reentrant=False))
         try:
             old_status, old_config = _read_existing(run)
             if old_status is not None and old_status.get("status") == RunStatus.DONE:
@@ -87,11 +90,14 @@ class RunWriter(Sink):
             record, self._pending = self._pending, None
             self.run.append_metrics([record])
 
-    def finish(self, step: int, error: str | None = None) -> None:
-        """Status "done" at ``step``, or "failed" with the error; pending metrics are written first."""
+    def finish(self, step: int, error: str | None = None, diverged: bool = False) -> None:
+        """Status "done" at ``step``, or "failed" with the error ("diverged" with ``diverged``:
+        a non-finite activation, as the harness records it); pending metrics are written first."""
         try:
             self.flush_metrics()
-            if error is None:
+            if diverged:
+                self.run.write_status(RunStatus.DIVERGED, int(step), error)
+            elif error is None:
                 self.run.write_status(RunStatus.DONE, int(step))
             else:
                 self.run.write_status(RunStatus.FAILED, int(step), error)

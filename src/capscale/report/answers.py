@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 from capscale.analysis import beta_difference
+from capscale.analysis.fits import resolves
 from capscale.spectrum.summary import WELL_SAMPLED
 
 RESOLVED, NOT_RESOLVED, NOT_MEASURED = "resolved", "not resolved", "not measured"
@@ -40,8 +41,8 @@ def _ok(*xs) -> bool:
 
 
 def excludes(lo, hi, null: float) -> bool:
-    """The interval [lo, hi] lies entirely on one side of ``null``."""
-    return _ok(lo, hi) and (lo > null or hi < null)
+    """The interval [lo, hi] lies entirely on one side of ``null`` (not degenerate, beyond round-off)."""
+    return _ok(lo, hi) and resolves(lo, hi, null)
 
 
 def needed(diff, lo, hi, n_widths: int, n_seeds: int, what: str = "runs", low_nd_width: int | None = None) -> str:
@@ -250,8 +251,16 @@ def q3(d: dict) -> dict:
     phase = "phase map: " + ", ".join(f"{n} run(s) {reg}" for reg, n in sorted(counts.items()))
     if not fits:
         return _answer("q3", NOT_MEASURED, f"No Δβ is fittable (needs ≥ 3 widths); {phase}.", ["phase_map"])
-    positive = [b for b in fits if _ok(b["beta_delta"]["ci_low"]) and b["beta_delta"]["ci_low"] > 0]
-    negative = [b for b in fits if _ok(b["beta_delta"]["ci_high"]) and b["beta_delta"]["ci_high"] < 0]
+    positive = [
+        b
+        for b in fits
+        if excludes(b["beta_delta"]["ci_low"], b["beta_delta"]["ci_high"], 0) and b["beta_delta"]["ci_low"] > 0
+    ]
+    negative = [
+        b
+        for b in fits
+        if excludes(b["beta_delta"]["ci_low"], b["beta_delta"]["ci_high"], 0) and b["beta_delta"]["ci_high"] < 0
+    ]
     settled = len(positive) + len(negative) == len(fits)
     undecided = len(fits) - len(positive) - len(negative)
     parts = []

@@ -45,9 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             dest=dest,
             type=kind,
             default=None,
-            help=f"{help_} (default {default[dest]:g})"
+            # unset flags take the sweep's own value first (the demo's last_k is 3), so say so
+            help=f"{help_}; unset: the sweep's analysis.{dest}, if it has one (default {default[dest]:g})"
             if not isinstance(default[dest], str)
-            else f"{help_} (default {default[dest]})",
+            else f"{help_}; unset: the sweep's analysis.{dest}, if it has one (default {default[dest]})",
         )
 
 

@@ -58,7 +58,9 @@ class SweepSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SweepSpec:
         valid = {"name", "base", "base_config", "axes", "extra", "analysis", "gpus_per_run", "slurm"}
-        unknown = sorted(set(d) - valid)
+        if not isinstance(d, dict):
+            raise ValueError(f"a sweep spec must be a table (a JSON/TOML object), got {type(d).__name__} {d!r:.60}")
+        unknown = sorted(map(str, set(d) - valid))
         if unknown:
             raise ValueError(f"unknown sweep key(s) {unknown}; valid: {sorted(valid)}")
         if "name" not in d:

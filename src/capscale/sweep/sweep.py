@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from capscale.rundir import RunDir, RunStatus, atomic_write_json
+from capscale.rundir import RunDir, RunDirError, RunStatus, atomic_write_json, read_json_object
 from capscale.sweep.executors import (
     RunResult,
     check_submitit,
@@ -21,7 +21,7 @@ from capscale.sweep.executors import (
 )
 from capscale.sweep.progress import Progress, duration, ensure_handler, logger
 from capscale.sweep.spec import SweepSpec, _expand, slurm_gpus
-from capscale.sweep.worker import BUSY, is_finished, is_locked
+from capscale.sweep.worker import BUSY, REQUEST, is_finished, is_locked
 
 SPEC_FILE = "sweep.json"
 
@@ -29,20 +29,56 @@ SPEC_FILE = "sweep.json"
 def plan(spec: SweepSpec, out: str | Path) -> dict[str, Path]:
     """Write the sweep spec and one request per run (idempotent); returns run dirs by name."""
     out = Path(out)
+    _check_same_sweep(spec, out)
+    configs = {name: json.loads(json.dumps(cfg.to_dict())) for name, cfg in spec.runs().items()}
+    _check_requests(out, configs)  # every existing request.json, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / SPEC_FILE
-    if spec_path.exists():
-        old = json.loads(spec_path.read_text())
-        if old != json.loads(json.dumps(spec.to_dict())):
-            raise ValueError(f"{out} holds a different sweep ({old.get('name')!r}); use another --out")
-    else:
+    if not spec_path.exists():
         atomic_write_json(spec_path, spec.to_dict())
     runs = {}
-    for name, cfg in spec.runs().items():
+    for name, cfg in configs.items():
         run_dir = out / "runs" / name
-        write_request(run_dir, json.loads(json.dumps(cfg.to_dict())))
+        write_request(run_dir, cfg)
         runs[name] = run_dir
     return runs
+
+
+def _check_requests(out: Path, configs: dict[str, dict]) -> None:
+    """An existing ``request.json`` must be a run config (one line naming it otherwise); whether
+    it is this sweep's run is ``write_request``'s check."""
+    from capscale.train.config import run_identity
+
+    for name in configs:
+        path = out / "runs" / name / REQUEST
+        if not path.exists():
+            continue
+        old = read_json_object(path)  # a RunDirError naming the file
+        try:
+            run_identity(old)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise RunDirError(f"{path} is not a run config ({' '.join(str(exc).split())})") from None
+
+
+def saved_spec(out: str | Path) -> SweepSpec:
+    """The sweep that ``out`` holds, from its ``sweep.json`` (what ``plan`` wrote there)."""
+    path = Path(out) / SPEC_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{out} holds no sweep ({SPEC_FILE} missing): give --preset or --config")
+    try:
+        return SweepSpec.from_dict(read_json_object(path))
+    except RunDirError:
+        raise  # names the file already
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not a sweep spec: {exc}") from None
+
+
+def _check_same_sweep(spec: SweepSpec, out: Path) -> None:
+    spec_path = out / SPEC_FILE
+    if spec_path.exists():
+        old = read_json_object(spec_path)
+        if old != json.loads(json.dumps(spec.to_dict())):
+            raise ValueError(f"{out} holds a different sweep ({old.get('name')!r}); use another --out")
 
 
 def run_order(spec: SweepSpec, names) -> list[str]:
@@ -184,6 +220,9 @@ def run_sweep(
     if log is None:
         ensure_handler()
     say = log or logger.info
+    # Validated before anything is written: a refused sweep leaves no trace.
+    select_runs({name: Path(out) / "runs" / name for name in spec.runs()}, only)
+    _check_same_sweep(spec, Path(out))
     planned = plan(spec, out)
     runs = select_runs(planned, only)
     pending = pending_runs(spec, runs)

@@ -68,7 +68,17 @@ def load_checkpoint(path: Path, *, config: dict) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc})") from None
+        # torch's weights_only refusal runs to several paragraphs: one line of it is said
+        text = str(exc)
+        unpickler = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\s*\n|$)", text, re.S)
+        first = " ".join(unpickler.group(1).split()) if unpickler else (text.strip().splitlines() or [""])[0]
+        glob = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if glob:  # a pickled object: refused by weights_only, its code did not run
+            raise CheckpointError(
+                f"checkpoint {path} holds pickled objects, not only tensors ({glob.group(1)}): refused unread "
+                "(capscale loads checkpoints with torch.load(weights_only=True); nothing in it ran)"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a capscale checkpoint")
     if ckpt.get("version") != VERSION:

@@ -191,7 +191,13 @@ def _train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] | None
         say(f"diverged: {exc.reason}")
     except BaseException as exc:
         if d.main and not isinstance(exc, KeyboardInterrupt):
-            run.write_status(RunStatus.FAILED, state.start, f"{type(exc).__name__}: {exc}")
+            # the step a resume would start from: the newest checkpoint, not where this process began
+            ckpts = list_checkpoints(run.checkpoint_dir)
+            step = max(state.start, ckpts[-1][0]) if ckpts else state.start
+            try:
+                run.write_status(RunStatus.FAILED, step, f"{type(exc).__name__}: {exc}")
+            except OSError:  # a full disk may refuse this write too: the last status (its step) stands
+                pass
         raise
     finally:
         if state.probe is not None:
@@ -257,6 +263,8 @@ def _setup(
         set_rng_state(ckpt["rng"])
         start = step0
         say(f"resuming {run.path} from step {start}")
+        for part, why in run.damaged_spectra_parts():  # its window is lost; the report names it too
+            say(f"warning: spectra part {part} is damaged ({why}); its window is left out of the report")
     if d.main:  # drop anything logged after the checkpoint: it will be redone identically
         run.truncate_metrics(start)
         run.truncate_spectra(start - 1)
