@@ -215,6 +215,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         _lazy("capscale.lawcli", "add_arguments"),
         _lazy("capscale.lawcli", "run"),
     ),
+    "plasticity": (
+        "continue finished runs on a second corpus: adaptation, forgetting, capacity change",
+        _lazy("capscale.plasticitycli", "add_arguments"),
+        _lazy("capscale.plasticitycli", "run"),
+    ),
     "version": ("print the capscale version", _version_args, _version_run),
 }
 
