@@ -362,7 +362,8 @@ def loss_law(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     """Per label: the Chinchilla fit (E, A, a, B, b with asymptotic intervals and ``identified``)
     and the log-linear fit (``alpha_n``, ``gamma_d`` with seed-clustered intervals)."""
     rows = []
-    data = table[np.isfinite(table["final_val_loss"]) & (table["final_val_loss"] > 0)]
+    ok = np.isfinite(table["final_val_loss"]) & (table["final_val_loss"] > 0)
+    data = table[ok & np.isfinite(table["params"]) & np.isfinite(table["tokens"])]
     for label, g in data.groupby("label", sort=True):
         row: dict = {"label": label, "n": len(g)}
         logn, logd = np.log(g["params"].to_numpy(float)), np.log(g["tokens"].to_numpy(float))
