@@ -72,10 +72,13 @@ def run(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     print(table[[c for c in cols if c in table]].sort_values(["label", "ffn_width", "seed"]).to_string(index=False))
     print("\nadaptation (auc_new: mean new-domain loss over the K steps; lower = faster) on log pretraining hard rank,")
-    print("at matched pretraining loss, 95% intervals clustered by seed:")
+    print("at matched pretraining loss, 95% intervals (clustered by seed where there are several seeds):")
     for r in plasticity_relation(table).itertuples():
         if r.note:
             print(f"  {r.kind:<7} not estimable: {r.note} (n {r.n})")
         else:
-            print(f"  {r.kind:<7} slope {r.slope:.4f} [{r.ci_low:.4f}, {r.ci_high:.4f}]  n {r.n}, {r.n_seeds} seeds")
+            how = "clustered by seed" if r.n_seeds > 1 else "one seed: plain OLS"
+            print(
+                f"  {r.kind:<7} slope {r.slope:.4f} [{r.ci_low:.4f}, {r.ci_high:.4f}]  n {r.n}, {r.n_seeds} seed(s), {how}"
+            )
     return 0
