@@ -19,7 +19,7 @@ cluster-robust sandwich (CR1: × G/(G−1) · (n−1)/(n−k)) and intervals use
 degrees of freedom. With few clusters that sandwich is itself a noisy, downward-biased
 estimate (on planted data with 4 seeds it came out at a quarter of the true standard error),
 so every standard error is the larger of the cluster-robust and the classical OLS one
-(the rule of Angrist & Pischke, *Mostly Harmless Econometrics* §8.2). With G = 3 seeds the
+(the rule of thumb of Angrist & Pischke, *Mostly Harmless Econometrics*, ch. 8). With G = 3 seeds the
 t has 2 degrees of freedom (4.30 at 95%): wide, and meant to be. A seed-level bootstrap
 over 3 seeds has only 10 distinct resamples and under-covers, so it is not used.
 ``cluster="cell"`` clusters by design cell instead (the seeds of a cell share its deviation
