@@ -230,6 +230,16 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         _lazy("capscale.fitcli", "add_arguments"),
         _lazy("capscale.fitcli", "run"),
     ),
+    "law": (
+        "fit the capacity-aware scaling law of a sweep and validate it on held-out cells",
+        _lazy("capscale.lawcli", "add_arguments"),
+        _lazy("capscale.lawcli", "run"),
+    ),
+    "plasticity": (
+        "continue finished runs on a second corpus: adaptation, forgetting, capacity change",
+        _lazy("capscale.plasticitycli", "add_arguments"),
+        _lazy("capscale.plasticitycli", "run"),
+    ),
     "version": ("print the capscale version", _version_args, _version_run),
 }
 

@@ -13,6 +13,7 @@ Reads run directories only (the contract written by ``capscale.train``); imports
 
 from capscale.analysis.aggregate import ALL_BUCKETS, METRICS, aggregate_runs, last_k_per_layer, seed_spread, tidy
 from capscale.analysis.compare import beta_difference, effect_summary, optimizer_architecture
+from capscale.analysis.falloff import falloff_summary, rank_falloff
 from capscale.analysis.fits import FIT_METRICS, FitOptions, beta_table, fit_scaling
 from capscale.analysis.levels import LEVEL_METRICS, level_ratios
 from capscale.analysis.matched import loss_by_width, matched_loss_pairs
@@ -57,6 +58,7 @@ __all__ = [
     "bucket_capacity",
     "classify",
     "effect_summary",
+    "falloff_summary",
     "fit_scaling",
     "last_k_per_layer",
     "level_ratios",
@@ -66,6 +68,7 @@ __all__ = [
     "matched_loss_pairs",
     "optimizer_architecture",
     "pair_trajectories",
+    "rank_falloff",
     "phase_map",
     "rank_trajectories",
     "run_keys",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ import torch
 from capscale.spectrum import EIG_FLOOR, EIG_FLOOR_RTOL, NonFiniteError, hard_rank_from_covariance, spectrum_summary
 from capscale.spectrum._torch import Moments, symmetrize_
 from capscale.spectrum.lanczos import lanczos_ranks
-from capscale.spectrum.summary import SPECTRUM_METRICS
+from capscale.spectrum.summary import SPECTRUM_METRICS, dormant_fraction
 
 SPECTRUM_METHODS = ("auto", "exact", "lanczos", "hard-only")
 # A float64 eigvalsh holds the matrix, its copy and LAPACK's workspace: about 3 D² doubles.
@@ -66,7 +67,15 @@ def estimated_row(m: Moments, labels: dict, method: str, named) -> dict:
     s = symmetrize_(m.scatter) if m.upper else m.scatter  # the accumulator's own buffer: its lower half is free
     lo, hi = torch.stack(torch.aminmax(s.diagonal())).tolist()
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise named(labels, NonFiniteError("covariance contains NaN or Inf"))
+        # recorded (NaN ranks, its status, a warning naming it) as the exact rows do: never an error
+        warnings.warn(
+            f"capscale: {named(labels, NonFiniteError('covariance contains NaN or Inf'))}; "
+            "recorded with spectrum_status 'non_finite'",
+            stacklevel=3,
+        )
+        row["spectrum_status"] = "non_finite"
+        return row
+    row["dormant_frac"] = dormant_fraction(s.diagonal().detach().double().cpu().numpy() / (m.count - 1))
     if hi == 0 and lo == 0:
         row.update(trace=0.0, lambda_max=0.0, spectrum_status="zero_variance")
         return row

@@ -118,14 +118,18 @@ def spectrum_rows(
     scatters: dict[int, torch.Tensor] = {}
     zero: set[int] = set()
     failed: dict[int, str] = {}  # states that could not be decomposed → their status
+    variances: dict[int, np.ndarray] = {}  # unit variances (the diagonal, O(D)): dormant_frac
     for j, (m, labels) in enumerate(entries):
         if m.count >= 2:
             # A scatter's diagonal is ≥ 0 and bounds every entry (|S_ij| ≤ √(S_ii S_jj)):
             # its extremes say whether the state is all zero and whether it is finite.
-            lo, hi = torch.stack(torch.aminmax(m.scatter.diagonal())).tolist()
+            diag = m.scatter.diagonal().detach().double().cpu().numpy()
+            lo, hi = float(diag.min()), float(diag.max())
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 _undecomposed(failed, j, labels, NonFiniteError("covariance contains NaN or Inf"))
-            elif hi == 0 and lo == 0:
+                continue
+            variances[j] = diag / (m.count - 1)
+            if hi == 0 and lo == 0:
                 zero.add(j)
             else:
                 scatters[j] = m.scatter
@@ -160,7 +164,7 @@ def spectrum_rows(
         e = eigs.get(j)
         row = {k: labels.get(k, "") for k in ("step", "layer", "site", "bucket", "stack", "module")}
         row["step"], row["layer"] = int(row["step"]), int(row["layer"])
-        row.update(spectrum_summary(e, m.count, dim=m.dim))
+        row.update(spectrum_summary(e, m.count, dim=m.dim, variances=variances.get(j)))
         if j in zero:
             row["trace"] = row["lambda_max"] = 0.0
         row["js_divergence_pre_post"] = math.nan

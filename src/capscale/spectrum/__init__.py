@@ -29,15 +29,18 @@ from capscale.spectrum.ranks import (
     spectral_entropy,
 )
 from capscale.spectrum.summary import (
+    DORMANT_REL_VARIANCE,
     SAMPLING_STATUSES,
     SPECTRUM_METRICS,
     Metric,
+    dormant_fraction,
     sampling_status,
     spectrum_summary,
 )
 
 __all__ = [
     "BUCKETS",
+    "DORMANT_REL_VARIANCE",
     "EIG_FLOOR",
     "EIG_FLOOR_RTOL",
     "SAMPLING_STATUSES",
@@ -53,6 +56,7 @@ __all__ = [
     "asymmetry",
     "bootstrap_power_law",
     "clamp_spectrum",
+    "dormant_fraction",
     "early_enrichment",
     "eig_floor",
     "eigenvalues_from_covariance",

@@ -464,8 +464,11 @@ class StreamingCovariance:
         """``spectrum_summary`` of this state; fewer than 2 samples → an 'insufficient' record."""
         from capscale.spectrum.summary import spectrum_summary
 
-        eigs = self.eigenvalues() if self.count >= 2 else None
-        return spectrum_summary(eigs, self.count, dim=self.dim, **kwargs)
+        if self.count < 2:
+            return spectrum_summary(None, self.count, dim=self.dim, **kwargs)
+        cov = self.covariance()
+        diag = np.diag(cov) if self.device is None else cov.diagonal().cpu().numpy()
+        return spectrum_summary(eigenvalues_from_covariance(cov), self.count, dim=self.dim, variances=diag, **kwargs)
 
     # -- serialisation -----------------------------------------------------
     def state_dict(self) -> dict:

@@ -16,6 +16,13 @@ from capscale.spectrum import ranks
 WELL_SAMPLED = 10.0
 MODERATELY_UNDERSAMPLED = 3.0
 
+# A unit (one coordinate of the measured site) is dormant when its variance is at most this
+# fraction of the mean unit variance (tr(C) / D) in the window: it carries almost none of
+# the site's variance. Relative, so the fraction does not depend on the activations' scale;
+# a documented parameter (the plasticity literature's dormant-neuron score is the same idea
+# on mean |activation|), not a statistical test.
+DORMANT_REL_VARIANCE = 1e-3
+
 SAMPLING_STATUSES = (
     "well_sampled",
     "moderately_undersampled",
@@ -37,6 +44,23 @@ class Metric:
     aggregated: bool = True  # aggregated per run × site × bucket by the analysis
     label: str | None = None  # column label in the report's rank tables; None: not shown there
     frac: str | None = None  # also as a fraction of D: ``<name>_frac_dim`` / ``_frac_max``, aggregated as ``frac``
+    # computed from the covariance's diagonal (the unit variances, O(D)) instead of the
+    # eigenvalues: ``compute(variances, None, metrics)``; NaN when no diagonal is given
+    diagonal: bool = False
+
+
+def dormant_fraction(variances, rel: float = DORMANT_REL_VARIANCE) -> float:
+    """Fraction of units whose variance is ≤ ``rel`` × the mean unit variance.
+
+    ``variances``: the covariance's diagonal (any non-negative scale). All-zero variances
+    (identical rows) make every unit dormant: 1.0.
+    """
+    var = np.asarray(variances, dtype=np.float64).reshape(-1)
+    if var.size == 0:
+        raise ValueError("no unit variances")
+    if not np.all(np.isfinite(var)):
+        raise ValueError("unit variances contain NaN or Inf")
+    return float(np.count_nonzero(var <= rel * var.mean()) / var.size)
 
 
 # Each rank is computed from p, validated and normalised once per spectrum (the same
@@ -52,6 +76,12 @@ SPECTRUM_METRICS: tuple[Metric, ...] = (
     Metric("early_enrichment", lambda lam, p, m: ranks._early_enrichment(p), "NerVE early eigenvalue enrichment"),
     Metric("lambda_max", lambda lam, p, m: float(lam.max()), "largest eigenvalue", aggregated=False),
     Metric("trace", lambda lam, p, m: float(lam.sum()), "Σλ (total variance)", aggregated=False),
+    Metric(
+        "dormant_frac",
+        lambda var, p, m: dormant_fraction(var),
+        f"fraction of units with variance ≤ {DORMANT_REL_VARIANCE:g} × mean unit variance (from the diagonal)",
+        diagonal=True,
+    ),
 )
 
 RANK_FIELDS = tuple(m.name for m in SPECTRUM_METRICS)
@@ -71,13 +101,16 @@ def sampling_status(n_samples: int, dim: int) -> str:
     return "severely_undersampled"
 
 
-def spectrum_summary(eigs, n_samples: int, *, dim: int | None = None) -> dict:
+def spectrum_summary(eigs, n_samples: int, *, dim: int | None = None, variances=None) -> dict:
     """Every scalar of one spectrum as a flat dict (eigenvalues not included).
 
     ``eigs``: non-negative covariance eigenvalues (e.g. ``StreamingCovariance.eigenvalues()``),
     or ``None`` when fewer than 2 samples were seen; then every rank is NaN and
     ``sampling_status`` is ``"insufficient"`` (recorded, not raised).
-    ``dim`` defaults to the number of eigenvalues.
+    ``dim`` defaults to the number of eigenvalues. ``variances``: the covariance's diagonal
+    (D unit variances), for the metrics computed from it (``dormant_frac``); without it
+    they are NaN. They are computed whenever N ≥ 2, also where ``eigs`` is None (a
+    zero-variance state has no ranks but every unit dormant).
     """
     n = int(n_samples)
     if n < 0:
@@ -99,12 +132,16 @@ def spectrum_summary(eigs, n_samples: int, *, dim: int | None = None) -> dict:
         "max_empirical_rank": max_rank,
         "sampling_status": sampling_status(n, dim),
     }
-    if eigs is None or n < 2:
-        rec.update({k: math.nan for k in RANK_FIELDS})
-    else:
-        p = ranks.probabilities(lam)
-        for m in SPECTRUM_METRICS:
-            rec[m.name] = m.compute(lam, p, rec)
+    if variances is not None:
+        variances = np.asarray(variances, dtype=np.float64).reshape(-1)
+        if variances.size != dim:
+            raise ValueError(f"{variances.size} unit variances for dim={dim}")
+    p = ranks.probabilities(lam) if eigs is not None and n >= 2 else None
+    for m in SPECTRUM_METRICS:
+        if m.diagonal:
+            rec[m.name] = m.compute(variances, None, rec) if variances is not None and n >= 2 else math.nan
+        else:
+            rec[m.name] = m.compute(lam, p, rec) if p is not None else math.nan
     for m in SPECTRUM_METRICS:
         if m.frac is not None:
             rec[f"{m.name}_frac_dim"] = rec[m.name] / dim

@@ -1,0 +1,271 @@
+"""Plasticity: continue a finished run on a second domain and record how well it keeps learning.
+
+``continue_run`` loads a run's final checkpoint (model and optimizer state) and trains it
+for K more steps on another corpus, with the run's own optimizer and hyperparameters at a
+constant learning rate (``lr_scale`` × the run's base rates: the run itself ended its
+warmdown at 0), telemetry on. The second corpus is read with the **run's own tokenizer**
+(a byte-level BPE fitted on the first corpus stays that one), so the model's vocabulary and
+embeddings keep their meaning.
+
+The output is a run directory in the standard format (``config.json`` with a
+``plasticity`` section, ``metrics.jsonl``, ``spectra.parquet`` of the continuation's
+windows, ``status.json``) plus ``plasticity.json``:
+
+- **adaptation**: the new domain's validation loss at step 0 and after K steps, their
+  difference, and the area under its curve (the mean over [0, K] by the trapezoid rule,
+  over the evaluation steps): lower = faster adaptation;
+- **forgetting**: the original validation split's loss after K steps minus at step 0;
+- **capacity before / after**: soft and hard rank and ``dormant_frac`` of every layer and
+  site (median over layers, all tokens), measured on the same fixed batches of the new
+  domain's validation split before and after (``measure_model``, eval mode, float64), and
+  their change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from capscale.atomic import atomic_write_text
+from capscale.probe import attach, measure_model
+from capscale.probe.sinks import Sink
+from capscale.rundir import RunDir, RunStatus
+from capscale.train.checkpoint import list_checkpoints, load_checkpoint
+from capscale.train.config import RunConfig
+from capscale.train.data import TokenData, load_data, prepare_tokens
+from capscale.train.model import GPT
+from capscale.train.optim import build_optimizer
+from capscale.train.sources import make_source
+
+SUMMARY_FILE = "plasticity.json"
+CAPACITY_FILE = "plasticity_spectra.parquet"  # the before/after measurements
+
+
+@dataclass(frozen=True)
+class PlasticityConfig:
+    """``steps``: K. ``eval_every``: None → K // 5 (≥ 1). ``eval_batches``/``telemetry_every``:
+    None → the run's (the cadence clipped to K). ``max_tokens``: read at most this many tokens
+    of the second corpus. ``measure_batches``: validation batches of the new domain measured
+    before and after."""
+
+    steps: int = 100
+    lr_scale: float = 1.0
+    eval_every: int | None = None
+    eval_batches: int | None = None
+    telemetry_every: int | None = None
+    max_tokens: int | None = None
+    measure_batches: int = 4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        if not (isinstance(self.lr_scale, (int, float)) and math.isfinite(self.lr_scale) and self.lr_scale > 0):
+            raise ValueError(f"lr_scale must be a finite number > 0, got {self.lr_scale!r}")
+        for name in ("eval_every", "eval_batches", "telemetry_every", "max_tokens"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+        if self.measure_batches < 1:
+            raise ValueError(f"measure_batches must be >= 1, got {self.measure_batches}")
+
+
+class _Collect(Sink):
+    def __init__(self) -> None:
+        self.frames: list[pd.DataFrame] = []
+
+    def write_spectra(self, frame) -> None:
+        if frame is not None and not frame.empty:
+            self.frames.append(frame)
+
+
+def _run_config(config: dict) -> RunConfig:
+    return RunConfig.from_dict({k: v for k, v in config.items() if k not in ("versions", "plasticity")})
+
+
+@torch.no_grad()
+def _val_loss(model: GPT, data: TokenData, batch: int, seq: int, n: int, device) -> float:
+    model.eval()
+    n = min(n, data.num_val_batches(batch, seq))
+    if n < 1:
+        raise ValueError(f"the validation split is too small for one batch of {batch}x{seq}")
+    total = 0.0
+    for x, y in data.val_batches(batch, seq, n, device=device):
+        _, loss = model(x, y)
+        total += float(loss)
+    model.train()
+    return total / n
+
+
+def _capacity(frame: pd.DataFrame) -> dict[str, float]:
+    """Median over layers of soft/hard rank and dormant_frac, per site, all tokens."""
+    out = {}
+    rows = frame[frame["bucket"] == "all"]
+    for site, g in rows.groupby("site"):
+        for col in ("soft_rank", "hard_rank", "dormant_frac"):
+            out[f"{site}_{col}"] = float(g[col].median()) if col in g else math.nan
+    return out
+
+
+def continue_run(
+    run_dir: str | Path,
+    data: str | dict,
+    out: str | Path,
+    config: PlasticityConfig = PlasticityConfig(),
+    *,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Continue the finished run ``run_dir`` on corpus ``data`` (a source spec, see
+    ``capscale.train.sources.make_source``) into the run directory ``out``; returns the summary."""
+    say = log or (lambda _m: None)
+    src = RunDir(run_dir)
+    status = src.read_status()
+    if not status or status.get("status") != RunStatus.DONE:
+        raise ValueError(f"{run_dir}: not a finished run (status {status and status.get('status')!r})")
+    resolved = src.read_config()
+    ckpts = list_checkpoints(src.checkpoint_dir)
+    if not ckpts:
+        raise ValueError(f"{run_dir}: no checkpoint to continue from")
+    from_step, path = ckpts[-1]
+    cfg = _run_config(resolved)
+    dev = torch.device(device)
+
+    orig = load_data(cfg.data, log=say)
+    tok = orig.tokenizer  # the run's own tokenizer reads the second corpus too
+    source = make_source(data)
+    shard = prepare_tokens(source, tok, max_tokens=config.max_tokens, log=say)
+    new = TokenData(shard, tok, cfg.data.val_fraction)
+    if shard.meta.get("source_fingerprint") == orig.shard.meta.get("source_fingerprint"):
+        raise ValueError("the second corpus is the run's training corpus: plasticity needs another domain")
+
+    ckpt = load_checkpoint(path, config=resolved)
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model).to(dev)
+    model.load_state_dict(ckpt["model"])
+    opt = build_optimizer(cfg.optimizer.name, model, **cfg.optimizer.params)
+    opt.load_state_dict(ckpt["optimizer"])
+    freq = orig.frequency_table()  # HEAD/MID/TAIL of the pretraining corpus: buckets stay comparable
+
+    K, t, tel, seq = config.steps, cfg.train, cfg.telemetry, cfg.model.seq_len
+    micro = t.micro_batch_size or t.batch_size
+    accum = t.batch_size // micro
+    eval_every = config.eval_every or max(1, K // 5)
+    eval_batches = config.eval_batches or t.eval_batches
+    every = min(config.telemetry_every or tel.every, K)
+    window = min(tel.window, every)
+
+    run = RunDir(out)
+    run.create()
+    out_config = {
+        **resolved,
+        "name": f"{resolved.get('name', Path(run_dir).name)}+plasticity",
+        "train": {**resolved["train"], "steps": K},
+        "plasticity": {
+            "from_run": str(Path(run_dir).resolve()),
+            "from_step": int(from_step),
+            "data": source.spec(),
+            "data_description": source.describe(),
+            **asdict(config),
+        },
+    }
+    run.write_config(out_config)
+    run.write_status(RunStatus.RUNNING, 0)
+
+    probe_batches = [x for x, _ in new.val_batches(micro, seq, config.measure_batches, device=dev)]
+    if not probe_batches:
+        raise ValueError("the second corpus's validation split is too small to measure on")
+    before = measure_model(model, probe_batches, freq_table=freq, step=0)
+
+    def evaluate(step: int, loss: float, lr: float, tok_s: float) -> dict:
+        rec = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tok_s}
+        rec["val_loss"] = _val_loss(model, new, micro, seq, eval_batches, dev)
+        rec["val_loss_orig"] = _val_loss(model, orig, micro, seq, eval_batches, dev)
+        return rec
+
+    for group in opt.param_groups:
+        group["lr"] = group["base_lr"] * config.lr_scale
+    lr = float(opt.param_groups[0]["lr"])
+    records = [evaluate(0, math.nan, lr, 0.0)]
+    run.append_metrics(records[-1:])
+    sink = _Collect()
+    probe = attach(
+        model,
+        sites=tuple(tel.sites),
+        freq_table=freq if tel.buckets else None,
+        every=every,
+        window=window,
+        dtype=tel.dtype,
+        total_steps=K,
+        sinks=[sink],
+        mode="train",
+    )
+    model.train()
+    t0 = time.perf_counter()
+    try:
+        for it in range(K):
+            loss_sum = 0.0
+            for m in range(accum):
+                x, y = new.train_batch(micro, seq, seed=t.seed, step=it, micro_step=m, device=dev)
+                _, loss = model(x, y)
+                (loss / accum).backward()
+                loss_sum += float(loss.detach())
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            loss_val = loss_sum / accum
+            if not math.isfinite(loss_val):
+                run.write_status(RunStatus.DIVERGED, it + 1, f"non-finite loss at step {it + 1}")
+                raise ValueError(f"{run_dir}: diverged on the second domain at step {it + 1}")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            probe.step()
+            step = it + 1
+            for frame in sink.frames:
+                run.append_spectra(frame)
+            sink.frames.clear()
+            if step % eval_every == 0 or step == K:
+                tok_s = step * t.batch_size * seq / max(time.perf_counter() - t0, 1e-9)
+                records.append(evaluate(step, loss_val, lr, tok_s))
+                run.append_metrics(records[-1:])
+                say(f"{out}: step {step}/{K} val_loss {records[-1]['val_loss']:.4f}")
+        probe.close(flush=True)
+        for frame in sink.frames:
+            run.append_spectra(frame)
+    except BaseException:
+        probe.close(flush=False)
+        raise
+    after = measure_model(model, probe_batches, freq_table=freq, step=K)
+    pd.concat([before, after], ignore_index=True).drop(columns="eigenvalues").to_parquet(run.path / CAPACITY_FILE)
+
+    steps = np.array([r["step"] for r in records], dtype=float)
+    new_loss = np.array([r["val_loss"] for r in records])
+    summary: dict[str, Any] = {
+        "run_id": Path(run_dir).name,
+        "from_run": str(Path(run_dir).resolve()),
+        "steps": K,
+        "label": cfg.label,
+        "seed": t.seed,
+        "ffn_width": cfg.model.ffn_dim,
+        "val_loss_new_0": float(new_loss[0]),
+        "val_loss_new_k": float(new_loss[-1]),
+        "adaptation": float(new_loss[0] - new_loss[-1]),
+        "auc_new": float(np.trapezoid(new_loss, steps) / steps[-1]),
+        "val_loss_orig_0": float(records[0]["val_loss_orig"]),
+        "val_loss_orig_k": float(records[-1]["val_loss_orig"]),
+    }
+    summary["forgetting"] = summary["val_loss_orig_k"] - summary["val_loss_orig_0"]
+    cap0, cap1 = _capacity(before), _capacity(after)
+    for k in cap0:
+        summary[f"{k}_0"], summary[f"{k}_k"] = cap0[k], cap1[k]
+        summary[f"d_{k}"] = cap1[k] - cap0[k]
+    atomic_write_text(run.path / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+    run.write_status(RunStatus.DONE, K)
+    return summary
