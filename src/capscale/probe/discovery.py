@@ -122,18 +122,79 @@ class Discovery:
         return text
 
 
-def _stacks(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
-    """The outermost lists of blocks: ModuleList / Sequential children that are all non-leaf modules."""
-    found: list[tuple[str, list[nn.Module]]] = []
+_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+
+def _children(m: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """(key, block) of a container whose children are all blocks (non-leaf modules), else None.
+
+    A ``ModuleDict`` is a stack when its keys are layer indices (torchtitan keeps
+    ``layers`` as ``{"0": block, …}`` so a pipeline stage keeps its layers' names) or
+    when its children are all of one class.
+    """
+    if not isinstance(m, _CONTAINERS) or len(m) == 0:
+        return None
+    kids = list(m.items()) if isinstance(m, nn.ModuleDict) else [(str(i), k) for i, k in enumerate(m)]
+    if not all(any(True for _ in k.children()) for _, k in kids):
+        return None
+    if isinstance(m, nn.ModuleDict) and not (all(k.isdigit() for k, _ in kids) or len({type(b) for _, b in kids}) == 1):
+        return None
+    return kids
+
+
+def _is_block(m: nn.Module) -> bool:
+    """A transformer block: it holds an FFN and more (attention), not an FFN alone (an expert, MobileBERT's ffn.k)."""
+    lins = _linears(m)
+    return len(lins) > 2 and not isinstance(_find_ffn(m), str)
+
+
+def _inner_stack(block: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]] | None:
+    """A stack of blocks inside a block (Swin's stage.blocks, ALBERT's group.albert_layers), else None."""
+    kids = _children(block)
+    if kids is not None and all(_is_block(b) for _, b in kids):
+        return "", kids  # the block is itself a list of blocks (Funnel's encoder.blocks[i])
+    for name, m in block.named_modules():
+        if not name or "expert" in name.lower():
+            continue
+        kids = _children(m)
+        if kids is not None and all(_is_block(b) for _, b in kids):
+            return name, kids
+    return None
+
+
+def _flatten(prefix: str, kids: list[tuple[str, nn.Module]]) -> list[tuple[int, str, nn.Module]]:
+    """(layer, path, block) in order, stages opened into their blocks, layers counted through the stages.
+
+    Integer keys of a ``ModuleDict`` are the layer index (a pipeline stage holding
+    layers "2", "3" reports layers 2 and 3); nested stacks count depth in order.
+    """
+    out: list[tuple[str, nn.Module]] = []
+    nested = False
+    for key, block in kids:
+        inner = _inner_stack(block)
+        if inner is None:
+            out.append((f"{prefix}.{key}", block))
+            continue
+        nested = True
+        rel, grand = inner
+        base = f"{prefix}.{key}" + (f".{rel}" if rel else "")
+        out += [(p, b) for _, p, b in _flatten(base, grand)]
+    if not nested and all(k.isdigit() for k, _ in kids):
+        return [(int(k), p, b) for (k, _), (p, b) in zip(kids, out)]
+    return [(i, p, b) for i, (p, b) in enumerate(out)]
+
+
+def _stacks(model: nn.Module) -> list[tuple[str, list[tuple[int, str, nn.Module]]]]:
+    """The outermost containers of blocks (ModuleList / Sequential / ModuleDict), stages opened: (name, blocks)."""
+    found: list[tuple[str, list[tuple[int, str, nn.Module]]]] = []
     inside: list[str] = []
     for name, m in model.named_modules():
         if any(name == p or name.startswith(p + ".") for p in inside):
             continue
-        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 0:
-            kids = list(m)
-            if all(any(True for _ in k.children()) for k in kids):
-                found.append((name, kids))
-                inside.append(name)
+        kids = _children(m)
+        if kids is not None:
+            found.append((name, _flatten(name, kids)))
+            inside.append(name)
     return found
 
 
@@ -435,15 +496,24 @@ def _structural(model: nn.Module) -> Discovery:
         )
     results, reasons = [], set()
     for name, blocks in stacks:
-        per = [_block_sites(b, f"{name}.{i}", i, "") for i, b in enumerate(blocks)]
-        if any(s for s, _ in per):
+        per = [_block_sites(b, path, i, "") for i, path, b in blocks]
+        # A stack is kept when it has sites, or FFN candidates it could not take (named in
+        # a warning, never dropped); a stack with no candidate at all (convolutions, Mamba) is not.
+        if any(s for s, _ in per) or any(not _no_pair(sk.reason) for _, sks in per for sk in sks):
             results.append((name, per))
         reasons |= {sk.reason for _, sks in per for sk in sks}
-    if not results:
+    if not any(s for _, per in results for s, _ in per):
+        if all(_no_pair(r) for r in reasons):
+            raise NoFFNError(
+                f"{type(model).__name__} has no FFN: its blocks ({', '.join(n for n, _ in stacks)}) hold "
+                f"no expanding/contracting projection pair ({'; '.join(sorted(reasons))}). Nothing to "
+                f"measure; if the model does have one, name it.\n{_hint()}"
+            )
+        found = [str(replace(sk, stack=name)) for name, per in results for _, sks in per for sk in sks]
         raise NoFFNError(
-            f"{type(model).__name__} has no FFN: its blocks ({', '.join(n for n, _ in stacks)}) hold "
-            f"no expanding/contracting projection pair ({'; '.join(sorted(reasons))}). Nothing to measure; "
-            f"if the model does have one, name it.\n{_hint()}"
+            f"{type(model).__name__}: FFN candidates were found but none could be measured:\n  "
+            + "\n  ".join(found)
+            + f"\n{_hint()}"
         )
     labels = _stack_labels([n for n, _ in results])
     sites, skipped = [], []
@@ -452,6 +522,14 @@ def _structural(model: nn.Module) -> Discovery:
             sites += [replace(x, stack=_join(label, x.stack)) for x in s]
             skipped += [replace(x, stack=_join(label, x.stack)) for x in sk]
     return Discovery(sites, skipped, "structure (stacks of blocks, FFN projections by shape)")
+
+
+_NO_PAIR = ("no linear projections", "no expanding projection", "only attention-like")
+
+
+def _no_pair(reason: str) -> bool:
+    """The reason says the block has no FFN candidate at all (not: candidates it could not take)."""
+    return reason.startswith(_NO_PAIR)
 
 
 def _join(outer: str, inner: str) -> str:
