@@ -66,9 +66,11 @@ class Family:
     model: str
     kwargs: dict
     sites: dict[str, tuple[str, str]]
-    inputs: str = "ids"  # ids | seq2seq | audio
+    inputs: str = "ids"  # ids | seq2seq | audio | image
     note: str = ""
     extra: dict = field(default_factory=dict)
+    # One module applied at several depths (ALBERT): layer k of a module is its k-th call in a forward.
+    shared: bool = False
 
 
 def _llama_like(name, config, model, prefix="model.layers", **kw):
@@ -408,6 +410,154 @@ FAMILIES = [
         note="expert modules: pooled over the tokens each expert saw",
         extra={"expert_ffn": ("wi", "wo")},
     ),
+    Family(
+        "ALBERT (one layer shared by 3 depths)",
+        "AlbertConfig",
+        "AlbertModel",
+        dict(
+            vocab_size=64,
+            embedding_size=8,
+            hidden_size=16,
+            intermediate_size=40,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+        ),
+        {
+            "": {
+                k: (
+                    "encoder.albert_layer_groups.0.albert_layers.0.ffn",
+                    "encoder.albert_layer_groups.0.albert_layers.0.ffn_output",
+                )
+                for k in range(3)
+            }
+        },
+        note="one row per application, its depth as the layer",
+        shared=True,
+    ),
+    Family(
+        "ALBERT (2 groups of 2 inner layers, 4 depths)",
+        "AlbertConfig",
+        "AlbertModel",
+        dict(
+            vocab_size=64,
+            embedding_size=8,
+            hidden_size=16,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_hidden_groups=2,
+            inner_group_num=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+        ),
+        {
+            "": {
+                2 * g + j: (
+                    f"encoder.albert_layer_groups.{g}.albert_layers.{j}.ffn",
+                    f"encoder.albert_layer_groups.{g}.albert_layers.{j}.ffn_output",
+                )
+                for g in range(2)
+                for j in range(2)
+            }
+        },
+        note="nested: groups of layers",
+    ),
+    Family(
+        "Funnel (block_sizes=[2, 2])",
+        "FunnelConfig",
+        "FunnelModel",
+        dict(vocab_size=64, block_sizes=[2, 2], d_model=16, n_head=2, d_head=8, d_inner=40, num_decoder_layers=2),
+        {
+            "encoder": {
+                2 * b + j: (
+                    f"encoder.blocks.{b}.{j}.ffn.linear_1",
+                    f"encoder.blocks.{b}.{j}.ffn.linear_2",
+                )
+                for b in range(2)
+                for j in range(2)
+            },
+            "decoder": ("decoder.layers.{layer}.ffn.linear_1", "decoder.layers.{layer}.ffn.linear_2"),
+        },
+        note="nested stacks: encoder blocks of layers, depth counted through the blocks",
+    ),
+    Family(
+        "MobileBERT (num_feedforward_networks=2)",
+        "MobileBertConfig",
+        "MobileBertModel",
+        dict(
+            vocab_size=64,
+            hidden_size=16,
+            embedding_size=8,
+            intermediate_size=40,
+            intra_bottleneck_size=8,
+            true_hidden_size=8,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_feedforward_networks=2,
+            max_position_embeddings=32,
+        ),
+        {
+            "": ("encoder.layer.{layer}.intermediate.dense", "encoder.layer.{layer}.output.dense"),
+            "ffn.0": (
+                "encoder.layer.{layer}.ffn.0.intermediate.dense",
+                "encoder.layer.{layer}.ffn.0.output.dense",
+            ),
+        },
+        note="several FFNs per block: the extra ones are stacks `ffn.0`, `ffn.1`, …",
+    ),
+    Family(
+        "SqueezeBERT",
+        "SqueezeBertConfig",
+        "SqueezeBertModel",
+        dict(
+            vocab_size=64,
+            hidden_size=16,
+            embedding_size=16,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+        ),
+        {"": ("encoder.layers.{layer}.intermediate.conv1d", "encoder.layers.{layer}.output.conv1d")},
+        note="Conv1d kernel 1, channels-first `[B, C, T]`: measured over channels",
+    ),
+    Family(
+        "Swin",
+        "SwinConfig",
+        "SwinModel",
+        dict(image_size=16, patch_size=4, num_channels=3, embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=2),
+        {
+            "": {
+                2 * st + b: (
+                    f"encoder.layers.{st}.blocks.{b}.mlp.fc1",
+                    f"encoder.layers.{st}.blocks.{b}.mlp.fc2",
+                )
+                for st in range(2)
+                for b in range(2)
+            }
+        },
+        inputs="image",
+        note="blocks inside stages: depth counted through the stages",
+    ),
+    Family(
+        "NLLB-MoE",
+        "NllbMoeConfig",
+        "NllbMoeForConditionalGeneration",
+        dict(SEQ2SEQ, num_experts=4, encoder_sparse_step=2, decoder_sparse_step=2),
+        {
+            "encoder": {
+                0: ("model.encoder.layers.0.ffn.fc1", "model.encoder.layers.0.ffn.fc2"),
+                1: ("pooled:model.encoder.layers.1.ffn.experts", "pooled:model.encoder.layers.1.ffn.experts"),
+            },
+            "decoder": {
+                0: ("model.decoder.layers.0.ffn.fc1", "model.decoder.layers.0.ffn.fc2"),
+                1: ("pooled:model.decoder.layers.1.ffn.experts", "pooled:model.decoder.layers.1.ffn.experts"),
+            },
+        },
+        inputs="seq2seq",
+        note="experts dict also holds a Dropout: the experts are the modules with weights",
+        extra={"expert_ffn": ("fc1", "fc2")},
+    ),
 ]
 
 
@@ -437,6 +587,8 @@ def inputs(fam: Family) -> dict:
     ids = torch.randint(1, 64, (4, 12), generator=g)
     if fam.inputs == "seq2seq":
         return {"input_ids": ids, "decoder_input_ids": torch.randint(1, 64, (4, 10), generator=g)}
+    if fam.inputs == "image":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
     if fam.inputs == "audio":
         return {
             "input_features": torch.randn(4, 8, 32, generator=g),
@@ -457,8 +609,19 @@ def _own_rows(model, fam: Family) -> dict[tuple[str, int, str], np.ndarray]:
     got: dict[tuple[str, int, str], list] = {}
     handles = []
 
-    def keep(key, x):
+    def keep(key, x, mod=None):
+        if isinstance(mod, torch.nn.Conv1d):  # [B, C, T]: the features are the channels
+            x = x.transpose(1, 2)
         got.setdefault(key, []).append(x.detach().double().reshape(-1, x.shape[-1]))
+
+    calls: dict[tuple, int] = {}  # shared modules: calls each hook has seen
+
+    def nth(key, path, layer, x, mod):
+        users = [k for k in _layers(fam, key[0]) if _strip(_pair(fam, key[0], k)[key[2] == "post"])[0] == path]
+        c = calls.get(key, 0)
+        calls[key] = c + 1
+        if users[c % len(users)] == layer:
+            keep(key, x, mod)
 
     for stack in fam.sites:
         for layer in _layers(fam, stack):
@@ -469,6 +632,8 @@ def _own_rows(model, fam: Family) -> dict[tuple[str, int, str], np.ndarray]:
                 if experts == "pooled":  # expert modules: each expert's own up (output) / down (input)
                     up, down = fam.extra["expert_ffn"]
                     for expert in mod.values() if isinstance(mod, torch.nn.ModuleDict) else mod:
+                        if not any(True for _ in expert.parameters()):
+                            continue  # NLLB-MoE's experts dict also holds its Dropout
                         if site == "pre":
                             h = expert.get_submodule(up).register_forward_hook(lambda m, a, o, key=key: keep(key, o))
                         else:
@@ -487,14 +652,24 @@ def _own_rows(model, fam: Family) -> dict[tuple[str, int, str], np.ndarray]:
                                 keep(key, gate if site == "pre" else m.act_fn(gate) * up)
 
                     handles.append(mod.register_forward_pre_hook(routed))
+                elif fam.shared and site == "pre":
+                    handles.append(
+                        mod.register_forward_hook(lambda m, a, o, key=key, p=path, lay=layer: nth(key, p, lay, o, m))
+                    )
+                elif fam.shared:
+                    handles.append(
+                        mod.register_forward_pre_hook(
+                            lambda m, a, key=key, p=path, lay=layer: nth(key, p, lay, a[0], m)
+                        )
+                    )
                 elif site == "pre":
                     handles.append(
                         mod.register_forward_hook(
-                            lambda m, a, o, key=key, k=k: keep(key, o if k is None else o[..., :k])
+                            lambda m, a, o, key=key, k=k: keep(key, o if k is None else o[..., :k], m)
                         )
                     )
                 else:
-                    handles.append(mod.register_forward_pre_hook(lambda m, a, key=key: keep(key, a[0])))
+                    handles.append(mod.register_forward_pre_hook(lambda m, a, key=key: keep(key, a[0], m)))
     with torch.no_grad():
         model(**inputs(fam))
     for h in handles:
@@ -561,11 +736,11 @@ UNREACHABLE = [
 ]
 
 
-def _cell(stack: str, name: str) -> str:
+def _cell(stack: str, name: str, at: str = "") -> str:
     path, k, experts = _strip(name)
     path = re.sub(r"^(model|transformer|bert|roberta|distilbert|gpt_neox)\.", "", path)
     how = {"experts": " (fused experts, pooled)", "pooled": " (expert modules, pooled)"}.get(experts, "")
-    text = f"`{path}`" + (" gate half `[:I]`" if k else "") + how
+    text = at + f"`{path}`" + (" gate half `[:I]`" if k else "") + how
     return f"{stack}: {text}" if stack else text
 
 
@@ -574,11 +749,17 @@ def table() -> str:
     for f in FAMILIES:
         pres, posts = [], []
         for stack in f.sites:
-            generic = not isinstance(f.sites[stack], dict)
-            pairs = [f.sites[stack]] if generic else [_pair(f, stack, layer) for layer in _layers(f, stack)]
-            for pre, post in pairs:
-                pres.append(_cell(stack, pre))
-                posts.append(_cell(stack, post))
+            if not isinstance(f.sites[stack], dict):
+                pres.append(_cell(stack, f.sites[stack][0]))
+                posts.append(_cell(stack, f.sites[stack][1]))
+                continue
+            by_pair: dict[tuple[str, str], list[int]] = {}
+            for layer in _layers(f, stack):
+                by_pair.setdefault(_pair(f, stack, layer), []).append(layer)
+            for (pre, post), layers in by_pair.items():
+                at = f"layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}: "
+                pres.append(_cell(stack, pre, at))
+                posts.append(_cell(stack, post, at))
         note = f"; {f.note}" if f.note else ""
         lines.append(f"| {f.name} | {'<br>'.join(pres)} | {'<br>'.join(posts)} | ✅ tested{note} |")
     for name, pre, post, why in UNREACHABLE:

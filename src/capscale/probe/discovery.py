@@ -22,6 +22,7 @@ in silence. Other models name their sites explicitly, by pattern
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -294,7 +295,17 @@ def _find_ffn(block: nn.Module, skip: Iterable[str] = ()) -> _FFN | str:
     top = [p for p in pairs if p[0] == best]
     downs = {dn for _, _, dn, _ in top}
     if len(downs) > 1:
-        return f"ambiguous FFN: contracting projections {sorted(downs)} all fit"
+        # A tie (MobileBERT's bottleneck pair looks like its FFN): the pair whose up projection
+        # sits beside an activation module is the FFN.
+        active = [p for p in top if _beside_activation(block, p[1])]
+        if len({dn for _, _, dn, _ in active}) == 1:
+            top, downs = active, {active[0][2]}
+    if len(downs) > 1:
+        shapes = ", ".join(f"{un} {by_name[un][1]}->{by_name[un][2]} / {dn}" for _, un, dn, _ in top)
+        return (
+            f"ambiguous FFN: contracting projections {sorted(downs)} all fit (H = {hidden}; "
+            f"pairs {shapes}; equal on every rule: outside attention, expanding, deepest common parent)"
+        )
     dn = top[0][2]
     ups = [(un, fused) for _, un, _, fused in top]
     if len(ups) == 1:
@@ -307,6 +318,19 @@ def _find_ffn(block: nn.Module, skip: Iterable[str] = ()) -> _FFN | str:
     if gate is None:
         return f"gated FFN: cannot tell the gate among {[u for u, _ in ups]}; name the sites explicitly"
     return _FFN((gate, by_name[gate][0]), (dn, by_name[dn][0]))
+
+
+_ACTIVATION = re.compile(r"Activation|GELU|ReLU|SiLU|Swish|Tanh|Mish|Sigmoid|Softplus", re.IGNORECASE)
+
+
+def _beside_activation(block: nn.Module, up: str) -> bool:
+    """The up projection's parent also holds an activation module (HF's ``intermediate_act_fn``)."""
+    parent = up.rsplit(".", 1)[0] if "." in up else ""
+    mod = block.get_submodule(parent) if parent else block
+    return any(
+        type(m).__module__ == "torch.nn.modules.activation" or _ACTIVATION.search(type(m).__name__)
+        for m in mod.children()
+    )
 
 
 def _in_mixer(block: nn.Module, parent: str) -> bool:
@@ -460,7 +484,13 @@ def _block_sites(block: nn.Module, prefix: str, layer: int, stack: str) -> tuple
     for n, m in experts:
         for s in SITE_NAMES:
             sites.append(Site(layer, s, f"{prefix}.{n}", m, DEFAULT_CAPTURE[s], stack, experts=True))
-    ffn = _find_ffn(block, skip + [n for n, _ in moe_3d])
+    extra = _ffn_list(block, skip + [n for n, _ in moe_3d])
+    for path, sub in extra:
+        f = _find_ffn(sub)
+        own = _join(stack, path)
+        sites.append(Site(layer, "pre", f"{prefix}.{path}.{f.pre[0]}", f.pre[1], "output", own, f.part))
+        sites.append(Site(layer, "post", f"{prefix}.{path}.{f.post[0]}", f.post[1], "input", own))
+    ffn = _find_ffn(block, skip + [n for n, _ in moe_3d] + [p for p, _ in extra])
     if isinstance(ffn, str):
         # Beside routed experts, "no FFN" is normal (no shared expert); a doubtful one is said.
         if not (experts or moe_3d) or ffn.startswith(("ambiguous", "gated")):
@@ -474,6 +504,24 @@ def _block_sites(block: nn.Module, prefix: str, layer: int, stack: str) -> tuple
     return sites, skipped
 
 
+def _ffn_list(block: nn.Module, skip: list[str]) -> list[tuple[str, nn.Module]]:
+    """Extra FFNs of a block held in a list (MobileBERT's ``ffn.0 …``): (path in the block, FFN module).
+
+    A container (not of experts) whose members are each an FFN and nothing more; each
+    member is its own stack, named by its path in the block (``ffn.0``).
+    """
+    out: list[tuple[str, nn.Module]] = []
+    for n, m in block.named_modules():
+        if not n or "expert" in n.lower() or any(n == p or n.startswith(p + ".") for p in skip):
+            continue
+        kids = _children(m)
+        if kids is None or any(n.startswith(p + ".") for p, _ in out):
+            continue
+        if all(len(_linears(k)) == 2 and not isinstance(_find_ffn(k), str) for _, k in kids):
+            out += [(f"{n}.{key}", k) for key, k in kids]
+    return out
+
+
 def _expert_modules(block: nn.Module, skip: list[str]) -> list[tuple[str, list[nn.Module]]]:
     """Containers of routed expert modules (a ModuleList/ModuleDict of same-class FFNs), with the experts."""
     out: list[tuple[str, list[nn.Module]]] = []
@@ -482,7 +530,13 @@ def _expert_modules(block: nn.Module, skip: list[str]) -> list[tuple[str, list[n
             continue
         if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and len(m) >= 2 and "expert" in n.lower():
             kids = list(m.values()) if isinstance(m, nn.ModuleDict) else list(m)
-            if len({type(k) for k in kids}) == 1 and all(not isinstance(_find_ffn(k), str) for k in kids):
+            # Parameter-free members (NLLB-MoE keeps its expert Dropout in the dict) are not experts.
+            kids = [k for k in kids if any(True for _ in k.parameters())]
+            if (
+                len(kids) >= 2
+                and len({type(k) for k in kids}) == 1
+                and all(not isinstance(_find_ffn(k), str) for k in kids)
+            ):
                 out.append((n, kids))
     return out
 
@@ -515,6 +569,9 @@ def _structural(model: nn.Module) -> Discovery:
             + "\n  ".join(found)
             + f"\n{_hint()}"
         )
+    depths = _applications(model, stacks)
+    if depths:
+        results = [(name, [_at_depths(s, sk, depths) for s, sk in per]) for name, per in results]
     labels = _stack_labels([n for n, _ in results])
     sites, skipped = [], []
     for label, (_, per) in zip(labels, results):
@@ -522,6 +579,64 @@ def _structural(model: nn.Module) -> Discovery:
             sites += [replace(x, stack=_join(label, x.stack)) for x in s]
             skipped += [replace(x, stack=_join(label, x.stack)) for x in sk]
     return Discovery(sites, skipped, "structure (stacks of blocks, FFN projections by shape)")
+
+
+def _applications(model: nn.Module, stacks) -> dict[str, list[int]]:
+    """Blocks run at several depths in one forward (ALBERT's shared layer): block path -> its depths.
+
+    Taken from one traced forward on the model's dummy inputs, only where the model's
+    config says it runs more layers than it holds blocks (``num_hidden_layers`` above a
+    stack's length, Funnel's ``block_repeats``). Depth = the order of the stack's block calls.
+    """
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "num_hidden_layers", None)
+    repeats = getattr(cfg, "block_repeats", None) or ()
+    if not ((isinstance(n, int) and any(0 < len(blocks) < n for _, blocks in stacks)) or any(r > 1 for r in repeats)):
+        return {}
+    calls: list[str] = []
+    handles = [
+        b.register_forward_pre_hook(lambda m, a, path=path: calls.append(path))
+        for _, blocks in stacks
+        for _, path, b in blocks
+    ]
+    try:
+        p = next(model.parameters())
+        inputs = {k: v.to(p.device) for k, v in model.dummy_inputs.items()}
+        with torch.no_grad(), torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []):
+            model(**inputs)
+    except Exception as exc:  # a model that wants more than its dummy inputs: say so, do not guess
+        warnings.warn(
+            f"{type(model).__name__} may run blocks at several depths (config: {n} layers, "
+            f"block_repeats {list(repeats)}), but one forward on its dummy inputs failed ({exc!r}); "
+            "each block's applications are pooled in one row",
+            stacklevel=3,
+        )
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, list[int]] = {}
+    for _, blocks in stacks:
+        paths = {path for _, path, _ in blocks}
+        order = [c for c in calls if c in paths]
+        if len(order) > len(set(order)):
+            for depth, path in enumerate(order):
+                out.setdefault(path, []).append(depth)
+    return out
+
+
+def _at_depths(sites: list[Site], skipped: list[Skipped], depths: dict[str, list[int]]):
+    """One site per application of a block run at several depths, its depth as the layer."""
+    out = []
+    for x in sites:
+        block = next((p for p in depths if x.name.startswith(p + ".")), None)
+        if block is None:
+            out.append(x)
+            continue
+        ds = depths[block]
+        out += [replace(x, layer=d, call=(j, len(ds))) for j, d in enumerate(ds)]
+    sk = [replace(x, layer=depths[x.name][0]) if x.name in depths else x for x in skipped]
+    return out, sk
 
 
 _NO_PAIR = ("no linear projections", "no expanding projection", "only attention-like")

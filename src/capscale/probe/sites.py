@@ -67,7 +67,10 @@ class Site:
     ``part``: ``(start, stop, step)`` channels of the captured tensor (the gate
     half of a fused ``gate_up`` projection); ``experts``: the module is a fused
     MoE experts module and the site is recomputed from its inputs and weights
-    for the tokens each expert was routed.
+    for the tokens each expert was routed. ``call``: ``(k, n)``: the module runs
+    ``n`` times per forward (one layer applied at several depths, ALBERT) and this
+    site is its ``k``-th application. A channels-first convolution with kernel 1
+    (SqueezeBERT's ``Conv1d``) is read over its channel axis.
     """
 
     layer: int
@@ -81,6 +84,7 @@ class Site:
     # Routed expert modules pooled into this site: ``module`` is the MoE block whose input holds
     # the tokens; each member is (expert, its up projection, its down projection).
     members: tuple = ()
+    call: tuple[int, int] | None = None
 
     @property
     def label(self) -> str:
@@ -107,19 +111,47 @@ class Site:
             return [self.module.register_forward_pre_hook(wrap(self._experts_hook(callback)), with_kwargs=True)]
         if self.members:
             return self._routed_modules_hooks(callback, wrap)
+        if self.call is not None:
+            callback = _nth_call(callback, *self.call)
+        features = self._features()
         if self.capture == "input":
 
             def pre_hook(module, args):
-                callback(args[0] if args else None, None)
+                callback(features(args[0]) if args else None, None)
 
             return [self.module.register_forward_pre_hook(wrap(pre_hook))]
         part = None if self.part is None else slice(*self.part)
 
         def hook(module, args, output):
-            x = output[0] if isinstance(output, (tuple, list)) else output
+            x = features(output[0] if isinstance(output, (tuple, list)) else output)
             callback(x if part is None or not torch.is_tensor(x) else x[..., part], None)
 
         return [self.module.register_forward_hook(wrap(hook))]
+
+    def _features(self) -> Callable:
+        """A reader that puts the captured tensor's feature axis last; it refuses a tensor whose width is on no axis."""
+        dims = _in_out(self.module)
+        if dims is None:
+            return lambda x: x  # no weight to read the width from (a hook point): the last axis
+        d = dims[1] if self.capture == "output" else dims[0]
+        first = _channels_first(self.module)
+        label, kind = self.label, type(self.module).__name__
+
+        def read(x):
+            if not torch.is_tensor(x):
+                return x
+            if first:
+                axis = 0 if x.dim() == 2 else 1  # Conv1d: [C, T] unbatched or [B, C, T]; Conv2d: [B, C, H, W]
+                if x.shape[axis] == d:
+                    return x.movedim(axis, -1)
+            elif x.shape[-1] == d:
+                return x
+            raise ValueError(
+                f"{label}: cannot tell the feature axis of a {tuple(x.shape)} tensor: {kind} has width {d} "
+                f"on its {'channel axis (1)' if first else 'last axis'}"
+            )
+
+        return read
 
     def _routed_modules_hooks(self, callback: Callback, wrap: Callable) -> list:
         """Hooks for expert modules: each expert's input rows are found among the MoE block's input rows.
@@ -199,6 +231,22 @@ class Site:
         return hook
 
 
+def _nth_call(callback: Callback, k: int, n: int) -> Callback:
+    """Pass on only the k-th of every n calls: the application at one depth of a module run n times per forward.
+
+    Every application is counted, measured or not (activation-checkpoint recomputation
+    replays all n), so the count stays in step with the forwards.
+    """
+    count = [0]
+
+    def nth(x, rows):
+        i, count[0] = count[0], (count[0] + 1) % n
+        if i == k:
+            callback(x, rows)
+
+    return nth
+
+
 def _row_keys(x: torch.Tensor) -> torch.Tensor:
     """An int64 hash of each row's bits (exact: integer arithmetic wraps, it does not round)."""
     ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[x.element_size()]
@@ -211,10 +259,23 @@ def _row_keys(x: torch.Tensor) -> torch.Tensor:
 _ROUTE_KEYS = ("top_k_index", "router_indices", "selected_experts")
 
 
+def _channels_first(m: nn.Module) -> bool:
+    """A convolution acting on channels alone (kernel 1, stride 1): a linear map over axis 1."""
+    return (
+        isinstance(m, (nn.Conv1d, nn.Conv2d))
+        and all(k == 1 for k in m.kernel_size)
+        and all(st == 1 for st in m.stride)
+        and not isinstance(m.padding, str)
+        and all(p == 0 for p in m.padding)
+    )
+
+
 def _in_out(m: nn.Module) -> tuple[int, int] | None:
     """(in, out) features of a linear-like module, else None."""
     if isinstance(m, nn.Linear):
         return m.in_features, m.out_features
+    if _channels_first(m):
+        return m.in_channels, m.out_channels
     w = getattr(m, "weight", None)
     # HF Conv1D stores weight as [in, out].
     if type(m).__name__ == "Conv1D" and torch.is_tensor(w) and w.dim() == 2:
