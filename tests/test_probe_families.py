@@ -558,6 +558,47 @@ FAMILIES = [
         note="experts dict also holds a Dropout: the experts are the modules with weights",
         extra={"expert_ffn": ("fc1", "fc2")},
     ),
+    Family(
+        "Llama4 (fused experts [E, H, 2I])",
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        dict(
+            LL,
+            intermediate_size_mlp=48,
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            head_dim=8,
+            interleave_moe_layer_step=1,
+        ),
+        {
+            "": (
+                "llama4:model.layers.{layer}.feed_forward.experts",
+                "llama4:model.layers.{layer}.feed_forward.experts",
+            ),
+            "shared-expert": (
+                "model.layers.{layer}.feed_forward.shared_expert.gate_proj",
+                "model.layers.{layer}.feed_forward.shared_expert.down_proj",
+            ),
+        },
+        note="every expert reads every token scaled by its router score: the routed (non-zero) rows",
+    ),
+    Family(
+        "DBRX",
+        "DbrxConfig",
+        "DbrxForCausalLM",
+        dict(
+            d_model=16,
+            n_heads=2,
+            n_layers=2,
+            max_seq_len=32,
+            vocab_size=64,
+            attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+            ffn_config=dict(ffn_hidden_size=40, moe_num_experts=4, moe_top_k=2),
+            **TOK,
+        ),
+        {"": ("dbrx:transformer.blocks.{layer}.ffn.experts", "dbrx:transformer.blocks.{layer}.ffn.experts")},
+        note="fused `mlp.{w1, v1, w2}` `[E·I, H]`: w1 the gate",
+    ),
 ]
 
 
@@ -598,7 +639,7 @@ def inputs(fam: Family) -> dict:
 
 
 def _strip(name: str) -> tuple[str, int | None, str]:
-    experts = next((k for k in ("experts", "pooled") if name.startswith(k + ":")), "")
+    experts = next((k for k in ("experts", "pooled", "llama4", "dbrx") if name.startswith(k + ":")), "")
     name = name.removeprefix(experts + ":") if experts else name
     m = re.fullmatch(r"(.*)\[:(\d+)\]", name)
     return (m.group(1), int(m.group(2)), experts) if m else (name, None, experts)
@@ -641,6 +682,29 @@ def _own_rows(model, fam: Family) -> dict[tuple[str, int, str], np.ndarray]:
                                 lambda m, a, key=key: keep(key, a[0])
                             )
                         handles.append(h)
+                elif experts == "llama4":  # [E * T, H] expert-major, zero rows = not routed
+
+                    def every(m, args, key=key, site=site):
+                        x = args[0].view(m.gate_up_proj.shape[0], -1, args[0].shape[-1])
+                        for e in range(x.shape[0]):
+                            r = x[e][(x[e] != 0).any(dim=1)]
+                            gate, up = (r @ m.gate_up_proj[e]).chunk(2, dim=-1)
+                            keep(key, gate if site == "pre" else m.act_fn(gate) * up)
+
+                    handles.append(mod.register_forward_pre_hook(every))
+                elif experts == "dbrx":  # mlp.w1 / v1: [E * I, H]
+
+                    def dbrx(m, args, key=key, site=site):
+                        x, idx = args[0].reshape(-1, args[0].shape[-1]), args[1]
+                        for e in range(m.num_experts):
+                            tok = (idx == e).any(dim=1)
+                            w1 = m.mlp.w1.view(m.num_experts, -1, x.shape[-1])[e]
+                            v1 = m.mlp.v1.view(m.num_experts, -1, x.shape[-1])[e]
+                            if tok.any():
+                                gate, up = x[tok] @ w1.T, x[tok] @ v1.T
+                                keep(key, gate if site == "pre" else m.mlp.activation_fn(gate) * up)
+
+                    handles.append(mod.register_forward_pre_hook(dbrx))
                 elif experts:
 
                     def routed(m, args, key=key, site=site):
@@ -739,7 +803,12 @@ UNREACHABLE = [
 def _cell(stack: str, name: str, at: str = "") -> str:
     path, k, experts = _strip(name)
     path = re.sub(r"^(model|transformer|bert|roberta|distilbert|gpt_neox)\.", "", path)
-    how = {"experts": " (fused experts, pooled)", "pooled": " (expert modules, pooled)"}.get(experts, "")
+    how = {
+        "experts": " (fused experts, pooled)",
+        "pooled": " (expert modules, pooled)",
+        "llama4": " (fused experts `[E, H, 2I]`, routed rows, pooled)",
+        "dbrx": " (fused experts, pooled)",
+    }.get(experts, "")
     text = at + f"`{path}`" + (" gate half `[:I]`" if k else "") + how
     return f"{stack}: {text}" if stack else text
 

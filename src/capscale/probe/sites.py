@@ -208,22 +208,34 @@ class Site:
 
     def _experts_hook(self, callback: Callback):
         m, want_pre = self.module, self.site == "pre"
+        n_experts = _n_experts(m)
 
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs.get("hidden_states")
             idx = args[1] if len(args) > 1 else next((kwargs[k] for k in _ROUTE_KEYS if k in kwargs), None)
-            if not (torch.is_tensor(x) and torch.is_tensor(idx)):
+            if not torch.is_tensor(x):
                 raise TypeError(f"{self.label}: expected (hidden_states, top_k_index) inputs")
             x2 = x.reshape(-1, x.shape[-1])
-            idx = idx.reshape(x2.shape[0], -1)
             chunks, rows = [], []
             with torch.no_grad():
-                for e in torch.unique(idx).tolist():
-                    if not 0 <= e < m.gate_up_proj.shape[0]:
-                        continue  # a padding slot: no expert
-                    tok = (idx == e).any(dim=1).nonzero().squeeze(1)
-                    gu = _expert_gate_up(m, e, x2[tok])
-                    chunks.append(_gate_half(m, gu) if want_pre else _apply_gate(m, gu))
+                if idx is None:
+                    # Every expert reads every token, expert-major ([E * T, H], Llama4); a token
+                    # not routed to the expert is a zero row (scaled by a zero router score).
+                    if x2.shape[0] % n_experts:
+                        raise TypeError(f"{self.label}: expected (hidden_states, top_k_index) inputs")
+                    xe = x2.view(n_experts, -1, x2.shape[-1])
+                    routed = [(e, (xe[e] != 0).any(dim=1).nonzero().squeeze(1)) for e in range(n_experts)]
+                    routed = [(e, xe[e], tok) for e, tok in routed if tok.numel()]
+                else:
+                    idx = idx.reshape(x2.shape[0], -1)
+                    routed = [
+                        (e, x2, (idx == e).any(dim=1).nonzero().squeeze(1))
+                        for e in torch.unique(idx).tolist()
+                        if 0 <= e < n_experts  # else a padding slot: no expert
+                    ]
+                for e, xs, tok in routed:
+                    gate, post = _expert_sites(m, e, xs[tok])
+                    chunks.append(gate if want_pre else post)
                     rows.append(tok)
             if chunks:
                 callback(torch.cat(chunks), torch.cat(rows))
@@ -283,14 +295,43 @@ def _in_out(m: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _dbrx_weights(m: nn.Module):
+    """DBRX's experts: ``mlp.{w1, v1, w2}`` each ``[E * I, H]`` (gate, up, down), or None."""
+    mlp = getattr(m, "mlp", None)
+    ws = [getattr(mlp, k, None) for k in ("w1", "v1", "w2")]
+    e = getattr(m, "num_experts", None)
+    if not (isinstance(e, int) and e > 0 and all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in ws)):
+        return None
+    if len({tuple(w.shape) for w in ws}) != 1 or ws[0].shape[0] % e:
+        return None
+    return ws
+
+
+def _transposed(m: nn.Module) -> bool:
+    """``gate_up_proj`` is ``[E, H, 2I]`` (used as ``x @ w``): by the module's flag, else by the shapes."""
+    flag = getattr(m, "is_transposed", None)
+    if flag is not None:
+        return bool(flag)
+    gu, down = m.gate_up_proj, m.down_proj
+    return gu.shape[1] == down.shape[2] and gu.shape[2] == 2 * down.shape[1]
+
+
 def _experts_layout(m: nn.Module) -> tuple[int, int] | None:
-    """(hidden, intermediate) of a fused experts module of transformers' standard layout, else None."""
+    """(hidden, intermediate) of a fused experts module of a known layout, else None.
+
+    transformers' standard ``gate_up_proj`` ``[E, 2I, H]`` / ``down_proj`` ``[E, H, I]``,
+    or transposed ``[E, H, 2I]`` / ``[E, I, H]`` (flagged ``is_transposed``, or Llama4's,
+    told by the shapes); DBRX's ``mlp.{w1, v1, w2}``.
+    """
+    dbrx = _dbrx_weights(m)
+    if dbrx is not None:
+        return int(dbrx[0].shape[1]), int(dbrx[0].shape[0] // m.num_experts)
     gu, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
     if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3):
         return None
     if not getattr(m, "has_gate", True):
         return None
-    if getattr(m, "is_transposed", False):  # [E, H, 2I] and [E, I, H]
+    if _transposed(m):  # [E, H, 2I] and [E, I, H]
         h, two_i = gu.shape[1], gu.shape[2]
         ok = tuple(down.shape[1:]) == (two_i // 2, h)
     else:  # [E, 2I, H] and [E, H, I]
@@ -299,9 +340,25 @@ def _experts_layout(m: nn.Module) -> tuple[int, int] | None:
     return (int(h), int(two_i // 2)) if ok and two_i % 2 == 0 else None
 
 
+def _n_experts(m: nn.Module) -> int:
+    return int(m.num_experts) if _dbrx_weights(m) is not None else int(m.gate_up_proj.shape[0])
+
+
+def _expert_sites(m: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pre, post) of expert ``e`` on its rows ``x``: the gate, and the input of its down projection."""
+    dbrx = _dbrx_weights(m)
+    if dbrx is not None:  # the model's own per-expert views of w1 (gate) and v1 (up)
+        i = dbrx[0].shape[0] // m.num_experts
+        gate = x @ dbrx[0].view(-1, i, x.shape[-1])[e].T
+        up = x @ dbrx[1].view(-1, i, x.shape[-1])[e].T
+        return gate, m.mlp.activation_fn(gate) * up
+    gu = _expert_gate_up(m, e, x)
+    return _gate_half(m, gu), _apply_gate(m, gu)
+
+
 def _expert_gate_up(m: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
     w = m.gate_up_proj[e]
-    out = x @ w if getattr(m, "is_transposed", False) else nn.functional.linear(x, w)
+    out = x @ w if _transposed(m) else nn.functional.linear(x, w)
     bias = getattr(m, "gate_up_proj_bias", None)
     if getattr(m, "has_bias", False) and bias is not None:
         out = out + bias[e]
