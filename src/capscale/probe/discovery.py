@@ -39,6 +39,7 @@ from capscale.probe.sites import (
     Site,
     SiteDiscoveryError,
     SiteSpec,
+    _channels_first,
     _experts_layout,
     _in_out,
 )
@@ -255,6 +256,8 @@ def _find_ffn(block: nn.Module, skip: Iterable[str] = ()) -> _FFN | str:
         if up in by_name and down in by_name:
             return _FFN((up, by_name[up][0]), (down, by_name[down][0]))
     # The residual width H: what most projections of a block read (q, k, v, the FFN's up/gate).
+    # A pair on another width (reading and writing it) is still a candidate, ranked after (Zamba's
+    # attention reads [h, h0], 2H wide, so 2H is the most read width).
     ins = [i for *_, i, _ in lins]
     hidden = max(set(ins), key=lambda d: (ins.count(d), -ins.index(d)))
     pairs = []  # (score, up, down, fused)
@@ -262,7 +265,7 @@ def _find_ffn(block: nn.Module, skip: Iterable[str] = ()) -> _FFN | str:
     order = {n: k for k, (n, *_) in enumerate(lins)}
     for un, um, ui, uo in lins:
         for dn, dm, di, do in lins:
-            if dm is um or ui != hidden or do != hidden:
+            if dm is um or ui != do:
                 continue
             if di == uo:
                 fused = False
@@ -280,6 +283,7 @@ def _find_ffn(block: nn.Module, skip: Iterable[str] = ()) -> _FFN | str:
             attn = bool(_ATTENTION_NAME.search(un) or _ATTENTION_NAME.search(dn))
             score = (
                 not attn,
+                ui == hidden,
                 di > ui,  # strictly expanding beats square look-alikes
                 _depth_of_common_parent(un, dn),
                 not fused,
@@ -290,7 +294,7 @@ def _find_ffn(block: nn.Module, skip: Iterable[str] = ()) -> _FFN | str:
         return "no expanding projection H -> I with a contracting partner I -> H"
     pairs.sort(key=lambda p: p[0], reverse=True)
     best = pairs[0][0]
-    if not best[0] and not best[1]:
+    if not best[0] and not best[2]:
         return "only attention-like square projections"
     top = [p for p in pairs if p[0] == best]
     downs = {dn for _, _, dn, _ in top}
@@ -737,6 +741,26 @@ def _refuse_container(site: str, name: str, module: nn.Module) -> None:
         )
 
 
+def _refuse_axisless(site: str, name: str, module: nn.Module, model: nn.Module) -> None:
+    """A weightless module (an activation) beside channels-first convolutions: its feature axis cannot be told."""
+    if _in_out(module) is not None or any(True for _ in module.children()):
+        return
+    parts = name.split(".")
+    for k in (1, 2):  # its parent and grandparent
+        if len(parts) <= k:
+            break
+        parent = model.get_submodule(".".join(parts[:-k]))
+        convs = [(n, m) for n, m in parent.named_modules() if _channels_first(m)]
+        if convs:
+            n, m = convs[0]
+            raise SiteDiscoveryError(
+                f"site {site!r}: cannot tell the feature axis of {name} ({type(module).__name__}, no weight): "
+                f"it sits beside {type(m).__name__} {'.'.join(parts[:-k])}.{n} ({m.in_channels} -> "
+                f"{m.out_channels} channels, channels-first), so its tensor may be [B, C, T] or [B, T, C]. "
+                "Name the convolution itself (its output for 'pre', the contracting one's input for 'post')"
+            )
+
+
 def discover(model: nn.Module, sites: Any = SITE_NAMES, layers: Any = "auto") -> Discovery:
     """Resolve ``sites`` (names for auto-discovery, or ``{name: spec}``) and ``layers`` to a :class:`Discovery`.
 
@@ -758,6 +782,7 @@ def discover(model: nn.Module, sites: Any = SITE_NAMES, layers: Any = "auto") ->
             for mods in f.values():
                 for n, m in mods:
                     _refuse_container(s, n, m)
+                    _refuse_axisless(s, n, m, model)
         return _from_named(model, found, captures, "the given site patterns", layers)
     names = tuple(sites)
     if not names:
