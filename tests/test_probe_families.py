@@ -21,7 +21,7 @@ import torch
 
 T = pytest.importorskip("transformers")
 
-from capscale.probe import NoFFNError, attach, discover_sites  # noqa: E402
+from capscale.probe import NoFFNError, attach, discover, discover_sites  # noqa: E402
 
 DOC = Path(__file__).parents[1] / "docs" / "models.md"
 LL = dict(
@@ -71,6 +71,8 @@ class Family:
     extra: dict = field(default_factory=dict)
     # One module applied at several depths (ALBERT): layer k of a module is its k-th call in a forward.
     shared: bool = False
+    # Layers with no FFN (a hybrid's Mamba layers): named in the "not measured" warning.
+    no_ffn: tuple[int, ...] = ()
 
 
 def _llama_like(name, config, model, prefix="model.layers", **kw):
@@ -599,6 +601,48 @@ FAMILIES = [
         {"": ("dbrx:transformer.blocks.{layer}.ffn.experts", "dbrx:transformer.blocks.{layer}.ffn.experts")},
         note="fused `mlp.{w1, v1, w2}` `[E·I, H]`: w1 the gate",
     ),
+    Family(
+        "Zamba (hybrid: Mamba layers + shared attention/MLP blocks)",
+        "ZambaConfig",
+        "ZambaForCausalLM",
+        dict(
+            LL,
+            num_hidden_layers=6,
+            attn_layer_period=3,
+            attn_layer_offset=1,
+            mamba_d_state=4,
+            mamba_expand=2,
+            mamba_dt_rank=4,
+            attention_head_dim=8,
+            n_mamba_heads=1,
+        ),
+        {
+            "": {
+                k: (
+                    f"model.layers.{k}.shared_transf.feed_forward.gate_proj",
+                    f"model.layers.{k}.shared_transf.feed_forward.down_proj",
+                )
+                for k in (2, 4)
+            }
+        },
+        note="attention reads [h, h0] (2H): the FFN is found on H; Mamba layers named as without FFN",
+        no_ffn=(0, 1, 3, 5),
+    ),
+    Family(
+        "ConvNeXt",
+        "ConvNextConfig",
+        "ConvNextModel",
+        dict(num_channels=3, patch_size=4, num_stages=2, hidden_sizes=[8, 16], depths=[1, 2]),
+        {
+            "": {
+                0: ("encoder.stages.0.layers.0.pwconv1", "encoder.stages.0.layers.0.pwconv2"),
+                1: ("encoder.stages.1.layers.0.pwconv1", "encoder.stages.1.layers.0.pwconv2"),
+                2: ("encoder.stages.1.layers.1.pwconv1", "encoder.stages.1.layers.1.pwconv2"),
+            }
+        },
+        inputs="image",
+        note="blocks in stages, channels-last `[B, H, W, C]`: rows are pixels",
+    ),
 ]
 
 
@@ -763,9 +807,16 @@ def test_family_sites_and_ranks(fam, one_thread):
         for site, name in zip(("pre", "post"), _pair(fam, stack, layer))
     }
     assert {(s.stack, s.layer, s.site, s.name) for s in sites} == expected
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing skipped: no "not measured" warning
-        probe = attach(model, every=1, dtype=torch.float64, mode="any")
+    if fam.no_ffn:  # named, with the true reason, in the one warning
+        skipped = discover(model).skipped
+        assert {sk.layer for sk in skipped} == set(fam.no_ffn)
+        assert all(sk.reason.startswith("no expanding projection") for sk in skipped)
+        with pytest.warns(UserWarning, match="not measured"):
+            probe = attach(model, every=1, dtype=torch.float64, mode="any")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing skipped: no "not measured" warning
+            probe = attach(model, every=1, dtype=torch.float64, mode="any")
     with torch.no_grad():
         model(**inputs(fam))
     df = probe.compute()
@@ -790,6 +841,15 @@ def test_mamba_has_no_ffn():
 # -- docs/models.md ---------------------------------------------------------------
 
 BEGIN, END = "<!-- families:begin -->", "<!-- families:end -->"
+# Measured exactly by tests of their own.
+ELSEWHERE = [
+    (
+        "torchtitan Llama3 (`debugmodel`, flex attention)",
+        "`layers.{layer}.feed_forward.w1`",
+        "`layers.{layer}.feed_forward.w2`",
+        "✅ tested (`tests/test_probe_torchtitan.py`); blocks in an `nn.ModuleDict`, the key is the layer",
+    ),
+]
 UNREACHABLE = [
     (
         "Mamba, Mamba-2 (state-space mixers, no FFN)",
@@ -831,7 +891,7 @@ def table() -> str:
                 posts.append(_cell(stack, post, at))
         note = f"; {f.note}" if f.note else ""
         lines.append(f"| {f.name} | {'<br>'.join(pres)} | {'<br>'.join(posts)} | ✅ tested{note} |")
-    for name, pre, post, why in UNREACHABLE:
+    for name, pre, post, why in ELSEWHERE + UNREACHABLE:
         lines.append(f"| {name} | {pre} | {post} | {why} |")
     return "\n".join(lines)
 

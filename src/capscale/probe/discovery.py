@@ -145,9 +145,15 @@ def _children(m: nn.Module) -> list[tuple[str, nn.Module]] | None:
 
 
 def _is_block(m: nn.Module) -> bool:
-    """A transformer block: it holds an FFN and more (attention), not an FFN alone (an expert, MobileBERT's ffn.k)."""
-    lins = _linears(m)
-    return len(lins) > 2 and not isinstance(_find_ffn(m), str)
+    """A block: an FFN and more (attention, ConvNeXt's depthwise conv), not an FFN alone (an expert, MobileBERT's ffn.k)."""
+    ffn = _find_ffn(m)
+    if isinstance(ffn, str):
+        return False
+    pair = (ffn.pre[1], ffn.post[1])
+    return any(
+        (_in_out(k) is not None or isinstance(k, nn.modules.conv._ConvNd)) and all(k is not p for p in pair)
+        for k in m.modules()
+    )
 
 
 def _inner_stack(block: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]] | None:
