@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("triton")
 llama3 = pytest.importorskip("torchtitan.models.llama3")
 
-from capscale.probe import attach, discover_sites  # noqa: E402
+from capscale.probe import attach, discover, discover_sites  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,27 @@ def test_torchtitan_llama3_measured_exactly(titan, one_thread):
         lam, soft, hard = _ranks(x)
         np.testing.assert_allclose([row.soft_rank, row.hard_rank], [soft, hard], rtol=1e-9)
         np.testing.assert_allclose(sorted(row.eigenvalues, reverse=True)[:40], lam[:40], rtol=1e-9)
+
+
+def test_torchtitan_qwen3_and_deepseek_v3_sites():
+    """Qwen3: every layer's w1/w2. DeepSeek-V3: the dense layer, the shared experts, and the routed
+    grouped experts (``w1_EFD`` …, fed tokens sorted by expert) named as not reachable, with shapes."""
+    qwen3 = pytest.importorskip("torchtitan.models.qwen3")
+    deepseek = pytest.importorskip("torchtitan.models.deepseek_v3")
+    torch.manual_seed(0)
+    model = qwen3.model_registry("debugmodel", attn_backend="flex").model.build()
+    sites = discover_sites(model)
+    assert {(s.layer, s.name) for s in sites if s.site == "pre"} == {
+        (int(k), f"layers.{k}.feed_forward.w1") for k in model.layers
+    }
+    model = deepseek.model_registry("debugmodel", attn_backend="flex").model.build()
+    found = discover(model)
+    dense = [k for k, b in model.layers.items() if getattr(b, "moe", None) is None]
+    moe = [k for k in model.layers if k not in dense]
+    assert dense and moe
+    got = {(s.stack, s.layer, s.site, s.name) for s in found.sites}
+    assert {(st, la, n) for st, la, si, n in got if si == "pre"} == {
+        ("", int(k), f"layers.{k}.feed_forward.w1") for k in dense
+    } | {("shared-expert", int(k), f"layers.{k}.moe.shared_experts.w1") for k in moe}
+    assert {sk.layer for sk in found.skipped} == {int(k) for k in moe}
+    assert all("w1_EFD [" in sk.reason and "not reachable" in sk.reason for sk in found.skipped)

@@ -478,8 +478,15 @@ def _block_sites(block: nn.Module, prefix: str, layer: int, stack: str) -> tuple
         if n and n not in skip and "expert" in n.lower() and any(p.dim() == 3 for p in m.parameters(recurse=False))
     ]
     skipped = [
-        Skipped(stack, layer, f"{prefix}.{n}", "fused 3-D expert weights of an unknown layout: not reachable")
-        for n, _ in moe_3d
+        Skipped(
+            stack,
+            layer,
+            f"{prefix}.{n}",
+            "fused 3-D expert weights of an unknown layout ("
+            + ", ".join(f"{k} {list(p.shape)}" for k, p in m.named_parameters(recurse=False))
+            + "; known: gate_up_proj [E, 2I, H] or [E, H, 2I] with down_proj, DBRX's mlp.w1/v1/w2): not reachable",
+        )
+        for n, m in moe_3d
     ]
     routed = _expert_modules(block, skip)
     for n, kids in routed:
