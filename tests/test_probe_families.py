@@ -66,7 +66,7 @@ class Family:
     model: str
     kwargs: dict
     sites: dict[str, tuple[str, str]]
-    inputs: str = "ids"  # ids | seq2seq | audio | image
+    inputs: str = "ids"  # ids | seq2seq | audio | image | wave
     note: str = ""
     extra: dict = field(default_factory=dict)
     # One module applied at several depths (ALBERT): layer k of a module is its k-th call in a forward.
@@ -643,6 +643,33 @@ FAMILIES = [
         inputs="image",
         note="blocks in stages, channels-last `[B, H, W, C]`: rows are pixels",
     ),
+    Family(
+        "Wav2Vec2-Conformer (two half-step FFNs per block)",
+        "Wav2Vec2ConformerConfig",
+        "Wav2Vec2ConformerModel",
+        dict(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=40,
+            conv_dim=(8, 8),
+            conv_stride=(5, 2),
+            conv_kernel=(10, 3),
+            num_conv_pos_embeddings=4,
+            num_conv_pos_embedding_groups=2,
+            conv_depthwise_kernel_size=3,
+            vocab_size=32,
+        ),
+        {
+            stack: (
+                f"encoder.layers.{{layer}}.{stack}.intermediate_dense",
+                f"encoder.layers.{{layer}}.{stack}.output_dense",
+            )
+            for stack in ("ffn1", "ffn2")
+        },
+        inputs="wave",
+        note="FFNs side by side in a block: each is a stack named by its path",
+    ),
 ]
 
 
@@ -672,6 +699,8 @@ def inputs(fam: Family) -> dict:
     ids = torch.randint(1, 64, (4, 12), generator=g)
     if fam.inputs == "seq2seq":
         return {"input_ids": ids, "decoder_input_ids": torch.randint(1, 64, (4, 10), generator=g)}
+    if fam.inputs == "wave":
+        return {"input_values": torch.randn(2, 400, generator=g)}
     if fam.inputs == "image":
         return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
     if fam.inputs == "audio":

@@ -310,6 +310,8 @@ def _find_ffn(block: nn.Module, skip: Iterable[str] = ()) -> _FFN | str:
         active = [p for p in top if _beside_activation(block, p[1])]
         if len({dn for _, _, dn, _ in active}) == 1:
             top, downs = active, {active[0][2]}
+    if len(downs) > 1 and not best[2]:
+        return "only square projections H -> H (attention-like): no expanding pair"
     if len(downs) > 1:
         shapes = ", ".join(f"{un} {by_name[un][1]}->{by_name[un][2]} / {dn}" for _, un, dn, _ in top)
         return (
@@ -502,6 +504,10 @@ def _block_sites(block: nn.Module, prefix: str, layer: int, stack: str) -> tuple
         for s in SITE_NAMES:
             sites.append(Site(layer, s, f"{prefix}.{n}", m, DEFAULT_CAPTURE[s], stack, experts=True))
     extra = _ffn_list(block, skip + [n for n, _ in moe_3d])
+    if not extra and not (experts or moe_3d):
+        first = _find_ffn(block, skip)
+        if isinstance(first, str) and first.startswith("ambiguous"):
+            extra = _ffn_modules(block, skip)  # FFNs side by side (a Conformer's two half-step FFNs)
     for path, sub in extra:
         f = _find_ffn(sub)
         own = _join(stack, path)
@@ -510,7 +516,7 @@ def _block_sites(block: nn.Module, prefix: str, layer: int, stack: str) -> tuple
     ffn = _find_ffn(block, skip + [n for n, _ in moe_3d] + [p for p, _ in extra])
     if isinstance(ffn, str):
         # Beside routed experts, "no FFN" is normal (no shared expert); a doubtful one is said.
-        if not (experts or moe_3d) or ffn.startswith(("ambiguous", "gated")):
+        if not (experts or moe_3d or extra) or ffn.startswith(("ambiguous", "gated")):
             skipped.append(Skipped(stack, layer, prefix, ffn))
         return sites, skipped
     own = stack
@@ -519,6 +525,24 @@ def _block_sites(block: nn.Module, prefix: str, layer: int, stack: str) -> tuple
     sites.append(Site(layer, "pre", f"{prefix}.{ffn.pre[0]}", ffn.pre[1], "output", own, ffn.part))
     sites.append(Site(layer, "post", f"{prefix}.{ffn.post[0]}", ffn.post[1], "input", own))
     return sites, skipped
+
+
+def _ffn_modules(block: nn.Module, skip: list[str]) -> list[tuple[str, nn.Module]]:
+    """Submodules that are each an FFN and nothing more, where a block's FFN is ambiguous: two or more, else none.
+
+    Each is its own stack, named by its path in the block (a Conformer's ``ffw_layer_start``
+    and ``ffw_layer_end``); experts are not FFNs side by side.
+    """
+    out: list[tuple[str, nn.Module]] = []
+    for n, m in block.named_modules():
+        if not n or "expert" in n.lower() or any(n == p or n.startswith(p + ".") for p in skip):
+            continue
+        if any(n.startswith(p + ".") for p, _ in out) or _in_out(m) is not None:
+            continue
+        conv = any(isinstance(k, nn.modules.conv._ConvNd) and not _channels_first(k) for k in m.modules())
+        if len(_linears(m)) == 2 and not conv and not isinstance(_find_ffn(m), str):
+            out.append((n, m))  # (a GLU convolution module, a Conformer's lconv, is no FFN)
+    return out if len(out) >= 2 else []
 
 
 def _ffn_list(block: nn.Module, skip: list[str]) -> list[tuple[str, nn.Module]]:
@@ -586,7 +610,8 @@ def _structural(model: nn.Module) -> Discovery:
             + "\n  ".join(found)
             + f"\n{_hint()}"
         )
-    depths = _applications(model, stacks)
+    kept = {name for name, per in results if any(s for s, _ in per)}
+    depths = _applications(model, [(name, blocks) for name, blocks in stacks if name in kept])
     if depths:
         results = [(name, [_at_depths(s, sk, depths) for s, sk in per]) for name, per in results]
     labels = _stack_labels([n for n, _ in results])
@@ -656,7 +681,7 @@ def _at_depths(sites: list[Site], skipped: list[Skipped], depths: dict[str, list
     return out, sk
 
 
-_NO_PAIR = ("no linear projections", "no expanding projection", "only attention-like")
+_NO_PAIR = ("no linear projections", "no expanding projection", "only attention-like", "only square")
 
 
 def _no_pair(reason: str) -> bool:
