@@ -670,6 +670,14 @@ FAMILIES = [
         inputs="wave",
         note="FFNs side by side in a block: each is a stack named by its path",
     ),
+    Family(
+        "I-BERT",
+        "IBertConfig",
+        "IBertModel",
+        dict(LL, max_position_embeddings=40, pad_token_id=1),
+        {"": ("encoder.layer.{layer}.intermediate.dense", "encoder.layer.{layer}.output.dense")},
+        note="`QuantLinear`: a linear of its own class (in/out features, `[out, in]` weight)",
+    ),
 ]
 
 
@@ -724,6 +732,8 @@ def _own_rows(model, fam: Family) -> dict[tuple[str, int, str], np.ndarray]:
     handles = []
 
     def keep(key, x, mod=None):
+        if isinstance(x, tuple):  # I-BERT's QuantLinear returns (output, scaling factor)
+            x = x[0]
         if isinstance(mod, torch.nn.Conv1d):  # [B, C, T]: the features are the channels
             x = x.transpose(1, 2)
         got.setdefault(key, []).append(x.detach().double().reshape(-1, x.shape[-1]))

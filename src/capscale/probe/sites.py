@@ -289,6 +289,10 @@ def _in_out(m: nn.Module) -> tuple[int, int] | None:
     if _channels_first(m):
         return m.in_channels, m.out_channels
     w = getattr(m, "weight", None)
+    # A linear of its own class (I-BERT's QuantLinear): in/out features that match a [out, in] weight.
+    i, o = getattr(m, "in_features", None), getattr(m, "out_features", None)
+    if isinstance(i, int) and isinstance(o, int) and torch.is_tensor(w) and tuple(w.shape) == (o, i):
+        return i, o
     # HF Conv1D stores weight as [in, out].
     if type(m).__name__ == "Conv1D" and torch.is_tensor(w) and w.dim() == 2:
         return int(w.shape[0]), int(w.shape[1])
