@@ -80,6 +80,27 @@ def _llama_like(name, config, model, prefix="model.layers", **kw):
     return Family(name, config, model, dict(LL, **kw), {"": (pre, f"{prefix}.{{layer}}.mlp.down_proj")})
 
 
+def _mlp(name, config, model, up, down, prefix="model.layers", **kw):
+    """A decoder whose FFN is ``{prefix}.{layer}.{up}`` / ``{down}``."""
+    kw = dict(LL, head_dim=8, **kw)
+    return Family(name, config, model, kw, {"": (f"{prefix}.{{layer}}.{up}", f"{prefix}.{{layer}}.{down}")})
+
+
+def _moe(name, config, model, shared="", dense=(), note="", **kw):
+    """A decoder whose layers hold fused experts (``mlp.experts``), a shared expert, dense layers."""
+    kw = dict(LL, head_dim=8, **kw)
+    routed = {k: (f"experts:model.layers.{k}.mlp.experts",) * 2 for k in range(2) if k not in dense}
+    routed.update({k: (f"model.layers.{k}.mlp.gate_proj", f"model.layers.{k}.mlp.down_proj") for k in dense})
+    sites = {"": dict(sorted(routed.items()))}
+    if shared:
+        sites["shared-expert"] = {
+            k: (f"model.layers.{k}.mlp.{shared}.gate_proj", f"model.layers.{k}.mlp.{shared}.down_proj")
+            for k in range(2)
+            if k not in dense
+        }
+    return Family(name, config, model, kw, sites, note=note)
+
+
 FAMILIES = [
     Family(
         "GPT-2",
@@ -677,6 +698,77 @@ FAMILIES = [
         dict(LL, max_position_embeddings=40, pad_token_id=1),
         {"": ("encoder.layer.{layer}.intermediate.dense", "encoder.layer.{layer}.output.dense")},
         note="`QuantLinear`: a linear of its own class (in/out features, `[out, in]` weight)",
+    ),
+    _llama_like("Helium", "HeliumConfig", "HeliumForCausalLM", head_dim=8),
+    _llama_like("EXAONE 4", "Exaone4Config", "Exaone4ForCausalLM", head_dim=8),
+    _llama_like("SmolLM3", "SmolLM3Config", "SmolLM3ForCausalLM", head_dim=8),
+    _llama_like("OLMo 3", "Olmo3Config", "Olmo3ForCausalLM", head_dim=8),
+    _llama_like("Seed-OSS", "SeedOssConfig", "SeedOssForCausalLM", head_dim=8),
+    _llama_like("Ministral", "MinistralConfig", "MinistralForCausalLM", head_dim=8),
+    _llama_like("Cohere 2", "Cohere2Config", "Cohere2ForCausalLM", head_dim=8),
+    _llama_like("BitNet", "BitNetConfig", "BitNetForCausalLM", head_dim=8),
+    _llama_like("HunYuan dense", "HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", head_dim=8),
+    _llama_like("ERNIE 4.5", "Ernie4_5Config", "Ernie4_5ForCausalLM", head_dim=8),
+    _llama_like("CWM", "CwmConfig", "CwmForCausalLM", head_dim=8),
+    _mlp("Arcee (ReLU² MLP)", "ArceeConfig", "ArceeForCausalLM", "mlp.up_proj", "mlp.down_proj"),
+    _mlp("Nemotron", "NemotronConfig", "NemotronForCausalLM", "mlp.up_proj", "mlp.down_proj"),
+    _mlp("Apertus", "ApertusConfig", "ApertusForCausalLM", "mlp.up_proj", "mlp.down_proj"),
+    _mlp("Persimmon", "PersimmonConfig", "PersimmonForCausalLM", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    _mlp("GLM", "GlmConfig", "GlmForCausalLM", "mlp.gate_up_proj[:40]", "mlp.down_proj"),
+    _mlp("GLM-4", "Glm4Config", "Glm4ForCausalLM", "mlp.gate_up_proj[:40]", "mlp.down_proj"),
+    _moe("Phi-MoE", "PhimoeConfig", "PhimoeForCausalLM", **dict(num_local_experts=4, num_experts_per_tok=2)),
+    _moe("MiniMax", "MiniMaxConfig", "MiniMaxForCausalLM", **dict(num_local_experts=4, num_experts_per_tok=2)),
+    _moe("FlexOlmo", "FlexOlmoConfig", "FlexOlmoForCausalLM", num_experts=4, num_experts_per_tok=2),
+    _moe(
+        "HunYuan MoE",
+        "HunYuanMoEV1Config",
+        "HunYuanMoEV1ForCausalLM",
+        shared="shared_mlp",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+    ),
+    _moe(
+        "GLM-4 MoE",
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        shared="shared_experts",
+        n_routed_experts=4,
+        first_k_dense_replace=0,
+        **MOE,
+    ),
+    _moe(
+        "DeepSeek-V2",
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        shared="shared_experts",
+        n_routed_experts=4,
+        first_k_dense_replace=0,
+        kv_lora_rank=8,
+        q_lora_rank=8,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+        **MOE,
+    ),
+    _moe("AFMoE", "AfmoeConfig", "AfmoeForCausalLM", shared="shared_experts", num_experts=4, num_dense_layers=0, **MOE),
+    _moe(
+        "ERNIE 4.5 MoE",
+        "Ernie4_5_MoeConfig",
+        "Ernie4_5_MoeForCausalLM",
+        shared="shared_experts",
+        dense=(0,),
+        moe_num_experts=4,
+        moe_k=2,
+        moe_intermediate_size=24,
+        note="dense layer 0",
+    ),
+    Family(
+        "Granite MoE",
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        dict(LL, num_local_experts=4, num_experts_per_tok=2),
+        {"": ("experts:model.layers.{layer}.block_sparse_moe.experts",) * 2},
     ),
 ]
 
