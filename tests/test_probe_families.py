@@ -963,6 +963,18 @@ def test_family_sites_and_ranks(fam, one_thread):
         np.testing.assert_allclose([row.soft_rank, row.hard_rank], [soft, hard], rtol=1e-6)
 
 
+def test_jetmoe_refused_with_candidates_and_shapes():
+    """JetMoE's MLP and attention experts are grouped 3-D weights fed tokens sorted by expert: refused, and why."""
+    model = T.JetMoeForCausalLM(T.JetMoeConfig(**LL))
+    with pytest.raises(NoFFNError) as e:
+        discover_sites(model)
+    text = str(e.value)
+    assert "FFN candidates were found but none could be measured" in text and "has no FFN" not in text
+    assert "model.layers.1.mlp.input_linear" in text and "weight [8, 80, 16]" in text
+    assert "model.layers.1.mlp.output_linear" in text and "weight [8, 16, 40]" in text
+    assert "unknown layout" in text and "known: gate_up_proj [E, 2I, H]" in text
+
+
 def test_mamba_has_no_ffn():
     model = T.MambaForCausalLM(T.MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2))
     with pytest.raises(NoFFNError, match=r"MambaForCausalLM has no FFN.*backbone\.layers"):
@@ -982,6 +994,13 @@ ELSEWHERE = [
     ),
 ]
 UNREACHABLE = [
+    (
+        "JetMoE (grouped 3-D experts fed tokens sorted by expert, in its MLP and its attention)",
+        "—",
+        "—",
+        "`NoFFNError`: FFN candidates found but none measurable: each expert weight named with its shape "
+        "and the known layouts (tested)",
+    ),
     (
         "Mamba, Mamba-2 (state-space mixers, no FFN)",
         "—",

@@ -477,7 +477,10 @@ def _block_sites(block: nn.Module, prefix: str, layer: int, stack: str) -> tuple
     moe_3d = [
         (n, m)
         for n, m in block.named_modules()
-        if n and n not in skip and "expert" in n.lower() and any(p.dim() == 3 for p in m.parameters(recurse=False))
+        if n
+        and n not in skip
+        and ("expert" in n.lower() or "expert" in type(m).__name__.lower())
+        and any(p.dim() == 3 for p in m.parameters(recurse=False))
     ]
     skipped = [
         Skipped(
