@@ -770,6 +770,39 @@ FAMILIES = [
         dict(LL, num_local_experts=4, num_experts_per_tok=2),
         {"": ("experts:model.layers.{layer}.block_sparse_moe.experts",) * 2},
     ),
+    Family(
+        "ViT",
+        "ViTConfig",
+        "ViTModel",
+        dict(
+            image_size=16,
+            patch_size=4,
+            num_channels=3,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=40,
+        ),
+        {"": ("layers.{layer}.mlp.fc1", "layers.{layer}.mlp.fc2")},
+        inputs="image",
+    ),
+    Family(
+        "DINOv2",
+        "Dinov2Config",
+        "Dinov2Model",
+        dict(
+            image_size=16,
+            patch_size=4,
+            num_channels=3,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=40,
+            mlp_ratio=3,
+        ),
+        {"": ("encoder.layer.{layer}.mlp.fc1", "encoder.layer.{layer}.mlp.fc2")},
+        inputs="image",
+    ),
 ]
 
 
