@@ -1008,6 +1008,27 @@ def test_jetmoe_refused_with_candidates_and_shapes():
     assert "unknown layout" in text and "known: gate_up_proj [E, 2I, H]" in text
 
 
+def test_segformer_mix_ffn_refused_with_the_convolution_named():
+    """SegFormer's Mix-FFN runs a depthwise convolution between fc1 and the activation: refused, naming it."""
+    config = T.SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[3, 3],
+        strides=[2, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+    )
+    with pytest.raises(NoFFNError) as e:
+        discover_sites(T.SegformerModel(config))
+    text = str(e.value)
+    assert "FFN candidates were found" in text and "has no FFN" not in text
+    assert "layer 1 (stages.1.blocks.0): convolutional FFN" in text  # stages opened, depth counted through
+    assert "mlp.dwconv.dwconv" in text and "mlp.fc1 (16->32)" in text and "post = the input of mlp.fc2" in text
+
+
 def test_mamba_has_no_ffn():
     model = T.MambaForCausalLM(T.MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2))
     with pytest.raises(NoFFNError, match=r"MambaForCausalLM has no FFN.*backbone\.layers"):
@@ -1027,6 +1048,13 @@ ELSEWHERE = [
     ),
 ]
 UNREACHABLE = [
+    (
+        "SegFormer, PVTv2 (Mix-FFN: a depthwise convolution between the up projection and the activation)",
+        "—",
+        "—",
+        "`NoFFNError`: FFN candidates found but none measurable: the convolution named, and the sites to name "
+        "(pre = the convolution module's output, post = `fc2`'s input) (tested)",
+    ),
     (
         "JetMoE (grouped 3-D experts fed tokens sorted by expert, in its MLP and its attention)",
         "—",

@@ -147,8 +147,8 @@ def _children(m: nn.Module) -> list[tuple[str, nn.Module]] | None:
 def _is_block(m: nn.Module) -> bool:
     """A block: an FFN and more (attention, ConvNeXt's depthwise conv), not an FFN alone (an expert, MobileBERT's ffn.k)."""
     ffn = _find_ffn(m)
-    if isinstance(ffn, str):
-        return False
+    if isinstance(ffn, str):  # a block whose FFN is convolutional (SegFormer's Mix-FFN) is still a block
+        return ffn.startswith("convolutional FFN") and len(_linears(m)) > 2
     pair = (ffn.pre[1], ffn.post[1])
     return any(
         (_in_out(k) is not None or isinstance(k, nn.modules.conv._ConvNd)) and all(k is not p for p in pair)
@@ -267,7 +267,8 @@ def _find_ffn(block: nn.Module, skip: Iterable[str] = ()) -> _FFN | str:
     ins = [i for *_, i, _ in lins]
     hidden = max(set(ins), key=lambda d: (ins.count(d), -ins.index(d)))
     pairs = []  # (score, up, down, fused)
-    mixers: dict[str, bool] = {}
+    mixers: dict[str, str] = {}
+    conv_ffn: list[tuple[str, str, str]] = []  # pairs with a convolution between (Mix-FFN)
     order = {n: k for k, (n, *_) in enumerate(lins)}
     for un, um, ui, uo in lins:
         for dn, dm, di, do in lins:
@@ -285,6 +286,9 @@ def _find_ffn(block: nn.Module, skip: Iterable[str] = ()) -> _FFN | str:
             if parent not in mixers:
                 mixers[parent] = _in_mixer(block, parent)
             if mixers[parent]:
+                attn = _ATTENTION_NAME.search(un) or _ATTENTION_NAME.search(dn)
+                if mixers[parent] == "conv" and di > ui and not attn:
+                    conv_ffn.append((un, dn, parent))
                 continue
             attn = bool(_ATTENTION_NAME.search(un) or _ATTENTION_NAME.search(dn))
             score = (
@@ -296,12 +300,21 @@ def _find_ffn(block: nn.Module, skip: Iterable[str] = ()) -> _FFN | str:
                 order[dn] > order[un],
             )
             pairs.append((score, un, dn, fused))
+    if conv_ffn and (not pairs or not max(p[0] for p in pairs)[0]):  # nothing else but attention
+        un, dn, parent = conv_ffn[0]
+        conv = next(n for n, m in block.get_submodule(parent).named_modules() if isinstance(m, nn.modules.conv._ConvNd))
+        return (
+            f"convolutional FFN: a convolution ({parent}.{conv}) sits between {un} ({by_name[un][1]}->"
+            f"{by_name[un][2]}) and {dn}, so the nonlinearity's input is not a projection's output "
+            f"(a Mix-FFN); name the sites: pre = the output of the module holding the convolution, "
+            f"post = the input of {dn}"
+        )
     if not pairs:
         return "no expanding projection H -> I with a contracting partner I -> H"
     pairs.sort(key=lambda p: p[0], reverse=True)
     best = pairs[0][0]
-    if not best[0] and not best[2]:
-        return "only attention-like square projections"
+    if not best[0]:
+        return "only attention projections"
     top = [p for p in pairs if p[0] == best]
     downs = {dn for _, _, dn, _ in top}
     if len(downs) > 1:
@@ -345,14 +358,16 @@ def _beside_activation(block: nn.Module, up: str) -> bool:
     )
 
 
-def _in_mixer(block: nn.Module, parent: str) -> bool:
-    """A pair under ``parent`` sits in a state-space / convolution mixer (Mamba's in_proj/out_proj), not an FFN."""
+def _in_mixer(block: nn.Module, parent: str) -> str:
+    """Whether a pair under ``parent`` sits beside a convolution: "ssm" in a state-space mixer (Mamba's
+    in_proj/out_proj, with ``A_log`` / ``dt_bias``: no FFN), "conv" otherwise (SegFormer's Mix-FFN), else ""."""
     if not parent:
-        return False
+        return ""
     mod = block.get_submodule(parent)
-    return any(isinstance(m, nn.modules.conv._ConvNd) for m in mod.modules()) or any(
-        n.split(".")[-1] in ("A_log", "dt_bias") for n, _ in mod.named_parameters()
-    )
+    if any(n.split(".")[-1] in ("A_log", "dt_bias") for n, _ in mod.named_parameters()):
+        return "ssm"
+    convs = [m for m in mod.modules() if isinstance(m, nn.modules.conv._ConvNd) and not _channels_first(m)]
+    return "conv" if convs else ""
 
 
 def _gate_of(block: nn.Module, ups: list[str], down: str) -> str | None:
@@ -684,7 +699,7 @@ def _at_depths(sites: list[Site], skipped: list[Skipped], depths: dict[str, list
     return out, sk
 
 
-_NO_PAIR = ("no linear projections", "no expanding projection", "only attention-like", "only square")
+_NO_PAIR = ("no linear projections", "no expanding projection", "only attention", "only square")
 
 
 def _no_pair(reason: str) -> bool:
