@@ -1,33 +1,21 @@
-"""Where to look: the FFN pre/post-activation sites of a model, found by structure.
+"""Site hooks: one resolved FFN site of a model and how its activations are captured.
 
 A *site* is one tensor per transformer block: ``pre`` (the FFN pre-activation:
 the output of the up projection, or of the gate projection in a gated FFN) or
-``post`` (the post-activation: the input of the down projection).
+``post`` (the post-activation: the input of the down projection). A
+:class:`Site` installs the forward hook that hands that tensor to the probe;
+fused MoE experts are recomputed from their inputs and weights for the tokens
+each expert was routed, and expert modules are mapped back to their tokens.
 
-Discovery reads what the model is, not what its modules are called: the
-stack(s) of repeated blocks (``nn.ModuleList`` / ``nn.Sequential`` of blocks,
-e.g. ``h``, ``layers``, ``block``, an encoder and a decoder stack), and in each
-block the feed-forward path: an expanding projection ``H → I`` (``nn.Linear``
-and its subclasses, HF ``Conv1D`` with its ``[in, out]`` weight) and the
-contracting projection ``I → H`` that consumes it. Attention's projections
-are told apart by shape (no ``I → H`` partner) and by place (the pair whose
-common parent is deepest, outside any ``attn`` / ``attention`` module). A
-gated FFN has two ``H → I`` projections: ``pre`` is the gate (the one that
-feeds the nonlinearity), found by name or by one traced forward of the FFN
-module; a fused ``gate_up`` projection ``H → 2I`` is captured as its gate
-half. MoE layers with fused 3-D expert weights (transformers' ``*Experts``)
-are measured over the tokens each expert saw, pooled over experts; shared
-experts are their own stack (``shared-expert``). Any block that is not
-measured is reported with the reason (``Discovery.skipped``), never dropped
-in silence. Other models name their sites explicitly, by pattern
-(``"blocks.{layer}.ffn.fc1"``) or by module objects.
+Finding the sites of a model is :mod:`capscale.probe.discovery`; its public
+names (``discover``, ``discover_sites``, ``Discovery``, ``Skipped``,
+``Architecture``, ``ARCHITECTURES``) are importable from here too.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,13 +25,7 @@ SITE_NAMES = ("pre", "post")
 CAPTURES = ("output", "input")
 # Which tensor of a named module is the site when the user names only the module.
 DEFAULT_CAPTURE = {"pre": "output", "post": "input"}
-# Names may carry wrapper prefixes (``module.`` for DDP, ``_orig_mod.`` for
-# torch.compile, ``transformer.`` / ``model.`` for HF), so patterns match a suffix.
-_ANY_PREFIX = r"(?:.*\.)?"
 SHARED_EXPERT = "shared-expert"
-# Gate projections of gated FFNs, by name (else one traced forward decides).
-_GATE_NAME = re.compile(r"(?:^|[._])(?:gate(?:_proj)?|w1|wi_0|fc1_g|gate_fc)$")
-_ATTENTION_NAME = re.compile(r"(?:^|\.)[^.]*(?:attn|attention)[^.]*(?:\.|$)", re.IGNORECASE)
 
 
 class SiteDiscoveryError(ValueError):
@@ -52,43 +34,6 @@ class SiteDiscoveryError(ValueError):
 
 class NoFFNError(SiteDiscoveryError):
     """The model has no feed-forward block to measure (e.g. a Mamba-style state-space model)."""
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """A family of models recognised by hook-point name: one regex per site, group 1 = layer index."""
-
-    name: str
-    pre: str
-    post: str
-    pre_capture: str = "output"
-    post_capture: str = "input"
-    example: str = ""
-
-    def pattern(self, site: str) -> str:
-        return self.pre if site == "pre" else self.post
-
-    def capture(self, site: str) -> str:
-        return self.pre_capture if site == "pre" else self.post_capture
-
-
-# Models whose FFN tensors are hook points without weights: no shape to read.
-ARCHITECTURES = (
-    Architecture(
-        "TransformerLens",
-        r"blocks\.(\d+)\.mlp\.hook_pre",
-        r"blocks\.(\d+)\.mlp\.hook_post",
-        "output",
-        "output",
-        example="blocks.{i}.mlp.hook_pre (output) / blocks.{i}.mlp.hook_post (output)",
-    ),
-)
-# Known (up, down) names inside a block: the fast path, and the answer where
-# shape alone cannot decide (an FFN as wide as the residual stream, I = H).
-KNOWN_PAIRS = (
-    ("mlp.c_fc", "mlp.c_proj"),  # capscale GPT, GPT-2, Starcoder2 (c_fc is the gate under SwiGLU)
-    ("mlp.gate_proj", "mlp.down_proj"),  # Llama, Mistral, Qwen, Gemma, OLMo
-)
 
 
 @dataclass(frozen=True)
@@ -122,7 +67,10 @@ class Site:
     ``part``: ``(start, stop, step)`` channels of the captured tensor (the gate
     half of a fused ``gate_up`` projection); ``experts``: the module is a fused
     MoE experts module and the site is recomputed from its inputs and weights
-    for the tokens each expert was routed.
+    for the tokens each expert was routed. ``call``: ``(k, n)``: the module runs
+    ``n`` times per forward (one layer applied at several depths, ALBERT) and this
+    site is its ``k``-th application. A channels-first convolution with kernel 1
+    (SqueezeBERT's ``Conv1d``) is read over its channel axis.
     """
 
     layer: int
@@ -136,6 +84,7 @@ class Site:
     # Routed expert modules pooled into this site: ``module`` is the MoE block whose input holds
     # the tokens; each member is (expert, its up projection, its down projection).
     members: tuple = ()
+    call: tuple[int, int] | None = None
 
     @property
     def label(self) -> str:
@@ -162,19 +111,46 @@ class Site:
             return [self.module.register_forward_pre_hook(wrap(self._experts_hook(callback)), with_kwargs=True)]
         if self.members:
             return self._routed_modules_hooks(callback, wrap)
+        if self.call is not None:
+            callback = _nth_call(callback, *self.call)
+        features = self._features()
         if self.capture == "input":
 
             def pre_hook(module, args):
-                callback(args[0] if args else None, None)
+                callback(features(args[0]) if args else None, None)
 
             return [self.module.register_forward_pre_hook(wrap(pre_hook))]
         part = None if self.part is None else slice(*self.part)
 
         def hook(module, args, output):
-            x = output[0] if isinstance(output, (tuple, list)) else output
+            x = features(output[0] if isinstance(output, (tuple, list)) else output)
             callback(x if part is None or not torch.is_tensor(x) else x[..., part], None)
 
         return [self.module.register_forward_hook(wrap(hook))]
+
+    def _features(self) -> Callable:
+        """A reader that puts the captured tensor's feature axis last; it refuses a tensor whose width is on no axis."""
+        dims = _in_out(self.module)
+        if dims is None or not _channels_first(self.module):
+            # No weight to read the width from (a hook point), or a linear, which computes on the
+            # last axis whatever its width there (under tensor parallelism, the rank's column
+            # shard: probe/tensor_parallel.py): the last axis.
+            return lambda x: x
+        d = dims[1] if self.capture == "output" else dims[0]
+        label, kind = self.label, type(self.module).__name__
+
+        def read(x):
+            if not torch.is_tensor(x):
+                return x
+            axis = 0 if x.dim() == 2 else 1  # Conv1d: [C, T] unbatched or [B, C, T]; Conv2d: [B, C, H, W]
+            if x.shape[axis] == d:
+                return x.movedim(axis, -1)
+            raise ValueError(
+                f"{label}: cannot tell the feature axis of a {tuple(x.shape)} tensor: {kind} has width {d} "
+                "on its channel axis (1)"
+            )
+
+        return read
 
     def _routed_modules_hooks(self, callback: Callback, wrap: Callable) -> list:
         """Hooks for expert modules: each expert's input rows are found among the MoE block's input rows.
@@ -231,27 +207,55 @@ class Site:
 
     def _experts_hook(self, callback: Callback):
         m, want_pre = self.module, self.site == "pre"
+        n_experts = _n_experts(m)
 
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs.get("hidden_states")
             idx = args[1] if len(args) > 1 else next((kwargs[k] for k in _ROUTE_KEYS if k in kwargs), None)
-            if not (torch.is_tensor(x) and torch.is_tensor(idx)):
+            if not torch.is_tensor(x):
                 raise TypeError(f"{self.label}: expected (hidden_states, top_k_index) inputs")
             x2 = x.reshape(-1, x.shape[-1])
-            idx = idx.reshape(x2.shape[0], -1)
             chunks, rows = [], []
             with torch.no_grad():
-                for e in torch.unique(idx).tolist():
-                    if not 0 <= e < m.gate_up_proj.shape[0]:
-                        continue  # a padding slot: no expert
-                    tok = (idx == e).any(dim=1).nonzero().squeeze(1)
-                    gu = _expert_gate_up(m, e, x2[tok])
-                    chunks.append(_gate_half(m, gu) if want_pre else _apply_gate(m, gu))
+                if idx is None:
+                    # Every expert reads every token, expert-major ([E * T, H], Llama4); a token
+                    # not routed to the expert is a zero row (scaled by a zero router score).
+                    if x2.shape[0] % n_experts:
+                        raise TypeError(f"{self.label}: expected (hidden_states, top_k_index) inputs")
+                    xe = x2.view(n_experts, -1, x2.shape[-1])
+                    routed = [(e, (xe[e] != 0).any(dim=1).nonzero().squeeze(1)) for e in range(n_experts)]
+                    routed = [(e, xe[e], tok) for e, tok in routed if tok.numel()]
+                else:
+                    idx = idx.reshape(x2.shape[0], -1)
+                    routed = [
+                        (e, x2, (idx == e).any(dim=1).nonzero().squeeze(1))
+                        for e in torch.unique(idx).tolist()
+                        if 0 <= e < n_experts  # else a padding slot: no expert
+                    ]
+                for e, xs, tok in routed:
+                    gate, post = _expert_sites(m, e, xs[tok])
+                    chunks.append(gate if want_pre else post)
                     rows.append(tok)
             if chunks:
                 callback(torch.cat(chunks), torch.cat(rows))
 
         return hook
+
+
+def _nth_call(callback: Callback, k: int, n: int) -> Callback:
+    """Pass on only the k-th of every n calls: the application at one depth of a module run n times per forward.
+
+    Every application is counted, measured or not (activation-checkpoint recomputation
+    replays all n), so the count stays in step with the forwards.
+    """
+    count = [0]
+
+    def nth(x, rows):
+        i, count[0] = count[0], (count[0] + 1) % n
+        if i == k:
+            callback(x, rows)
+
+    return nth
 
 
 def _row_keys(x: torch.Tensor) -> torch.Tensor:
@@ -266,25 +270,71 @@ def _row_keys(x: torch.Tensor) -> torch.Tensor:
 _ROUTE_KEYS = ("top_k_index", "router_indices", "selected_experts")
 
 
+def _channels_first(m: nn.Module) -> bool:
+    """A convolution acting on channels alone (kernel 1, stride 1): a linear map over axis 1."""
+    return (
+        isinstance(m, (nn.Conv1d, nn.Conv2d))
+        and all(k == 1 for k in m.kernel_size)
+        and all(st == 1 for st in m.stride)
+        and not isinstance(m.padding, str)
+        and all(p == 0 for p in m.padding)
+    )
+
+
 def _in_out(m: nn.Module) -> tuple[int, int] | None:
     """(in, out) features of a linear-like module, else None."""
     if isinstance(m, nn.Linear):
         return m.in_features, m.out_features
+    if _channels_first(m):
+        return m.in_channels, m.out_channels
     w = getattr(m, "weight", None)
+    # A linear of its own class (I-BERT's QuantLinear): in/out features that match a [out, in] weight.
+    i, o = getattr(m, "in_features", None), getattr(m, "out_features", None)
+    if isinstance(i, int) and isinstance(o, int) and torch.is_tensor(w) and tuple(w.shape) == (o, i):
+        return i, o
     # HF Conv1D stores weight as [in, out].
     if type(m).__name__ == "Conv1D" and torch.is_tensor(w) and w.dim() == 2:
         return int(w.shape[0]), int(w.shape[1])
     return None
 
 
+def _dbrx_weights(m: nn.Module):
+    """DBRX's experts: ``mlp.{w1, v1, w2}`` each ``[E * I, H]`` (gate, up, down), or None."""
+    mlp = getattr(m, "mlp", None)
+    ws = [getattr(mlp, k, None) for k in ("w1", "v1", "w2")]
+    e = getattr(m, "num_experts", None)
+    if not (isinstance(e, int) and e > 0 and all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in ws)):
+        return None
+    if len({tuple(w.shape) for w in ws}) != 1 or ws[0].shape[0] % e:
+        return None
+    return ws
+
+
+def _transposed(m: nn.Module) -> bool:
+    """``gate_up_proj`` is ``[E, H, 2I]`` (used as ``x @ w``): by the module's flag, else by the shapes."""
+    flag = getattr(m, "is_transposed", None)
+    if flag is not None:
+        return bool(flag)
+    gu, down = m.gate_up_proj, m.down_proj
+    return gu.shape[1] == down.shape[2] and gu.shape[2] == 2 * down.shape[1]
+
+
 def _experts_layout(m: nn.Module) -> tuple[int, int] | None:
-    """(hidden, intermediate) of a fused experts module of transformers' standard layout, else None."""
+    """(hidden, intermediate) of a fused experts module of a known layout, else None.
+
+    transformers' standard ``gate_up_proj`` ``[E, 2I, H]`` / ``down_proj`` ``[E, H, I]``,
+    or transposed ``[E, H, 2I]`` / ``[E, I, H]`` (flagged ``is_transposed``, or Llama4's,
+    told by the shapes); DBRX's ``mlp.{w1, v1, w2}``.
+    """
+    dbrx = _dbrx_weights(m)
+    if dbrx is not None:
+        return int(dbrx[0].shape[1]), int(dbrx[0].shape[0] // m.num_experts)
     gu, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
     if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3):
         return None
     if not getattr(m, "has_gate", True):
         return None
-    if getattr(m, "is_transposed", False):  # [E, H, 2I] and [E, I, H]
+    if _transposed(m):  # [E, H, 2I] and [E, I, H]
         h, two_i = gu.shape[1], gu.shape[2]
         ok = tuple(down.shape[1:]) == (two_i // 2, h)
     else:  # [E, 2I, H] and [E, H, I]
@@ -293,9 +343,25 @@ def _experts_layout(m: nn.Module) -> tuple[int, int] | None:
     return (int(h), int(two_i // 2)) if ok and two_i % 2 == 0 else None
 
 
+def _n_experts(m: nn.Module) -> int:
+    return int(m.num_experts) if _dbrx_weights(m) is not None else int(m.gate_up_proj.shape[0])
+
+
+def _expert_sites(m: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pre, post) of expert ``e`` on its rows ``x``: the gate, and the input of its down projection."""
+    dbrx = _dbrx_weights(m)
+    if dbrx is not None:  # the model's own per-expert views of w1 (gate) and v1 (up)
+        i = dbrx[0].shape[0] // m.num_experts
+        gate = x @ dbrx[0].view(-1, i, x.shape[-1])[e].T
+        up = x @ dbrx[1].view(-1, i, x.shape[-1])[e].T
+        return gate, m.mlp.activation_fn(gate) * up
+    gu = _expert_gate_up(m, e, x)
+    return _gate_half(m, gu), _apply_gate(m, gu)
+
+
 def _expert_gate_up(m: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
     w = m.gate_up_proj[e]
-    out = x @ w if getattr(m, "is_transposed", False) else nn.functional.linear(x, w)
+    out = x @ w if _transposed(m) else nn.functional.linear(x, w)
     bias = getattr(m, "gate_up_proj_bias", None)
     if getattr(m, "has_bias", False) and bias is not None:
         out = out + bias[e]
@@ -316,557 +382,33 @@ def _apply_gate(m: nn.Module, gu: torch.Tensor) -> torch.Tensor:
     return m.act_fn(gate) * up
 
 
-# -- structural discovery ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A block that is not measured, and why."""
-
-    stack: str
-    layer: int
-    name: str
-    reason: str
-
-    def __str__(self) -> str:
-        where = f"stack {self.stack!r} " if self.stack else ""
-        return f"{where}layer {self.layer} ({self.name}): {self.reason}"
-
-
-@dataclass
-class Discovery:
-    """What discovery found: the sites, the blocks it could not measure, and how it decided."""
-
-    sites: list[Site]
-    skipped: list[Skipped] = field(default_factory=list)
-    source: str = ""
-
-    def describe(self) -> str:
-        stacks = sorted({s.stack for s in self.sites})
-        layers = {st: sorted({s.layer for s in self.sites if s.stack == st}) for st in stacks}
-        parts = [f"{(st or 'layers')}: {len(v)} ({v[0]}-{v[-1]})" for st, v in layers.items() if v]
-        text = f"sites found by {self.source}; " + ", ".join(parts)
-        if self.skipped:
-            text += "; not measured: " + "; ".join(str(s) for s in self.skipped)
-        return text
-
-
-def _stacks(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
-    """The outermost lists of blocks: ModuleList / Sequential children that are all non-leaf modules."""
-    found: list[tuple[str, list[nn.Module]]] = []
-    inside: list[str] = []
-    for name, m in model.named_modules():
-        if any(name == p or name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 0:
-            kids = list(m)
-            if all(any(True for _ in k.children()) for k in kids):
-                found.append((name, kids))
-                inside.append(name)
-    return found
-
-
-def _stack_labels(names: list[str]) -> list[str]:
-    if len(names) == 1:
-        return [""]
-    labels = []
-    for n in names:
-        lower = n.lower()
-        hits = [k for k in ("encoder", "decoder") if k in lower.split(".") or lower.endswith(k) or f"{k}." in lower]
-        labels.append(hits[-1] if len(hits) >= 1 else n)
-    if len(set(labels)) < len(labels):  # e.g. two encoders: the full path is unique
-        return list(names)
-    return labels
-
-
-def _linears(block: nn.Module, skip: Iterable[str] = ()) -> list[tuple[str, nn.Module, int, int]]:
-    skip = tuple(skip)
-    out = []
-    for name, m in block.named_modules():
-        if any(name == p or name.startswith(p + ".") for p in skip):
-            continue
-        dims = _in_out(m)
-        if dims is not None and name:
-            out.append((name, m, *dims))
-    return out
-
-
-def _depth_of_common_parent(a: str, b: str) -> int:
-    pa, pb = a.split(".")[:-1], b.split(".")[:-1]
-    n = 0
-    for x, y in zip(pa, pb):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _common_parent(a: str, b: str) -> str:
-    return ".".join(a.split(".")[: _depth_of_common_parent(a, b)])
-
-
-@dataclass
-class _FFN:
-    pre: tuple[str, nn.Module]
-    post: tuple[str, nn.Module]
-    part: tuple[int, int, int] | None = None
-
-
-def _find_ffn(block: nn.Module, skip: Iterable[str] = ()) -> _FFN | str:
-    """The FFN of one block, or the reason there is none."""
-    lins = _linears(block, skip)
-    if not lins:
-        return "no linear projections"
-    by_name = {n: (m, i, o) for n, m, i, o in lins}
-    for up, down in KNOWN_PAIRS:
-        if up in by_name and down in by_name:
-            return _FFN((up, by_name[up][0]), (down, by_name[down][0]))
-    # The residual width H: what most projections of a block read (q, k, v, the FFN's up/gate).
-    ins = [i for *_, i, _ in lins]
-    hidden = max(set(ins), key=lambda d: (ins.count(d), -ins.index(d)))
-    pairs = []  # (score, up, down, fused)
-    mixers: dict[str, bool] = {}
-    order = {n: k for k, (n, *_) in enumerate(lins)}
-    for un, um, ui, uo in lins:
-        for dn, dm, di, do in lins:
-            if dm is um or ui != hidden or do != hidden:
-                continue
-            if di == uo:
-                fused = False
-            elif uo == 2 * di:
-                fused = True
-            else:
-                continue
-            # I < H is allowed (fine-grained MoE experts: DeepSeek-V3's shared expert has I = H / 3.5)
-            # but loses to any expanding pair.
-            parent = _common_parent(un, dn)
-            if parent not in mixers:
-                mixers[parent] = _in_mixer(block, parent)
-            if mixers[parent]:
-                continue
-            attn = bool(_ATTENTION_NAME.search(un) or _ATTENTION_NAME.search(dn))
-            score = (
-                not attn,
-                di > ui,  # strictly expanding beats square look-alikes
-                _depth_of_common_parent(un, dn),
-                not fused,
-                order[dn] > order[un],
-            )
-            pairs.append((score, un, dn, fused))
-    if not pairs:
-        return "no expanding projection H -> I with a contracting partner I -> H"
-    pairs.sort(key=lambda p: p[0], reverse=True)
-    best = pairs[0][0]
-    if not best[0] and not best[1]:
-        return "only attention-like square projections"
-    top = [p for p in pairs if p[0] == best]
-    downs = {dn for _, _, dn, _ in top}
-    if len(downs) > 1:
-        return f"ambiguous FFN: contracting projections {sorted(downs)} all fit"
-    dn = top[0][2]
-    ups = [(un, fused) for _, un, _, fused in top]
-    if len(ups) == 1:
-        un, fused = ups[0]
-        part = None
-        if fused:  # gate_up: which channels feed the activation, by one traced forward
-            part = _fused_gate_part(block, un, dn, by_name[un][2])
-        return _FFN((un, by_name[un][0]), (dn, by_name[dn][0]), part)
-    gate = _gate_of(block, [u for u, _ in ups], dn)
-    if gate is None:
-        return f"gated FFN: cannot tell the gate among {[u for u, _ in ups]}; name the sites explicitly"
-    return _FFN((gate, by_name[gate][0]), (dn, by_name[dn][0]))
-
-
-def _in_mixer(block: nn.Module, parent: str) -> bool:
-    """A pair under ``parent`` sits in a state-space / convolution mixer (Mamba's in_proj/out_proj), not an FFN."""
-    if not parent:
-        return False
-    mod = block.get_submodule(parent)
-    return any(isinstance(m, nn.modules.conv._ConvNd) for m in mod.modules()) or any(
-        n.split(".")[-1] in ("A_log", "dt_bias") for n, _ in mod.named_parameters()
-    )
-
-
-def _gate_of(block: nn.Module, ups: list[str], down: str) -> str | None:
-    """Which of a gated FFN's H -> I projections feeds the nonlinearity: by name, else by a traced forward."""
-    named = [u for u in ups if _GATE_NAME.search(u)]
-    if len(named) == 1:
-        return named[0]
-    parent = down
-    for u in ups:
-        parent = _common_parent(parent + ".x", u)
-    ffn = block.get_submodule(parent) if parent else block
-    traced = _trace_gate(ffn, [block.get_submodule(u) for u in ups])
-    return None if traced is None else ups[traced]
-
-
-_NONLINEAR = {
-    torch.nn.functional.silu,
-    torch.nn.functional.gelu,
-    torch.nn.functional.relu,
-    torch.nn.functional.mish,
-    torch.nn.functional.softplus,
-    torch.nn.functional.sigmoid,
-    torch.sigmoid,
-    torch.tanh,
-    torch.relu,
-    torch.Tensor.relu,
-    torch.Tensor.sigmoid,
-    torch.Tensor.tanh,
-}
-
-
-_FUSED_LAYOUT: dict[type, str] = {}  # FFN class -> "first" / "second" / "interleaved"
-
-
-def _fused_gate_part(block: nn.Module, up: str, down: str, width: int) -> tuple[int, int, int]:
-    """The gate's channels of a fused gate_up output: traced once per FFN class.
-
-    The view of the fused output that enters the nonlinearity tells: offset 0 = the first
-    half (Phi-3, transformers' ``chunk(2)``), offset I = the second, stride 2 = interleaved.
-    Without a trace (an FFN module that wants more than hidden states) the first half.
-    """
-    parent = _common_parent(up, down)
-    ffn = block.get_submodule(parent) if parent else block
-    layout = _FUSED_LAYOUT.get(type(ffn))
-    if layout is None:
-        layout = _trace_fused(ffn, block.get_submodule(up)) or "first"
-        _FUSED_LAYOUT[type(ffn)] = layout
-    half = width // 2
-    return {"first": (0, half, 1), "second": (half, width, 1), "interleaved": (0, width, 2)}[layout]
-
-
-def _trace_fused(ffn: nn.Module, up: nn.Module) -> str | None:
-    from torch.overrides import TorchFunctionMode
-
-    fused: list[torch.Tensor] = []
-    fed: list[str] = []
-
-    class Watch(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            x = args[0] if args else None
-            if func in _NONLINEAR and torch.is_tensor(x) and fused and x.dim() == fused[0].dim():
-                base = fused[0]
-                if x.untyped_storage().data_ptr() == base.untyped_storage().data_ptr() and x is not base:
-                    offset = x.storage_offset() - base.storage_offset()
-                    step = x.stride(-1)
-                    half = base.shape[-1] // 2
-                    fed.append("interleaved" if step == 2 else "second" if offset == half else "first")
-            return func(*args, **(kwargs or {}))
-
-    handle = up.register_forward_hook(lambda m, a, o: fused.append(o) if torch.is_tensor(o) else None)
-    p = next(ffn.parameters(), None)
-    try:
-        x = torch.randn(1, 2, _in_out(up)[0], dtype=p.dtype, device=p.device) if p is not None else None
-        if x is None or p.device.type == "meta":
-            return None
-        with torch.no_grad(), Watch():
-            ffn(x)
-    except Exception:  # an FFN module that wants more than hidden states: no trace
-        return None
-    finally:
-        handle.remove()
-    return fed[0] if len(set(fed)) == 1 else None
-
-
-def _trace_gate(ffn: nn.Module, ups: list[nn.Module]) -> int | None:
-    """Run the FFN module once on random input; the up whose output enters a nonlinearity is the gate."""
-    from torch.overrides import TorchFunctionMode
-
-    width = _in_out(ups[0])[0]
-    outs: dict[int, int] = {}
-    fed: list[int] = []
-
-    class Watch(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func in _NONLINEAR and args and id(args[0]) in outs:
-                fed.append(outs[id(args[0])])
-            return func(*args, **(kwargs or {}))
-
-    handles = [
-        u.register_forward_hook(lambda m, a, o, k=k: outs.__setitem__(id(o), k) if torch.is_tensor(o) else None)
-        for k, u in enumerate(ups)
-    ]
-    p = next(ffn.parameters(), None)
-    try:
-        x = torch.randn(
-            1, 2, width, dtype=p.dtype if p is not None else None, device=p.device if p is not None else None
-        )
-        with torch.no_grad(), Watch():
-            ffn(x)
-    except Exception:  # an FFN module that wants more than hidden states: no trace
-        return None
-    finally:
-        for h in handles:
-            h.remove()
-    return fed[0] if len(set(fed)) == 1 else None
-
-
-def _block_sites(block: nn.Module, prefix: str, layer: int, stack: str) -> tuple[list[Site], list[Skipped]]:
-    sites: list[Site] = []
-    experts = [(n, m) for n, m in block.named_modules() if n and _experts_layout(m) is not None]
-    skip = [n for n, _ in experts]
-    moe_3d = [
-        (n, m)
-        for n, m in block.named_modules()
-        if n and n not in skip and "expert" in n.lower() and any(p.dim() == 3 for p in m.parameters(recurse=False))
-    ]
-    skipped = [
-        Skipped(stack, layer, f"{prefix}.{n}", "fused 3-D expert weights of an unknown layout: not reachable")
-        for n, _ in moe_3d
-    ]
-    routed = _expert_modules(block, skip)
-    for n, kids in routed:
-        parent = n.rsplit(".", 1)[0] if "." in n else ""
-        moe = block.get_submodule(parent) if parent else block  # its input: the tokens to route
-        ffns = [_find_ffn(kid) for kid in kids]
-        members = tuple((kid, f.pre[1], f.post[1]) for kid, f in zip(kids, ffns))
-        for s in SITE_NAMES:
-            part = ffns[0].part if s == "pre" else None
-            sites.append(Site(layer, s, f"{prefix}.{n}", moe, DEFAULT_CAPTURE[s], stack, part, members=members))
-    moe_3d += [(n, None) for n, _ in routed]
-    for n, m in experts:
-        for s in SITE_NAMES:
-            sites.append(Site(layer, s, f"{prefix}.{n}", m, DEFAULT_CAPTURE[s], stack, experts=True))
-    ffn = _find_ffn(block, skip + [n for n, _ in moe_3d])
-    if isinstance(ffn, str):
-        # Beside routed experts, "no FFN" is normal (no shared expert); a doubtful one is said.
-        if not (experts or moe_3d) or ffn.startswith(("ambiguous", "gated")):
-            skipped.append(Skipped(stack, layer, prefix, ffn))
-        return sites, skipped
-    own = stack
-    if experts or moe_3d:  # the dense FFN beside routed experts is the shared expert
-        own = f"{stack}/{SHARED_EXPERT}" if stack else SHARED_EXPERT
-    sites.append(Site(layer, "pre", f"{prefix}.{ffn.pre[0]}", ffn.pre[1], "output", own, ffn.part))
-    sites.append(Site(layer, "post", f"{prefix}.{ffn.post[0]}", ffn.post[1], "input", own))
-    return sites, skipped
-
-
-def _expert_modules(block: nn.Module, skip: list[str]) -> list[tuple[str, list[nn.Module]]]:
-    """Containers of routed expert modules (a ModuleList/ModuleDict of same-class FFNs), with the experts."""
-    out: list[tuple[str, list[nn.Module]]] = []
-    for n, m in block.named_modules():
-        if not n or any(n == p or n.startswith(p + ".") for p, _ in out) or n in skip:
-            continue
-        if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and len(m) >= 2 and "expert" in n.lower():
-            kids = list(m.values()) if isinstance(m, nn.ModuleDict) else list(m)
-            if len({type(k) for k in kids}) == 1 and all(not isinstance(_find_ffn(k), str) for k in kids):
-                out.append((n, kids))
-    return out
-
-
-def _structural(model: nn.Module) -> Discovery:
-    stacks = _stacks(model)
-    if not stacks:
-        raise NoFFNError(
-            f"{type(model).__name__} has no stack of repeated blocks (nn.ModuleList of layers) "
-            f"to find an FFN in.\n{_hint()}"
-        )
-    results, reasons = [], set()
-    for name, blocks in stacks:
-        per = [_block_sites(b, f"{name}.{i}", i, "") for i, b in enumerate(blocks)]
-        if any(s for s, _ in per):
-            results.append((name, per))
-        reasons |= {sk.reason for _, sks in per for sk in sks}
-    if not results:
-        raise NoFFNError(
-            f"{type(model).__name__} has no FFN: its blocks ({', '.join(n for n, _ in stacks)}) hold "
-            f"no expanding/contracting projection pair ({'; '.join(sorted(reasons))}). Nothing to measure; "
-            f"if the model does have one, name it.\n{_hint()}"
-        )
-    labels = _stack_labels([n for n, _ in results])
-    sites, skipped = [], []
-    for label, (_, per) in zip(labels, results):
-        for s, sk in per:
-            sites += [replace(x, stack=_join(label, x.stack)) for x in s]
-            skipped += [replace(x, stack=_join(label, x.stack)) for x in sk]
-    return Discovery(sites, skipped, "structure (stacks of blocks, FFN projections by shape)")
-
-
-def _join(outer: str, inner: str) -> str:
-    return f"{outer}/{inner}" if outer and inner else outer or inner
-
-
-def _hint() -> str:
-    return (
-        "Name the sites explicitly, e.g.\n"
-        '  capscale.attach(model, sites={"pre": "blocks.{layer}.ffn.fc1", '
-        '"post": ("blocks.{layer}.ffn.fc2", "input")})\n'
-        "or with module objects:\n"
-        '  capscale.attach(model, sites={"pre": [b.ffn.fc1 for b in model.blocks], '
-        '"post": capscale.SiteSpec([b.ffn.fc2 for b in model.blocks], "input")})\n'
-        "or, from the command line: capscale measure … --site pre=blocks.{layer}.ffn.fc1 "
-        "--site post=blocks.{layer}.ffn.fc2:input"
-    )
-
-
-def _match(model: nn.Module, regex: str) -> dict[int, list[tuple[str, nn.Module]]]:
-    rx = re.compile(_ANY_PREFIX + regex)
-    found: dict[int, list[tuple[str, nn.Module]]] = {}
-    for name, module in model.named_modules():
-        m = rx.fullmatch(name)
-        if m:
-            found.setdefault(int(m.group(1)), []).append((name, module))
-    return found
-
-
-def _pattern_regex(pattern: str) -> str:
-    if pattern.count("{layer}") != 1:
-        raise ValueError(f"site pattern {pattern!r} must contain '{{layer}}' exactly once, where the layer index goes")
-    head, tail = pattern.split("{layer}")
-    return re.escape(head) + r"(\d+)" + re.escape(tail)
-
-
-def _resolve_modules(model: nn.Module, site: str, spec: SiteSpec) -> dict[int, list[tuple[str, nn.Module]]]:
-    mods = spec.modules
-    if isinstance(mods, str):
-        return _match(model, _pattern_regex(mods))
-    if isinstance(mods, nn.Module):
-        mods = [mods]
-    if isinstance(mods, Mapping):
-        items = [(int(k), v) for k, v in mods.items()]
-    elif isinstance(mods, Iterable):
-        items = list(enumerate(mods))
-    else:
-        raise TypeError(f"site {site!r}: expected a name pattern or modules, got {type(mods).__name__}")
-    names = {id(m): n for n, m in model.named_modules()}
-    out: dict[int, list[tuple[str, nn.Module]]] = {}
-    for layer, m in items:
-        if not isinstance(m, nn.Module):
-            raise TypeError(f"site {site!r} layer {layer}: expected an nn.Module, got {type(m).__name__}")
-        if id(m) not in names:
-            raise SiteDiscoveryError(f"site {site!r} layer {layer}: {type(m).__name__} is not a submodule of the model")
-        out[layer] = [(names[id(m)], m)]
-    return out
-
-
-def _as_spec(site: str, value: Any) -> SiteSpec:
-    if isinstance(value, SiteSpec):
-        return value
-    if isinstance(value, tuple) and len(value) == 2 and value[1] in CAPTURES:
-        return SiteSpec(value[0], value[1])
-    return SiteSpec(value, DEFAULT_CAPTURE[site])
-
-
-def _check_site_names(names: Iterable[str]) -> None:
-    for s in names:
-        if s not in SITE_NAMES:
-            raise ValueError(f"unknown site {s!r}: sites are {SITE_NAMES}")
-
-
-def _refuse_container(site: str, name: str, module: nn.Module) -> None:
-    """A module holding an FFN (``layers.{layer}.mlp``) is not a site: its input/output is the residual stream."""
-    if _in_out(module) is not None or not any(True for _ in module.children()):
-        return
-    ffn = _find_ffn(module)
-    # Attention's square q/o pair is no FFN; a square pair elsewhere (an FFN with I = H) is.
-    if isinstance(ffn, str):
-        holds = ffn.startswith(("ambiguous", "gated")) and not _ATTENTION_NAME.search(name)
-    else:
-        square = _in_out(ffn.post[1])[0] == _in_out(ffn.post[1])[1]
-        holds = not (square and _ATTENTION_NAME.search(name))
-    if holds or any(_experts_layout(m) for m in module.modules()):
-        raise SiteDiscoveryError(
-            f"site {site!r}: {name} ({type(module).__name__}) is a container holding the FFN; its "
-            "input/output is the residual stream, not the FFN's activations. Name the projection "
-            "inside it (its output for 'pre', the down projection's input for 'post')"
-        )
-
-
-def discover(model: nn.Module, sites: Any = SITE_NAMES, layers: Any = "auto") -> Discovery:
-    """Resolve ``sites`` (names for auto-discovery, or ``{name: spec}``) and ``layers`` to a :class:`Discovery`.
-
-    ``layers``: ``"auto"`` (every layer found) or an iterable of layer indices
-    (negative counts from the last layer), applied to each stack. Sites are
-    sorted by (stack, layer, site).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(sites, str):
-        sites = (sites,)
-    if isinstance(sites, Mapping):
-        _check_site_names(sites)
-        found = {s: _resolve_modules(model, s, _as_spec(s, v)) for s, v in sites.items()}
-        captures = {s: _as_spec(s, v).capture for s, v in sites.items()}
-        for s, f in found.items():
-            if not f:
-                raise SiteDiscoveryError(f"site {s!r}: {sites[s]!r} matched no module of {type(model).__name__}")
-            for mods in f.values():
-                for n, m in mods:
-                    _refuse_container(s, n, m)
-        return _from_named(model, found, captures, "the given site patterns", layers)
-    names = tuple(sites)
-    if not names:
-        raise ValueError("sites is empty: ask for 'pre', 'post' or both")
-    _check_site_names(names)
-    for arch in ARCHITECTURES:
-        f = {s: _match(model, arch.pattern(s)) for s in names}
-        if all(f.values()):
-            return _from_named(model, f, {s: arch.capture(s) for s in names}, arch.name, layers)
-    found = _structural(model)
-    keep = [s for s in found.sites if s.site in names]
-    # Layers are counted per stack of blocks (a shared expert belongs to its block's stack).
-    outer = {s.stack: s.stack.split("/")[0] if s.stack != SHARED_EXPERT else "" for s in [*keep, *found.skipped]}
-    by_stack: dict[str, set[int]] = {}
-    for s in [*keep, *found.skipped]:
-        by_stack.setdefault(outer[s.stack], set()).add(s.layer)
-    chosen = {st: set(_select_layers(sorted(ls), layers)) for st, ls in by_stack.items()}
-    keep = [s for s in keep if s.layer in chosen[outer[s.stack]]]
-    skipped = [sk for sk in found.skipped if sk.layer in chosen[outer[sk.stack]]]
-    order = {st: k for k, st in enumerate(dict.fromkeys(s.stack for s in found.sites))}
-    keep.sort(key=lambda s: (order[s.stack], s.layer, SITE_NAMES.index(s.site)))
-    if not keep:
-        raise SiteDiscoveryError(
-            f"none of the chosen layers of {type(model).__name__} has a measurable FFN: "
-            + "; ".join(str(sk) for sk in skipped)
-        )
-    return Discovery(keep, skipped, found.source)
-
-
-def _from_named(model, found, captures, source, layers) -> Discovery:
-    for s, f in found.items():
-        for layer, mods in f.items():
-            if len(mods) > 1:
-                raise SiteDiscoveryError(
-                    f"site {s!r} layer {layer} is ambiguous in {type(model).__name__}: "
-                    f"{[n for n, _ in mods]} all match ({source}); name the sites explicitly"
-                )
-    all_layers = sorted(set().union(*(f.keys() for f in found.values())))
-    for s, f in found.items():
-        missing = sorted(set(all_layers) - set(f))
-        if missing:
-            raise SiteDiscoveryError(f"site {s!r} not found for layers {missing} ({source})")
-    chosen = _select_layers(all_layers, layers)
-    sites = [
-        Site(layer, s, found[s][layer][0][0], found[s][layer][0][1], captures[s])
-        for layer in chosen
-        for s in SITE_NAMES
-        if s in found
-    ]
-    return Discovery(sites, [], source)
-
-
-def discover_sites(model: nn.Module, sites: Any = SITE_NAMES, layers: Any = "auto") -> list[Site]:
-    """The sites of :func:`discover` (blocks it could not measure are in ``discover(...).skipped``)."""
-    return discover(model, sites, layers).sites
-
-
-def _select_layers(available: Sequence[int], layers: Any) -> list[int]:
-    if isinstance(layers, str):
-        if layers != "auto":
-            raise ValueError(f"layers must be 'auto' or layer indices, got {layers!r}")
-        return list(available)
-    if isinstance(layers, int):
-        layers = [layers]
-    out = []
-    for raw in layers:
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise TypeError(f"layer indices must be ints, got {raw!r}")
-        layer = available[raw] if raw < 0 and -raw <= len(available) else raw
-        if layer not in available:
-            raise SiteDiscoveryError(f"layer {raw} not found; the model has layers {list(available)}")
-        if layer not in out:
-            out.append(layer)
-    if not out:
-        raise ValueError("layers is empty")
-    return sorted(out)
+# Discovery's public names, where they were before discovery had its own module
+# (imported last: discovery imports Site from here).
+from capscale.probe.discovery import (  # noqa: E402
+    ARCHITECTURES,
+    KNOWN_PAIRS,
+    Architecture,
+    Discovery,
+    Skipped,
+    discover,
+    discover_sites,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "CAPTURES",
+    "DEFAULT_CAPTURE",
+    "KNOWN_PAIRS",
+    "SHARED_EXPERT",
+    "SITE_NAMES",
+    "Architecture",
+    "Callback",
+    "Discovery",
+    "NoFFNError",
+    "Site",
+    "SiteDiscoveryError",
+    "SiteSpec",
+    "Skipped",
+    "discover",
+    "discover_sites",
+]

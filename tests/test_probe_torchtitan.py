@@ -1,0 +1,115 @@
+"""torchtitan's Llama3 debug model (unsharded, CPU, flex attention): found by structure, measured exactly.
+
+torchtitan keeps its blocks in an ``nn.ModuleDict`` keyed by the global layer
+index (a pipeline stage deletes the layers it does not hold) and its FFN as
+``feed_forward.{w1, w2, w3}``: SwiGLU, ``w1`` the gate. Every layer's ``pre``
+(w1's output) and ``post`` (w2's input) is checked against this test's own
+hooks and eigenvalues in float64. Runs where torchtitan is installed
+(``scripts/setup.sh --test`` installs it).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+llama3 = pytest.importorskip("torchtitan.models.llama3")
+
+from capscale.probe import attach, discover, discover_sites  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def titan():
+    torch.manual_seed(0)
+    model = llama3.model_registry("debugmodel", attn_backend="flex").model.build()
+    model.init_states()
+    return model.eval()
+
+
+def _forward(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 24), generator=g)
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        return model(tokens, positions, model.get_attention_masks(positions))
+
+
+def test_torchtitan_llama3_sites(titan):
+    sites = discover_sites(titan)
+    keys = list(titan.layers.keys())
+    assert len(keys) == 6
+    want = {(int(k), s, f"layers.{k}.feed_forward.{m}") for k in keys for s, m in (("pre", "w1"), ("post", "w2"))}
+    assert {(s.layer, s.site, s.name) for s in sites} == want
+    assert all(s.stack == "" for s in sites)
+    assert {s.capture for s in sites if s.site == "pre"} == {"output"}
+    assert {s.capture for s in sites if s.site == "post"} == {"input"}
+
+
+def test_pipeline_stage_keeps_global_layer_index(titan):
+    stage = copy.deepcopy(titan)
+    for k in ("0", "1", "4", "5"):  # what torchtitan's pipeline split leaves on a middle stage
+        del stage.layers[k]
+    sites = discover_sites(stage)
+    assert sorted({s.layer for s in sites}) == [2, 3]
+    assert {s.name for s in sites if s.layer == 3} == {"layers.3.feed_forward.w1", "layers.3.feed_forward.w2"}
+
+
+def _ranks(x: np.ndarray) -> tuple[np.ndarray, float, float]:
+    lam = np.clip(np.linalg.eigvalsh(np.cov(x.T)), 1e-12, None)[::-1]
+    p = lam / lam.sum()
+    return lam, float(np.exp(-(p * np.log(p)).sum())), float(lam.sum() ** 2 / (lam**2).sum())
+
+
+def test_torchtitan_llama3_measured_exactly(titan, one_thread):
+    own: dict[tuple[int, str], list[torch.Tensor]] = {}
+    handles = []
+    for k, block in titan.layers.items():
+        ff = block.feed_forward
+        handles.append(ff.w1.register_forward_hook(lambda m, a, o, k=int(k): own.setdefault((k, "pre"), []).append(o)))
+        handles.append(
+            ff.w2.register_forward_pre_hook(lambda m, a, k=int(k): own.setdefault((k, "post"), []).append(a[0]))
+        )
+    probe = attach(titan, every=1, dtype=torch.float64, mode="any")
+    _forward(titan)
+    df = probe.compute()
+    probe.close()
+    for h in handles:
+        h.remove()
+    assert len(own) == 12
+    for (layer, site), xs in own.items():
+        x = torch.cat(xs).double().reshape(-1, xs[0].shape[-1]).numpy()
+        row = df[(df.layer == layer) & (df.site == site) & (df.bucket == "all")]
+        assert len(row) == 1, (layer, site)
+        row = row.iloc[0]
+        assert row.n_samples == 48 and row.dim == x.shape[1] == 256 * 3
+        lam, soft, hard = _ranks(x)
+        np.testing.assert_allclose([row.soft_rank, row.hard_rank], [soft, hard], rtol=1e-9)
+        np.testing.assert_allclose(sorted(row.eigenvalues, reverse=True)[:40], lam[:40], rtol=1e-9)
+
+
+def test_torchtitan_qwen3_and_deepseek_v3_sites():
+    """Qwen3: every layer's w1/w2. DeepSeek-V3: the dense layer, the shared experts, and the routed
+    grouped experts (``w1_EFD`` …, fed tokens sorted by expert) named as not reachable, with shapes."""
+    qwen3 = pytest.importorskip("torchtitan.models.qwen3")
+    deepseek = pytest.importorskip("torchtitan.models.deepseek_v3")
+    torch.manual_seed(0)
+    model = qwen3.model_registry("debugmodel", attn_backend="flex").model.build()
+    sites = discover_sites(model)
+    assert {(s.layer, s.name) for s in sites if s.site == "pre"} == {
+        (int(k), f"layers.{k}.feed_forward.w1") for k in model.layers
+    }
+    model = deepseek.model_registry("debugmodel", attn_backend="flex").model.build()
+    found = discover(model)
+    dense = [k for k, b in model.layers.items() if getattr(b, "moe", None) is None]
+    moe = [k for k in model.layers if k not in dense]
+    assert dense and moe
+    got = {(s.stack, s.layer, s.site, s.name) for s in found.sites}
+    assert {(st, la, n) for st, la, si, n in got if si == "pre"} == {
+        ("", int(k), f"layers.{k}.feed_forward.w1") for k in dense
+    } | {("shared-expert", int(k), f"layers.{k}.moe.shared_experts.w1") for k in moe}
+    assert {sk.layer for sk in found.skipped} == {int(k) for k in moe}
+    assert all("w1_EFD [" in sk.reason and "not reachable" in sk.reason for sk in found.skipped)
