@@ -30,11 +30,11 @@ def _damage_middle_metrics_line(run):
 REPORT_CASES = {
     "optimizer as a number": (
         lambda run: _edit_json(run / "config.json", lambda c: c.update(optimizer=5)),
-        r"config optimizer must be a table \(a JSON object\), got 5",
+        r"config\.json: optimizer must be a JSON object, got 5",
     ),
     "train.steps a string": (
         lambda run: _edit_json(run / "config.json", lambda c: c["train"].update(steps="many")),
-        r"config train.steps must be an integer >= 1, got 'many'",
+        r"config\.json: train\.steps must be an integer >= 1, got 'many'",
     ),
     "status.json a list": (
         lambda run: (run / "status.json").write_text('["done", 60]'),
