@@ -16,8 +16,10 @@ rank ``tr(S)² / ‖S‖²_F`` comes from two scalars per block summed over the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from capscale.probe.distributed import _comm_device
@@ -197,3 +199,83 @@ def assemble(states: list[BlockState], widths: list[int], group, dst: int) -> li
             off += w
         out.append(Moments(s.count, s.mean.to("cpu"), whole, upper=True))
     return out if here else None
+
+
+def merge_blocks(parts: list[BlockState]) -> BlockState:
+    """The exact merge of disjoint streams' blocks (e.g. HEAD/MID/TAIL into ALL): Chan's, by rows."""
+    p0 = parts[0]
+    acc = BlockMoments(p0.dim, p0.offset, p0.width, p0.block.device, p0.block.dtype)
+    for p in parts:
+        acc._merge(p.count, p.mean, p.block)
+    return acc.moments()
+
+
+def estimated_rows(site, start: int, parts: list[BlockState], shard, spectrum: str, bucketed: bool) -> list[dict]:
+    """A sharded site's spectra rows by Lanczos or hard rank only, from its blocks: nothing assembled.
+
+    Every rank of ``shard.group`` calls it (collectives) and gets the same rows. With the
+    buckets, "all" is their merge, block by block. See :func:`block_row`.
+    """
+    from capscale.probe.estimated import resolve
+    from capscale.spectrum import BUCKETS
+
+    named = {"all": merge_blocks(parts), **dict(zip(BUCKETS, parts))} if bucketed else {"all": parts[0]}
+    rows = []
+    for bucket, s in named.items():
+        labels = {"step": start, "layer": site.layer, "site": site.site, "bucket": bucket}
+        rows.append(block_row(s, {**labels, "stack": site.stack, "module": site.name}, resolve(spectrum, s.dim), shard))
+    return rows
+
+
+def block_row(s: BlockState, labels: dict, method: str, shard) -> dict:
+    """The row ``estimated.estimated_row`` gives the whole state, from this rank's block of it.
+
+    Trace, ‖S‖²_F and the diagonal's largest entry are per-block scalars reduced over the
+    group; Lanczos sees the covariance only through ``C·V``: each rank multiplies its rows
+    (width × D) by the probe block V (D × k) and the products are all-gathered, so every
+    rank runs the same seeded recurrence on the same numbers (``distributed_matmat``).
+    """
+    from capscale.probe.estimated import blank_row, finish_row
+
+    dist = torch.distributed
+    group = shard.group
+    dev = _comm_device(group)
+    row = blank_row(s.count, s.dim, labels, method)
+    if s.count < 2:
+        row["spectrum_status"] = "insufficient"
+        return row
+    tr, fro = s.scalars()
+    own = s.block[:, s.offset : s.offset + s.width].diagonal()
+    bad = float((~torch.isfinite(s.block)).sum())
+    sums = torch.tensor([tr, fro, bad], dtype=torch.float64, device=dev)
+    top = torch.tensor([float(own.abs().max()) if s.width else 0.0], dtype=torch.float64, device=dev)
+    dist.all_reduce(sums, group=group)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    tr, fro, bad = sums.tolist()
+    if bad or not math.isfinite(top.item()):
+        raise ValueError(f"{labels.get('module', '')} {labels.get('bucket', '')}: covariance contains NaN or Inf")
+    if top.item() == 0:
+        row.update(trace=0.0, lambda_max=0.0, spectrum_status="zero_variance")
+        return row
+    div = s.count - 1
+    matmat = distributed_matmat(s.block, shard.widths, group, divide=div)
+    return finish_row(row, method, s.dim, tr / div, tr * tr / fro, fro / div**2, matmat)
+
+
+def distributed_matmat(block: torch.Tensor, widths, group, divide: float = 1.0):
+    """``V ↦ S V / divide`` (NumPy, D × k) for the symmetric ``S`` whose rows ``block`` holds on this rank:
+    this rank's rows' product, all-gathered over ``group`` (``widths`` in group-rank order)."""
+    dev = _comm_device(group)
+    wide = max(widths)
+
+    def matmat(v: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(v)).to(block.device, block.dtype)
+        part = (block @ x).to(dev, torch.float64)
+        if part.shape[0] < wide:  # all_gather needs equal sizes: pad the narrower blocks
+            part = torch.nn.functional.pad(part, (0, 0, 0, wide - part.shape[0]))
+        got = [torch.empty_like(part) for _ in widths]
+        torch.distributed.all_gather(got, part.contiguous(), group=group)
+        whole = torch.cat([g[:w] for g, w in zip(got, widths)])
+        return whole.cpu().numpy() / divide
+
+    return matmat
