@@ -11,7 +11,9 @@ Merges are Chan's, row block by row block: the between-means term of rows
 At a window's end the blocks of data-parallel replicas are reduced (the same
 two all-reduces as ``distributed.reduce_moments``, on width × D buffers); the hard
 rank ``tr(S)² / ‖S‖²_F`` comes from two scalars per block summed over the group
-(no decomposition), and a full spectrum from the blocks gathered on one rank.
+(no decomposition); an exact spectrum from one site's blocks at a time gathered on
+one rank (``assemble``), a Lanczos one from products with the blocks all-gathered over
+the group (``block_row``, ``distributed_matmat``): nothing D × D anywhere.
 """
 
 from __future__ import annotations
