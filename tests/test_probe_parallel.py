@@ -446,6 +446,21 @@ def megatron_hard_only(rank, world):
     return megatron_lanczos(rank, world, spectrum="hard-only")
 
 
+def megatron_auto_by_writer(rank, world):
+    """``spectrum="auto"`` with rank 1 short of host memory: rank 0, which would assemble, decides."""
+    from capscale.probe import estimated
+
+    real = estimated.available_host_bytes
+    if rank == 1:
+        estimated.available_host_bytes = lambda: 1  # on its own, rank 1 would choose Lanczos
+    try:
+        model = _megatron(Net(), rank, world, None)
+        df, _ = run(attach(model, PATTERNS, tp_group=dist.group.WORLD), model, batches(0))
+    finally:
+        estimated.available_host_bytes = real
+    return (df, reference(Net(), [batches(0)], PATTERNS)) if rank == 0 else None
+
+
 def distributed_lanczos(rank, world):
     """SLQ on row blocks (D = 48 > 32 deflated: the probes run too, uneven blocks 25 + 23) against
     single-process SLQ on the assembled matrix; every rank's numbers bit for bit."""
@@ -486,6 +501,7 @@ TWO = [
     megatron_site_at_a_time,
     megatron_lanczos,
     megatron_hard_only,
+    megatron_auto_by_writer,
     distributed_lanczos,
 ]
 FOUR = [megatron_tp, data_x_tensor, fsdp_x_tensor]
@@ -656,6 +672,12 @@ def test_tensor_parallel_hard_only_rows_without_assembling(two):
         _, lam = ref[(r.layer, r.site, r.bucket)]
         np.testing.assert_allclose(r.hard_rank, lam.sum() ** 2 / (lam**2).sum(), rtol=1e-9)
         assert np.isnan(r.soft_rank)
+
+
+def test_tensor_parallel_auto_spectrum_is_the_writing_ranks_choice(two):
+    df, ref = _result(two, "megatron_auto_by_writer")
+    assert (df.spectrum_method == "exact").all()
+    check_rows(df, ref, [0, 1])
 
 
 def test_distributed_lanczos_equals_single_process_lanczos(two):

@@ -689,8 +689,9 @@ class Probe:
             shard = shards[(site.stack, site.layer, site.site)]
             if writer not in torch.distributed.get_process_group_ranks(shard.group):
                 continue  # another tensor-parallel group's replica of the same blocks writes it
-            if resolve_spectrum(self.spectrum, shard.full_dim) != "exact":
-                rows = sharded.estimated_rows(site, window.start, parts, shard, self.spectrum, bucketed)
+            method = sharded.resolve_on(self.spectrum, shard, writer)
+            if method != "exact":
+                rows = sharded.estimated_rows(site, window.start, parts, shard, method, bucketed)
                 if not parts[0].count and not any(p.count for p in parts):
                     for row in rows:
                         row["sampling_status"] = NOT_RUN

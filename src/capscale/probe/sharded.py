@@ -212,20 +212,31 @@ def merge_blocks(parts: list[BlockState]) -> BlockState:
     return acc.moments()
 
 
-def estimated_rows(site, start: int, parts: list[BlockState], shard, spectrum: str, bucketed: bool) -> list[dict]:
-    """A sharded site's spectra rows by Lanczos or hard rank only, from its blocks: nothing assembled.
+def resolve_on(spectrum: str, shard, writer: int) -> str:
+    """``estimated.resolve`` for a sharded site, the same on every rank of its group: "auto"
+    is decided by the free host memory of ``writer`` (the rank that would assemble it)."""
+    from capscale.probe.estimated import SPECTRUM_METHODS, resolve
 
-    Every rank of ``shard.group`` calls it (collectives) and gets the same rows. With the
-    buckets, "all" is their merge, block by block. See :func:`block_row`.
+    method = resolve(spectrum, shard.full_dim)
+    if spectrum != "auto":
+        return method
+    code = torch.tensor([SPECTRUM_METHODS.index(method)], dtype=torch.int64, device=_comm_device(shard.group))
+    torch.distributed.broadcast(code, src=writer, group=shard.group)
+    return SPECTRUM_METHODS[int(code.item())]
+
+
+def estimated_rows(site, start: int, parts: list[BlockState], shard, method: str, bucketed: bool) -> list[dict]:
+    """A sharded site's spectra rows by ``method`` ("lanczos" or "hard-only") from its blocks:
+    nothing assembled. Every rank of ``shard.group`` calls it (collectives) and gets the same
+    rows. With the buckets, "all" is their merge, block by block. See :func:`block_row`.
     """
-    from capscale.probe.estimated import resolve
     from capscale.spectrum import BUCKETS
 
     named = {"all": merge_blocks(parts), **dict(zip(BUCKETS, parts))} if bucketed else {"all": parts[0]}
     rows = []
     for bucket, s in named.items():
         labels = {"step": start, "layer": site.layer, "site": site.site, "bucket": bucket}
-        rows.append(block_row(s, {**labels, "stack": site.stack, "module": site.name}, resolve(spectrum, s.dim), shard))
+        rows.append(block_row(s, {**labels, "stack": site.stack, "module": site.name}, method, shard))
     return rows
 
 
