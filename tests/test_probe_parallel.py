@@ -244,7 +244,7 @@ def megatron_tp_background(rank, world):
     return megatron_tp(rank, world, background=True)
 
 
-def data_x_tensor(rank, world):
+def data_x_tensor(rank, world, spectrum="auto"):
     """A 2×2 mesh: data-parallel replicas (other data) of a DTensor tensor-parallel MLP."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -254,8 +254,14 @@ def data_x_tensor(rank, world):
     for block in model.layers.values():
         parallelize_module(block.mlp, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
     replica = mesh["dp"].get_local_rank()
-    df, mon = run(attach(model, PATTERNS), model, batches(replica))
+    df, mon = run(attach(model, PATTERNS, spectrum=spectrum), model, batches(replica))
     return (df, mon, reference(Net(), [batches(0), batches(1)], PATTERNS)) if rank == 0 else None
+
+
+def data_x_tensor_lanczos(rank, world):
+    """The 2×2 mesh by distributed Lanczos: the writing rank's tensor-parallel group computes the
+    rows; the other group (a replica of the same merged blocks) skips them."""
+    return data_x_tensor(rank, world, spectrum="lanczos")
 
 
 def fsdp_x_tensor(rank, world):
@@ -504,7 +510,7 @@ TWO = [
     megatron_auto_by_writer,
     distributed_lanczos,
 ]
-FOUR = [megatron_tp, data_x_tensor, fsdp_x_tensor]
+FOUR = [megatron_tp, data_x_tensor, fsdp_x_tensor, data_x_tensor_lanczos]
 
 
 def _worker(rank, world, tmp, names):
@@ -650,9 +656,9 @@ def test_tensor_parallel_window_end_holds_one_whole_state_at_a_time(two):
     assert len(df) == 4 and (df.dim == F).all() and df.soft_rank.notna().all()
 
 
-def test_tensor_parallel_lanczos_rows_without_assembling(two):
-    """F = 18 < 32 deflated directions: the quadrature is exact, so the soft rank equals eigvalsh's."""
-    df, ref = _result(two, "megatron_lanczos")
+def check_lanczos_rows(df, ref):
+    """Every (layer, site, bucket) row once, by Lanczos, equal to the reference's eigenvalue ranks."""
+    assert not df.duplicated(["step", "layer", "site", "bucket"]).any()
     assert {(r.layer, r.site, r.bucket) for r in df.itertuples()} == {k for k in ref if k[0] != "monitor"}
     assert (df.spectrum_method == "lanczos").all() and df.eigenvalues.isna().all()
     for r in df.itertuples():
@@ -663,6 +669,16 @@ def test_tensor_parallel_lanczos_rows_without_assembling(two):
         np.testing.assert_allclose(r.renyi_rank_inf, 1 / p.max(), rtol=1e-9)
         p = p[p > 1e-15]
         np.testing.assert_allclose(r.soft_rank, np.exp(-(p * np.log(p)).sum()), rtol=1e-8)
+
+
+def test_tensor_parallel_lanczos_rows_without_assembling(two):
+    """F = 18 < 32 deflated directions: the quadrature is exact, so the soft rank equals eigvalsh's."""
+    check_lanczos_rows(*_result(two, "megatron_lanczos"))
+
+
+def test_two_by_two_data_by_tensor_mesh_lanczos_equals_unsharded(four):
+    df, _, ref = _result(four, "data_x_tensor_lanczos")
+    check_lanczos_rows(df, ref)
 
 
 def test_tensor_parallel_hard_only_rows_without_assembling(two):
