@@ -415,19 +415,16 @@ def _counting_assemble(rank):
 
 
 def megatron_site_at_a_time(rank, world):
-    """Four sharded sites' windows (no buckets): each whole state gone before the next is assembled."""
+    """Four sharded sites × (all + 3 buckets): each whole state gone before the next is assembled."""
     from capscale.probe import sharded
 
     real, seen = _counting_assemble(rank)
     try:
         model = _megatron(Net(), rank, world, None)
-        probe = capscale.attach(
-            model, sites=PATTERNS, every=STEPS, window=STEPS, dtype=torch.float64, tp_group=dist.group.WORLD
-        )
-        df, _ = run(probe, model, batches(0))
+        df, _ = run(attach(model, PATTERNS, tp_group=dist.group.WORLD, spectrum="exact"), model, batches(0))
     finally:
         sharded.assemble = real
-    return (df, seen) if rank == 0 else None
+    return (df, seen, reference(Net(), [batches(0)], PATTERNS)) if rank == 0 else None
 
 
 def megatron_lanczos(rank, world, spectrum="lanczos"):
@@ -649,11 +646,12 @@ def test_experts_split_over_two_ranks_pool_to_the_single_process_result(two):
 
 
 def test_tensor_parallel_window_end_holds_one_whole_state_at_a_time(two):
-    """Rank 0 assembles one sharded site's state, decomposes it and lets it go before the next
-    (the old route assembled every site's first: its earlier states were all alive)."""
-    df, seen = _result(two, "megatron_site_at_a_time")
-    assert seen == [0, 0, 0, 0]  # 2 layers x (pre, post), one window: no earlier whole state alive
-    assert len(df) == 4 and (df.dim == F).all() and df.soft_rank.notna().all()
+    """Rank 0 assembles one whole state, decomposes it and lets it go before the next (the old
+    route assembled every site's buckets first: its earlier states were all alive)."""
+    df, seen, ref = _result(two, "megatron_site_at_a_time")
+    # 2 layers × (pre, post) × (all, head, mid, tail), one window: one state assembled at a time
+    assert seen == [0] * 16
+    check_rows(df, ref, [0, 1])
 
 
 def check_lanczos_rows(df, ref):

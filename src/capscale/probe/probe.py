@@ -667,12 +667,12 @@ class Probe:
                 self._release(window)
 
     def _rows_site_at_a_time(self, window: _Window, bucketed: bool) -> list[dict]:
-        """Rows of a window with tensor-parallel sites, one sharded site at a time (docs/parallel.md).
+        """Rows of a window with tensor-parallel sites, one whole state at a time (docs/parallel.md).
 
-        The writing rank assembles one site's whole states (its buckets), decomposes them and
-        lets them go before the next site's blocks arrive: its extra host memory is one site's
-        states, not every site's. With a Lanczos or hard-only spectrum nothing is assembled:
-        the ranks of the site's tensor-parallel group compute its row from their blocks.
+        The writing rank assembles one state (a site's bucket), decomposes it and lets it go
+        before the next state's blocks arrive: its extra host memory is one whole state, not
+        every site's. With a Lanczos or hard-only spectrum nothing is assembled: the ranks of
+        the site's tensor-parallel group compute its rows from their blocks.
         """
         k = len(BUCKETS) if bucketed else 1
         entries, forwards = self._gather(window, self._full_idx, k, full=False, assemble=False)
@@ -692,15 +692,22 @@ class Probe:
             method = sharded.resolve_on(self.spectrum, shard, writer)
             if method != "exact":
                 rows = sharded.estimated_rows(site, window.start, parts, shard, method, bucketed)
-                if not parts[0].count and not any(p.count for p in parts):
+                if not any(p.count for p in parts):
                     for row in rows:
                         row["sampling_status"] = NOT_RUN
                 per_site[j] = rows if torch.distributed.get_rank() == writer else None
                 continue
-            whole = sharded.assemble(parts, list(shard.widths), shard.group, writer)
-            if whole is not None:
-                per_site[j] = self._decompose(window.start, [(site, whole)], bucketed, self.spectrum, js=False)
-            del whole  # before the next site's blocks arrive
+            # One whole state at a time: "all" (the buckets merged block by block), then each bucket.
+            rows = []
+            for bucket, block in sharded.named_blocks(parts, bucketed).items():
+                whole = sharded.assemble([block], list(shard.widths), shard.group, writer)
+                if whole is not None:
+                    rows += spectrum_rows([(whole[0], sharded.row_labels(site, window.start, bucket))])
+                del whole  # before the next state's blocks arrive
+            if rows and not any(p.count for p in parts):
+                for row in rows:
+                    row["sampling_status"] = NOT_RUN
+            per_site[j] = rows or None
         if plain:
             rows = iter(self._decompose(window.start, [e for _, e in plain], bucketed, self.spectrum, js=False))
             per = 1 + len(BUCKETS) if bucketed else 1

@@ -225,19 +225,31 @@ def resolve_on(spectrum: str, shard, writer: int) -> str:
     return SPECTRUM_METHODS[int(code.item())]
 
 
+def named_blocks(parts: list[BlockState], bucketed: bool) -> dict[str, BlockState]:
+    """A site's blocks by bucket name: "all" (with the buckets: their merge, block by block) first."""
+    from capscale.spectrum import BUCKETS
+
+    return {"all": merge_blocks(parts), **dict(zip(BUCKETS, parts))} if bucketed else {"all": parts[0]}
+
+
+def row_labels(site, start: int, bucket: str) -> dict:
+    return {
+        "step": start,
+        "layer": site.layer,
+        "site": site.site,
+        "bucket": bucket,
+        "stack": site.stack,
+        "module": site.name,
+    }
+
+
 def estimated_rows(site, start: int, parts: list[BlockState], shard, method: str, bucketed: bool) -> list[dict]:
     """A sharded site's spectra rows by ``method`` ("lanczos" or "hard-only") from its blocks:
     nothing assembled. Every rank of ``shard.group`` calls it (collectives) and gets the same
-    rows. With the buckets, "all" is their merge, block by block. See :func:`block_row`.
+    rows. See :func:`block_row`.
     """
-    from capscale.spectrum import BUCKETS
-
-    named = {"all": merge_blocks(parts), **dict(zip(BUCKETS, parts))} if bucketed else {"all": parts[0]}
-    rows = []
-    for bucket, s in named.items():
-        labels = {"step": start, "layer": site.layer, "site": site.site, "bucket": bucket}
-        rows.append(block_row(s, {**labels, "stack": site.stack, "module": site.name}, method, shard))
-    return rows
+    named = named_blocks(parts, bucketed)
+    return [block_row(s, row_labels(site, start, b), method, shard) for b, s in named.items()]
 
 
 def block_row(s: BlockState, labels: dict, method: str, shard) -> dict:
