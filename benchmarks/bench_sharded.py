@@ -11,7 +11,7 @@ on the same batches. Printed per (D, tp, layout), from rank 0:
   window s         one measured step: forwards (all-gather + block GEMM for sharded),
                    the cross-rank reduction and the hard rank (tr(C)²/‖C‖²_F; from per-block
                    scalars when sharded), the monitor level of ``attach``
-  rows s           a full window's end: sharded = blocks gathered on rank 0 + eigvalsh there;
+  rows s           a full window's end: sharded = blocks gathered on rank 0, one state at a time, + eigvalsh there;
                    replicated = all-reduce of the whole state + eigvalsh on every rank
                    (only for D in --eig-dims; eigvalsh at 8,192 takes minutes on one core)
   rows +MB         peak resident memory growth after it, on rank 0 / the most of the other ranks
