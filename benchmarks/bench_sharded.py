@@ -11,15 +11,20 @@ on the same batches. Printed per (D, tp, layout), from rank 0:
   window s         one measured step: forwards (all-gather + block GEMM for sharded),
                    the cross-rank reduction and the hard rank (tr(C)²/‖C‖²_F; from per-block
                    scalars when sharded), the monitor level of ``attach``
-  rows s           a full window's end: sharded = blocks gathered on rank 0 + eigvalsh there;
+  rows s           a full window's end: sharded = blocks gathered on rank 0, one state at a time, + eigvalsh there;
                    replicated = all-reduce of the whole state + eigvalsh on every rank
                    (only for D in --eig-dims; eigvalsh at 8,192 takes minutes on one core)
   rows +MB         peak resident memory growth after it, on rank 0 / the most of the other ranks
+  lanczos s        with --lanczos-dims: a full window's end with spectrum="lanczos":
+                   sharded = distributed SLQ (each rank's rows times the probe blocks,
+                   all-gathered; nothing D × D assembled); replicated = all-reduce of the
+                   whole state + single-process SLQ on every rank; soft rank compared to 1e-9
 
 and the ratio sharded / replicated of the state bytes (≈ 1/tp). One fresh process group
 per case (forked), one thread per rank; few rows, so a run takes a few minutes on 2 cores.
 
     python benchmarks/bench_sharded.py [--dims 4096 8192] [--ranks 2 4] [--rows 256] [--eig-dims 4096]
+        [--lanczos-dims 4096]
 """
 
 from __future__ import annotations
@@ -101,7 +106,25 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def worker(rank: int, world: int, tmp: str, d: int, sharded: bool, rows: int, eig: bool) -> None:
+def _window_end(net, batches, kw, rank, **more) -> tuple[float, float, object]:
+    """A full window's end on rank 0: (seconds of its ``probe.step()``, its RSS growth MB, rows or None)."""
+    probe = capscale.attach(net, every=1, start_step=2, **kw, **more)
+    with torch.no_grad():
+        for x in batches:
+            net(x)
+    dist.barrier()
+    rss0 = _rss_mb()
+    t0 = time.perf_counter()
+    probe.step()
+    took = time.perf_counter() - t0  # rank 0's time: the gather (or all-reduce) and the ranks
+    grew = _rss_mb() - rss0
+    dist.barrier()
+    df = probe.compute()  # every rank: it is collective (rows of sharded sites: rank 0's)
+    probe.close()
+    return took, grew, df if rank == 0 else None
+
+
+def worker(rank: int, world: int, tmp: str, d: int, sharded: bool, rows: int, eig: bool, slq: bool = False) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", NothingCapturedWarning)  # the empty window open at close()
@@ -142,6 +165,11 @@ def worker(rank: int, world: int, tmp: str, d: int, sharded: bool, rows: int, ei
                 out["rows_s"] = rows_s
                 out["hard_rank_eig"] = float(df.hard_rank.iloc[0])
             probe.close()
+        if slq:
+            took, grew, df = _window_end(net, batches, kw, rank, spectrum="lanczos")
+            if rank == 0:
+                out.update(lanczos_s=took, lanczos_mb=grew, soft_rank=float(df.soft_rank.iloc[0]))
+                out["soft_rank_stderr"] = float(df.soft_rank_stderr.iloc[0])
         peaks = [None] * world
         dist.all_gather_object(peaks, (out["rss_window"], _rss_mb() - rss0))
         out["rss_window"] = max(p[0] for p in peaks)
@@ -152,9 +180,10 @@ def worker(rank: int, world: int, tmp: str, d: int, sharded: bool, rows: int, ei
         dist.destroy_process_group()
 
 
-def case(d: int, world: int, sharded: bool, rows: int, eig: bool) -> dict:
+def case(d: int, world: int, sharded: bool, rows: int, eig: bool, slq: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(worker, args=(world, tmp, d, sharded, rows, eig), nprocs=world, start_method="fork")
+        args = (world, tmp, d, sharded, rows, eig, slq)
+        mp.start_processes(worker, args=args, nprocs=world, start_method="fork")
         return json.loads(Path(tmp, "out.json").read_text())
 
 
@@ -164,6 +193,9 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--rows", type=int, default=256, help="rows per measured step (two batches)")
     ap.add_argument("--eig-dims", type=int, nargs="*", default=[4096], help="widths whose rows (eigvalsh) are timed")
+    ap.add_argument(
+        "--lanczos-dims", type=int, nargs="*", default=[], help="widths whose spectrum='lanczos' window end is timed"
+    )
     args = ap.parse_args()
     head = (
         f"{'D':>6} {'tp':>3} {'layout':>10} {'state MB/rank':>14} {'window +MB':>11} {'window s':>9} "
@@ -171,12 +203,12 @@ def main() -> None:
     )
     print(head)
     print("-" * len(head))
-    ratios = []
+    ratios, slq = [], []
     for d in args.dims:
         for world in args.ranks:
             got = {}
             for sharded in (False, True):
-                r = got[sharded] = case(d, world, sharded, args.rows, d in args.eig_dims)
+                r = got[sharded] = case(d, world, sharded, args.rows, d in args.eig_dims, d in args.lanczos_dims)
                 rows = f"{r['rows_s']:8.2f}" if "rows_s" in r else f"{'-':>8}"
                 mem = f"{r['rss_rows'][0]:.0f} / {r['rss_rows'][1]:.0f}" if "rows_s" in r else "-"
                 print(
@@ -188,9 +220,19 @@ def main() -> None:
                     assert abs(r["hard_rank"] - r["hard_rank_eig"]) <= 1e-9 * r["hard_rank_eig"], r
             assert abs(got[True]["hard_rank"] - got[False]["hard_rank"]) <= 1e-9 * got[False]["hard_rank"]
             ratios.append((d, world, got[True]["state_mb"] / got[False]["state_mb"]))
+            if "lanczos_s" in got[True]:
+                a, b = got[True], got[False]
+                assert abs(a["soft_rank"] - b["soft_rank"]) <= 1e-9 * b["soft_rank"], (a, b)
+                slq.append((d, world, a, b))
     print()
     for d, world, ratio in ratios:
         print(f"D={d} tp={world}: state per rank sharded / replicated = {ratio:.3f} (1/tp = {1 / world:.3f})")
+    for d, world, a, b in slq:
+        print(
+            f"D={d} tp={world}: lanczos window end, rank 0: sharded {a['lanczos_s']:.2f} s (+{a['lanczos_mb']:.0f} MB)"
+            f" / replicated {b['lanczos_s']:.2f} s (+{b['lanczos_mb']:.0f} MB) = {a['lanczos_s'] / b['lanczos_s']:.2f};"
+            f" soft rank {a['soft_rank']:.6f} ± {a['soft_rank_stderr']:.2g} (equal to 1e-9)"
+        )
 
 
 if __name__ == "__main__":

@@ -244,7 +244,7 @@ def megatron_tp_background(rank, world):
     return megatron_tp(rank, world, background=True)
 
 
-def data_x_tensor(rank, world):
+def data_x_tensor(rank, world, spectrum="auto"):
     """A 2×2 mesh: data-parallel replicas (other data) of a DTensor tensor-parallel MLP."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -254,8 +254,14 @@ def data_x_tensor(rank, world):
     for block in model.layers.values():
         parallelize_module(block.mlp, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
     replica = mesh["dp"].get_local_rank()
-    df, mon = run(attach(model, PATTERNS), model, batches(replica))
+    df, mon = run(attach(model, PATTERNS, spectrum=spectrum), model, batches(replica))
     return (df, mon, reference(Net(), [batches(0), batches(1)], PATTERNS)) if rank == 0 else None
+
+
+def data_x_tensor_lanczos(rank, world):
+    """The 2×2 mesh by distributed Lanczos: the writing rank's tensor-parallel group computes the
+    rows; the other group (a replica of the same merged blocks) skips them."""
+    return data_x_tensor(rank, world, spectrum="lanczos")
 
 
 def fsdp_x_tensor(rank, world):
@@ -389,8 +395,119 @@ def expert_parallel(rank, world):
     return df, mon, summarise(rows, {})
 
 
-TWO = [dtensor_tp2, dtensor_swiglu_tp2, megatron_tp, megatron_tp_background, pipeline, expert_parallel]
-FOUR = [megatron_tp, data_x_tensor, fsdp_x_tensor]
+def _counting_assemble(rank):
+    """Wrap ``sharded.assemble``: on rank 0, how many earlier whole states are alive at each call."""
+    import weakref
+
+    from capscale.probe import sharded
+
+    real, alive, seen = sharded.assemble, [], []
+
+    def assemble(states, widths, group, dst):
+        out = real(states, widths, group, dst)
+        if rank == 0:
+            seen.append(sum(r() is not None for r in alive))
+            alive.extend(weakref.ref(m.scatter) for m in out)
+        return out
+
+    sharded.assemble = assemble
+    return real, seen
+
+
+def megatron_site_at_a_time(rank, world):
+    """Four sharded sites × (all + 3 buckets): each whole state gone before the next is assembled."""
+    from capscale.probe import sharded
+
+    real, seen = _counting_assemble(rank)
+    try:
+        model = _megatron(Net(), rank, world, None)
+        df, _ = run(attach(model, PATTERNS, tp_group=dist.group.WORLD, spectrum="exact"), model, batches(0))
+    finally:
+        sharded.assemble = real
+    return (df, seen, reference(Net(), [batches(0)], PATTERNS)) if rank == 0 else None
+
+
+def megatron_lanczos(rank, world, spectrum="lanczos"):
+    """``spectrum="lanczos"`` / "hard-only" under tensor parallelism: rows from the blocks, nothing assembled."""
+    from capscale.probe import sharded
+
+    real = sharded.assemble
+
+    def refuse(*a, **k):
+        raise AssertionError("a whole state was assembled")
+
+    sharded.assemble = refuse
+    try:
+        model = _megatron(Net(), rank, world, None)
+        df, _ = run(attach(model, PATTERNS, tp_group=dist.group.WORLD, spectrum=spectrum), model, batches(0))
+    finally:
+        sharded.assemble = real
+    return (df, reference(Net(), [batches(0)], PATTERNS)) if rank == 0 else None
+
+
+def megatron_hard_only(rank, world):
+    return megatron_lanczos(rank, world, spectrum="hard-only")
+
+
+def megatron_auto_by_writer(rank, world):
+    """``spectrum="auto"`` with rank 1 short of host memory: rank 0, which would assemble, decides."""
+    from capscale.probe import estimated
+
+    real = estimated.available_host_bytes
+    if rank == 1:
+        estimated.available_host_bytes = lambda: 1  # on its own, rank 1 would choose Lanczos
+    try:
+        model = _megatron(Net(), rank, world, None)
+        df, _ = run(attach(model, PATTERNS, tp_group=dist.group.WORLD), model, batches(0))
+    finally:
+        estimated.available_host_bytes = real
+    return (df, reference(Net(), [batches(0)], PATTERNS)) if rank == 0 else None
+
+
+def distributed_lanczos(rank, world):
+    """SLQ on row blocks (D = 48 > 32 deflated: the probes run too, uneven blocks 25 + 23) against
+    single-process SLQ on the assembled matrix; every rank's numbers bit for bit."""
+    from types import SimpleNamespace
+
+    from capscale.probe import sharded
+    from capscale.probe.estimated import estimated_row
+    from capscale.probe.tensor_parallel import ColumnShard
+    from capscale.spectrum._torch import WindowMoments
+
+    d, widths = 48, (25, 23)
+    g = torch.Generator().manual_seed(3)
+    scale = torch.logspace(0, -2, d, dtype=torch.float64)  # a decaying spectrum: deflation matters
+    xs = [torch.randn(n, d, generator=g, dtype=torch.float64) * scale + 0.5 for n in (70, 90)]
+    shard = ColumnShard(dist.group.WORLD, sum(widths[:rank]), widths[rank], d, widths)
+    acc, whole = shard.accumulator("cpu"), WindowMoments(d, "cpu")
+    for x in xs:
+        mu = x.mean(0)
+        acc.add_rows(x - mu, mu)
+        whole.add_rows(x - mu, mu)
+    site = SimpleNamespace(layer=0, site="pre", stack="", name="m")
+    (row,) = sharded.estimated_rows(site, 0, [acc.moments()], shard, "lanczos", bucketed=False)
+    every = [None] * world
+    dist.all_gather_object(every, row)
+    if rank:
+        return None
+    ref = estimated_row(whole.moments(), {"step": 0, "layer": 0, "site": "pre", "bucket": "all"}, "lanczos", None)
+    return every, ref
+
+
+TWO = [
+    dtensor_tp2,
+    dtensor_swiglu_tp2,
+    megatron_tp,
+    megatron_tp_background,
+    pipeline,
+    expert_parallel,
+    megatron_site_at_a_time,
+    megatron_lanczos,
+    megatron_hard_only,
+    megatron_auto_by_writer,
+    distributed_lanczos,
+]
+FOUR = [megatron_tp, data_x_tensor, fsdp_x_tensor, data_x_tensor_lanczos]
 
 
 def _worker(rank, world, tmp, names):
@@ -526,3 +643,63 @@ def test_pipeline_stages_write_every_layer_once_with_global_indices(two):
 def test_experts_split_over_two_ranks_pool_to_the_single_process_result(two):
     df, _, ref = _result(two, "expert_parallel")
     check_rows(df, ref, [0, 1])
+
+
+def test_tensor_parallel_window_end_holds_one_whole_state_at_a_time(two):
+    """Rank 0 assembles one whole state, decomposes it and lets it go before the next (the old
+    route assembled every site's buckets first: its earlier states were all alive)."""
+    df, seen, ref = _result(two, "megatron_site_at_a_time")
+    # 2 layers × (pre, post) × (all, head, mid, tail), one window: one state assembled at a time
+    assert seen == [0] * 16
+    check_rows(df, ref, [0, 1])
+
+
+def check_lanczos_rows(df, ref):
+    """Every (layer, site, bucket) row once, by Lanczos, equal to the reference's eigenvalue ranks."""
+    assert not df.duplicated(["step", "layer", "site", "bucket"]).any()
+    assert {(r.layer, r.site, r.bucket) for r in df.itertuples()} == {k for k in ref if k[0] != "monitor"}
+    assert (df.spectrum_method == "lanczos").all() and df.eigenvalues.isna().all()
+    for r in df.itertuples():
+        n, lam = ref[(r.layer, r.site, r.bucket)]
+        p = np.clip(lam, 0, None) / np.clip(lam, 0, None).sum()
+        assert r.n_samples == n
+        np.testing.assert_allclose(r.hard_rank, 1 / (p**2).sum(), rtol=1e-9)
+        np.testing.assert_allclose(r.renyi_rank_inf, 1 / p.max(), rtol=1e-9)
+        p = p[p > 1e-15]
+        np.testing.assert_allclose(r.soft_rank, np.exp(-(p * np.log(p)).sum()), rtol=1e-8)
+
+
+def test_tensor_parallel_lanczos_rows_without_assembling(two):
+    """F = 18 < 32 deflated directions: the quadrature is exact, so the soft rank equals eigvalsh's."""
+    check_lanczos_rows(*_result(two, "megatron_lanczos"))
+
+
+def test_two_by_two_data_by_tensor_mesh_lanczos_equals_unsharded(four):
+    df, _, ref = _result(four, "data_x_tensor_lanczos")
+    check_lanczos_rows(df, ref)
+
+
+def test_tensor_parallel_hard_only_rows_without_assembling(two):
+    df, ref = _result(two, "megatron_hard_only")
+    assert len(df) == LAYERS * 2 * 4 and (df.spectrum_method == "hard-only").all()
+    for r in df.itertuples():
+        _, lam = ref[(r.layer, r.site, r.bucket)]
+        np.testing.assert_allclose(r.hard_rank, lam.sum() ** 2 / (lam**2).sum(), rtol=1e-9)
+        assert np.isnan(r.soft_rank)
+
+
+def test_tensor_parallel_auto_spectrum_is_the_writing_ranks_choice(two):
+    df, ref = _result(two, "megatron_auto_by_writer")
+    assert (df.spectrum_method == "exact").all()
+    check_rows(df, ref, [0, 1])
+
+
+def test_distributed_lanczos_equals_single_process_lanczos(two):
+    every, ref = _result(two, "distributed_lanczos")
+    assert every[0].keys() == every[1].keys()
+    for k, v in every[0].items():  # both ranks ran the same recurrence on the same numbers
+        assert v == every[1][k] or (v != v and every[1][k] != every[1][k]), k
+    row = every[0]
+    assert row["spectrum_method"] == "lanczos" and row["soft_rank_stderr"] > 0  # the probes ran
+    for k in ("soft_rank", "soft_rank_stderr", "renyi_rank_0_5", "renyi_rank_inf", "lambda_max", "hard_rank", "trace"):
+        np.testing.assert_allclose(row[k], ref[k], rtol=1e-9, err_msg=k)

@@ -54,13 +54,19 @@ def spectrum_note(method: str, dims: list[int]) -> str:
     return f"auto → {'/'.join(chosen)} (widest state D={max(dims)}; exact where its eigvalsh fits in host memory)"
 
 
+def blank_row(count: int, dim: int, labels: dict, method: str) -> dict:
+    """A spectra row's labels and sample fields, before its ranks (see :func:`estimated_row`)."""
+    row = {k: labels.get(k, "") for k in ("step", "layer", "site", "bucket", "stack", "module")}
+    row["step"], row["layer"] = int(row["step"]), int(row["layer"])
+    row.update(spectrum_summary(None, count, dim=dim))
+    row.update(js_divergence_pre_post=math.nan, spectrum_method=method, soft_rank_stderr=math.nan, eigenvalues=None)
+    return row
+
+
 def estimated_row(m: Moments, labels: dict, method: str, named) -> dict:
     """A spectra row for ``m`` by ``method`` ("lanczos" or "hard-only"); ``named(labels, exc)``
     makes the error raised for a state that is not a covariance."""
-    row = {k: labels.get(k, "") for k in ("step", "layer", "site", "bucket", "stack", "module")}
-    row["step"], row["layer"] = int(row["step"]), int(row["layer"])
-    row.update(spectrum_summary(None, m.count, dim=m.dim))
-    row.update(js_divergence_pre_post=math.nan, spectrum_method=method, soft_rank_stderr=math.nan, eigenvalues=None)
+    row = blank_row(m.count, m.dim, labels, method)
     if m.count < 2:
         row["spectrum_status"] = "insufficient"
         return row
@@ -85,15 +91,21 @@ def estimated_row(m: Moments, labels: dict, method: str, named) -> dict:
         hard = hard_rank_from_covariance(s)  # scale-free: the scatter's equals the covariance's
     except ValueError as exc:
         raise named(labels, exc) from exc
+
+    def matmat(v: np.ndarray) -> np.ndarray:
+        return (s @ torch.from_numpy(v).to(s.device, s.dtype)).cpu().numpy() / div
+
+    frob2 = float((s / hi).square().sum()) * (hi / div) ** 2 if method == "lanczos" else math.nan
+    return finish_row(row, method, m.dim, trace, hard, frob2, matmat)
+
+
+def finish_row(row: dict, method: str, dim: int, trace: float, hard: float, frob2: float, matmat) -> dict:
+    """``row``'s ranks from the covariance's exact ``trace``, hard rank and ``frob2`` (‖C‖²_F) and,
+    for "lanczos", its products ``matmat(V) = C·V`` (SLQ, ``lanczos_ranks``' defaults, seed 0)."""
     est = {"hard_rank": hard, "participation_ratio": hard, "trace": trace}
     lam_max = None
     if method == "lanczos":
-
-        def matmat(v: np.ndarray) -> np.ndarray:
-            return (s @ torch.from_numpy(v).to(s.device, s.dtype)).cpu().numpy() / div
-
-        frob2 = float((s / hi).square().sum()) * (hi / div) ** 2
-        got = lanczos_ranks(matmat, m.dim, trace, frob2)
+        got = lanczos_ranks(matmat, dim, trace, frob2)
         lam_max = got["lambda_max"]
         soft = got["soft_rank"]
         est.update(
@@ -108,7 +120,7 @@ def estimated_row(m: Moments, labels: dict, method: str, named) -> dict:
     row.update(est)
     for metric in SPECTRUM_METRICS:
         if metric.frac is not None:
-            row[f"{metric.name}_frac_dim"] = row[metric.name] / m.dim
+            row[f"{metric.name}_frac_dim"] = row[metric.name] / dim
             mr = row["max_empirical_rank"]
             row[f"{metric.name}_frac_max"] = row[metric.name] / mr if mr > 0 else math.nan
     # Tiny variance as in the exact rows (λ_max below the floor); without λ_max, the trace bounds it.

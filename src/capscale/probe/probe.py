@@ -631,8 +631,11 @@ class Probe:
                 self._release(window)
 
     @staticmethod
-    def _decompose(start: int, states: list, bucketed: bool, spectrum: str = "exact") -> list[dict]:
-        """Spectra rows of one window's states (pools the buckets into "all"); runs on any thread."""
+    def _decompose(start: int, states: list, bucketed: bool, spectrum: str = "exact", js: bool = True) -> list[dict]:
+        """Spectra rows of one window's states (pools the buckets into "all"); runs on any thread.
+
+        ``js=False``: without the pre/post divergence, which pairs rows of several sites (added
+        by the caller once every site's rows are in)."""
         entries, marks = [], []
         for site, parts in states:
             if parts is None:  # the site never saw data anywhere: its width is unknown
@@ -657,17 +660,71 @@ class Probe:
                 row["samples_per_dim"] = math.nan
             if not ran:  # a site that captured nothing in the window says so
                 row["sampling_status"] = NOT_RUN
-        add_js_divergence(rows)
+        if js:
+            add_js_divergence(rows)
         return rows
 
     def _rows(self, window: _Window, release: bool) -> list[dict]:
         bucketed = self.freq_table is not None
         try:
+            if self._shards:
+                return self._rows_site_at_a_time(window, bucketed)
             got = self._states(window, release=False)
             return [] if got is None else self._decompose(*got, bucketed, self.spectrum)
         finally:
             if release:
                 self._release(window)
+
+    def _rows_site_at_a_time(self, window: _Window, bucketed: bool) -> list[dict]:
+        """Rows of a window with tensor-parallel sites, one whole state at a time (docs/parallel.md).
+
+        The writing rank assembles one state (a site's bucket), decomposes it and lets it go
+        before the next state's blocks arrive: its extra host memory is one whole state, not
+        every site's. With a Lanczos or hard-only spectrum nothing is assembled: the ranks of
+        the site's tensor-parallel group compute its rows from their blocks.
+        """
+        k = len(BUCKETS) if bucketed else 1
+        entries, forwards = self._gather(window, self._full_idx, k, full=False, assemble=False)
+        if not forwards:
+            return []
+        shards = {(self.sites[i].stack, self.sites[i].layer, self.sites[i].site): sh for i, sh in self._shards.items()}
+        writer = distributed._writer(self.group)
+        per_site: list[list[dict] | None] = [None] * len(entries)
+        plain = []
+        for j, (site, parts) in enumerate(entries):
+            if not (parts and isinstance(parts[0], sharded.BlockState)):
+                plain.append((j, (site, None if any(p is None for p in parts) else parts)))
+                continue
+            shard = shards[(site.stack, site.layer, site.site)]
+            if writer not in torch.distributed.get_process_group_ranks(shard.group):
+                continue  # another tensor-parallel group's replica of the same blocks writes it
+            method = sharded.resolve_on(self.spectrum, shard, writer)
+            if method != "exact":
+                rows = sharded.estimated_rows(site, window.start, parts, shard, method, bucketed)
+                if not any(p.count for p in parts):
+                    for row in rows:
+                        row["sampling_status"] = NOT_RUN
+                per_site[j] = rows if torch.distributed.get_rank() == writer else None
+                continue
+            # One whole state at a time: "all" (the buckets merged block by block), then each bucket.
+            rows = []
+            for bucket, block in sharded.named_blocks(parts, bucketed).items():
+                whole = sharded.assemble([block], list(shard.widths), shard.group, writer)
+                if whole is not None:
+                    rows += spectrum_rows([(whole[0], sharded.row_labels(site, window.start, bucket))])
+                del whole  # before the next state's blocks arrive
+            if rows and not any(p.count for p in parts):
+                for row in rows:
+                    row["sampling_status"] = NOT_RUN
+            per_site[j] = rows or None
+        if plain:
+            rows = iter(self._decompose(window.start, [e for _, e in plain], bucketed, self.spectrum, js=False))
+            per = 1 + len(BUCKETS) if bucketed else 1
+            for j, _ in plain:
+                per_site[j] = [next(rows) for _ in range(per)]
+        out = [r for rows in per_site if rows for r in rows]
+        add_js_divergence(out)
+        return out
 
     def _finish_full(self) -> None:
         window, self._full = self._full, None

@@ -11,13 +11,17 @@ Merges are Chan's, row block by row block: the between-means term of rows
 At a window's end the blocks of data-parallel replicas are reduced (the same
 two all-reduces as ``distributed.reduce_moments``, on width × D buffers); the hard
 rank ``tr(S)² / ‖S‖²_F`` comes from two scalars per block summed over the group
-(no decomposition), and a full spectrum from the blocks gathered on one rank.
+(no decomposition); an exact spectrum from one site's blocks at a time gathered on
+one rank (``assemble``), a Lanczos one from products with the blocks all-gathered over
+the group (``block_row``, ``distributed_matmat``): nothing D × D anywhere.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from capscale.probe.distributed import _comm_device
@@ -197,3 +201,106 @@ def assemble(states: list[BlockState], widths: list[int], group, dst: int) -> li
             off += w
         out.append(Moments(s.count, s.mean.to("cpu"), whole, upper=True))
     return out if here else None
+
+
+def merge_blocks(parts: list[BlockState]) -> BlockState:
+    """The exact merge of disjoint streams' blocks (e.g. HEAD/MID/TAIL into ALL): Chan's, by rows."""
+    p0 = parts[0]
+    acc = BlockMoments(p0.dim, p0.offset, p0.width, p0.block.device, p0.block.dtype)
+    for p in parts:
+        acc._merge(p.count, p.mean, p.block)
+    return acc.moments()
+
+
+def resolve_on(spectrum: str, shard, writer: int) -> str:
+    """``estimated.resolve`` for a sharded site, the same on every rank of its group: "auto"
+    is decided by the free host memory of ``writer`` (the rank that would assemble it)."""
+    from capscale.probe.estimated import SPECTRUM_METHODS, resolve
+
+    method = resolve(spectrum, shard.full_dim)
+    if spectrum != "auto":
+        return method
+    code = torch.tensor([SPECTRUM_METHODS.index(method)], dtype=torch.int64, device=_comm_device(shard.group))
+    torch.distributed.broadcast(code, src=writer, group=shard.group)
+    return SPECTRUM_METHODS[int(code.item())]
+
+
+def named_blocks(parts: list[BlockState], bucketed: bool) -> dict[str, BlockState]:
+    """A site's blocks by bucket name: "all" (with the buckets: their merge, block by block) first."""
+    from capscale.spectrum import BUCKETS
+
+    return {"all": merge_blocks(parts), **dict(zip(BUCKETS, parts))} if bucketed else {"all": parts[0]}
+
+
+def row_labels(site, start: int, bucket: str) -> dict:
+    return {
+        "step": start,
+        "layer": site.layer,
+        "site": site.site,
+        "bucket": bucket,
+        "stack": site.stack,
+        "module": site.name,
+    }
+
+
+def estimated_rows(site, start: int, parts: list[BlockState], shard, method: str, bucketed: bool) -> list[dict]:
+    """A sharded site's spectra rows by ``method`` ("lanczos" or "hard-only") from its blocks:
+    nothing assembled. Every rank of ``shard.group`` calls it (collectives) and gets the same
+    rows. See :func:`block_row`.
+    """
+    named = named_blocks(parts, bucketed)
+    return [block_row(s, row_labels(site, start, b), method, shard) for b, s in named.items()]
+
+
+def block_row(s: BlockState, labels: dict, method: str, shard) -> dict:
+    """The row ``estimated.estimated_row`` gives the whole state, from this rank's block of it.
+
+    Trace, ‖S‖²_F and the diagonal's largest entry are per-block scalars reduced over the
+    group; Lanczos sees the covariance only through ``C·V``: each rank multiplies its rows
+    (width × D) by the probe block V (D × k) and the products are all-gathered, so every
+    rank runs the same seeded recurrence on the same numbers (``distributed_matmat``).
+    """
+    from capscale.probe.estimated import blank_row, finish_row
+
+    dist = torch.distributed
+    group = shard.group
+    dev = _comm_device(group)
+    row = blank_row(s.count, s.dim, labels, method)
+    if s.count < 2:
+        row["spectrum_status"] = "insufficient"
+        return row
+    tr, fro = s.scalars()
+    own = s.block[:, s.offset : s.offset + s.width].diagonal()
+    bad = float((~torch.isfinite(s.block)).sum())
+    sums = torch.tensor([tr, fro, bad], dtype=torch.float64, device=dev)
+    top = torch.tensor([float(own.abs().max()) if s.width else 0.0], dtype=torch.float64, device=dev)
+    dist.all_reduce(sums, group=group)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    tr, fro, bad = sums.tolist()
+    if bad or not math.isfinite(top.item()):
+        raise ValueError(f"{labels.get('module', '')} {labels.get('bucket', '')}: covariance contains NaN or Inf")
+    if top.item() == 0:
+        row.update(trace=0.0, lambda_max=0.0, spectrum_status="zero_variance")
+        return row
+    div = s.count - 1
+    matmat = distributed_matmat(s.block, shard.widths, group, divide=div)
+    return finish_row(row, method, s.dim, tr / div, tr * tr / fro, fro / div**2, matmat)
+
+
+def distributed_matmat(block: torch.Tensor, widths, group, divide: float = 1.0):
+    """``V ↦ S V / divide`` (NumPy, D × k) for the symmetric ``S`` whose rows ``block`` holds on this rank:
+    this rank's rows' product, all-gathered over ``group`` (``widths`` in group-rank order)."""
+    dev = _comm_device(group)
+    wide = max(widths)
+
+    def matmat(v: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(v)).to(block.device, block.dtype)
+        part = (block @ x).to(dev, torch.float64)
+        if part.shape[0] < wide:  # all_gather needs equal sizes: pad the narrower blocks
+            part = torch.nn.functional.pad(part, (0, 0, 0, wide - part.shape[0]))
+        got = [torch.empty_like(part) for _ in widths]
+        torch.distributed.all_gather(got, part.contiguous(), group=group)
+        whole = torch.cat([g[:w] for g, w in zip(got, widths)])
+        return whole.cpu().numpy() / divide
+
+    return matmat
