@@ -9,56 +9,13 @@ into "Figure n" (a link in HTML), numbered in order of appearance.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from capscale.analysis import ALL_BUCKETS, REGIONS
+from capscale.report.format import FIG_REF, ND, Section, Table, _get, _table, interval, num  # noqa: F401
+from capscale.report.sections import SECTIONS
 from capscale.report.trajectory import section as _beta_trajectory
 from capscale.rundir import RunStatus
 from capscale.spectrum.summary import REPORT_METRICS, WELL_SAMPLED
-
-ND = f"N/D < {WELL_SAMPLED:g}"  # the flag for aggregates that are not well sampled
-FIG_REF = re.compile(r"\{fig:([a-z_]+)\}")
-
-
-@dataclass
-class Table:
-    caption: str
-    headers: list[str]
-    rows: list[list[str]]
-    flagged: list[bool] = field(default_factory=list)  # rows to highlight (low N/D, not fittable, ...)
-    collapsed: bool = False  # long detail tables start folded
-    empty: str = "none"
-    pinned: int = 1  # leading columns kept in view when a wide table scrolls
-    answer: int = 0  # the column that answers the table's question (kept first, or pinned)
-
-
-@dataclass
-class Section:
-    anchor: str
-    title: str
-    text: list[str]
-    figures: list[str]
-    tables: list[Table]
-
-
-# -- cell formatting ---------------------------------------------------------------
-
-
-def num(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "—"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return str(x)
-    return f"{x:.{digits}f}"
-
-
-def interval(lo: Any, hi: Any, digits: int = 3) -> str:
-    return "—" if lo is None or hi is None else f"[{num(lo, digits)}, {num(hi, digits)}]"
 
 
 def beta(b: dict) -> str:
@@ -82,26 +39,6 @@ def _notes(row: dict) -> str:
 
 def _flag(row: dict) -> bool:
     return not row["beta_hard"]["fittable"] or bool(row["beta_hard"]["n_low_nd"])
-
-
-def _table(
-    caption: str,
-    columns: list[tuple[str, Callable[[dict], str]]],
-    rows: list[dict],
-    flag: Callable[[dict], bool] | None = None,
-    **kw,
-) -> Table:
-    return Table(
-        caption=caption,
-        headers=[h for h, _ in columns],
-        rows=[[f(r) for _, f in columns] for r in rows],
-        flagged=[bool(flag(r)) for r in rows] if flag else [],
-        **kw,
-    )
-
-
-def _get(key: str, digits: int = 3) -> Callable[[dict], str]:
-    return lambda r: num(r.get(key), digits) if not isinstance(r.get(key), str) else r[key]
 
 
 def figure_numbers(secs: list[Section], available) -> dict[str, int]:
@@ -657,6 +594,7 @@ def sections(d: dict) -> list[Section]:
         _q3(d),
         _q4(d),
         _q5(d),
+        *[s for s in (module.section(d) for module in SECTIONS) if s is not None],
         _training(d),
         _beta_trajectory(d),
         _reliability(d),

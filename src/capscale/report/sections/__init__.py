@@ -1,0 +1,15 @@
+"""The report cut by question: one module per section, each owning its part of ``report.json``.
+
+A section module defines ``KEY`` (its key in ``report.json``), ``data(analysis) -> dict``
+(JSON-ready: plain values only) and ``section(d) -> Section | None`` (its part of the page,
+from ``report.json``'s dict alone, so HTML, Markdown and JSON say the same thing). It
+imports only ``capscale.analysis`` and the shared ``capscale.report.format`` /
+``capscale.report.records`` — never another section. Adding a section is one module here
+and one line in ``SECTIONS``.
+"""
+
+from __future__ import annotations
+
+from capscale.report.sections import design, perlayer
+
+SECTIONS = (design, perlayer)
