@@ -58,7 +58,7 @@ def _contrasts(runs, configs, points):
 def test_design_finds_factors_cells_and_the_treatment():
     runs, configs, points = _study(np.random.default_rng(0))
     design, out = _contrasts(runs, configs, points)
-    assert design.factors == ("train.steps", "model.d_model")
+    assert design.factors == ("model.d_model", "train.steps")
     assert len(design.cells) == 4 and all(t == ["adamw", "muon"] for t in design.cells["treatments"])
     hard = out[out["metric"] == "hard_rank"]
     assert len(hard) == 4 and set(hard["family_size"]) == {4}  # one comparison per cell, Holm over the 4
@@ -69,8 +69,8 @@ def test_planted_effect_is_found_in_its_cell_only():
     _, out = _contrasts(runs, configs, points)
     hard = out[out["metric"] == "hard_rank"].set_index("cell")
     assert hard["resolved"].sum() == 1
-    assert hard.loc["400 steps · d_model=64", "resolved"]
-    assert hard.loc["400 steps · d_model=64", "low"] > 0.2
+    assert hard.loc["d_model=64 · 400 steps", "resolved"]
+    assert hard.loc["d_model=64 · 400 steps", "low"] > 0.2
     # the pooled estimate is stated with its heterogeneity, which the planted cell makes large
     pool = pooled_contrasts(out).set_index("metric").loc["hard_rank"]
     assert pool["n_cells"] == 4 and pool["i2"] > 0.5

@@ -11,9 +11,10 @@ learning rate tuned per optimizer, or any ``optimizer.*`` field) belongs to the
 treatment. Every other factor defines the **cells**: a comparison of treatments is made
 only within a cell — same step budget, model, data, variant — never across cells.
 
-A factor that the loader's series key (label, step budget, architecture axes) does not
-already separate splits the series: ``adamw`` at two learning rates becomes
-``adamw · lr=0.001`` and ``adamw · lr=0.003``. Two runs with the same series, width and
+A series is a treatment in a cell, named by the label (and its step budget, where the
+label has several) and the factors the cell's name needs (``shown``): ``adamw`` at two
+learning rates becomes ``adamw · lr=0.001`` and ``adamw · lr=0.003``; a factor determined
+by the shown ones (``n_head`` by ``d_model``) is not repeated. Two runs with the same series, width and
 seed are refused (``DuplicateRunsError``): they would be counted as two seeds.
 """
 
@@ -56,12 +57,8 @@ IGNORED = frozenset(
     }
 )
 IGNORED_PREFIXES = ("versions.", "out", "run_dir")
-# Fields the loader's series key already names (runs.py: label, step budget, architecture axes).
-_NAMED = {"train.steps": "steps"} | {
-    f"model.{a}": a for a in ("activation", "pos", "variant", "d_model", "n_head", "n_layer")
-}
-# Preferred order of factors in a cell's name: the budget and the model first.
-_ORDER = ("train.steps", "model.n_layer", "model.d_model")
+# Preferred order of factors in a cell's name: the model first, then the budget.
+_ORDER = ("model.n_layer", "model.d_model", "train.steps")
 
 
 class DuplicateRunsError(IncompatibleRunsError):
@@ -157,18 +154,18 @@ def design_of(runs: pd.DataFrame, configs: dict[str, dict]) -> tuple[Design, pd.
         if any(g[key].map(str).nunique() > 1 for _, g in groups):
             shown.append(key)
     runs["cell"] = [" · ".join(_label(k, table.at[i, k], keys) for k in shown) or "all runs" for i in runs.index]
-    # split a series by a factor the loader's key does not name
-    extra = [k for k in factors + bound if k not in _NAMED]
-    if extra:
-        suffix = [
-            " · ".join(
-                _label(k, table.at[i, k], keys)
-                for k in extra
-                if table.loc[runs["series"] == runs.at[i, "series"], k].map(str).nunique() > 1
-            )
-            for i in runs.index
-        ]
-        runs["series"] = [s if not x else f"{s} · {x}" for s, x in zip(runs["series"], suffix)]
+    # series: the label (with its step budget where it has several), then the shown factors; a factor
+    # determined by the shown ones (n_head by d_model) is not named
+    budgets = runs.groupby("treatment")["steps"].nunique() if "steps" in runs.columns else None
+    names = []
+    for i in runs.index:
+        label = runs.at[i, "treatment"]
+        setting = label
+        if budgets is not None and budgets[label] > 1:
+            setting = f"{label} · {runs.at[i, 'steps']} steps"
+        parts = [_label(k, table.at[i, k], keys) for k in shown if k != "train.steps"]
+        names.append(" · ".join([setting, *parts]))
+    runs["series"] = names
     _refuse_duplicates(runs)
     cells = (
         runs.groupby("cell", sort=True)

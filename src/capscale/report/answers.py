@@ -341,11 +341,11 @@ def q3(d: dict) -> dict:
     if negative:
         parts.append(f"slower (Δβ < 0: spectra spread with width) for {len(negative)} of {len(fits)}")
     if undecided:
+        open_ = [b for b in fits if b not in positive and b not in negative]
         listed = ", ".join(
             f"{b['series']} {f2(b['beta_delta']['beta'])} {iv(b['beta_delta']['ci_low'], b['beta_delta']['ci_high'])}"
-            for b in fits
-            if b not in positive and b not in negative
-        )
+            for b in open_[:3]
+        ) + (f", and {len(open_) - 3} more in the table" if len(open_) > 3 else "")
         parts.append(f"Δβ is not distinguishable from 0 for {undecided} of {len(fits)} series ({listed})")
     sign = "; ".join(parts)
     verdict = RESOLVED if settled else NOT_RESOLVED
