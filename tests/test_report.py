@@ -172,10 +172,13 @@ window.addEventListener('load', () => {
   // no heading is cut off
   const clipped = Array.from(document.querySelectorAll('h1, h2, h3, figcaption'))
     .filter(h => h.scrollWidth > h.clientWidth + 1).map(h => h.textContent);
+  // each figure's rendered width (px), for the legibility check against the figure's own layout
+  const widths = Object.fromEntries(Array.from(document.querySelectorAll('figure[id] img'))
+    .map(i => [i.closest('figure').id, i.getBoundingClientRect().width]));
   const out = document.createElement('pre');
   out.id = 'capscale-probe';
   out.textContent = JSON.stringify({n: imgs.length, bad: bad, errors: window.__errors, unreferenced: unreferenced,
-                                    hidden_answers: hidden, clipped: clipped});
+                                    hidden_answers: hidden, clipped: clipped, widths: widths});
   document.body.appendChild(out);
 });
 </script>"""
@@ -212,6 +215,7 @@ def _render(page: str, tmp_path: Path) -> dict:
 def test_renders_in_headless_chromium(report, tmp_path):
     _, _, page, _ = report
     result = _render(page, tmp_path / "report")
+    result.pop("widths")
     assert result == {"n": 11, "bad": [], "errors": [], "unreferenced": [], "hidden_answers": [], "clipped": []}
     # the probe itself catches a broken figure and a script error (so a pass above means something)
     broken = page.replace("data:image/png;base64,iVBOR", "data:image/png;base64,AAAA", 1)
@@ -398,3 +402,54 @@ def test_one_seed_sweep_shows_no_interval_over_seeds(tmp_path):
             assert b[f"beta_{kind}"]["boot_low"] is None and "one seed" in b[f"beta_{kind}"]["interval_over"]
     q1 = data["answers"][0]
     assert q1["verdict"] == "not resolved" and "one seed, so no interval over seeds" in q1["finding"]
+
+
+MIN_AXES_PX = 100  # the narrowest (and lowest) a figure's panel may be drawn on a 1280-px-wide page
+
+
+def _overlap(a, b, tol=0.005) -> bool:
+    return a[0] < b[2] - tol and b[0] < a[2] - tol and a[1] < b[3] - tol and b[1] < a[3] - tol
+
+
+def _legibility(files, tmp_path) -> dict:
+    """Rendered in Chromium: every panel at least MIN_AXES_PX wide and high, no legend over another, none clipped,
+    and a figure-level legend over no panel."""
+    from capscale.report.figures import read_layout
+
+    result = _render(files.html.read_text(encoding="utf-8"), tmp_path)
+    problems = {}
+    for name, path in files.figures.items():
+        lay = read_layout(path.read_bytes())
+        px = result["widths"][f"fig-{name}"]
+        py = px * lay["height_in"] / lay["width_in"]  # the image keeps its aspect ratio
+        narrow = [
+            (round((x1 - x0) * px), round((y1 - y0) * py))
+            for x0, y0, x1, y1 in lay["axes"]
+            if min((x1 - x0) * px, (y1 - y0) * py) < MIN_AXES_PX
+        ]
+        legends = lay["legends"] + lay["figure_legends"]
+        overlapping = [(i, j) for i in range(len(legends)) for j in range(i) if _overlap(legends[i], legends[j])]
+        clipped = [lg for lg in legends if lg[0] < -0.01 or lg[1] < -0.01 or lg[2] > 1.01 or lg[3] > 1.01]
+        covering = [lg for lg in lay["figure_legends"] if any(_overlap(lg, ax) for ax in lay["axes"])]
+        if narrow or overlapping or clipped or covering:
+            problems[name] = dict(narrow=narrow, overlapping=overlapping, clipped=clipped, covering=covering)
+    return problems
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium not installed")
+@pytest.mark.parametrize("n_cells", [1, 12])
+def test_figures_are_legible_at_2_and_24_series(tmp_path, n_cells):
+    # 2 optimizers × n_cells cells (step budget × position encoding): 2 or 24 series
+    budgets = (60, 120, 180, 240, 300, 360)
+    cells = [(60, "rope")] if n_cells == 1 else [(b, p) for b in budgets for p in ("rope", "none")]
+    seeds = (0, 1) if n_cells == 1 else (0,)  # one seed keeps the 24-series report quick to build
+    series = [
+        dataclasses.replace(s, steps=b, pos=p, seeds=seeds)
+        for b, p in cells
+        for s in (DEFAULT_SERIES[0], DEFAULT_SERIES[2])
+    ]
+    root = write_sweep(tmp_path / "sweep", series=series, widths=WIDTHS)
+    files = build_report(root, n_resamples=100)
+    data = json.loads(files.json.read_text(encoding="utf-8"))
+    assert len(data["sweep"]["series"]) == 2 * n_cells and len(data["design"]["cells"]) == n_cells
+    assert _legibility(files, tmp_path / "render") == {}

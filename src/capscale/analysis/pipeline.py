@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -122,16 +123,25 @@ class Analysis:
     lack_of_fit: pd.DataFrame  # series × site × bucket × metric: pure-error F-test of the power law
 
 
-def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = None, **options: Any) -> Analysis:
-    """Load (unless given a ``Sweep``) and analyse. ``options``: see ``AnalysisParams.create``."""
+def analyze(
+    source: str | Path | list | Sweep,
+    params: AnalysisParams | None = None,
+    progress: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Analysis:
+    """Load (unless given a ``Sweep``) and analyse. ``options``: see ``AnalysisParams.create``;
+    ``progress``: called with a line per stage."""
+    say = progress or (lambda _: None)
     if params is not None and options:
         raise ValueError("give analysis parameters either as params= or as keyword options, not both")
     params = params or AnalysisParams.create(**options)
     sweep = source if isinstance(source, Sweep) else load_sweep(source)
     sweep, design = apply_design(sweep)
+    say(f"design: {len(design.cells)} cell(s), factors {list(design.factors) or 'none'}; aggregating")
     runs = sweep.runs
     per_layer = last_k_per_layer(sweep.spectra, params.last_k, params.final_fraction)
     points = aggregate_runs(per_layer)
+    say("fitting β per series")
     fits = fit_scaling(
         points, per_layer, runs, FitOptions(params.confidence, params.n_resamples, params.bootstrap_seed)
     )
@@ -140,8 +150,10 @@ def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = N
     info = runs[["run_id", "name", "series", "width", "seed"]]
     # β at every shared step: a fit per step, so the trajectory's bootstrap is smaller
     traj_options = FitOptions(params.confidence, min(params.n_resamples, TRAJECTORY_RESAMPLES), params.bootstrap_seed)
+    say("β over training (a fit per shared step)")
     traj = beta_trajectories(sweep.spectra, runs, traj_options)
     pairs = series_pairs(runs)
+    say("within-cell contrasts, per layer")
     seed_beta = seed_betas(points, runs)
     contrasts = cell_contrasts(seed_beta, params.confidence)
     layer_seed, by = layer_seed_betas(per_layer, runs)
