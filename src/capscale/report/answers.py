@@ -435,40 +435,6 @@ def q4(d: dict) -> dict:
     return _answer("q4", NOT_MEASURED, "No series has both a HEAD and a TAIL fit.", ["regimes"])
 
 
-def q5(d: dict) -> dict:
-    q = d["q5_optimizer_architecture"]
-    if not q["arch_axes"]:
-        return _answer(
-            "q5",
-            NOT_MEASURED,
-            "No architecture axis varied in this sweep, so only optimizer effects are measured; a sweep with an "
-            "arch axis (e.g. the cpu preset's no-position arm) is needed to compare.",
-            ["optimizer_architecture"],
-        )
-    s = {r["metric"]: r for r in q["summary"]}.get("hard")
-    if not s or s.get("optimizer_span") is None or s.get("architecture_span") is None:
-        return _answer(
-            "q5",
-            NOT_RESOLVED,
-            "Too few settings or architectures share 3 widths to compare their effects on β_hard.",
-            ["optimizer_architecture"],
-        )
-    text = (
-        f"Span of β_hard across optimizers {f2(s['optimizer_span'])} (intervals within "
-        f"{iv(s['optimizer_low'], s['optimizer_high'])}), across architectures {f2(s['architecture_span'])} "
-        f"(within {iv(s['architecture_low'], s['architecture_high'])})"
-    )
-    if s["larger"]:
-        return _answer("q5", RESOLVED, f"{text}: the {s['larger']} effect is larger.", ["optimizer_architecture"])
-    return _answer(
-        "q5",
-        NOT_RESOLVED,
-        f"{text}: the intervals overlap, so which effect is larger is not resolved (the point estimates favour the "
-        f"{s['point_larger']}); more seeds per width on both axes would be needed.",
-        ["optimizer_architecture"],
-    )
-
-
 def answers(d: dict) -> list[dict]:
-    """The five answers, in question order."""
-    return [q1(d), q2(d), q3(d), q4(d), q5(d)]
+    """The answers of questions 1–4, in order (question 5's is in ``sections.q5_optimizer_architecture``)."""
+    return [q1(d), q2(d), q3(d), q4(d)]

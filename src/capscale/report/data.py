@@ -98,12 +98,6 @@ def report_data(a: Analysis) -> dict:
             "thresholds": p.phase.to_dict(),
         },
         "q4_regimes": {"betas": by_regime, "bucket_capacity": _records(_bucket_table(a))},
-        "q5_optimizer_architecture": {
-            "arch_axes": list(a.sweep.arch_axes),
-            "cells": _records(a.cells),
-            "effects": _records(a.effects),
-            "summary": _records(a.effect_summary),
-        },
         "training": {
             "final": _records(
                 runs,
@@ -148,7 +142,7 @@ def report_data(a: Analysis) -> dict:
     for module in SECTIONS:
         data[module.KEY] = module.data(a)
     data = jsonable(data)
-    data["answers"] = answers(data)
+    data["answers"] = answers(data) + [m.answer(data) for m in SECTIONS if hasattr(m, "answer")]
     data["summary"] = {"headline": data["q1_scaling"]["fits"], "findings": findings(data)}
     return data
 

@@ -355,86 +355,6 @@ def _q4(d: dict) -> Section:
     )
 
 
-def _q5(d: dict) -> Section:
-    q = d["q5_optimizer_architecture"]
-    axes = q["arch_axes"]
-    text = (
-        "Architecture axes varied: " + ", ".join(axes) + ". "
-        if axes
-        else "No architecture axis varied in this sweep, so only optimizer effects are shown. "
-    )
-    text += (
-        "Optimizer effect: spread of β across optimizer settings on one architecture; architecture effect: "
-        "spread of β across architectures for one optimizer setting. Each spread compares β refitted on "
-        "the widths the compared series share, so that curvature over a wider range is not read as an effect; "
-        "its interval is that of the difference of the two β. One effect is called larger only when all its "
-        "spans' intervals lie above all the other's ({fig:optimizer_architecture})."
-    )
-
-    def cell(kind):
-        return lambda r: (
-            f"{num(r[f'{kind}_beta'])} {interval(r[f'{kind}_ci_low'], r[f'{kind}_ci_high'])}"
-            if r[f"{kind}_fittable"]
-            else "not fittable"
-        )
-
-    return Section(
-        "q5",
-        "5. Optimizer or architecture: which moves β more?",
-        [text],
-        ["optimizer_architecture"],
-        [
-            _table(
-                "β per optimizer setting × architecture (all tokens).",
-                [
-                    ("optimizer setting", _get("setting")),
-                    ("architecture", lambda r: r["arch"] or "(single)"),
-                    ("β_soft", cell("soft")),
-                    ("β_hard", cell("hard")),
-                    ("Δβ", cell("delta")),
-                ],
-                q["cells"],
-            ),
-            _table(
-                "Spans of β, each refitted on the widths its series share.",
-                [
-                    ("effect", _get("kind")),
-                    ("within", lambda r: r["within"] or "(single)"),
-                    ("β", _get("metric")),
-                    ("span [CI]", lambda r: f"{num(r['span'])} {interval(r.get('span_low'), r.get('span_high'))}"),
-                    ("highest", _get("highest")),
-                    ("lowest", _get("lowest")),
-                    ("compared", _get("n_compared")),
-                    ("widths", lambda r: ", ".join(str(w) for w in r["widths"])),
-                ],
-                q["effects"],
-                empty="fewer than two settings or architectures with 3 shared widths to compare",
-            ),
-            _table(
-                "Median spans, with the envelope of their intervals.",
-                [
-                    ("β", _get("metric")),
-                    ("larger", lambda r: r["larger"] or "not resolved"),
-                    (
-                        "optimizer",
-                        lambda r: (
-                            f"{num(r['optimizer_span'])} within {interval(r.get('optimizer_low'), r.get('optimizer_high'))}"
-                        ),
-                    ),
-                    (
-                        "architecture",
-                        lambda r: (
-                            f"{num(r['architecture_span'])} within {interval(r.get('architecture_low'), r.get('architecture_high'))}"
-                        ),
-                    ),
-                    ("point estimates favour", lambda r: r.get("point_larger") or "—"),
-                ],
-                q["summary"],
-            ),
-        ],
-    )
-
-
 def _training(d: dict) -> Section:
     cols = [
         ("run", _get("run_id")),
@@ -593,7 +513,6 @@ def sections(d: dict) -> list[Section]:
         _q2(d),
         _q3(d),
         _q4(d),
-        _q5(d),
         *[s for s in (module.section(d) for module in SECTIONS) if s is not None],
         _training(d),
         _beta_trajectory(d),
