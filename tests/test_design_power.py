@@ -144,3 +144,12 @@ def test_config_dump_is_plain_json():
     runs, configs, _ = _study(np.random.default_rng(6), seeds=(0,))
     design, _ = design_of(runs, configs)
     json.dumps(design.to_dict())
+
+
+def test_a_telemetry_window_sized_per_width_is_no_factor():
+    runs, configs, _ = _study(np.random.default_rng(7), seeds=(0,))
+    for cfg in configs.values():
+        cfg["telemetry"] = {"window": cfg["model"]["ffn_width"] // 8, "every": 10}
+    design, split = design_of(runs, configs)
+    assert "telemetry.window" not in design.factors and design.measurement == ("telemetry.window",)
+    assert len(design.cells) == 4 and split["series"].nunique() == 8

@@ -22,6 +22,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from capscale.analysis.design import natural_key
 from capscale.analysis.power import holm, pooled, reference_gap, welch
 
 METRICS = ("soft_rank", "hard_rank", "delta_beta")
@@ -89,7 +90,10 @@ def cell_contrasts(betas: pd.DataFrame, confidence: float = 0.95, by: tuple[str,
         out.loc[idx, "holm_p"] = adj
         out.loc[idx, "family_size"] = int(np.isfinite(out.loc[idx, "p"]).sum())
     out["resolved"] = out["holm_p"] < alpha
-    return out
+    order = sorted(
+        range(len(out)), key=lambda i: (*(str(out.at[i, k]) for k in family), natural_key(out.at[i, "cell"]))
+    )
+    return out.iloc[order].reset_index(drop=True)
 
 
 def _ref_metric(metric: str) -> str:

@@ -4,7 +4,9 @@ Every field of ``config.json`` that varies across the analysed runs is a **facto
 nested (``train.steps``) or top-level (a user loop's ``run_config={"lr": 3e-3}`` stores
 ``lr`` at the top level). The FFN width is the scaling axis and the seed the unit of
 replication; neither is a factor. Fields that only describe how a run was executed
-(``IGNORED``: names, versions, devices, checkpointing, progress bars) are not factors.
+(``IGNORED``: names, versions, devices, checkpointing, progress bars) are not factors, nor
+are the measurement settings (``telemetry.*``, evaluation and logging cadence): they are
+listed in ``measurement_varies`` when they vary.
 
 The **treatment** is the optimizer label. A factor that takes one value per label (e.g. a
 learning rate tuned per optimizer, or any ``optimizer.*`` field) belongs to the
@@ -21,6 +23,7 @@ seed are refused (``DuplicateRunsError``): they would be counted as two seeds.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -57,8 +60,17 @@ IGNORED = frozenset(
     }
 )
 IGNORED_PREFIXES = ("versions.", "out", "run_dir")
+# How and when a run was measured, not what was trained: listed when they vary, never a factor (a telemetry
+# window sized per width to keep N/D >= 10 must not split a series into one-width cells).
+MEASUREMENT_PREFIXES = ("telemetry.",)
+MEASUREMENT = frozenset({"train.eval_every", "train.log_every", "train.eval_batches"})
 # Preferred order of factors in a cell's name: the model first, then the budget.
 _ORDER = ("model.n_layer", "model.d_model", "train.steps")
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders '400 steps' before '1600 steps'."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(text))]
 
 
 class DuplicateRunsError(IncompatibleRunsError):
@@ -77,6 +89,7 @@ class Design:
     bound: tuple[str, ...]
     shown: tuple[str, ...]
     cells: pd.DataFrame
+    measurement: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +97,7 @@ class Design:
             "factors": list(self.factors),
             "shown": list(self.shown),
             "treatment_bound": list(self.bound),
+            "measurement_varies": list(self.measurement),
             "rule": "comparisons of treatments are made within a cell (every factor but the treatment equal); "
             "across cells they are shown per cell and pooled only by a fixed-effect inverse-variance mean",
             "cells": self.cells.to_dict(orient="records"),
@@ -103,7 +117,11 @@ def flatten_config(config: dict, prefix: str = "") -> dict[str, str]:
 
 
 def _relevant(key: str) -> bool:
-    return key not in IGNORED and not key.startswith(IGNORED_PREFIXES)
+    return key not in IGNORED and not key.startswith(IGNORED_PREFIXES) and not _measurement(key)
+
+
+def _measurement(key: str) -> bool:
+    return key in MEASUREMENT or key.startswith(MEASUREMENT_PREFIXES)
 
 
 def short_name(key: str, keys: tuple[str, ...]) -> str:
@@ -136,7 +154,10 @@ def read_configs(runs: pd.DataFrame) -> dict[str, dict]:
 
 def design_of(runs: pd.DataFrame, configs: dict[str, dict]) -> tuple[Design, pd.DataFrame]:
     """(design, runs with ``treatment``, ``cell`` and refined ``series``). Raises ``DuplicateRunsError``."""
-    flat = {r: {k: v for k, v in flatten_config(c).items() if _relevant(k)} for r, c in configs.items()}
+    flat_all = {r: flatten_config(c) for r, c in configs.items()}
+    flat = {r: {k: v for k, v in f.items() if _relevant(k)} for r, f in flat_all.items()}
+    measured = pd.DataFrame([{k: v for k, v in f.items() if _measurement(k)} for f in flat_all.values()], dtype=object)
+    measurement = tuple(sorted(k for k in measured.columns if measured[k].map(str).nunique() > 1))
     table = pd.DataFrame([flat.get(r, {}) for r in runs["run_id"]], index=runs.index, dtype=object)
     table = table.where(pd.notna(table), None)
     runs = runs.copy()
@@ -177,12 +198,13 @@ def design_of(runs: pd.DataFrame, configs: dict[str, dict]) -> tuple[Design, pd.
         )
         .reset_index()
     )
+    cells = cells.iloc[sorted(range(len(cells)), key=lambda i: natural_key(cells.at[i, "cell"]))].reset_index(drop=True)
     for key in shown:
         first = runs.groupby("cell")["run_id"].first()
         cells[short_name(key, keys)] = [
             _value_text(key, table.loc[runs["run_id"] == first[c], key].iloc[0]) for c in cells["cell"]
         ]
-    design = Design(TREATMENT, keys, tuple(bound), tuple(shown), cells)
+    design = Design(TREATMENT, keys, tuple(bound), tuple(shown), cells, measurement)
     return design, runs.sort_values(["series", "width", "seed", "run_id"], ignore_index=True)
 
 

@@ -142,8 +142,8 @@ def _q1(d: dict) -> Section:
                 "β is the OLS slope of log rank on log width over the runs of a series (seeds as replicate points). "
                 "β = 1: every added unit of width becomes a variance-carrying direction; β < 1: capacity grows slower than "
                 "width. The soft rank R1 counts directions carrying any variance, the hard rank R2 the directions the "
-                "energy actually spreads over. {fig:scaling} shows the ranks and the fitted laws with their "
-                "confidence bands."
+                "energy actually spreads over. {fig:scaling} shows the ranks and the fitted laws (with their "
+                "confidence bands when the design has one cell; per cell otherwise, intervals in the tables)."
             ),
             (
                 "β compares growth; levels compare how much capacity each series realises at the same width. "
