@@ -267,17 +267,18 @@ def q2(d: dict) -> dict:
             "trained for more steps, as the cpu preset's AdamW 2×-steps arm).",
             ["matched_loss"],
         )
-    diff = [p for p in pairs if p["geometry"] == "different"]
     known = [p for p in pairs if p["geometry"] != "unknown"]
-    if diff:
-        p = diff[0]
+    hits = _q2_hits(pairs, 1 - d["parameters"]["confidence"])
+    if hits:
+        p, what = hits[0]
+        n_pairs = len({id(x) for x, _ in hits})
         return _answer(
             "q2",
             RESOLVED,
-            f"Same loss, different representation in {len(diff)} of {len(pairs)} matched pair(s): e.g. at width "
-            f"{p['width']}, where {p['series_b']} and {p['series_a']} end {f2(abs(p['loss_diff']))} nats apart, "
-            + _pair_difference(p)
-            + ".",
+            f"Same loss, different representation in {n_pairs} of {len(pairs)} matched pair(s), Holm-corrected over "
+            f"the {4 * len(pairs)} comparisons (rank ratios R1, R2 and β_soft, β_hard differences of every pair): e.g. "
+            f"at width {p['width']}, where {p['series_b']} and {p['series_a']} end {f2(abs(p['loss_diff']))} nats "
+            f"apart, {what}.",
             ["matched_loss"],
         )
     if not known:
@@ -292,8 +293,9 @@ def q2(d: dict) -> dict:
     return _answer(
         "q2",
         NOT_RESOLVED,
-        f"In none of the {len(pairs)} matched pair(s) does a β difference exclude 0 or a rank ratio exclude 1×, so "
-        f"these data cannot tell the representations apart (e.g. width {p['width']}: {_pair_difference(p)}); "
+        f"In none of the {len(pairs)} matched pair(s) does a rank ratio or β difference survive a Holm correction "
+        f"over the {4 * len(pairs)} comparisons, so these data cannot tell the representations apart "
+        f"(e.g. width {p['width']}: {_pair_difference(p)}); "
         + needed(
             math.log(p["hard_ratio"]) if _ok(p.get("hard_ratio")) else p["hard_diff"],
             math.log(p["hard_ratio_low"]) if _ok(p.get("hard_ratio_low")) else p["hard_diff_low"],
@@ -304,6 +306,38 @@ def q2(d: dict) -> dict:
         + ".",
         ["matched_loss"],
     )
+
+
+def _q2_hits(pairs: list[dict], alpha: float) -> list[tuple[dict, str]]:
+    """(pair, the measure that differs, in words) for every comparison that survives Holm over all pairs ×
+    {R1 ratio, R2 ratio, β_soft, β_hard difference}; p-values from each interval (normal approximation,
+    conservative for t-intervals)."""
+    from scipy import stats
+
+    from capscale.analysis.power import holm
+
+    z = stats.norm.ppf(1 - alpha / 2)
+    rows = []
+    for p in pairs:
+        for kind, rank in (("soft", "R1"), ("hard", "R2")):
+            est, lo, hi = (p.get(f"{kind}_ratio{e}") for e in ("", "_low", "_high"))
+            if _ok(est, lo, hi) and min(est, lo, hi) > 0:
+                se = (math.log(hi) - math.log(lo)) / (2 * z)
+                pv = 2 * stats.norm.sf(abs(math.log(est)) / se) if se > 0 else math.nan
+                text = f"{p['series_b']}'s {rank} is {f2(est)}× {iv(lo, hi)} {p['series_a']}'s"
+            else:
+                pv, text = math.nan, ""
+            rows.append((p, pv, text))
+            est, lo, hi = (p.get(f"{kind}_diff{e}") for e in ("", "_low", "_high"))
+            if _ok(est, lo, hi):
+                se = (hi - lo) / (2 * z)
+                pv = 2 * stats.norm.sf(abs(est) / se) if se > 0 else math.nan
+                text = f"β_{kind} differs by {f2(est)} {iv(lo, hi)} ({p['series_b']} − {p['series_a']})"
+            else:
+                pv, text = math.nan, ""
+            rows.append((p, pv, text))
+    adj = holm([pv for _, pv, _ in rows])
+    return [(p, text) for (p, _, text), q in zip(rows, adj) if _ok(q) and q < alpha]
 
 
 def _pair_difference(p: dict) -> str:
