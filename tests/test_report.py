@@ -300,8 +300,8 @@ def test_answers_one_verdict_per_question_by_the_interval_rule(report):
     assert muon["resolved"] and muon["ratio_low"] > 1 and muon["every_width"]
     # the matched pair (AdamW 2× steps vs Dion 1/16, planted β_hard 0.33 vs 0.50) differs in geometry
     assert by["q2"]["verdict"] == "resolved" and "different representation" in by["q2"]["finding"]
-    # Holm over the pair's 4 comparisons, and the example is one that survived it (not a ratio containing 1)
-    assert "Holm-corrected over the 4 comparisons" in by["q2"]["finding"]
+    # Holm over 3 matched pairs (one per width) × 4 comparisons; the example is one that survived it
+    assert "Holm-corrected over the 12 comparisons" in by["q2"]["finding"]
     assert by["q5"]["verdict"] == "not measured"  # no architecture axis in this sweep
     for a in answers:  # at the top of the page and of report.md, before the first question's section
         assert page.index(html.escape(a["finding"])) < page.index('id="q1"')
