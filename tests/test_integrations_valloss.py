@@ -57,6 +57,9 @@ def test_lightning_val_ce_warns_and_q2_says_not_measured(tmp_path):
     data = json.loads(build_report(tmp_path / "run", n_resamples=100).json.read_text(encoding="utf-8"))
     q2 = data["answers"][1]
     assert q2["verdict"] == "not measured" and "Validation loss not measured" in q2["finding"]
+    # the report names the same fix for the undersampled windows
+    (reliability,) = [f for f in data["summary"]["findings"] if f.startswith("Reliability")]
+    assert "window=" in reliability and "longer" in reliability
 
 
 def test_lightning_reads_the_given_key_and_computes_per_bucket_loss(tmp_path):

@@ -12,6 +12,7 @@ ratios of pairs of series), ``training``, ``reliability``, ``runs``, ``excluded_
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import platform
 
 import numpy as np
@@ -183,10 +184,21 @@ def findings(d: dict) -> list[str]:
     low = d["reliability"]["low_nd"]
     if low:
         nd = d["reliability"]["well_sampled"]
-        out.append(
+        text = (
             f"Reliability: {len(low)} of {d['reliability']['n_aggregates']} aggregates rest on records "
             f"with N/D below {nd:g} (not well sampled); they are flagged in the tables."
         )
+        worst = min(
+            (r for r in low if r.get("min_samples_per_dim")), key=lambda r: r["min_samples_per_dim"], default=None
+        )
+        if worst is not None:
+            factor = math.ceil(nd / worst["min_samples_per_dim"])
+            text += (
+                f" The fix: a telemetry window {factor}× longer (window= in capscale.attach / the callbacks, "
+                f"telemetry.window in a sweep), so that every bucket gets ≥ {nd:g}·D samples: the worst, "
+                f"{worst['bucket'].upper()} tokens at width {worst['width']}, has N/D = {worst['min_samples_per_dim']:.2g}."
+            )
+        out.append(text)
     if d["excluded_runs"]:
         kinds: dict[str, int] = {}
         for r in d["excluded_runs"]:
