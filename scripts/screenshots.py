@@ -25,6 +25,8 @@ SHOTS = {
     "q3-structure": "q3",
     "q4-regimes": "q4",
     "q5-optimizer-architecture": "q5",
+    "design": "design",
+    "per-layer": "per-layer",
 }
 WINDOW = (1280, 1000)
 

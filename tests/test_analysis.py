@@ -64,8 +64,8 @@ def test_run_keys_from_configs_alone_name_series_as_the_sweep_does(analysis):
     assert set(run_keys(rope_60).series) == {"adamw", "muon", "dion_r1_16"}
     bad = dict(configs)
     first = next(iter(bad))
-    bad[first] = {**bad[first], "model": {**bad[first]["model"], "n_layer": 99}}
-    with pytest.raises(IncompatibleRunsError, match="n_layer"):
+    bad[first] = {**bad[first], "model": {**bad[first]["model"], "seq_len": 99}}
+    with pytest.raises(IncompatibleRunsError, match="seq_len"):
         run_keys(bad)
     with pytest.raises(ValueError, match="at least one"):
         run_keys({})

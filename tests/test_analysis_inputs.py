@@ -152,7 +152,7 @@ def test_nan_ranks_reduce_the_widths_of_a_fit(tmp_path):
     assert fits.loc[("post", "all", "hard_rank"), "fittable"]
 
 
-@pytest.mark.parametrize("key, value", [("rope_base", 500.0), ("vocab_size", 1024), ("n_layer", 4), ("seq_len", 64)])
+@pytest.mark.parametrize("key, value", [("rope_base", 500.0), ("vocab_size", 1024), ("seq_len", 64)])
 def test_mixed_incompatible_configs_is_a_clear_error(tmp_path, key, value):
     rng = np.random.default_rng(5)
     for w in (32, 64, 128):

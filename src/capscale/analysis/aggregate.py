@@ -1,8 +1,11 @@
 """Aggregate per-step, per-layer spectra to one value per run × site × bucket (the paper's rule).
 
 Convention (Jha & Reagen; docs/conventions.md "Scaling fits"): for every layer, the median of
-the **last k logged steps** (k = ``last_k``, paper: 5), then the **median over
-layers**. The last k steps are chosen by step number before missing values are
+the **last k logged steps** (k = ``last_k``, paper: 5) **within the final part of the run**
+(``final_fraction`` f: the records with step ≥ (1 − f) × the run's last logged step), then
+the **median over layers**. The fraction makes the rule the same for every run length:
+a short run whose last 5 records reach back to step 0 is aggregated from its final
+records only, never its first steps. The last k steps are chosen by step number before missing values are
 dropped, so an undersampled ("insufficient", NaN) record is skipped, not replaced
 by an earlier step; a layer or run whose chosen records are all NaN stays NaN.
 Across seeds the spread is reported as median, min, max and the number of seeds.
@@ -31,14 +34,20 @@ _KEYS = ["run_id", "site", "bucket"]
 _STATUS_ORDER = {s: i for i, s in enumerate(SAMPLING_STATUSES)}
 
 
-def last_k_per_layer(spectra: pd.DataFrame, last_k: int = 5) -> pd.DataFrame:
-    """Per run × site × bucket × layer: the median of each metric over the last k logged steps.
+def last_k_per_layer(spectra: pd.DataFrame, last_k: int = 5, final_fraction: float | None = None) -> pd.DataFrame:
+    """Per run × site × bucket × layer: the median of each metric over the last k logged steps
+    (within the final ``final_fraction`` of each run's logged steps, when given).
 
     Also ``dim``, ``n_steps`` (records used), ``last_step``, ``worst_status`` and
     ``min_samples_per_dim`` of those records.
     """
     if not isinstance(last_k, int) or isinstance(last_k, bool) or last_k < 1:
         raise ValueError(f"last_k must be a positive int, got {last_k!r}")
+    if final_fraction is not None:
+        if not 0 < final_fraction <= 1:
+            raise ValueError(f"final_fraction must be in (0, 1], got {final_fraction!r}")
+        last = spectra.groupby("run_id")["step"].transform("max")
+        spectra = spectra[spectra["step"] >= (1 - final_fraction) * last]
     metrics = [m for m in METRICS if m in spectra.columns]
     keys = _KEYS + (["stack"] if "stack" in spectra.columns else []) + ["layer"]  # encoder/decoder layer 0 differ
     tail = spectra.sort_values("step", kind="stable").groupby(keys, sort=False).tail(last_k)

@@ -15,6 +15,12 @@ shared widths there is none. The final validation loss difference (``a − b``, 
 given the same way, per bucket with that bucket's loss.
 
 Each row is oriented so that ``ratio ≥ 1`` (``series`` over ``baseline``).
+
+Pairs are formed within a **cell** (``design``: every factor but the treatment equal) when
+the runs carry one, else within an architecture. ``p`` is the t-test of ``mean_w d_w = 0``;
+``holm_p`` adjusts it over the family of one bucket × metric (all cells and pairs), and
+``resolved_holm`` is ``holm_p < 1 − confidence``: the verdicts read that, never the largest
+ratio of many.
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from capscale.analysis.power import holm
+
 LEVEL_METRICS = ("soft_rank", "hard_rank")
 LEVEL_COLUMNS = [
+    "cell",
     "arch",
     "bucket",
     "metric",
@@ -46,6 +55,9 @@ LEVEL_COLUMNS = [
     "loss_diff",
     "loss_diff_low",
     "loss_diff_high",
+    "p",
+    "holm_p",
+    "resolved_holm",
 ]
 
 
@@ -89,11 +101,14 @@ def level_ratios(
     ``points``: the per-run aggregates (``aggregate.aggregate_runs``); ``runs``: the sweep's
     runs table (``series``, ``arch``, ``width``, ``seed``, ``final_val_loss[_bucket]``).
     """
-    info = [c for c in ("run_id", "series", "arch", "width", "seed") if c in runs.columns]
+    info = [c for c in ("run_id", "series", "arch", "cell", "width", "seed") if c in runs.columns]
     loss_cols = [c for c in runs.columns if c.startswith("final_val_loss")]
     pts = points[points["site"] == site].merge(runs[info + loss_cols], on="run_id")
+    if "cell" not in pts.columns:
+        pts["cell"] = pts["arch"]
     rows = []
-    for (arch, bucket), group in pts.groupby(["arch", "bucket"], sort=True):
+    for (cell, bucket), group in pts.groupby(["cell", "bucket"], sort=True):
+        arch = group["arch"].iloc[0]
         loss_col = "final_val_loss" if bucket == "all" else f"final_val_loss_{bucket}"
         for metric in metrics:
             ok = group[np.isfinite(group[metric]) & (group[metric] > 0)]
@@ -103,9 +118,12 @@ def level_ratios(
             for a, b in itertools.combinations(sorted(ok["series"].unique()), 2):
                 row = _pair(logs, counts, loss, a, b, confidence)
                 if row is not None:
-                    rows.append({"arch": arch, "bucket": bucket, "metric": metric, **row})
+                    rows.append({"cell": cell, "arch": arch, "bucket": bucket, "metric": metric, **row})
     out = pd.DataFrame(rows, columns=LEVEL_COLUMNS)
-    return out.sort_values(["arch", "bucket", "metric", "series", "baseline"], ignore_index=True)
+    for _, idx in out.groupby(["bucket", "metric"], sort=False).groups.items():
+        out.loc[idx, "holm_p"] = holm(out.loc[idx, "p"])
+    out["resolved_holm"] = (out["holm_p"] < 1 - confidence).astype(bool)
+    return out.sort_values(["cell", "bucket", "metric", "series", "baseline"], ignore_index=True)
 
 
 def _pair(logs: pd.Series, counts: pd.Series, loss: pd.Series | None, a: str, b: str, confidence: float):
@@ -116,6 +134,11 @@ def _pair(logs: pd.Series, counts: pd.Series, loss: pd.Series | None, a: str, b:
     if d.mean() < 0:  # orient: the higher series over the lower
         a, b, d = b, a, -d
     m, lo, hi = mean_interval(d, confidence)
+    sd = d.std(ddof=1) if len(d) > 1 else math.nan
+    if len(d) > 1 and sd > 0:
+        p = float(2 * stats.t.sf(abs(m) / (sd / math.sqrt(len(d))), len(d) - 1))
+    else:
+        p = math.nan
     row = {
         "series": a,
         "baseline": b,
@@ -129,6 +152,7 @@ def _pair(logs: pd.Series, counts: pd.Series, loss: pd.Series | None, a: str, b:
         "n_widths": len(widths),
         "widths": [int(w) for w in widths],
         "n_seeds": int(min(min(counts[a][w], counts[b][w]) for w in widths)),
+        "p": p,
     }
     diff = np.array([loss[a][w] - loss[b][w] for w in widths], dtype=np.float64) if loss is not None else np.array([])
     diff = diff[np.isfinite(diff)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,12 @@ import pandas as pd
 
 from capscale.analysis.aggregate import aggregate_runs, last_k_per_layer, seed_spread
 from capscale.analysis.compare import effect_summary, optimizer_architecture
+from capscale.analysis.contrasts import cell_contrasts, pooled_contrasts, seed_betas
+from capscale.analysis.design import Design, apply_design
 from capscale.analysis.fits import FitOptions, beta_table, fit_scaling
 from capscale.analysis.levels import level_ratios
 from capscale.analysis.matched import loss_by_width, matched_loss_pairs
+from capscale.analysis.perlayer import interaction, lack_of_fit, layer_betas, layer_contrasts, layer_seed_betas
 from capscale.analysis.phase import PhaseThresholds, phase_map
 from capscale.analysis.runs import Sweep, load_sweep
 from capscale.analysis.trajectories import (
@@ -33,7 +37,8 @@ TRAJECTORY_RESAMPLES = 200  # bootstrap size of each β-over-training fit (the f
 class AnalysisParams:
     """Every choice the analysis makes; all are stated in the report.
 
-    ``last_k``: logged steps per layer in the final aggregate (paper: 5).
+    ``last_k``: at most this many logged steps per layer in the final aggregate (paper: 5),
+    taken from the final ``final_fraction`` of each run (steps ≥ (1 − f) × its last logged step).
     ``tolerance``: matched-loss tolerance on the final validation loss, in nats.
     ``confidence``: level of the t- and bootstrap intervals. ``n_resamples`` and
     ``bootstrap_seed``: the bootstrap's size and seed (reproducible intervals).
@@ -41,6 +46,7 @@ class AnalysisParams:
     """
 
     last_k: int = 5
+    final_fraction: float = 0.2
     tolerance: float = 0.02
     confidence: float = 0.95
     n_resamples: int = 2000
@@ -51,6 +57,8 @@ class AnalysisParams:
     def __post_init__(self) -> None:
         if isinstance(self.last_k, bool) or not isinstance(self.last_k, int) or self.last_k < 1:
             raise ValueError(f"last_k must be a positive int, got {self.last_k!r}")
+        if not (isinstance(self.final_fraction, (int, float)) and 0 < self.final_fraction <= 1):
+            raise ValueError(f"final_fraction must be in (0, 1], got {self.final_fraction!r}")
         if not (isinstance(self.tolerance, (int, float)) and self.tolerance >= 0):
             raise ValueError(f"tolerance must be >= 0 nats, got {self.tolerance!r}")
         if self.site not in SITES:
@@ -105,17 +113,35 @@ class Analysis:
     pair_trajectory: pd.DataFrame  # pair × step × site × bucket × metric: Δβ and level ratio
     separation: pd.DataFrame  # pair × metric: the steps where the two β intervals are disjoint
     levels: pd.DataFrame  # pairs of series: rank ratio at matched widths (levels.level_ratios)
+    design: Design  # factors, treatment, cells (design.design_of)
+    seed_betas: pd.DataFrame  # series × seed × site × bucket × metric: β over that seed's widths
+    contrasts: pd.DataFrame  # cell × pair of treatments × site × bucket × metric: Δβ over seeds, Holm
+    pooled: pd.DataFrame  # pair of treatments × site × bucket × metric: fixed-effect pooled Δβ over cells
+    layer_betas: pd.DataFrame  # series × site × bucket × layer × metric: β, t-interval over seeds
+    layer_contrasts: pd.DataFrame  # cell × pair × site × bucket × layer × metric: Δβ over seeds, Holm
+    interaction: pd.DataFrame  # depth × optimizer: change of Δβ between cells differing only in depth
+    lack_of_fit: pd.DataFrame  # series × site × bucket × metric: pure-error F-test of the power law
 
 
-def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = None, **options: Any) -> Analysis:
-    """Load (unless given a ``Sweep``) and analyse. ``options``: see ``AnalysisParams.create``."""
+def analyze(
+    source: str | Path | list | Sweep,
+    params: AnalysisParams | None = None,
+    progress: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Analysis:
+    """Load (unless given a ``Sweep``) and analyse. ``options``: see ``AnalysisParams.create``;
+    ``progress``: called with a line per stage."""
+    say = progress or (lambda _: None)
     if params is not None and options:
         raise ValueError("give analysis parameters either as params= or as keyword options, not both")
     params = params or AnalysisParams.create(**options)
     sweep = source if isinstance(source, Sweep) else load_sweep(source)
+    sweep, design = apply_design(sweep)
+    say(f"design: {len(design.cells)} cell(s), factors {list(design.factors) or 'none'}; aggregating")
     runs = sweep.runs
-    per_layer = last_k_per_layer(sweep.spectra, params.last_k)
+    per_layer = last_k_per_layer(sweep.spectra, params.last_k, params.final_fraction)
     points = aggregate_runs(per_layer)
+    say("fitting β per series")
     fits = fit_scaling(
         points, per_layer, runs, FitOptions(params.confidence, params.n_resamples, params.bootstrap_seed)
     )
@@ -124,8 +150,13 @@ def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = N
     info = runs[["run_id", "name", "series", "width", "seed"]]
     # β at every shared step: a fit per step, so the trajectory's bootstrap is smaller
     traj_options = FitOptions(params.confidence, min(params.n_resamples, TRAJECTORY_RESAMPLES), params.bootstrap_seed)
+    say("β over training (a fit per shared step)")
     traj = beta_trajectories(sweep.spectra, runs, traj_options)
     pairs = series_pairs(runs)
+    say("within-cell contrasts, per layer")
+    seed_beta = seed_betas(points, runs)
+    contrasts = cell_contrasts(seed_beta, params.confidence)
+    layer_seed, by = layer_seed_betas(per_layer, runs)
     low_nd = points[points["worst_status"] != "well_sampled"].merge(info, on="run_id")
     return Analysis(
         sweep=sweep,
@@ -154,4 +185,12 @@ def analyze(source: str | Path | list | Sweep, params: AnalysisParams | None = N
             ignore_index=True,
         ),
         levels=level_ratios(points, runs, params.site, params.confidence),
+        design=design,
+        seed_betas=seed_beta,
+        contrasts=contrasts,
+        pooled=pooled_contrasts(contrasts, params.confidence),
+        layer_betas=layer_betas(layer_seed, by, params.confidence),
+        layer_contrasts=layer_contrasts(layer_seed, by, params.confidence),
+        interaction=interaction(contrasts, design.cells, params.confidence),
+        lack_of_fit=lack_of_fit(points, runs),
     )

@@ -39,7 +39,7 @@ from capscale.rundir import CONFIG_FILE, METRICS_FILE, STATUS_FILE, RunDir, RunS
 from capscale.runformat import resolve_config
 
 # Model keys that may vary within one analysis and then become part of the series key.
-ARCH_AXES = ("activation", "pos", "variant", "d_model", "n_head")
+ARCH_AXES = ("activation", "pos", "variant", "d_model", "n_head", "n_layer")
 # Model keys that legitimately vary: the width itself (ffn_mult is resolved into ffn_width).
 _WIDTH_KEYS = ("ffn_width", "ffn_mult")
 # Spectra columns the analysis needs; the rest of ``spectrum_summary`` is kept when present.

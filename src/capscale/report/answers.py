@@ -6,6 +6,13 @@ comparison of two numbers: a difference is *resolved* only when its interval, at
 report's confidence, excludes no difference (0 for a difference of β, 1 for a ratio of
 ranks). A sentence never ranks two numbers whose intervals do not settle the order;
 instead it says what sample would (``needed``).
+
+Comparisons of optimizers are made within cells (``report.json`` ``design``: every factor but
+the optimizer equal). Where several comparisons answer one question (cells, pairs, level and
+β), a difference is resolved only when its Holm-adjusted p-value is below the level, and the
+answer says over how many it corrected; no answer leads with the largest of many. Each answer
+with a difference of β states its minimum detectable difference at 80% power, the differences
+its data exclude, and whether they exclude the paper's gap (``power_clause``).
 """
 
 from __future__ import annotations
@@ -78,20 +85,6 @@ def _fittable(rows: list[dict], kind: str = "hard") -> list[dict]:
     return [b for b in rows if b[f"beta_{kind}"]["fittable"]]
 
 
-def _widest_difference(rows: list[dict], conf: float, kind: str = "hard"):
-    """The pair of series (same architecture) with the largest |Δ| in β_kind, and its interval."""
-    best = None
-    for i, a in enumerate(rows):
-        for b in rows[i + 1 :]:
-            if a["arch"] != b["arch"]:
-                continue
-            hi, lo = (a, b) if a[f"beta_{kind}"]["beta"] >= b[f"beta_{kind}"]["beta"] else (b, a)
-            diff, dlo, dhi = beta_difference(_beta(hi, kind), _beta(lo, kind), conf)
-            if best is None or diff > best[2]:
-                best = (hi, lo, diff, dlo, dhi)
-    return best
-
-
 def _seeds(d: dict) -> int:
     runs = d["runs"]
     counts: dict = {}
@@ -105,82 +98,167 @@ def _low_nd_width(d: dict, buckets=("all",)) -> int | None:
     return max(widths) if widths else None
 
 
-def headline_level(d: dict, bucket: str = "all", metric: str = "hard_rank") -> dict | None:
-    """The level comparison the report leads with: the largest resolved ratio, else the largest."""
-    rows = [r for r in d["levels"] if r["bucket"] == bucket and r["metric"] == metric]
-    if not rows:
-        return None
-    resolved = [r for r in rows if r["resolved"]]
-    return max(resolved or rows, key=lambda r: r["ratio"])
-
-
-def level_sentence(r: dict, rank: str = "hard rank") -> str:
-    """'muon realises 2.41× [2.10, 2.77] adamw's hard rank at every width (…), at 0.30 nats lower loss [..]'."""
-    span = f"{r['n_widths']} widths, ≥ {r['n_seeds']} seed(s) each"
-    where = (
-        "at every width" if r["every_width"] else f"on average (per width {f2(r['ratio_min'])}–{f2(r['ratio_max'])}×)"
-    )
-    s = (
-        f"{r['series']} realises {f2(r['ratio'])}× {iv(r['ratio_low'], r['ratio_high'])} {r['baseline']}'s {rank} "
-        f"{where} (geometric mean over {span})"
-    )
-    if excludes(r["loss_diff_low"], r["loss_diff_high"], 0):
-        side = "lower" if r["loss_diff"] < 0 else "higher"
-        s += f", at {f2(abs(r['loss_diff']))} nats {side} loss {iv(r['loss_diff_low'], r['loss_diff_high'])}"
-    elif _ok(r["loss_diff"]):
-        s += f", at a final loss not distinguishable from it (difference {iv(r['loss_diff_low'], r['loss_diff_high'])} nats)"
-    return s
-
-
 def _answer(key: str, verdict: str, finding: str, figures: list[str]) -> dict:
     return {"id": key, "question": QUESTIONS[key], "verdict": verdict, "finding": finding, "figures": figures}
 
 
-def q1(d: dict) -> dict:
-    conf = d["parameters"]["confidence"]
-    fits = _fittable(d["q1_scaling"]["fits"])
-    level = headline_level(d)
-    W, S = len(d["sweep"]["widths"]), _seeds(d)
-    if not fits and level is None:
-        return _answer("q1", NOT_MEASURED, "No series has ranks at 3 or more widths, so no β can be fitted.", [])
-    parts, verdict = [], NOT_RESOLVED
-    if level is not None:
-        parts.append(level_sentence(level))
-        if level["resolved"]:
-            verdict = RESOLVED
-        else:
-            lo, hi = math.log(level["ratio_low"] or math.nan), math.log(level["ratio_high"] or math.nan)
-            parts[-1] += " — not distinguishable from 1×: " + needed(
-                math.log(level["ratio"]), lo, hi, W, S, "widths × seeds", _low_nd_width(d)
-            )
-    pair = _widest_difference(fits, conf)
-    if pair is not None:
-        hi, lo, diff, dlo, dhi = pair
-        growth = (
-            f"β_hard {hi['series']} {f2(hi['beta_hard']['beta'])} vs {lo['series']} {f2(lo['beta_hard']['beta'])}: "
-            f"difference {f2(diff)} {iv(dlo, dhi)}"
+def _contrasts(d: dict, metric: str, bucket: str = "all") -> list[dict]:
+    q = d.get("design") or {}
+    return [
+        r for r in q.get("contrasts", []) if r["site"] == q["site"] and r["bucket"] == bucket and r["metric"] == metric
+    ]
+
+
+def _pooled(d: dict, metric: str, bucket: str = "all") -> list[dict]:
+    q = d.get("design") or {}
+    return [
+        r
+        for r in q.get("pooled", [])
+        if r["site"] == q["site"] and r["bucket"] == bucket and r["metric"] == metric and r.get("n_cells")
+    ]
+
+
+def _span(xs: list[float]) -> str:
+    xs = [x for x in xs if _ok(x)]
+    if not xs:
+        return "n/a"
+    lo, hi = min(xs), max(xs)
+    return f2(lo) if f"{lo:.2f}" == f"{hi:.2f}" else f"{f2(lo)}–{f2(hi)}"
+
+
+def power_clause(rows: list[dict], what: str = "Δβ_hard", max_pairs: int = 3) -> str:
+    """Per pair of treatments: what the design could see (MDE at 80% power), what its data exclude
+    (the intervals' far bounds) and whether they exclude the paper's gap, over the pair's cells."""
+    pairs: dict[tuple, list[dict]] = {}
+    for r in rows:
+        pairs.setdefault((r["a"], r["b"]), []).append(r)
+    out = []
+    for (a, b), rs in list(pairs.items())[:max_pairs]:
+        judged = [r for r in rs if _ok(r.get("low"), r.get("high"))]
+        if not judged:
+            out.append(f"{b} − {a}: one seed, so no interval over seeds and no {what} difference can be judged")
+            continue
+        far = [max(abs(r["low"]), abs(r["high"])) for r in judged]
+        text = (
+            f"{b} − {a} ({len(judged)} cell(s)): minimum detectable {what} at 80% power "
+            f"{_span([r['mde'] for r in judged])}, the data exclude |{what}| beyond {_span(far)}"
         )
-        if excludes(dlo, dhi, 0):
-            verdict = RESOLVED
-            parts.append(f"its growth with width differs too ({growth})")
-        else:
-            parts.append(
-                f"whether it grows faster with width is not resolved ({growth}; {needed(diff, dlo, dhi, W, S)})"
-            )
-    elif fits:
+        refs = [r for r in judged if r.get("reference") is not None]
+        if refs:
+            n_ex = sum(bool(r["excludes_reference"]) for r in refs)
+            text += f", the paper's gap {f2(refs[0]['reference'])} is excluded in {n_ex} of {len(refs)}"
+        if len(judged) < len(rs):
+            text += f" ({len(rs) - len(judged)} cell(s) with one seed: no interval over seeds)"
+        out.append(text)
+    if len(pairs) > max_pairs:
+        out.append(f"{len(pairs) - max_pairs} more pair(s) in the design table")
+    return "; ".join(out)
+
+
+def _pooled_clause(d: dict, metric: str, what: str, bucket: str = "all") -> str:
+    out = []
+    for p in _pooled(d, metric, bucket):
+        if p["n_cells"] < 2:
+            continue
+        out.append(
+            f"pooled over {p['n_cells']} cells (fixed-effect) {what} {p['b']} − {p['a']} = {f2(p['diff'])} "
+            f"{iv(p['low'], p['high'])}, I² {p['i2']:.0%}"
+        )
+    return "; ".join(out)
+
+
+def _series_treatment(d: dict) -> dict:
+    return {r["series"]: r.get("label", r["series"]) for r in d["runs"]}
+
+
+def within_cells(d: dict, bucket: str = "all", what: str = "β_hard", metric: str = "hard_rank") -> dict:
+    """The level and β comparisons of one bucket, Holm-adjusted together: the answer's family."""
+    from capscale.analysis.power import holm
+
+    levels = [r for r in d["levels"] if r["bucket"] == bucket and r["metric"] == metric]
+    betas = _contrasts(d, metric, bucket)
+    # with one seed a level's interval is over widths only: shown, never a verdict (the seed is the replicate)
+    pvals = [r.get("p") if r.get("n_seeds", 0) >= 2 else None for r in levels] + [r.get("p") for r in betas]
+    adj = holm([math.nan if p is None else p for p in pvals])
+    alpha = 1 - d["parameters"]["confidence"]
+    hit = [_ok(p) and p < alpha for p in adj]
+    family = sum(1 for p in pvals if p is not None and math.isfinite(p))
+    return {
+        "levels": levels,
+        "betas": betas,
+        "family": family,
+        "level_hits": [r for r, h in zip(levels, hit[: len(levels)]) if h],
+        "beta_hits": [r for r, h in zip(betas, hit[len(levels) :]) if h],
+    }
+
+
+def _level_text(r: dict, names: dict) -> str:
+    return (
+        f"{r['cell']}: {names.get(r['series'], r['series'])} {f2(r['ratio'])}× {iv(r['ratio_low'], r['ratio_high'])} "
+        f"{names.get(r['baseline'], r['baseline'])}"
+    )
+
+
+def q1(d: dict) -> dict:
+    fits = _fittable(d["q1_scaling"]["fits"])
+    fam = within_cells(d)
+    levels, betas = fam["levels"], fam["betas"]
+    if not fits and not levels:
+        return _answer("q1", NOT_MEASURED, "No series has ranks at 3 or more widths, so no β can be fitted.", [])
+    if not levels and not betas:  # one treatment: does its rank grow with width?
         b = fits[0]["beta_hard"]
         grows = excludes(b["ci_low"], b["ci_high"], 0)
-        verdict = RESOLVED if grows else verdict
-        parts.append(
-            f"{fits[0]['series']}: β_hard {f2(b['beta'])} {iv(b['ci_low'], b['ci_high'])}, "
-            + ("rank grows with width" if grows else "growth with width not resolved")
+        text = f"{fits[0]['series']}: β_hard {f2(b['beta'])} {iv(b['ci_low'], b['ci_high'])}, " + (
+            "rank grows with width" if grows else "growth with width not resolved"
         )
+        if b.get("interval_over", "seeds") != "seeds":
+            text += " (one seed: the interval is over widths only, not over seeds)"
+        return _answer("q1", RESOLVED if grows else NOT_RESOLVED, text + ".", ["scaling"])
+    names = _series_treatment(d)
+    cells = sorted({r["cell"] for r in levels} | {r["cell"] for r in betas})
+    parts = [
+        f"Compared within {len(cells)} cell(s) (every factor but the optimizer equal), Holm-corrected over "
+        f"{fam['family']} comparison(s) of hard-rank level and β_hard"
+    ]
+    if fam["level_hits"]:
+        parts.append(
+            f"the hard-rank level differs in {len(fam['level_hits'])} of {len(levels)}: "
+            + "; ".join(_level_text(r, names) for r in fam["level_hits"])
+        )
+    elif levels:
+        parts.append(
+            f"no hard-rank level difference survives the correction (ratios {_span([r['ratio'] for r in levels])}×)"
+            + ("; one seed: level intervals are over widths only and decide nothing" if _seeds(d) < 2 else "")
+        )
+    if fam["beta_hits"]:
+        parts.append(
+            f"β_hard differs in {len(fam['beta_hits'])} of {len(betas)}: "
+            + "; ".join(
+                f"{r['cell']}: {r['b']} − {r['a']} {f2(r['diff'])} {iv(r['low'], r['high'])}" for r in fam["beta_hits"]
+            )
+        )
+    elif betas:
+        parts.append(f"no β_hard difference survives it (Δβ_hard {_span([r['diff'] for r in betas])})")
+    pooled = _pooled_clause(d, "hard_rank", "Δβ_hard")
+    if pooled:
+        parts.append(pooled)
+    if betas:
+        parts.append(power_clause(betas))
+    verdict = RESOLVED if fam["level_hits"] or fam["beta_hits"] else NOT_RESOLVED
     return _answer("q1", verdict, "; ".join(parts) + ".", ["scaling", "levels"])
 
 
 def q2(d: dict) -> dict:
     q = d["q2_matched_loss"]
     pairs = q["pairs"]
+    if not any(r.get("final_val_loss") is not None for r in d["training"]["final"]):
+        return _answer(
+            "q2",
+            NOT_MEASURED,
+            "Validation loss not measured: no run logged one (a training loop's callback reads it by the key given "
+            "as val_loss_key=), so runs cannot be matched by loss.",
+            ["matched_loss"],
+        )
     if not pairs:
         return _answer(
             "q2",
@@ -190,17 +268,18 @@ def q2(d: dict) -> dict:
             "trained for more steps, as the cpu preset's AdamW 2×-steps arm).",
             ["matched_loss"],
         )
-    diff = [p for p in pairs if p["geometry"] == "different"]
     known = [p for p in pairs if p["geometry"] != "unknown"]
-    if diff:
-        p = diff[0]
+    hits = _q2_hits(pairs, 1 - d["parameters"]["confidence"])
+    if hits:
+        p, what = hits[0]
+        n_pairs = len({id(x) for x, _ in hits})
         return _answer(
             "q2",
             RESOLVED,
-            f"Same loss, different representation in {len(diff)} of {len(pairs)} matched pair(s): e.g. at width "
-            f"{p['width']}, where {p['series_b']} and {p['series_a']} end {f2(abs(p['loss_diff']))} nats apart, "
-            + _pair_difference(p)
-            + ".",
+            f"Same loss, different representation in {n_pairs} of {len(pairs)} matched pair(s), Holm-corrected over "
+            f"the {4 * len(pairs)} comparisons (rank ratios R1, R2 and β_soft, β_hard differences of every pair): e.g. "
+            f"at width {p['width']}, where {p['series_b']} and {p['series_a']} end {f2(abs(p['loss_diff']))} nats "
+            f"apart, {what}.",
             ["matched_loss"],
         )
     if not known:
@@ -215,8 +294,9 @@ def q2(d: dict) -> dict:
     return _answer(
         "q2",
         NOT_RESOLVED,
-        f"In none of the {len(pairs)} matched pair(s) does a β difference exclude 0 or a rank ratio exclude 1×, so "
-        f"these data cannot tell the representations apart (e.g. width {p['width']}: {_pair_difference(p)}); "
+        f"In none of the {len(pairs)} matched pair(s) does a rank ratio or β difference survive a Holm correction "
+        f"over the {4 * len(pairs)} comparisons, so these data cannot tell the representations apart "
+        f"(e.g. width {p['width']}: {_pair_difference(p)}); "
         + needed(
             math.log(p["hard_ratio"]) if _ok(p.get("hard_ratio")) else p["hard_diff"],
             math.log(p["hard_ratio_low"]) if _ok(p.get("hard_ratio_low")) else p["hard_diff_low"],
@@ -227,6 +307,38 @@ def q2(d: dict) -> dict:
         + ".",
         ["matched_loss"],
     )
+
+
+def _q2_hits(pairs: list[dict], alpha: float) -> list[tuple[dict, str]]:
+    """(pair, the measure that differs, in words) for every comparison that survives Holm over all pairs ×
+    {R1 ratio, R2 ratio, β_soft, β_hard difference}; p-values from each interval (normal approximation,
+    conservative for t-intervals)."""
+    from scipy import stats
+
+    from capscale.analysis.power import holm
+
+    z = stats.norm.ppf(1 - alpha / 2)
+    rows = []
+    for p in pairs:
+        for kind, rank in (("soft", "R1"), ("hard", "R2")):
+            est, lo, hi = (p.get(f"{kind}_ratio{e}") for e in ("", "_low", "_high"))
+            if _ok(est, lo, hi) and min(est, lo, hi) > 0:
+                se = (math.log(hi) - math.log(lo)) / (2 * z)
+                pv = 2 * stats.norm.sf(abs(math.log(est)) / se) if se > 0 else math.nan
+                text = f"{p['series_b']}'s {rank} is {f2(est)}× {iv(lo, hi)} {p['series_a']}'s"
+            else:
+                pv, text = math.nan, ""
+            rows.append((p, pv, text))
+            est, lo, hi = (p.get(f"{kind}_diff{e}") for e in ("", "_low", "_high"))
+            if _ok(est, lo, hi):
+                se = (hi - lo) / (2 * z)
+                pv = 2 * stats.norm.sf(abs(est) / se) if se > 0 else math.nan
+                text = f"β_{kind} differs by {f2(est)} {iv(lo, hi)} ({p['series_b']} − {p['series_a']})"
+            else:
+                pv, text = math.nan, ""
+            rows.append((p, pv, text))
+    adj = holm([pv for _, pv, _ in rows])
+    return [(p, text) for (p, _, text), q in zip(rows, adj) if _ok(q) and q < alpha]
 
 
 def _pair_difference(p: dict) -> str:
@@ -272,25 +384,31 @@ def q3(d: dict) -> dict:
     if negative:
         parts.append(f"slower (Δβ < 0: spectra spread with width) for {len(negative)} of {len(fits)}")
     if undecided:
+        open_ = [b for b in fits if b not in positive and b not in negative]
         listed = ", ".join(
             f"{b['series']} {f2(b['beta_delta']['beta'])} {iv(b['beta_delta']['ci_low'], b['beta_delta']['ci_high'])}"
-            for b in fits
-            if b not in positive and b not in negative
-        )
+            for b in open_[:3]
+        ) + (f", and {len(open_) - 3} more in the table" if len(open_) > 3 else "")
         parts.append(f"Δβ is not distinguishable from 0 for {undecided} of {len(fits)} series ({listed})")
     sign = "; ".join(parts)
-    pair = _widest_difference(fits, conf, "delta")
     verdict = RESOLVED if settled else NOT_RESOLVED
-    if pair is not None:
-        hi, lo, diff, dlo, dhi = pair
-        between = f"Δβ {hi['series']} {f2(hi['beta_delta']['beta'])} vs {lo['series']} {f2(lo['beta_delta']['beta'])}"
-        if excludes(dlo, dhi, 0):
+    deltas = _contrasts(d, "delta_beta")
+    if deltas:
+        alpha = 1 - conf
+        hits = [r for r in deltas if _ok(r.get("holm_p")) and r["holm_p"] < alpha]
+        if hits:
             verdict = RESOLVED
-            sign += f"; the series differ ({between}: difference {f2(diff)} {iv(dlo, dhi)})"
+            sign += "; within cells (Holm over {}) the optimizers' Δβ differ in {} of {}: {}".format(
+                deltas[0]["family_size"],
+                len(hits),
+                len(deltas),
+                "; ".join(f"{r['cell']}: {r['b']} − {r['a']} {f2(r['diff'])} {iv(r['low'], r['high'])}" for r in hits),
+            )
         else:
             sign += (
-                f"; whether the series differ is not resolved ({between}: difference {f2(diff)} {iv(dlo, dhi)}; "
-                + needed(diff, dlo, dhi, len(d["sweep"]["widths"]), _seeds(d))
+                f"; within cells no difference of Δβ between optimizers survives a Holm correction over "
+                f"{deltas[0]['family_size']} (differences {_span([r['diff'] for r in deltas])}; "
+                + power_clause(deltas, "Δβ difference")
                 + ")"
             )
     return _answer("q3", verdict, f"{sign[0].upper()}{sign[1:]}; {phase}.", ["asymmetry", "phase_map"])
@@ -298,8 +416,7 @@ def q3(d: dict) -> dict:
 
 def q4(d: dict) -> dict:
     tails = [b for b in d["q4_regimes"]["betas"] if b["bucket"] == "tail"]
-    level = {b: headline_level(d, b) for b in ("head", "tail")}
-    if not tails or not any(b["beta_hard"]["fittable"] for b in tails) and level["tail"] is None:
+    if not tails or not any(b["beta_hard"]["fittable"] for b in tails) and not _contrasts(d, "hard_rank", "tail"):
         return _answer(
             "q4",
             NOT_MEASURED,
@@ -308,39 +425,42 @@ def q4(d: dict) -> dict:
         )
     low = _low_nd_width(d, ("head", "mid", "tail"))
     W, S = len(d["sweep"]["widths"]), _seeds(d)
-    head, tail = level["head"], level["tail"]
-    if (
-        head is not None
-        and tail is not None
-        and (head["series"], head["baseline"]) == (tail["series"], tail["baseline"])
-    ):
-        a, b = tail["series"], tail["baseline"]
-        text = (
-            f"{a} over {b} in hard rank: {f2(tail['ratio'])}× {iv(tail['ratio_low'], tail['ratio_high'])} on TAIL "
-            f"tokens, {f2(head['ratio'])}× {iv(head['ratio_low'], head['ratio_high'])} on HEAD tokens"
-        )
-        disjoint = _ok(tail["ratio_low"], head["ratio_high"], head["ratio_low"], tail["ratio_high"]) and (
-            tail["ratio_low"] > head["ratio_high"] or head["ratio_low"] > tail["ratio_high"]
-        )
-        if disjoint:
-            where = "TAIL" if tail["ratio"] > head["ratio"] else "HEAD"
-            return _answer(
-                "q4", RESOLVED, f"{text}: the difference is larger on {where} tokens (intervals disjoint).", ["regimes"]
-            )
-        # the log of the ratio of ratios, with the two half-widths added in quadrature
-        diff = math.log(tail["ratio"] / head["ratio"])
-        half = (
-            math.hypot(*(math.log(r["ratio_high"] / r["ratio_low"]) / 2 for r in (tail, head)))
-            if _ok(tail["ratio_low"], head["ratio_low"])
-            else math.nan
-        )
+    loss_note = (
+        ""
+        if any(r.get("final_val_loss_tail") is not None for r in d["training"]["final"])
+        else "; per-bucket validation loss not measured (no run logged val_loss_head/mid/tail)"
+    )
+    by_bucket = {b: _contrasts(d, "hard_rank", b) for b in ("tail", "head")}
+    if by_bucket["tail"]:
+        from capscale.analysis.power import holm
+
+        rows = by_bucket["tail"] + by_bucket["head"]
+        adj = holm([math.nan if r.get("p") is None else r["p"] for r in rows])
+        alpha = 1 - d["parameters"]["confidence"]
+        family = sum(1 for r in rows if _ok(r.get("p")))
+        parts = [f"Within cells, Holm-corrected over {family} comparison(s) of β_hard on TAIL and HEAD tokens"]
+        hits_any = False
+        for bucket, sub in (("TAIL", rows[: len(by_bucket["tail"])]), ("HEAD", rows[len(by_bucket["tail"]) :])):
+            sub_adj = adj[: len(sub)] if bucket == "TAIL" else adj[len(by_bucket["tail"]) :]
+            hits = [r for r, p in zip(sub, sub_adj) if _ok(p) and p < alpha]
+            hits_any = hits_any or bool(hits)
+            if hits:
+                parts.append(
+                    f"on {bucket} tokens Δβ_hard differs in {len(hits)} of {len(sub)}: "
+                    + "; ".join(
+                        f"{r['cell']}: {r['b']} − {r['a']} {f2(r['diff'])} {iv(r['low'], r['high'])}" for r in hits
+                    )
+                )
+            elif sub:
+                parts.append(
+                    f"on {bucket} tokens no Δβ_hard difference survives it ({_span([r['diff'] for r in sub])})"
+                )
+            pooled = _pooled_clause(d, "hard_rank", f"{bucket} Δβ_hard", bucket.lower())
+            if pooled:
+                parts.append(pooled)
+        parts.append("TAIL " + power_clause(by_bucket["tail"]))
         return _answer(
-            "q4",
-            NOT_RESOLVED,
-            f"{text}: the intervals overlap, so where the difference forms is not resolved; "
-            + needed(diff, diff - half, diff + half, W, S, "widths × seeds", low)
-            + ".",
-            ["regimes", "bucket_loss"],
+            "q4", RESOLVED if hits_any else NOT_RESOLVED, "; ".join(parts) + loss_note + ".", ["regimes", "bucket_loss"]
         )
     # one series (or no per-bucket levels): TAIL against HEAD β_hard within a series
     conf = d["parameters"]["confidence"]
@@ -358,40 +478,6 @@ def q4(d: dict) -> dict:
     return _answer("q4", NOT_MEASURED, "No series has both a HEAD and a TAIL fit.", ["regimes"])
 
 
-def q5(d: dict) -> dict:
-    q = d["q5_optimizer_architecture"]
-    if not q["arch_axes"]:
-        return _answer(
-            "q5",
-            NOT_MEASURED,
-            "No architecture axis varied in this sweep, so only optimizer effects are measured; a sweep with an "
-            "arch axis (e.g. the cpu preset's no-position arm) is needed to compare.",
-            ["optimizer_architecture"],
-        )
-    s = {r["metric"]: r for r in q["summary"]}.get("hard")
-    if not s or s.get("optimizer_span") is None or s.get("architecture_span") is None:
-        return _answer(
-            "q5",
-            NOT_RESOLVED,
-            "Too few settings or architectures share 3 widths to compare their effects on β_hard.",
-            ["optimizer_architecture"],
-        )
-    text = (
-        f"Span of β_hard across optimizers {f2(s['optimizer_span'])} (intervals within "
-        f"{iv(s['optimizer_low'], s['optimizer_high'])}), across architectures {f2(s['architecture_span'])} "
-        f"(within {iv(s['architecture_low'], s['architecture_high'])})"
-    )
-    if s["larger"]:
-        return _answer("q5", RESOLVED, f"{text}: the {s['larger']} effect is larger.", ["optimizer_architecture"])
-    return _answer(
-        "q5",
-        NOT_RESOLVED,
-        f"{text}: the intervals overlap, so which effect is larger is not resolved (the point estimates favour the "
-        f"{s['point_larger']}); more seeds per width on both axes would be needed.",
-        ["optimizer_architecture"],
-    )
-
-
 def answers(d: dict) -> list[dict]:
-    """The five answers, in question order."""
-    return [q1(d), q2(d), q3(d), q4(d), q5(d)]
+    """The answers of questions 1–4, in order (question 5's is in ``sections.q5_optimizer_architecture``)."""
+    return [q1(d), q2(d), q3(d), q4(d)]

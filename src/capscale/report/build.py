@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,21 +32,36 @@ def _write(path: Path, content: str | bytes) -> None:
     atomic_write_bytes(path, content.encode("utf-8") if isinstance(content, str) else content)
 
 
-def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None, **analysis_params: Any) -> ReportFiles:
+def build_report(
+    sweep_dir: str | Path,
+    out_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    **analysis_params: Any,
+) -> ReportFiles:
     """Analyse ``sweep_dir`` and write the report (default ``SWEEP_DIR/report/``).
 
     ``analysis_params``: ``AnalysisParams`` fields and phase thresholds (e.g.
     ``last_k=5, tolerance=0.02, brittle_ratio=0.25``). Defaults come from the
     ``analysis`` table of the sweep's ``sweep.json`` when it has one; explicit
-    parameters win.
+    parameters win. ``progress``: called with a line per stage (the command prints them).
     """
+    start = time.monotonic()
+
+    def say(text: str) -> None:
+        if progress is not None:
+            progress(f"[{time.monotonic() - start:5.1f}s] {text}")
+
     sweep_dir = Path(sweep_dir)
+    say(f"reading runs in {sweep_dir}")
     sweep = load_sweep(sweep_dir)
     defaults = dict((sweep.spec or {}).get("analysis") or {})
     params = AnalysisParams.create(**{**defaults, **analysis_params})
-    analysis = analyze(sweep, params)
+    say(f"analysing {len(sweep.runs)} run(s) ({len(sweep.spectra):,} spectra rows)")
+    analysis = analyze(sweep, params, progress=say)
+    say("writing report.json")
     data = report_data(analysis)
-    images = render_figures(analysis)
+    images = render_figures(analysis, say)
+    say("writing the pages")
     out = Path(out_dir) if out_dir is not None else sweep_dir / "report"
     figures = {name: out / "figures" / f"{name}.png" for name in images}
     for name, path in figures.items():

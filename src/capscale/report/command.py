@@ -56,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
     from capscale.report.build import build_report  # matplotlib loads only when a report is built
 
     params = {k: getattr(args, k) for k in _OPTIONS if getattr(args, k) is not None}
-    files = build_report(args.sweep_dir, args.out, **params)
+    import sys
+
+    files = build_report(
+        args.sweep_dir, args.out, progress=lambda line: print(line, file=sys.stderr, flush=True), **params
+    )
     sweep = files.analysis.sweep
     print(
         f"analysed {len(sweep.runs)} run(s) in {sweep.runs['series'].nunique()} series; "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import platform
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,50 +23,35 @@ from capscale.analysis import Analysis
 from capscale.analysis.aggregate import REPORT_COLUMNS
 from capscale.analysis.fits import BETA_FIELDS
 from capscale.report.answers import answers
+from capscale.report.records import jsonable
+from capscale.report.records import records as _records
+from capscale.report.sections import SECTIONS
 from capscale.report.trajectory import trajectory_data
 from capscale.spectrum.summary import REPORT_METRICS, WELL_SAMPLED
 
 FORMAT = "capscale.report"
-FORMAT_VERSION = 2  # 2: answers, levels, β-difference intervals
+FORMAT_VERSION = 2  # 2: answers, levels, β-difference intervals (changes since: docs/report-format.md)
 
 
-def jsonable(obj: Any) -> Any:
-    """Plain JSON types; NaN/inf and missing values become None (JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if obj is None or obj is pd.NA or obj is pd.NaT:
-        return None
-    return str(obj)
-
-
-def _records(df: pd.DataFrame, columns: list[str] | None = None) -> list[dict]:
-    if columns is not None:
-        df = df[[c for c in columns if c in df.columns]]
-    return jsonable(df.to_dict(orient="records"))
-
-
-def _beta_row(r: pd.Series) -> dict:
+def _beta_row(r: pd.Series, seeds: dict) -> dict:
     """One series × site × bucket: β_soft, β_hard and Δβ, each with its intervals."""
     out = {k: r[k] for k in ("series", "setting", "label", "steps", "arch", "site", "bucket", "n_widths")}
     for kind in ("soft", "hard", "delta"):
-        out[f"beta_{kind}"] = {f: r[f"{kind}_{f}"] for f in BETA_FIELDS}
+        b = {f: r[f"{kind}_{f}"] for f in BETA_FIELDS}
+        if b["boot_over"] == "layers":  # the spread over layers is not uncertainty over seeds: not shown as one
+            b.update(boot_low=None, boot_high=None, boot_over=None)
+        b["interval_over"] = (
+            "seeds" if seeds.get(r["series"], 0) >= 2 else "widths only (one seed: no interval over seeds)"
+        )
+        out[f"beta_{kind}"] = b
     return out
 
 
 def report_data(a: Analysis) -> dict:
     """Everything the report shows, as plain JSON types."""
     p = a.params
-    betas = [_beta_row(r) for _, r in a.betas.sort_values(["series", "site", "bucket"]).iterrows()]
+    seeds = a.sweep.runs.groupby(["series", "width"])["seed"].nunique().groupby("series").min().to_dict()
+    betas = [_beta_row(r, seeds) for _, r in a.betas.sort_values(["series", "site", "bucket"]).iterrows()]
     head = [b for b in betas if b["site"] == p.site and b["bucket"] == "all"]
     by_regime = [b for b in betas if b["site"] == p.site]
     runs = a.sweep.runs
@@ -89,7 +73,9 @@ def report_data(a: Analysis) -> dict:
         "parameters": {
             **p.to_dict(),
             "headline_bucket": "all",
-            "aggregation": f"median of the last {p.last_k} logged steps per layer, then median over layers",
+            "aggregation": f"median of the last {p.last_k} logged steps per layer within the final "
+            f"{p.final_fraction:.0%} of each run (steps ≥ (1 − {p.final_fraction:g}) × its last logged step), "
+            "then median over layers",
             "fit": "OLS of log rank on log width (seeds as replicate points), "
             f"{p.confidence:.0%} t-interval; bootstrap: percentile, {p.n_resamples} resamples",
         },
@@ -113,12 +99,6 @@ def report_data(a: Analysis) -> dict:
             "thresholds": p.phase.to_dict(),
         },
         "q4_regimes": {"betas": by_regime, "bucket_capacity": _records(_bucket_table(a))},
-        "q5_optimizer_architecture": {
-            "arch_axes": list(a.sweep.arch_axes),
-            "cells": _records(a.cells),
-            "effects": _records(a.effects),
-            "summary": _records(a.effect_summary),
-        },
         "training": {
             "final": _records(
                 runs,
@@ -160,8 +140,10 @@ def report_data(a: Analysis) -> dict:
             a.sweep.excluded, ["run_id", "name", "status", "reason", "step", "label", "width", "seed"]
         ),
     }
+    for module in SECTIONS:
+        data[module.KEY] = module.data(a)
     data = jsonable(data)
-    data["answers"] = answers(data)
+    data["answers"] = answers(data) + [m.answer(data) for m in SECTIONS if hasattr(m, "answer")]
     data["summary"] = {"headline": data["q1_scaling"]["fits"], "findings": findings(data)}
     return data
 
@@ -202,10 +184,21 @@ def findings(d: dict) -> list[str]:
     low = d["reliability"]["low_nd"]
     if low:
         nd = d["reliability"]["well_sampled"]
-        out.append(
+        text = (
             f"Reliability: {len(low)} of {d['reliability']['n_aggregates']} aggregates rest on records "
             f"with N/D below {nd:g} (not well sampled); they are flagged in the tables."
         )
+        worst = min(
+            (r for r in low if r.get("min_samples_per_dim")), key=lambda r: r["min_samples_per_dim"], default=None
+        )
+        if worst is not None:
+            factor = math.ceil(nd / worst["min_samples_per_dim"])
+            text += (
+                f" The fix: a telemetry window {factor}× longer (window= in capscale.attach / the callbacks, "
+                f"telemetry.window in a sweep), so that every bucket gets ≥ {nd:g}·D samples: the worst, "
+                f"{worst['bucket'].upper()} tokens at width {worst['width']}, has N/D = {worst['min_samples_per_dim']:.2g}."
+            )
+        out.append(text)
     if d["excluded_runs"]:
         kinds: dict[str, int] = {}
         for r in d["excluded_runs"]:

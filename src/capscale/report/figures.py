@@ -118,18 +118,84 @@ def _site_label(a: Analysis) -> str:
     return f"{a.params.site}-activation"
 
 
-def _grid(n: int, ncols: int = 3, size=(4.0, 2.8)) -> tuple[Figure, list]:
+def _grid(n: int, ncols: int = 3, size=(4.0, 2.8), min_width: float = 0.0) -> tuple[Figure, list]:
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    fig = Figure(figsize=(max(size[0] * ncols, min_width), size[1] * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes[n:]:
         ax.set_visible(False)
     return fig, list(axes[:n])
 
 
+def _cells(a: Analysis) -> list[str]:
+    return sorted(a.sweep.runs["cell"].unique()) if "cell" in a.sweep.runs.columns else []
+
+
+def _treatment_styles(a: Analysis) -> tuple[dict, dict]:
+    names = sorted(a.sweep.runs["treatment"].unique())
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return (
+        {t: cmap(i % cmap.N) for i, t in enumerate(names)},
+        {t: _MARKERS[i % len(_MARKERS)] for i, t in enumerate(names)},
+    )
+
+
+def _figure_legend(fig: Figure, axes: list, ncols: int | None = None) -> None:
+    """One legend for the whole figure, below the panels: one entry per label, whatever the panel."""
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    if seen:
+        fig.legend(
+            list(seen.values()),
+            list(seen),
+            loc="outside lower center",
+            ncols=ncols or min(len(seen), 4),
+            fontsize=8,
+            frameon=False,
+        )
+
+
+def fig_scaling_cells(a: Analysis) -> Figure:
+    """Q1 for a design with several cells: one panel per cell × rank (R1, R2), a colour per optimizer,
+    one figure-level legend; β with its interval is in the tables, not in the legend."""
+    colors, markers = _treatment_styles(a)
+    site = a.params.site
+    spread = a.spread[(a.spread["site"] == site) & (a.spread["bucket"] == "all")]
+    fits = a.fits[(a.fits["site"] == site) & (a.fits["bucket"] == "all")]
+    info = a.sweep.runs.drop_duplicates("series").set_index("series")[["treatment", "cell"]]
+    cells = _cells(a)
+    panels = [(c, m) for c in cells for m in ("soft_rank", "hard_rank")]
+    fig, axes = _grid(len(panels), ncols=4, size=(3.2, 2.7), min_width=10.8)
+    fig.suptitle(f"Rank vs FFN width per cell ({_site_label(a)}, all tokens); lines: fitted power law")
+    for ax, (cell, metric) in zip(axes, panels):
+        sub = spread[(spread["metric"] == metric) & spread["series"].map(info["cell"]).eq(cell)]
+        for series, g in sub.groupby("series"):
+            t = info.at[series, "treatment"]
+            g = g.sort_values("width")
+            err = [g["median"] - g["min"], g["max"] - g["median"]]
+            ax.errorbar(
+                g["width"], g["median"], yerr=err, fmt=markers[t], ms=3, capsize=2, color=colors[t], label=text(t)
+            )
+            fit = fits[(fits["series"] == series) & (fits["metric"] == metric)]
+            if len(fit) and fit.iloc[0]["fittable"]:
+                f = fit.iloc[0]
+                grid = np.geomspace(g["width"].min(), g["width"].max(), 20)
+                ax.plot(grid, np.exp(f["intercept"]) * grid ** f["beta"], color=colors[t], lw=1)
+        _width_axis(ax)
+        _log_y(ax)
+        ax.set_title(f"{text(cell)}: {'R1' if metric == 'soft_rank' else 'R2'}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    _figure_legend(fig, axes)
+    return fig
+
+
 def fig_scaling(a: Analysis) -> Figure:
     """Q1: rank vs width (log-log), seed median with min–max, the fitted power law and its confidence band."""
+    if len(_cells(a)) > 1:
+        return fig_scaling_cells(a)
     colors, markers, labels = series_colors(a), series_markers(a), _labels(a)
     site, conf = a.params.site, a.params.confidence
     spread = a.spread[(a.spread["site"] == site) & (a.spread["bucket"] == "all")]
@@ -175,6 +241,8 @@ def fig_levels(a: Analysis) -> Figure | None:
     lv = a.levels[a.levels["bucket"] == "all"] if len(a.levels) else a.levels
     if not len(lv):
         return None
+    if len(_cells(a)) > 1:
+        return fig_levels_cells(a, lv)
     colors, markers, labels = series_colors(a), series_markers(a), _labels(a)
     pts = a.points[(a.points["site"] == a.params.site) & (a.points["bucket"] == "all")].merge(
         a.sweep.runs[["run_id", "series", "arch", "label", "steps", "width"]], on="run_id"
@@ -223,6 +291,58 @@ def fig_levels(a: Analysis) -> Figure | None:
         refs = sorted(set(refs))
         ax.set_title(f"{title} over {refs[0]}" if len(refs) == 1 else f"{title} over each arch.'s reference")
         _legend(ax, fontsize=7, outside=_many(a))
+    return fig
+
+
+def fig_levels_cells(a: Analysis, lv) -> Figure:
+    """Q1b for several cells: per cell, each optimizer's hard rank over the cell's reference (AdamW where
+    present), width by width, with the geometric-mean ratio and its interval; one figure-level legend."""
+    colors, markers = _treatment_styles(a)
+    pts = a.points[(a.points["site"] == a.params.site) & (a.points["bucket"] == "all")].merge(
+        a.sweep.runs[["run_id", "series", "treatment", "cell", "width"]], on="run_id"
+    )
+    cells = [c for c in _cells(a) if c in set(lv["cell"])]  # cells with two optimizers or more
+    fig, axes = _grid(len(cells), ncols=3, size=(3.6, 2.7), min_width=10.8)
+    fig.suptitle(f"Hard rank over the cell's reference optimizer, per width ({_site_label(a)}, all tokens)")
+    for ax, cell in zip(axes, cells):
+        g = pts[(pts["cell"] == cell) & np.isfinite(pts["hard_rank"]) & (pts["hard_rank"] > 0)]
+        logs = g.assign(log=np.log(g["hard_rank"])).groupby(["treatment", "width"])["log"].mean()
+        names = sorted(g["treatment"].unique())
+        ref = "adamw" if "adamw" in names else (names[0] if names else None)
+        for t in names:
+            if t == ref:
+                continue
+            ws = sorted(set(logs[t].index) & set(logs[ref].index))
+            ax.plot(
+                ws,
+                np.exp([logs[t][w] - logs[ref][w] for w in ws]),
+                marker=markers[t],
+                ms=4,
+                lw=1,
+                color=colors[t],
+                label=f"{text(t)} / {text(ref)}",
+            )
+            st, sr = (g[g["treatment"] == x]["series"].iloc[0] for x in (t, ref))
+            row = lv[(lv["cell"] == cell) & (lv["metric"] == "hard_rank") & lv["series"].isin([st, sr])]
+            row = row[row["baseline"].isin([st, sr])]
+            if len(row):
+                r = row.iloc[0]
+                inv = r["series"] == sr  # rows are oriented higher over lower
+                m, lo, hi = (
+                    (1 / r["ratio"], 1 / r["ratio_high"], 1 / r["ratio_low"])
+                    if inv
+                    else (r["ratio"], r["ratio_low"], r["ratio_high"])
+                )
+                if np.isfinite(lo) and np.isfinite(hi):
+                    ax.fill_between(ws, lo, hi, color=colors[t], alpha=0.15, lw=0)
+                ax.plot(ws, [m] * len(ws), color=colors[t], lw=1, ls="--")
+        ax.axhline(1.0, color="k", lw=0.8)
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, 0.9), max(hi, 1.1))
+        _width_axis(ax)
+        ax.set_title(text(cell), fontsize=8)
+        ax.tick_params(labelsize=7)
+    _figure_legend(fig, axes)
     return fig
 
 
@@ -560,17 +680,73 @@ FIGURES: dict[str, tuple[Callable[[Analysis], Figure | None], str]] = {
 }
 
 
+LAYOUT_KEY = "capscale:layout"  # PNG text chunk: the axes and legends as fractions of the figure
+
+
+def layout(fig: Figure) -> dict:
+    """Visible axes and every legend as [x0, y0, x1, y1] fractions of the figure (after drawing)."""
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    axes = [list(ax.get_position().bounds) for ax in fig.axes if ax.get_visible() and ax.axison]
+
+    def frac(legends) -> list[list[float]]:
+        out = []
+        for lg in legends:
+            e = lg.get_window_extent(renderer)
+            out.append([e.x0 / box.width, e.y0 / box.height, e.x1 / box.width, e.y1 / box.height])
+        return out
+
+    return {
+        "axes": [[x, y, x + w, y + h] for x, y, w, h in axes],
+        "legends": frac([ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]),
+        "figure_legends": frac(fig.legends),
+        "width_in": float(fig.get_figwidth()),
+        "height_in": float(fig.get_figheight()),
+    }
+
+
+def read_layout(png_bytes: bytes) -> dict | None:
+    """The layout stored in a figure's PNG by ``png`` (None if absent)."""
+    import json
+    import struct
+    import zlib
+
+    pos = 8
+    while pos < len(png_bytes):
+        (length,) = struct.unpack(">I", png_bytes[pos : pos + 4])
+        kind = png_bytes[pos + 4 : pos + 8]
+        body = png_bytes[pos + 8 : pos + 8 + length]
+        if kind in (b"tEXt", b"zTXt", b"iTXt"):
+            key, _, rest = body.partition(b"\0")
+            if key == LAYOUT_KEY.encode():
+                if kind == b"zTXt":
+                    rest = zlib.decompress(rest[1:])
+                elif kind == b"iTXt":
+                    flag, rest = rest[0], rest[2:]
+                    rest = rest.split(b"\0", 2)[2]
+                    rest = zlib.decompress(rest) if flag else rest
+                return json.loads(rest.decode("utf-8"))
+        pos += 12 + length
+    return None
+
+
 def png(fig: Figure) -> bytes:
+    import json
+
     buf = io.BytesIO()
     FigureCanvasAgg(fig)
-    fig.savefig(buf, format="png", dpi=DPI)
+    fig.canvas.draw()
+    meta = {LAYOUT_KEY: json.dumps(layout(fig))}
+    fig.savefig(buf, format="png", dpi=DPI, metadata=meta)
     return buf.getvalue()
 
 
-def render_figures(a: Analysis) -> dict[str, bytes]:
+def render_figures(a: Analysis, progress: Callable[[str], None] | None = None) -> dict[str, bytes]:
     """Every figure that has something to show, as PNG bytes, by name (in ``FIGURES`` order)."""
     out = {}
-    for name, (draw, _) in FIGURES.items():
+    for i, (name, (draw, _)) in enumerate(FIGURES.items(), start=1):
+        if progress is not None:
+            progress(f"figure {i}/{len(FIGURES)}: {name}")
         fig = draw(a)
         if fig is not None:
             out[name] = png(fig)

@@ -9,56 +9,13 @@ into "Figure n" (a link in HTML), numbered in order of appearance.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from capscale.analysis import ALL_BUCKETS, REGIONS
+from capscale.report.format import FIG_REF, ND, Section, Table, _get, _table, interval, num  # noqa: F401
+from capscale.report.sections import SECTIONS
 from capscale.report.trajectory import section as _beta_trajectory
 from capscale.rundir import RunStatus
 from capscale.spectrum.summary import REPORT_METRICS, WELL_SAMPLED
-
-ND = f"N/D < {WELL_SAMPLED:g}"  # the flag for aggregates that are not well sampled
-FIG_REF = re.compile(r"\{fig:([a-z_]+)\}")
-
-
-@dataclass
-class Table:
-    caption: str
-    headers: list[str]
-    rows: list[list[str]]
-    flagged: list[bool] = field(default_factory=list)  # rows to highlight (low N/D, not fittable, ...)
-    collapsed: bool = False  # long detail tables start folded
-    empty: str = "none"
-    pinned: int = 1  # leading columns kept in view when a wide table scrolls
-    answer: int = 0  # the column that answers the table's question (kept first, or pinned)
-
-
-@dataclass
-class Section:
-    anchor: str
-    title: str
-    text: list[str]
-    figures: list[str]
-    tables: list[Table]
-
-
-# -- cell formatting ---------------------------------------------------------------
-
-
-def num(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "—"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return str(x)
-    return f"{x:.{digits}f}"
-
-
-def interval(lo: Any, hi: Any, digits: int = 3) -> str:
-    return "—" if lo is None or hi is None else f"[{num(lo, digits)}, {num(hi, digits)}]"
 
 
 def beta(b: dict) -> str:
@@ -82,26 +39,6 @@ def _notes(row: dict) -> str:
 
 def _flag(row: dict) -> bool:
     return not row["beta_hard"]["fittable"] or bool(row["beta_hard"]["n_low_nd"])
-
-
-def _table(
-    caption: str,
-    columns: list[tuple[str, Callable[[dict], str]]],
-    rows: list[dict],
-    flag: Callable[[dict], bool] | None = None,
-    **kw,
-) -> Table:
-    return Table(
-        caption=caption,
-        headers=[h for h, _ in columns],
-        rows=[[f(r) for _, f in columns] for r in rows],
-        flagged=[bool(flag(r)) for r in rows] if flag else [],
-        **kw,
-    )
-
-
-def _get(key: str, digits: int = 3) -> Callable[[dict], str]:
-    return lambda r: num(r.get(key), digits) if not isinstance(r.get(key), str) else r[key]
 
 
 def figure_numbers(secs: list[Section], available) -> dict[str, int]:
@@ -205,8 +142,8 @@ def _q1(d: dict) -> Section:
                 "β is the OLS slope of log rank on log width over the runs of a series (seeds as replicate points). "
                 "β = 1: every added unit of width becomes a variance-carrying direction; β < 1: capacity grows slower than "
                 "width. The soft rank R1 counts directions carrying any variance, the hard rank R2 the directions the "
-                "energy actually spreads over. {fig:scaling} shows the ranks and the fitted laws with their "
-                "confidence bands."
+                "energy actually spreads over. {fig:scaling} shows the ranks and the fitted laws (with their "
+                "confidence bands when the design has one cell; per cell otherwise, intervals in the tables)."
             ),
             (
                 "β compares growth; levels compare how much capacity each series realises at the same width. "
@@ -418,86 +355,6 @@ def _q4(d: dict) -> Section:
     )
 
 
-def _q5(d: dict) -> Section:
-    q = d["q5_optimizer_architecture"]
-    axes = q["arch_axes"]
-    text = (
-        "Architecture axes varied: " + ", ".join(axes) + ". "
-        if axes
-        else "No architecture axis varied in this sweep, so only optimizer effects are shown. "
-    )
-    text += (
-        "Optimizer effect: spread of β across optimizer settings on one architecture; architecture effect: "
-        "spread of β across architectures for one optimizer setting. Each spread compares β refitted on "
-        "the widths the compared series share, so that curvature over a wider range is not read as an effect; "
-        "its interval is that of the difference of the two β. One effect is called larger only when all its "
-        "spans' intervals lie above all the other's ({fig:optimizer_architecture})."
-    )
-
-    def cell(kind):
-        return lambda r: (
-            f"{num(r[f'{kind}_beta'])} {interval(r[f'{kind}_ci_low'], r[f'{kind}_ci_high'])}"
-            if r[f"{kind}_fittable"]
-            else "not fittable"
-        )
-
-    return Section(
-        "q5",
-        "5. Optimizer or architecture: which moves β more?",
-        [text],
-        ["optimizer_architecture"],
-        [
-            _table(
-                "β per optimizer setting × architecture (all tokens).",
-                [
-                    ("optimizer setting", _get("setting")),
-                    ("architecture", lambda r: r["arch"] or "(single)"),
-                    ("β_soft", cell("soft")),
-                    ("β_hard", cell("hard")),
-                    ("Δβ", cell("delta")),
-                ],
-                q["cells"],
-            ),
-            _table(
-                "Spans of β, each refitted on the widths its series share.",
-                [
-                    ("effect", _get("kind")),
-                    ("within", lambda r: r["within"] or "(single)"),
-                    ("β", _get("metric")),
-                    ("span [CI]", lambda r: f"{num(r['span'])} {interval(r.get('span_low'), r.get('span_high'))}"),
-                    ("highest", _get("highest")),
-                    ("lowest", _get("lowest")),
-                    ("compared", _get("n_compared")),
-                    ("widths", lambda r: ", ".join(str(w) for w in r["widths"])),
-                ],
-                q["effects"],
-                empty="fewer than two settings or architectures with 3 shared widths to compare",
-            ),
-            _table(
-                "Median spans, with the envelope of their intervals.",
-                [
-                    ("β", _get("metric")),
-                    ("larger", lambda r: r["larger"] or "not resolved"),
-                    (
-                        "optimizer",
-                        lambda r: (
-                            f"{num(r['optimizer_span'])} within {interval(r.get('optimizer_low'), r.get('optimizer_high'))}"
-                        ),
-                    ),
-                    (
-                        "architecture",
-                        lambda r: (
-                            f"{num(r['architecture_span'])} within {interval(r.get('architecture_low'), r.get('architecture_high'))}"
-                        ),
-                    ),
-                    ("point estimates favour", lambda r: r.get("point_larger") or "—"),
-                ],
-                q["summary"],
-            ),
-        ],
-    )
-
-
 def _training(d: dict) -> Section:
     cols = [
         ("run", _get("run_id")),
@@ -656,7 +513,7 @@ def sections(d: dict) -> list[Section]:
         _q2(d),
         _q3(d),
         _q4(d),
-        _q5(d),
+        *[s for s in (module.section(d) for module in SECTIONS) if s is not None],
         _training(d),
         _beta_trajectory(d),
         _reliability(d),

@@ -16,6 +16,7 @@ from matplotlib.ticker import EngFormatter
 
 from capscale.analysis import Analysis
 from capscale.analysis.pipeline import TRAJECTORY_RESAMPLES
+from capscale.report.format import ND, Section, _get, _table, interval, num
 
 _FIT_FIELDS = [
     "series",
@@ -168,7 +169,6 @@ def _plain(s: str) -> str:
 
 def section(d: dict):
     """The report section: the sentences, the figure, and the table of β per series and step."""
-    from capscale.report.layout import ND, Section, _get, _table, interval, num
 
     t = d.get("beta_trajectory") or {"fits": [], "separation": [], "pairs": []}
     site = t.get("site", d["parameters"]["site"])

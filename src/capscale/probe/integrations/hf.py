@@ -8,8 +8,18 @@
 The probe attaches at train start and steps with the trainer. Measurements go
 straight to the trainer's TensorBoard writer and W&B run at the *measured* step
 (``report_to``), whatever the callback order; the trainer's loss and eval loss
-go into the run directory's ``metrics.jsonl``. After ``train()``,
-``cb.probe.compute()`` returns the spectra and the run directory is complete.
+go into the run directory's ``metrics.jsonl`` (the eval loss read from the key
+``val_loss_key=``, default ``eval_loss``; a run that logs none is warned about once).
+After ``train()``, ``cb.probe.compute()`` returns the spectra and the run directory is
+complete.
+
+Given a frequency table (``freq_table=``), each evaluation also computes the validation
+loss per HEAD/MID/TAIL bucket of the target token (``val_loss_head/mid/tail``): one
+extra no-grad pass over the trainer's eval dataloader (labels as the model reads them,
+next-token, ``-100`` ignored). An exception raised by a training step, an evaluation or
+a save marks the run directory ``failed``; ``HFCallback.add_to(trainer)`` covers the
+whole of ``trainer.train()``. A window with N/D below 10 is warned about once, with the
+``window=`` that fixes it.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
+from capscale.probe.integrations._common import BucketLoss, SampleCheck, warn_no_val_loss
 from capscale.probe.probe import Probe, attach
 from capscale.probe.runwriter import check_run_config
 from capscale.probe.sinks import Sink, TensorBoardSink, WandbSink
@@ -37,8 +48,11 @@ class HFCallback(TrainerCallback):
     ``steps`` to ``max_steps``.
     """
 
-    def __init__(self, *, out=None, run_config=None, sinks=(), **attach_kwargs):
+    def __init__(self, *, out=None, run_config=None, sinks=(), val_loss_key: str = "eval_loss", **attach_kwargs):
         self.out, self.run_config = out, run_config
+        self.val_loss_key = val_loss_key
+        self._metrics = {**{k: v for k, v in _METRICS.items() if v != "val_loss"}, val_loss_key: "val_loss"}
+        self._val_logged = False
         check_run_config(out, run_config)
         self.sinks = list(sinks)
         self.attach_kwargs = attach_kwargs
@@ -50,7 +64,21 @@ class HFCallback(TrainerCallback):
         """Create one and add it to ``trainer`` (the same as passing it in ``callbacks=[...]``)."""
         cb = cls(**kwargs)
         trainer.add_callback(cb)
+        train = trainer.train
+
+        def train_marking_failures(*args, **kw):  # any exception of train(): the run ends failed
+            try:
+                return train(*args, **kw)
+            except BaseException as exc:
+                cb._fail(exc)
+                raise
+
+        trainer.train = train_marking_failures
         return cb
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.probe is not None:  # close is idempotent: a second failure changes nothing
+            self.probe.__exit__(type(exc), exc, exc.__traceback__)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         kw = dict(self.attach_kwargs)
@@ -61,10 +89,17 @@ class HFCallback(TrainerCallback):
         if self.out is not None and run_config is not None and max_steps and "steps" not in run_config:
             run_config = {**run_config, "steps": max_steps}
         self._handler = _calling_handler()
-        sinks = list(self.sinks)
+        sinks = [*self.sinks, SampleCheck(kw.get("window", 1))]
         if state.is_world_process_zero:
             sinks.append(_TrainerLoggers(self, args))
         self.probe = attach(model, sinks=sinks, out=self.out, run_config=run_config, **kw)
+        table = self.probe.freq_table
+        self._buckets = BucketLoss(table) if table is not None and self.out is not None else None
+        self._val_logged = False
+        trainer = _calling_trainer()
+        if trainer is not None:
+            for name in ("training_step", "_maybe_log_save_evaluate"):
+                _mark_failures(trainer, name, self)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.probe.step(state.global_step)
@@ -75,11 +110,33 @@ class HFCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.probe is None or self.out is None or not logs:
             return
-        metrics = {_METRICS[k]: v for k, v in logs.items() if k in _METRICS and isinstance(v, (int, float))}
+        metrics = {self._metrics[k]: v for k, v in logs.items() if k in self._metrics and isinstance(v, (int, float))}
         if metrics:
+            self._val_logged = self._val_logged or "val_loss" in metrics
             self.probe.log(state.global_step, **metrics)
 
+    def on_evaluate(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
+        if self._buckets is None or model is None or eval_dataloader is None:
+            return
+        import torch
+
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        try:
+            with torch.no_grad():
+                for batch in eval_dataloader:
+                    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+                    labels = batch.get("labels", batch.get("input_ids"))
+                    self._buckets.add_causal(model(**batch).logits, labels)
+        finally:
+            model.train(was_training)
+        self.probe.log(state.global_step, **self._buckets.result())
+        self._buckets.reset()
+
     def on_train_end(self, args, state, control, **kwargs):
+        if self.out is not None and not self._val_logged:
+            warn_no_val_loss("HFCallback", [self.val_loss_key])
         if self.probe is not None:
             self.probe.close()
 
@@ -134,6 +191,39 @@ class _TrainerLoggers(Sink):
         for sink in (self._tb, self._wandb):
             if sink is not None:
                 sink.close()
+
+
+def _mark_failures(trainer, name: str, cb: HFCallback) -> None:
+    """Wrap ``trainer.<name>`` so that an exception it raises marks the run failed, then propagates."""
+    method = getattr(trainer, name, None)
+    if method is None or getattr(method, "_capscale_marks", None) is cb:
+        return
+
+    def wrapped(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except BaseException as exc:
+            cb._fail(exc)
+            raise
+
+    wrapped._capscale_marks = cb
+    setattr(trainer, name, wrapped)
+
+
+def _calling_trainer():
+    """The ``Trainer`` whose ``train()`` is calling us (callbacks get no reference to it)."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, Trainer):
+                return obj
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
 
 
 def _calling_handler() -> CallbackHandler | None:

@@ -1,0 +1,139 @@
+"""Question 5 — which moves β more, the optimizer or the architecture? (``report.json`` key
+``q5_optimizer_architecture``): its data, its verdict and its part of the page, in one module.
+Its figure is ``figures.fig_opt_arch`` (``optimizer_architecture``)."""
+
+from __future__ import annotations
+
+from capscale.analysis import Analysis
+from capscale.report.answers import NOT_MEASURED, NOT_RESOLVED, RESOLVED, _answer, f2, iv
+from capscale.report.format import Section, interval, num
+from capscale.report.format import get as _get
+from capscale.report.format import table as _table
+from capscale.report.records import jsonable, records
+
+KEY = "q5_optimizer_architecture"
+
+
+def data(a: Analysis) -> dict:
+    return jsonable(
+        {
+            "arch_axes": list(a.sweep.arch_axes),
+            "cells": records(a.cells),
+            "effects": records(a.effects),
+            "summary": records(a.effect_summary),
+        }
+    )
+
+
+def answer(d: dict) -> dict:
+    q = d["q5_optimizer_architecture"]
+    if not q["arch_axes"]:
+        return _answer(
+            "q5",
+            NOT_MEASURED,
+            "No architecture axis varied in this sweep, so only optimizer effects are measured; a sweep with an "
+            "arch axis (e.g. the cpu preset's no-position arm) is needed to compare.",
+            ["optimizer_architecture"],
+        )
+    s = {r["metric"]: r for r in q["summary"]}.get("hard")
+    if not s or s.get("optimizer_span") is None or s.get("architecture_span") is None:
+        return _answer(
+            "q5",
+            NOT_RESOLVED,
+            "Too few settings or architectures share 3 widths to compare their effects on β_hard.",
+            ["optimizer_architecture"],
+        )
+    text = (
+        f"Span of β_hard across optimizers {f2(s['optimizer_span'])} (intervals within "
+        f"{iv(s['optimizer_low'], s['optimizer_high'])}), across architectures {f2(s['architecture_span'])} "
+        f"(within {iv(s['architecture_low'], s['architecture_high'])})"
+    )
+    if s["larger"]:
+        return _answer("q5", RESOLVED, f"{text}: the {s['larger']} effect is larger.", ["optimizer_architecture"])
+    return _answer(
+        "q5",
+        NOT_RESOLVED,
+        f"{text}: the intervals overlap, so which effect is larger is not resolved (the point estimates favour the "
+        f"{s['point_larger']}); more seeds per width on both axes would be needed.",
+        ["optimizer_architecture"],
+    )
+
+
+def section(d: dict) -> Section:
+    q = d["q5_optimizer_architecture"]
+    axes = q["arch_axes"]
+    text = (
+        "Architecture axes varied: " + ", ".join(axes) + ". "
+        if axes
+        else "No architecture axis varied in this sweep, so only optimizer effects are shown. "
+    )
+    text += (
+        "Optimizer effect: spread of β across optimizer settings on one architecture; architecture effect: "
+        "spread of β across architectures for one optimizer setting. Each spread compares β refitted on "
+        "the widths the compared series share, so that curvature over a wider range is not read as an effect; "
+        "its interval is that of the difference of the two β. One effect is called larger only when all its "
+        "spans' intervals lie above all the other's ({fig:optimizer_architecture})."
+    )
+
+    def cell(kind):
+        return lambda r: (
+            f"{num(r[f'{kind}_beta'])} {interval(r[f'{kind}_ci_low'], r[f'{kind}_ci_high'])}"
+            if r[f"{kind}_fittable"]
+            else "not fittable"
+        )
+
+    return Section(
+        "q5",
+        "5. Optimizer or architecture: which moves β more?",
+        [text],
+        ["optimizer_architecture"],
+        [
+            _table(
+                "β per optimizer setting × architecture (all tokens).",
+                [
+                    ("optimizer setting", _get("setting")),
+                    ("architecture", lambda r: r["arch"] or "(single)"),
+                    ("β_soft", cell("soft")),
+                    ("β_hard", cell("hard")),
+                    ("Δβ", cell("delta")),
+                ],
+                q["cells"],
+            ),
+            _table(
+                "Spans of β, each refitted on the widths its series share.",
+                [
+                    ("effect", _get("kind")),
+                    ("within", lambda r: r["within"] or "(single)"),
+                    ("β", _get("metric")),
+                    ("span [CI]", lambda r: f"{num(r['span'])} {interval(r.get('span_low'), r.get('span_high'))}"),
+                    ("highest", _get("highest")),
+                    ("lowest", _get("lowest")),
+                    ("compared", _get("n_compared")),
+                    ("widths", lambda r: ", ".join(str(w) for w in r["widths"])),
+                ],
+                q["effects"],
+                empty="fewer than two settings or architectures with 3 shared widths to compare",
+            ),
+            _table(
+                "Median spans, with the envelope of their intervals.",
+                [
+                    ("β", _get("metric")),
+                    ("larger", lambda r: r["larger"] or "not resolved"),
+                    (
+                        "optimizer",
+                        lambda r: (
+                            f"{num(r['optimizer_span'])} within {interval(r.get('optimizer_low'), r.get('optimizer_high'))}"
+                        ),
+                    ),
+                    (
+                        "architecture",
+                        lambda r: (
+                            f"{num(r['architecture_span'])} within {interval(r.get('architecture_low'), r.get('architecture_high'))}"
+                        ),
+                    ),
+                    ("point estimates favour", lambda r: r.get("point_larger") or "—"),
+                ],
+                q["summary"],
+            ),
+        ],
+    )
