@@ -52,8 +52,8 @@ def build_report(
             progress(f"[{time.monotonic() - start:5.1f}s] {text}")
 
     sweep_dir = Path(sweep_dir)
-    say(f"reading runs in {sweep_dir}")
-    sweep = load_sweep(sweep_dir)
+    sweep = load_sweep(sweep_dir)  # said once read: a run directory refused here gives its one line only
+    say(f"read the runs in {sweep_dir}")
     defaults = dict((sweep.spec or {}).get("analysis") or {})
     params = AnalysisParams.create(**{**defaults, **analysis_params})
     say(f"analysing {len(sweep.runs)} run(s) ({len(sweep.spectra):,} spectra rows)")
