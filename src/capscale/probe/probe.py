@@ -35,6 +35,7 @@ from capscale.probe.accumulate import (
     accumulate,
     compute_dtype,
 )
+from capscale.probe.config import ATTACH_DEFAULTS, TELEMETRY_FIELDS, TelemetryConfig
 from capscale.probe.estimated import SPECTRUM_METHODS, spectrum_note
 from capscale.probe.estimated import resolve as resolve_spectrum
 from capscale.probe.hoststates import (
@@ -922,16 +923,12 @@ def _ids_and_mask(args, kwargs):
 
 def attach(
     model: nn.Module,
+    config: TelemetryConfig | None = None,
     *,
-    sites=SITE_NAMES,
     layers="auto",
     freq_table: FrequencyTable | str | Path | None = None,
-    every: int = 200,
-    window: int = 1,
-    dtype=None,
     device=None,
     sinks: Iterable[Sink] = (),
-    monitor_every: int | None = None,
     monitor_sites=("pre",),
     total_steps: int | None = None,
     start_step: int = 0,
@@ -942,12 +939,17 @@ def attach(
     persistent_hooks: bool | None = None,
     out: str | Path | None = None,
     run_config: dict | None = None,
-    background: bool | str = False,
-    states: str = "auto",
-    spectrum: str = "auto",
     tp_group=None,
+    **overrides,
 ) -> Probe:
     """Attach spectral telemetry to ``model``; returns a :class:`Probe` (also a context manager).
+
+    config: a :class:`~capscale.probe.config.TelemetryConfig` (what the harness's
+        ``[telemetry]`` table builds): every, window, sites, buckets, monitor_every,
+        dtype, background, states, spectrum. Each of these may also be given as a
+        keyword, which overrides the config's value (and may be what only a keyword can
+        hold: a ``sites`` mapping, a torch dtype). Without a config, attach's defaults
+        are the table's but ``every=200``. ``buckets=False`` ignores ``freq_table``.
 
     sites: ``("pre", "post")`` (found by structure in any transformer, see
         docs/models.md; blocks that cannot be measured are warned about and listed in
@@ -1000,6 +1002,9 @@ def attach(
         own. Each rank keeps its columns' rows of the states; rows equal the
         unsharded model's and are decomposed on the writing rank (docs/parallel.md).
     """
+    every, window, sites, monitor_every, dtype, background, states, spectrum, buckets = _settings(config, overrides)
+    if not buckets:
+        freq_table = None
     if states not in STATE_LAYOUTS:
         raise ValueError(f"states must be one of {STATE_LAYOUTS}, got {states!r}")
     if spectrum not in SPECTRUM_METHODS:
@@ -1086,3 +1091,19 @@ def attach(
     )
     probe._run, probe._writes_elsewhere = run, out is not None
     return probe
+
+
+def _settings(config: TelemetryConfig | None, overrides: dict) -> tuple:
+    """The config's fields with the keyword overrides applied (unknown keywords refused)."""
+    unknown = sorted(set(overrides) - set(TELEMETRY_FIELDS))
+    if unknown:
+        raise TypeError(f"attach() got unknown keyword(s) {unknown}; telemetry settings are {list(TELEMETRY_FIELDS)}")
+    if config is None:
+        config = TelemetryConfig(**ATTACH_DEFAULTS)
+    elif not isinstance(config, TelemetryConfig):
+        raise TypeError(f"attach() config must be a TelemetryConfig, got {type(config).__name__}")
+    value = {f: overrides.get(f, getattr(config, f)) for f in TELEMETRY_FIELDS}
+    if value["enabled"] is not True:
+        raise ValueError("attach() got a telemetry config with enabled=false: there is nothing to attach")
+    names = ("every", "window", "sites", "monitor_every", "dtype", "background", "states", "spectrum", "buckets")
+    return tuple(value[n] for n in names)

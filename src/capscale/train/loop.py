@@ -308,20 +308,7 @@ def _attach_probe(cfg: RunConfig, model: GPT, freq, start: int):
 
     sink = _Collect()
     probe = attach(
-        model,
-        sites=tuple(tel.sites),
-        freq_table=freq if tel.buckets else None,
-        every=tel.every,
-        window=tel.window,
-        dtype=tel.dtype,
-        monitor_every=tel.monitor_every,
-        background=tel.background,
-        states=tel.states,
-        spectrum=tel.spectrum,
-        total_steps=cfg.train.steps,
-        start_step=start,
-        sinks=[sink],
-        mode="train",
+        model, tel, freq_table=freq, total_steps=cfg.train.steps, start_step=start, sinks=[sink], mode="train"
     )
     return probe, sink
 
