@@ -10,8 +10,7 @@ import torch
 from test_probe_sites import toy
 
 import capscale
-from capscale.probe import SpectrumError
-from capscale.probe import probe as probe_module
+from capscale.probe import SpectrumError, decomposition
 from capscale.probe.probe import NothingCapturedWarning
 from capscale.probe.records import spectrum_rows
 from capscale.spectrum import FrequencyTable
@@ -116,7 +115,7 @@ def test_worker_error_surfaces_at_the_next_call(monkeypatch):
     def broken(entries, batched=None):
         raise SpectrumError("layer 0 site 'pre' bucket 'all' at step 0: injected")
 
-    monkeypatch.setattr(probe_module, "spectrum_rows", broken)
+    monkeypatch.setattr(decomposition, "spectrum_rows", broken)
     model = toy()
     probe = capscale.attach(model, every=1, background=True)
     model(torch.randint(0, V, (2, 8)))

@@ -200,7 +200,7 @@ def test_telemetry_config_carries_the_layout_and_spectrum(monkeypatch):
     seen = {}
     monkeypatch.setattr(capscale.probe, "attach", lambda model, **kw: seen.update(kw) or "probe")
     loop._attach_probe(cfgmod.RunConfig(telemetry=tel), None, None, 0)
-    assert seen["states"] == "host" and seen["spectrum"] == "lanczos"
+    assert seen["config"].states == "host" and seen["config"].spectrum == "lanczos"  # the config, whole
 
 
 def test_a_run_directory_of_lanczos_rows_is_read_by_the_analysis(tmp_path):

@@ -10,6 +10,7 @@ Knows nothing of training: it sees forwards, steps and sinks.
 """
 
 from capscale.probe.accumulate import NonFiniteActivationError
+from capscale.probe.config import TelemetryConfig
 from capscale.probe.posthoc import measure_model
 from capscale.probe.probe import MODES, NothingCapturedWarning, Probe, attach
 from capscale.probe.records import COLUMNS, SpectrumError, scalar_summary
@@ -59,6 +60,7 @@ __all__ = [
     "SiteSpec",
     "Skipped",
     "SpectrumError",
+    "TelemetryConfig",
     "TensorBoardSink",
     "WandbSink",
     "attach",

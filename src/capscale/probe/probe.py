@@ -7,6 +7,11 @@ so an unmeasured forward runs exactly the model's own code. Under
 afterwards (dynamo does not guard on hook dicts), so a compiled model gets
 persistent hooks that run eagerly (``torch.compiler.disable``) and return at
 once when no window is open.
+
+The Probe composes: hooks.py (installing the root and site hooks, reading a forward's
+inputs), windows.py (a window's accumulators, their release and snapshots),
+decomposition.py (a window's rows from its states), background.py (the worker thread)
+and attaching.py (``attach``, importable from here).
 """
 
 from __future__ import annotations
@@ -14,10 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +37,11 @@ from capscale.probe.accumulate import (
     accumulate,
     compute_dtype,
 )
-from capscale.probe.estimated import SPECTRUM_METHODS, spectrum_note
-from capscale.probe.estimated import resolve as resolve_spectrum
+from capscale.probe.background import MAX_PENDING, Background
+from capscale.probe.decomposition import NOT_RUN, decompose, rows_site_at_a_time
+from capscale.probe.estimated import spectrum_note
+from capscale.probe.hooks import Hooks, ids_and_mask, routed
 from capscale.probe.hoststates import (
-    STATE_LAYOUTS,
-    HostMoments,
     HostStage,
     choose_layout,
     held_bytes,
@@ -49,58 +51,24 @@ from capscale.probe.hoststates import (
 )
 from capscale.probe.records import (
     SpectrumError,
-    add_js_divergence,
     monitor_summary,
     scalar_summary,
-    spectrum_rows,
     to_frame,
 )
 from capscale.probe.schedule import Schedule
 from capscale.probe.sinks import Sink
-from capscale.probe.sites import SITE_NAMES, Site, Skipped, discover
+from capscale.probe.sites import Site, Skipped
+from capscale.probe.windows import Window as _Window
+from capscale.probe.windows import accumulators, empty_moments, release, snapshot
 from capscale.spectrum import BUCKETS, FrequencyTable, hard_rank_from_covariance
 
 log = logging.getLogger("capscale")
 MODES = ("train", "eval", "any")
-# The sampling status of a site that captured nothing in a window (its module never ran).
-NOT_RUN = "not-run"
-# Background windows whose snapshots may wait for the worker before a window close blocks.
-_MAX_PENDING = 2
 MONITOR_COLUMNS = ("step", "stack", "layer", "site", "module", "n_samples", "dim", "hard_rank", "trace")
 
 
 class NothingCapturedWarning(UserWarning):
     """A measurement window closed without a captured forward (once per probe; the message says why)."""
-
-
-@dataclass
-class _Window:
-    """One open measurement: states per site index, and how many forwards it captured."""
-
-    start: int
-    end: int
-    states: dict[int, Any] = field(default_factory=dict)
-    forwards: int = 0
-    skipped: int = 0  # root forwards in the other train/eval mode: not captured
-    stray: int = 0  # site activations outside any root forward
-
-
-def _as_dtype(dtype) -> torch.dtype | None:
-    if dtype is None:
-        return None
-    table = {
-        "float32": torch.float32,
-        "float64": torch.float64,
-        torch.float32: torch.float32,
-        torch.float64: torch.float64,
-    }
-    if dtype not in table:
-        raise ValueError(f"dtype must be None, float32 or float64 (the covariance GEMM dtype), got {dtype!r}")
-    return table[dtype]
-
-
-def _is_compiled(model: nn.Module) -> bool:
-    return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"
 
 
 class Probe:
@@ -154,7 +122,7 @@ class Probe:
         self.monitor_records: list[dict] = []
         self._fwd: Forward | None = None
         self._explicit: tuple | None = None
-        self._handles: list = []
+        self._hooks = Hooks()
         # Accumulators and scratch buffers are reused window after window.
         self._pool: dict[tuple[str, int], list[WindowMoments]] = {}
         # Sites run one after another and a batch's buffers are consumed before the next site
@@ -172,12 +140,7 @@ class Probe:
         # Off the training path: finished windows are snapshotted and decomposed by one
         # worker thread; their rows reach the records and sinks, in order, at a later call.
         self.background = background
-        self._worker = (
-            ThreadPoolExecutor(1, thread_name_prefix="capscale-spectra", initializer=_one_thread)
-            if background
-            else None
-        )
-        self._pending: deque = deque()
+        self._worker = Background() if background else None
         # Where the float64 states live ("device" or "host", see capscale.probe.hoststates):
         # "auto" is decided at the first measured forward, from the free device memory.
         self.states, self.spectrum = states, spectrum
@@ -302,7 +265,7 @@ class Probe:
     @property
     def pending(self) -> int:
         """Finished windows whose rows are still being decomposed in the background (0 without)."""
-        return len(self._pending)
+        return 0 if self._worker is None else len(self._worker)
 
     def wait(self) -> None:
         """Hand every finished window's rows to the sinks now, waiting for background work;
@@ -340,8 +303,7 @@ class Probe:
             self._full = self._monitor = None
             self._closed = True
             if self._worker is not None:
-                self._pending.clear()  # unflushed work (after an error) is dropped, as an open window is
-                self._worker.shutdown(wait=True)
+                self._worker.shutdown()  # unflushed work (after an error) is dropped, as an open window is
             for sink in self.sinks:
                 sink.close()
             if self._run is not None and distributed.rank(self.group) == 0:
@@ -421,23 +383,18 @@ class Probe:
     def _sync_hooks(self) -> None:
         if self.persistent_hooks:
             return
-        if self.active and not self._handles:
+        if self.active and not self._hooks.installed:
             self._install()
-        elif not self.active and self._handles:
+        elif not self.active and self._hooks.installed:
             self._remove()
 
     def _install(self) -> None:
-        wrap = torch.compiler.disable if self.persistent_hooks else (lambda f: f)
-        h = self._handles
-        h.append(self._root.register_forward_pre_hook(wrap(self._on_root_pre), with_kwargs=True))
-        h.append(self._root.register_forward_hook(wrap(self._on_root_post), always_call=True))
-        for i, site in enumerate(self.sites):
-            h += site.register(lambda x, rows, i=i: self._on_site(i, x, rows), wrap)
+        self._hooks.install(
+            self._root, self.sites, self._on_root_pre, self._on_root_post, self._on_site, self.persistent_hooks
+        )
 
     def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._hooks.remove()
         self._fwd = None
 
     def _on_root_pre(self, module, args, kwargs) -> None:
@@ -448,7 +405,7 @@ class Probe:
             for w in (self._full, self._monitor):
                 if w is not None:
                     w.skipped += 1
-        ids, mask = _ids_and_mask(args, kwargs)
+        ids, mask = ids_and_mask(args, kwargs)
         given_ids, given_mask, buckets = self._explicit or (None, None, None)
         if given_ids is not None:  # what probe.batch() gave wins over what the inputs hold
             ids = given_ids
@@ -483,7 +440,7 @@ class Probe:
                         w.stray += 1
             return
         if rows is not None:  # MoE: the activations' rows are these token positions
-            fwd = _routed(fwd, rows)
+            fwd = routed(fwd, rows)
         full = self._full is not None and i in self._full_set
         mon = self._monitor is not None and i in self._mon_set
         if not (full or mon):
@@ -536,17 +493,7 @@ class Probe:
         # A tensor-parallel site keeps its row block (1/tp of the state) on the device in
         # either layout: host-held blocks are not built yet (docs/parallel.md).
         host = self._layout == "host" and shard is None
-        accs = self._pool.get((level, i))
-        want = torch.device("cpu") if host else torch.device(device)
-        if accs is None or len(accs) != k or accs[0].scatter.device != want or isinstance(accs[0], HostMoments) != host:
-            if shard is not None:
-                accs = [shard.accumulator(device) for _ in range(k)]
-            elif host:
-                accs = [HostMoments(d, self._stage) for _ in range(k)]
-            else:
-                accs = [WindowMoments(d, device) for _ in range(k)]
-            self._pool[(level, i)] = accs
-        return accs
+        return accumulators(self._pool, (level, i), k, d, device, host, shard, self._stage)
 
     def _choose_layout(self, d: int, device) -> None:
         """Decide where the states live (once), from what they need and the device's free memory."""
@@ -583,21 +530,9 @@ class Probe:
         return out, window.forwards
 
     def _empty(self, d: int) -> Moments:
-        """The state of a site or bucket that saw no rows in a window."""
-        dev = self.device or torch.device("cpu")
-        return Moments(
-            0,
-            torch.zeros(d, dtype=torch.float64, device=dev),
-            torch.zeros(d, d, dtype=torch.float64, device=dev),
-        )
+        return empty_moments(d, self.device)
 
-    @staticmethod
-    def _release(window: _Window) -> None:
-        """Empty the window's accumulators for reuse by the next window."""
-        for accs in window.states.values():
-            for a in accs:
-                a.reset()
-        window.states.clear()
+    _release = staticmethod(release)
 
     def _states(self, window: _Window, release: bool, copy: str | None = None) -> tuple[int, list] | None:
         """The window's moments per full site, ``(start, [(site, parts), ...])``; None without forwards.
@@ -617,52 +552,11 @@ class Probe:
                 if any(p is None for p in parts):  # never saw data anywhere: width unknown, a row all the same
                     out.append((site, None))
                     continue
-                if copy == "host":
-                    parts = [
-                        replace(p, mean=p.mean.to("cpu", copy=True), scatter=p.scatter.to("cpu", copy=True))
-                        for p in parts
-                    ]
-                elif copy == "device":
-                    parts = [replace(p, mean=p.mean.clone(), scatter=p.scatter.clone()) for p in parts]
-                out.append((site, parts))
+                out.append((site, snapshot(parts, copy)))
             return window.start, out
         finally:
             if release:
                 self._release(window)
-
-    @staticmethod
-    def _decompose(start: int, states: list, bucketed: bool, spectrum: str = "exact", js: bool = True) -> list[dict]:
-        """Spectra rows of one window's states (pools the buckets into "all"); runs on any thread.
-
-        ``js=False``: without the pre/post divergence, which pairs rows of several sites (added
-        by the caller once every site's rows are in)."""
-        entries, marks = [], []
-        for site, parts in states:
-            if parts is None:  # the site never saw data anywhere: its width is unknown
-                nothing = Moments(0, torch.zeros(2, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64))
-                named = {b: nothing for b in ("all", *(BUCKETS if bucketed else ()))}
-            elif bucketed:
-                named = {"all": Moments.merge_all(parts), **dict(zip(BUCKETS, parts))}
-            else:
-                named = {"all": parts[0]}
-            ran = named["all"].count > 0
-            for bucket, m in named.items():
-                labels = {"step": start, "layer": site.layer, "site": site.site, "bucket": bucket}
-                entries.append((m, {**labels, "stack": site.stack, "module": site.name}))
-                marks.append((parts is None, ran))
-        if all(resolve_spectrum(spectrum, m.dim) == "exact" for m, _ in entries):
-            rows = spectrum_rows(entries)
-        else:
-            rows = spectrum_rows(entries, method=spectrum)
-        for row, (unknown, ran) in zip(rows, marks):
-            if unknown:
-                row["dim"] = row["max_empirical_rank"] = 0
-                row["samples_per_dim"] = math.nan
-            if not ran:  # a site that captured nothing in the window says so
-                row["sampling_status"] = NOT_RUN
-        if js:
-            add_js_divergence(rows)
-        return rows
 
     def _rows(self, window: _Window, release: bool) -> list[dict]:
         bucketed = self.freq_table is not None
@@ -670,61 +564,17 @@ class Probe:
             if self._shards:
                 return self._rows_site_at_a_time(window, bucketed)
             got = self._states(window, release=False)
-            return [] if got is None else self._decompose(*got, bucketed, self.spectrum)
+            return [] if got is None else decompose(*got, bucketed, self.spectrum)
         finally:
             if release:
                 self._release(window)
 
     def _rows_site_at_a_time(self, window: _Window, bucketed: bool) -> list[dict]:
-        """Rows of a window with tensor-parallel sites, one whole state at a time (docs/parallel.md).
-
-        The writing rank assembles one state (a site's bucket), decomposes it and lets it go
-        before the next state's blocks arrive: its extra host memory is one whole state, not
-        every site's. With a Lanczos or hard-only spectrum nothing is assembled: the ranks of
-        the site's tensor-parallel group compute its rows from their blocks.
-        """
         k = len(BUCKETS) if bucketed else 1
         entries, forwards = self._gather(window, self._full_idx, k, full=False, assemble=False)
         if not forwards:
             return []
-        shards = {(self.sites[i].stack, self.sites[i].layer, self.sites[i].site): sh for i, sh in self._shards.items()}
-        writer = distributed._writer(self.group)
-        per_site: list[list[dict] | None] = [None] * len(entries)
-        plain = []
-        for j, (site, parts) in enumerate(entries):
-            if not (parts and isinstance(parts[0], sharded.BlockState)):
-                plain.append((j, (site, None if any(p is None for p in parts) else parts)))
-                continue
-            shard = shards[(site.stack, site.layer, site.site)]
-            if writer not in torch.distributed.get_process_group_ranks(shard.group):
-                continue  # another tensor-parallel group's replica of the same blocks writes it
-            method = sharded.resolve_on(self.spectrum, shard, writer)
-            if method != "exact":
-                rows = sharded.estimated_rows(site, window.start, parts, shard, method, bucketed)
-                if not any(p.count for p in parts):
-                    for row in rows:
-                        row["sampling_status"] = NOT_RUN
-                per_site[j] = rows if torch.distributed.get_rank() == writer else None
-                continue
-            # One whole state at a time: "all" (the buckets merged block by block), then each bucket.
-            rows = []
-            for bucket, block in sharded.named_blocks(parts, bucketed).items():
-                whole = sharded.assemble([block], list(shard.widths), shard.group, writer)
-                if whole is not None:
-                    rows += spectrum_rows([(whole[0], sharded.row_labels(site, window.start, bucket))])
-                del whole  # before the next state's blocks arrive
-            if rows and not any(p.count for p in parts):
-                for row in rows:
-                    row["sampling_status"] = NOT_RUN
-            per_site[j] = rows or None
-        if plain:
-            rows = iter(self._decompose(window.start, [e for _, e in plain], bucketed, self.spectrum, js=False))
-            per = 1 + len(BUCKETS) if bucketed else 1
-            for j, _ in plain:
-                per_site[j] = [next(rows) for _ in range(per)]
-        out = [r for rows in per_site if rows for r in rows]
-        add_js_divergence(out)
-        return out
+        return rows_site_at_a_time(entries, window.start, self.sites, self._shards, self.group, self.spectrum, bucketed)
 
     def _finish_full(self) -> None:
         window, self._full = self._full, None
@@ -742,19 +592,20 @@ class Probe:
         if got is None or not captured:
             self._warn_empty(window)
         if got is not None:
-            if len(self._pending) >= _MAX_PENDING:  # bound the snapshots held: wait for the oldest
-                self._drain(wait=True, keep=_MAX_PENDING - 1)
-            job = self._worker.submit(self._decompose, *got, self.freq_table is not None, self.spectrum)
-            self._pending.append((window.start, job, captured))
+            if len(self._worker) >= MAX_PENDING:  # bound the snapshots held: wait for the oldest
+                self._drain(wait=True, keep=MAX_PENDING - 1)
+            job = self._worker.submit(decompose, *got, self.freq_table is not None, self.spectrum)
+            self._worker.add(window.start, job, captured)
 
     def _drain(self, wait: bool, keep: int = 0) -> None:
         """Deliver background results in window order: those finished (all but ``keep`` when ``wait``).
 
         A worker's error is raised here, at the probe call after it happened.
         """
-        while len(self._pending) > keep and (wait or self._pending[0][1].done()):
-            start, job, captured = self._pending.popleft()
-            self._deliver(start, job.result(), captured)
+        if self._worker is None:
+            return
+        for start, rows, captured in self._worker.finished(wait, keep):
+            self._deliver(start, rows, captured)
 
     def _deliver(self, start: int, rows: list[dict], captured: bool = True) -> None:
         if not rows:
@@ -874,15 +725,6 @@ class Probe:
                 sink.write_scalars(step, scalars)
 
 
-def _routed(fwd: Forward, rows: torch.Tensor) -> Forward:
-    """The forward's mask and buckets for activation rows taken from token positions ``rows``."""
-    mask = None if fwd.mask is None else fwd.mask.reshape(-1)[rows.to(fwd.mask.device)]
-    buckets = None
-    if fwd.bucket_ids is not None:
-        buckets = fwd.bucket_ids.reshape(-1)[rows.to(fwd.bucket_ids.device)]
-    return Forward(None, mask, buckets, fwd.capture)
-
-
 class _BatchScope:
     """Returned by ``Probe.batch``: as a context manager, clears the explicit batch on exit."""
 
@@ -896,193 +738,5 @@ class _BatchScope:
         self._probe._explicit = None
 
 
-def _one_thread() -> None:
-    """The background worker's torch ops run on its own thread only.
-
-    A thread that runs a parallel torch op gets its own OpenMP team, whose threads spin
-    between regions and take the cores training uses: ~20% slower steps for as long as
-    the worker lives (measured, docs/benchmarks.md). The setting is the calling thread's
-    own; training keeps its threads.
-    """
-    torch.set_num_threads(1)
-
-
-def _ids_and_mask(args, kwargs):
-    ids = kwargs.get("input_ids")
-    if ids is None and args:
-        ids = args[0]
-    if not torch.is_tensor(ids) or ids.is_floating_point() or ids.dtype == torch.bool:
-        return None, None
-    mask = kwargs.get("attention_mask")
-    # Only a [batch, seq] padding mask is a row mask; 4-D attention masks are not.
-    if torch.is_tensor(mask) and tuple(mask.shape) == tuple(ids.shape):
-        return ids, mask != 0
-    return ids, None
-
-
-def attach(
-    model: nn.Module,
-    *,
-    sites=SITE_NAMES,
-    layers="auto",
-    freq_table: FrequencyTable | str | Path | None = None,
-    every: int = 200,
-    window: int = 1,
-    dtype=None,
-    device=None,
-    sinks: Iterable[Sink] = (),
-    monitor_every: int | None = None,
-    monitor_sites=("pre",),
-    total_steps: int | None = None,
-    start_step: int = 0,
-    mode: str = "train",
-    root: nn.Module | str | None = None,
-    keep: bool = True,
-    group=None,
-    persistent_hooks: bool | None = None,
-    out: str | Path | None = None,
-    run_config: dict | None = None,
-    background: bool | str = False,
-    states: str = "auto",
-    spectrum: str = "auto",
-    tp_group=None,
-) -> Probe:
-    """Attach spectral telemetry to ``model``; returns a :class:`Probe` (also a context manager).
-
-    sites: ``("pre", "post")`` (found by structure in any transformer, see
-        docs/models.md; blocks that cannot be measured are warned about and listed in
-        ``probe.description``) or ``{"pre": spec, "post": spec}``
-        with a spec a ``"blocks.{layer}.fc1"`` pattern, modules, ``(spec, "input")``
-        or a :class:`SiteSpec`.
-    layers: ``"auto"`` or layer indices.
-    freq_table: HEAD/MID/TAIL buckets by input token id (a FrequencyTable or its JSON file).
-    every, window, total_steps, start_step: full measurements on steps with
-        ``step % every == 0`` and a final window ending at ``total_steps``, each over
-        ``window`` steps; ``probe.step()`` advances.
-    dtype: the per-batch covariance GEMM dtype; None = the activations' own
-        (bf16/fp16 widened to float32). States are always float64.
-    device: where states live (default: the activations' device).
-    sinks: where finished measurements go (see ``capscale.probe.sinks``).
-    monitor_every, monitor_sites: the cheap level: pooled hard rank without
-        eigendecomposition for ``monitor_sites`` every ``monitor_every`` steps.
-    mode: capture forwards in "train" mode, "eval" mode, or "any".
-    root: the module whose forward delimits one forward pass and supplies token
-        ids (``input_ids`` or its first argument); default the model.
-    keep: keep finished records in memory for ``compute()`` (False for long runs
-        that only write to sinks).
-    group: the torch.distributed process group to reduce over (default: world).
-    persistent_hooks: keep hooks registered between measured steps (needed under
-        torch.compile; default: only for an already compiled model).
-    out, run_config: write a run directory as the run goes (docs/run-format.md), which
-        ``capscale report`` analyses: config.json from ``run_config`` (``optimizer``
-        or ``label`` names the series; ``seed``, ``ffn_width``, ``variant``, ``steps``),
-        spectra after every window, ``probe.log(step, loss=..., val_loss=...)``
-        metrics, status "done" on ``close()``.
-    background: decompose finished windows off the training path: the states are
-        snapshotted (True or "device": a copy on their device; "host": a host copy,
-        freeing accelerator memory) and a worker thread computes the rows while
-        training goes on. Rows are identical to the synchronous path; they reach
-        ``compute()`` and the sinks at a later probe call (``compute``, ``flush`` and
-        ``close`` wait for them), and a worker's error is raised there.
-    states: where the float64 states live: "device" (the activations' device), "host"
-        (host memory; the device keeps one D×D buffer in the GEMM dtype, whose scatter
-        is copied over after each batch: bounded device memory, same numbers), or
-        "auto" (default): "device" while the states take at most a quarter of the free
-        device memory, else "host"; on a CPU the states are host memory either way.
-        ``probe.description`` says which was chosen, ``probe.memory()`` the bytes held.
-    spectrum: how ranks are computed: "exact" (eigvalsh), "lanczos" (stochastic
-        Lanczos quadrature: soft rank with its standard error, no eigenvalues),
-        "hard-only" (tr(C)²/‖C‖²_F), or "auto" (default): exact where a state's
-        decomposition fits in half the free host memory, else Lanczos.
-    tp_group: the tensor-parallel group (a ProcessGroup or a 1-D DeviceMesh) of
-        Megatron-style column/row-parallel linears whose outputs/inputs are local
-        shards; DTensor weights (``ColwiseParallel``/``RowwiseParallel``) name their
-        own. Each rank keeps its columns' rows of the states; rows equal the
-        unsharded model's and are decomposed on the writing rank (docs/parallel.md).
-    """
-    if states not in STATE_LAYOUTS:
-        raise ValueError(f"states must be one of {STATE_LAYOUTS}, got {states!r}")
-    if spectrum not in SPECTRUM_METHODS:
-        raise ValueError(f"spectrum must be one of {SPECTRUM_METHODS}, got {spectrum!r}")
-    if background not in (False, True, "device", "host"):
-        raise ValueError(f"background must be False, True, 'device' or 'host', got {background!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    schedule = Schedule(every, window, total_steps)
-    monitor = None if monitor_every is None else Schedule(monitor_every, 1)
-    if isinstance(freq_table, (str, Path)):
-        freq_table = FrequencyTable.load(freq_table)
-    if freq_table is not None and not isinstance(freq_table, FrequencyTable):
-        raise TypeError(f"freq_table must be a FrequencyTable or a path to one, got {type(freq_table).__name__}")
-    sinks = list(sinks)
-    for s in sinks:
-        if not all(callable(getattr(s, m, None)) for m in ("write_spectra", "write_scalars", "close")):
-            raise TypeError(f"{type(s).__name__} is not a sink (needs write_spectra, write_scalars, close)")
-    if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-        raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
-    if isinstance(monitor_sites, str):
-        monitor_sites = (monitor_sites,)
-    monitor_sites = tuple(monitor_sites) if monitor is not None else ()
-    if isinstance(sites, str):
-        sites = (sites,)
-    if isinstance(sites, dict):
-        full_sites = tuple(sites)
-        missing = [s for s in monitor_sites if s not in sites]
-        if missing:
-            raise ValueError(f"monitor_sites {missing} are not among the named sites {full_sites}")
-        spec = sites
-    else:
-        full_sites = tuple(sites)
-        spec = tuple(s for s in SITE_NAMES if s in set(full_sites) | set(monitor_sites))
-        for s in (*full_sites, *monitor_sites):
-            if s not in SITE_NAMES:
-                raise ValueError(f"unknown site {s!r}: sites are {SITE_NAMES}")
-    if not isinstance(layers, str):  # records name layers 0..N-1: a negative index names none of them
-        bad = [x for x in ([layers] if isinstance(layers, int) else layers) if isinstance(x, int) and x < 0]
-        if bad:
-            raise ValueError(f"layers must be layer indices >= 0 (as the records name them), got {bad}")
-    found = discover(model, spec, layers)
-    if found.skipped:
-        warnings.warn(
-            f"capscale.attach: {len(found.skipped)} block(s) of {type(model).__name__} are not measured: "
-            + "; ".join(str(s) for s in found.skipped),
-            stacklevel=2,
-        )
-    if root is None:
-        root = model
-    elif isinstance(root, str):
-        root = model.get_submodule(root)
-    if persistent_hooks is None:
-        persistent_hooks = _is_compiled(model)
-    from capscale.probe.runwriter import RunWriter, check_run_config
-
-    check_run_config(out, run_config)  # on every rank, not only the one that writes
-    run = None
-    if out is not None and distributed.rank(group) == 0:  # every check above passed: now write
-        run = RunWriter(out, run_config, start_step=start_step, total_steps=total_steps)
-        sinks.append(run)
-    probe = Probe(
-        model,
-        found.sites,
-        schedule=schedule,
-        monitor=monitor,
-        full_sites=full_sites,
-        monitor_sites=monitor_sites,
-        freq_table=freq_table,
-        dtype=_as_dtype(dtype),
-        device=device,
-        sinks=sinks,
-        mode=mode,
-        root=root,
-        keep=keep,
-        group=group,
-        persistent_hooks=persistent_hooks,
-        start_step=start_step,
-        skipped=found.skipped,
-        background=background,
-        states=states,
-        spectrum=spectrum,
-        tp_group=tp_group,
-    )
-    probe._run, probe._writes_elsewhere = run, out is not None
-    return probe
+# attach lives in probe/attaching.py; it is importable from here, as it always was.
+from capscale.probe.attaching import attach  # noqa: E402, F401

@@ -22,6 +22,7 @@ import pandas as pd
 from capscale.probe.sinks import Sink
 from capscale.rundir import RunDir, RunStatus
 from capscale.runformat import make_config
+from capscale.runowner import RunOwner
 
 
 class RunWriter(Sink):
@@ -34,28 +35,24 @@ class RunWriter(Sink):
         config = make_config(run_config, name=str((run_config or {}).get("name") or path.name), writer=writer)
         if total_steps is not None:
             config["train"].setdefault("steps", int(total_steps))  # the step budget, unless said otherwise
-        run = RunDir(path)
+        owner = RunOwner(path, what="run_config", advice="give each run its own out= directory")
+        run = owner.run
         if path.exists() and not path.is_dir():
             raise ValueError(f"out={str(path)!r} is a file, not a run directory")
         self._lock = contextlib.ExitStack()
         # RunLockedError (a ValueError) names the other writer; not re-entrant: a second
         # attach(out=SAME) in this process (a notebook cell run again) is refused too.
-        self._lock.enter_context(run.lock(reentrant=False))
+        self._lock.enter_context(owner.lock(reentrant=False))
         try:
             old_status, old_config = _read_existing(run)
             if old_status is not None and old_status.get("status") == RunStatus.DONE:
                 raise ValueError(f"{path} already holds a finished run; give each run its own out= directory")
-            if old_config is not None and _comparable(old_config) != _comparable(config):
-                raise ValueError(
-                    f"{path} holds a run with a different run_config; give each run its own out= directory"
-                )
-            run.create()
-            run.write_config(config)
-            run.write_status(RunStatus.RUNNING, int(start_step))
+            owner.refuse_other_run(config, _comparable, old=old_config)
+            owner.begin(config, int(start_step))
         except BaseException:
             self._lock.close()  # refused: the directory is as it was (the lock removes what it made)
             raise
-        self.run, self.config = run, config
+        self.owner, self.run, self.config = owner, run, config
         self._pending: dict[str, Any] | None = None  # the current step's metrics, merged until the step changes
 
     @property
@@ -96,11 +93,11 @@ class RunWriter(Sink):
         try:
             self.flush_metrics()
             if diverged:
-                self.run.write_status(RunStatus.DIVERGED, int(step), error)
+                self.owner.set_status(RunStatus.DIVERGED, step, error)
             elif error is None:
-                self.run.write_status(RunStatus.DONE, int(step))
+                self.owner.set_status(RunStatus.DONE, step)
             else:
-                self.run.write_status(RunStatus.FAILED, int(step), error)
+                self.owner.set_status(RunStatus.FAILED, step, error)
         finally:
             self._lock.close()
 

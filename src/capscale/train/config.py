@@ -9,80 +9,31 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
-import types
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
+# The [telemetry] table builds the probe's own config object (re-exported here).
+from capscale.probe.config import (  # noqa: F401
+    Background,
+    GemmDtype,
+    Site,
+    SpectrumMethod,
+    StateLayout,
+    TelemetryConfig,
+)
+from capscale.probe.config import check_at_least as _check_at_least
+from capscale.probe.config import check_types as _check_types
 from capscale.train.data import DataConfig
 from capscale.train.model import GPTConfig
 from capscale.train.optim import optimizer_config
 
 Schedule = Literal["warmdown", "cosine", "constant"]  # warmdown: the paper's
 TrainDtype = Literal["float32", "bfloat16"]  # bfloat16: autocast, on CUDA only
-GemmDtype = Literal["float32", "float64"]  # the probe's per-batch covariance GEMM
-Site = Literal["pre", "post"]
-Background = Literal["device", "host"]
-StateLayout = Literal["auto", "device", "host"]  # where the probe's float64 states live
-SpectrumMethod = Literal["auto", "exact", "lanczos", "hard-only"]  # how ranks are computed
 # "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N", "mps"
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _MAX_SEED = 2**63 - 1  # torch.manual_seed's range (and NumPy's SeedSequence takes it)
-
-
-def _matches(value: Any, kind: Any) -> bool:
-    """Whether ``value`` is of the annotated type ``kind`` (as a config file can give it)."""
-    origin = get_origin(kind)
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, k) for k in get_args(kind))
-    if origin is Literal:
-        return isinstance(value, str) and value in get_args(kind)
-    if origin is tuple:
-        item = get_args(kind)[0]
-        return isinstance(value, tuple) and all(_matches(v, item) for v in value)
-    if origin is dict or kind is dict:
-        return isinstance(value, dict)
-    if kind is type(None):
-        return value is None
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:  # booleans are ints to Python, not to a config
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, kind)
-
-
-def _describe(kind: Any) -> str:
-    origin = get_origin(kind)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(k) for k in get_args(kind))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(v) for v in get_args(kind))
-    if origin is tuple:
-        return f"a list of ({_describe(get_args(kind)[0])})"
-    if origin is dict or kind is dict:
-        return "a table/mapping"
-    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
-    return names.get(kind, getattr(kind, "__name__", str(kind)))
-
-
-def _check_types(obj: Any, section: str) -> None:
-    """Refuse, in one line naming the key, a field whose value does not have its annotated type."""
-    hints = get_type_hints(type(obj))
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if not _matches(value, hints[f.name]):
-            raise ValueError(f"{section}.{f.name} must be {_describe(hints[f.name])}, got {value!r}")
-
-
-def _check_at_least(section: str, obj: Any, names: tuple[str, ...], lo: int) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value is not None and value < lo:
-            raise ValueError(f"{section}.{name} must be >= {lo}, got {value!r}")
 
 
 @dataclass
@@ -133,36 +84,6 @@ class TrainConfig:
             raise ValueError(f"train.grad_clip must be > 0 or null (no clipping), got {self.grad_clip}")
         if not _DEVICE.fullmatch(self.device):
             raise ValueError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
-
-
-@dataclass
-class TelemetryConfig:
-    enabled: bool = True
-    every: int = 50  # full measurement cadence (steps)
-    window: int = 1  # consecutive steps accumulated per measurement
-    sites: tuple[Site, ...] = ("pre", "post")
-    buckets: bool = True
-    monitor_every: int | None = None  # cheap hard-rank monitoring cadence (None = off)
-    dtype: GemmDtype | None = None  # per-batch covariance GEMM dtype (None: the activations'); states are float64
-    # decompose finished windows on a worker thread (rows identical; not part of a run's identity):
-    # false, true (= "device": snapshot on the activations' device) or "host" (snapshot in host memory)
-    background: bool | Background = False
-    # where the float64 states live (not part of a run's identity: the numbers are the same):
-    # "device", "host" (bounded device memory: one D×D GEMM buffer) or "auto" (by free device memory)
-    states: StateLayout = "auto"
-    # how ranks are computed: "exact" (eigvalsh), "lanczos" (SLQ, soft rank ± its standard error,
-    # no eigenvalues), "hard-only" (tr(C)²/‖C‖²_F) or "auto" (exact where it fits in host memory)
-    spectrum: SpectrumMethod = "auto"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.sites, list):  # TOML/JSON give lists
-            self.sites = tuple(self.sites)
-        _check_types(self, "telemetry")
-        _check_at_least("telemetry", self, ("every", "window", "monitor_every"), 1)
-        if self.window > self.every:
-            raise ValueError(f"telemetry.window ({self.window}) must not exceed telemetry.every ({self.every})")
-        if not self.sites or len(set(self.sites)) != len(self.sites):
-            raise ValueError(f"telemetry.sites must be a non-empty list of distinct sites, got {list(self.sites)}")
 
 
 @dataclass

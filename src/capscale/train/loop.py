@@ -29,7 +29,8 @@ import torch.distributed as dist
 import capscale
 from capscale.probe.accumulate import NonFiniteActivationError
 from capscale.probe.sinks import Sink
-from capscale.rundir import LOCK_HELD_ENV, RunDir, RunStatus
+from capscale.rundir import LOCK_HELD_ENV, RunStatus
+from capscale.runowner import RunOwner
 from capscale.spectrum import FrequencyTable
 from capscale.train.checkpoint import (
     list_checkpoints,
@@ -85,15 +86,8 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _diff_keys(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            keys.append(prefix + k)
-    return keys
+def _owner(out) -> RunOwner:
+    return RunOwner(out, what="config", advice="use another --out")
 
 
 class Diverged(RuntimeError):
@@ -146,7 +140,7 @@ def train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] | None 
     """
     # Rank 0 takes the lock, unless the process that launched these ranks holds it for them.
     held = os.environ.get(LOCK_HELD_ENV) == os.path.realpath(out)
-    with RunDir(out).lock() if int(os.environ.get("RANK", "0")) == 0 and not held else nullcontext():
+    with _owner(out).lock() if int(os.environ.get("RANK", "0")) == 0 and not held else nullcontext():
         return _train(cfg, out, log=log)
 
 
@@ -154,7 +148,8 @@ def _train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] | None
     d = _init_distributed(_device_kind(cfg.train))
     device = _device(cfg.train.device, d)
     micro, accum = _micro_batches(cfg.train, d)
-    run = RunDir(out)
+    owner = _owner(out)
+    run = owner.run
     say = (log or _LOG.info) if d.main else (lambda _msg: None)
 
     # Data first: the tokenizer decides the model's vocabulary. Rank 0 builds caches.
@@ -167,27 +162,21 @@ def _train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] | None
     cfg = cfg.with_vocab(data.model_vocab_size)
     resolved = {**cfg.to_dict(), "versions": _versions()}
 
-    existing = run.read_config()
-    if existing is not None and run_identity(existing) != run_identity(resolved):
-        raise ValueError(
-            f"{run.path} holds a run with a different config (differs in "
-            f"{_diff_keys(run_identity(existing), run_identity(resolved))}); use another --out"
-        )
+    owner.refuse_other_run(resolved, run_identity, name_keys=True)
     status = run.read_status()
     if status and RunStatus(status["status"]).finished:
         say(f"{run.path}: already {status['status']} at step {status['step']}")
         return status
     if d.main:
-        run.create()
-        run.write_config(resolved)
+        owner.begin(resolved)
 
-    state = _setup(cfg, resolved, run, d, device, data, micro, accum, say)
+    state = _setup(cfg, resolved, owner, d, device, data, micro, accum, say)
     try:
         final = _loop(state)
     except Diverged as exc:
         final = {"status": RunStatus.DIVERGED.value, "step": exc.step, "reason": exc.reason}
         if d.main:
-            run.write_status(RunStatus.DIVERGED, exc.step, exc.reason)
+            owner.set_status(RunStatus.DIVERGED, exc.step, exc.reason)
         say(f"diverged: {exc.reason}")
     except BaseException as exc:
         if d.main and not isinstance(exc, KeyboardInterrupt):
@@ -195,7 +184,7 @@ def _train(cfg: RunConfig, out: str | Path, *, log: Callable[[str], None] | None
             ckpts = list_checkpoints(run.checkpoint_dir)
             step = max(state.start, ckpts[-1][0]) if ckpts else state.start
             try:
-                run.write_status(RunStatus.FAILED, step, f"{type(exc).__name__}: {exc}")
+                owner.set_status(RunStatus.FAILED, step, f"{type(exc).__name__}: {exc}")
             except OSError:  # a full disk may refuse this write too: the last status (its step) stands
                 pass
         raise
@@ -211,7 +200,7 @@ class RunState:
 
     cfg: RunConfig  # with the tokenizer's vocabulary
     resolved: dict  # what config.json holds
-    run: RunDir
+    owner: RunOwner  # the run directory's life cycle (its files: .run)
     dist: Dist
     device: torch.device
     data: TokenData
@@ -227,6 +216,10 @@ class RunState:
     say: Callable[[str], None]
 
     @property
+    def run(self):
+        return self.owner.run
+
+    @property
     def seq(self) -> int:
         return self.cfg.model.seq_len
 
@@ -240,7 +233,7 @@ class RunState:
 def _setup(
     cfg: RunConfig,
     resolved: dict,
-    run: RunDir,
+    owner: RunOwner,
     d: Dist,
     device: torch.device,
     data: TokenData,
@@ -249,6 +242,7 @@ def _setup(
     say: Callable[[str], None],
 ) -> RunState:
     """Model, optimizer and probe, restored from the newest checkpoint if there is one."""
+    run = owner.run
     freq = data.frequency_table()
     torch.manual_seed(cfg.train.seed)
     raw_model = GPT(cfg.model).to(device)
@@ -268,7 +262,7 @@ def _setup(
     if d.main:  # drop anything logged after the checkpoint: it will be redone identically
         run.truncate_metrics(start)
         run.truncate_spectra(start - 1)
-        run.write_status(RunStatus.RUNNING, start)
+        owner.set_status(RunStatus.RUNNING, start)
 
     # Checkpoints fall between measurement windows, so a probe re-attached at the
     # resume step rebuilds exactly the windows an uninterrupted run would have.
@@ -279,7 +273,7 @@ def _setup(
             raw_model, device_ids=[device.index] if device.type == "cuda" else None
         )
     return RunState(
-        cfg, resolved, run, d, device, data, freq, raw_model, model, opt, probe, sink, micro, accum, start, say
+        cfg, resolved, owner, d, device, data, freq, raw_model, model, opt, probe, sink, micro, accum, start, say
     )
 
 
@@ -308,20 +302,7 @@ def _attach_probe(cfg: RunConfig, model: GPT, freq, start: int):
 
     sink = _Collect()
     probe = attach(
-        model,
-        sites=tuple(tel.sites),
-        freq_table=freq if tel.buckets else None,
-        every=tel.every,
-        window=tel.window,
-        dtype=tel.dtype,
-        monitor_every=tel.monitor_every,
-        background=tel.background,
-        states=tel.states,
-        spectrum=tel.spectrum,
-        total_steps=cfg.train.steps,
-        start_step=start,
-        sinks=[sink],
-        mode="train",
+        model, config=tel, freq_table=freq, total_steps=cfg.train.steps, start_step=start, sinks=[sink], mode="train"
     )
     return probe, sink
 
@@ -409,7 +390,7 @@ def _checkpoint(s: RunState, step: int) -> None:
             "optimizer_config": s.resolved["optimizer"],
         }
         save_checkpoint(s.run.checkpoint_dir, step, payload, keep=s.cfg.train.keep_checkpoints)
-        s.run.write_status(RunStatus.RUNNING if step < s.cfg.train.steps else RunStatus.DONE, step)
+        s.owner.set_status(RunStatus.RUNNING if step < s.cfg.train.steps else RunStatus.DONE, step)
     if s.dist.world_size > 1:
         dist.barrier()
 
@@ -473,7 +454,7 @@ def _loop(s: RunState) -> dict[str, Any]:
             _checkpoint(s, step)
     progress.close()
     if main:  # also when resuming a run whose last checkpoint was already the final one
-        s.run.write_status(RunStatus.DONE, t.steps)
+        s.owner.set_status(RunStatus.DONE, t.steps)
     return {"status": RunStatus.DONE.value, "step": t.steps, "reason": None}
 
 
