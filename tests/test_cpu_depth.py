@@ -107,3 +107,68 @@ def test_cpu_depth_repetition_arm_halves_the_corpus_and_keeps_the_rest():
         a["data"].pop("max_tokens"), b["data"].pop("max_tokens")
         assert a == b
     assert {c.train.seed for c in rep.values()} == {0, 1, 2}
+
+
+def _script(name):
+    import importlib.util
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_learning_rate_rule_lowest_mean_loss_with_ties_to_the_default():
+    choose = _script("cpu_depth_lr").choose
+    inf = float("inf")
+    assert choose({1e-3: 4.10, 3e-3: 4.05, 1e-2: 4.00}, 3e-3) == 1e-2  # lowest, no tie
+    assert choose({1e-3: 4.10, 3e-3: 4.008, 1e-2: 4.00}, 3e-3) == 3e-3  # tied with the default: the default
+    assert choose({0.01: 4.00, 0.02: 4.05, 0.04: 4.005}, 0.02) == 0.01  # tied, equally near: the smaller
+    assert choose({0.01: 4.30, 0.02: inf, 0.04: 4.20}, 0.02) == 0.04  # a diverged default is out
+    with pytest.raises(ValueError):
+        choose({0.01: inf, 0.02: inf}, 0.02)
+
+
+def _fake_run(root, name, lr, width, val, status="done", opt="adamw", steps=880):
+    import json
+
+    run = root / "runs" / name
+    run.mkdir(parents=True)
+    cfg = {"optimizer": {"name": opt, "params": {"lr": lr}}, "model": {"ffn_width": width}, "train": {"steps": steps}}
+    (run / "config.json").write_text(json.dumps(cfg))
+    (run / "status.json").write_text(json.dumps({"status": status, "step": steps}))
+    rows = [{"step": steps // 2, "val_loss": val - 1.0}, {"step": steps, "loss": val, "val_loss": val}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_learning_rate_table_reads_final_validation_loss_and_averages_x1_and_x8(tmp_path):
+    mod = _script("cpu_depth_lr")
+    _fake_run(tmp_path, "a", 1e-3, 64, 4.2)
+    _fake_run(tmp_path, "b", 1e-3, 512, 4.0)
+    _fake_run(tmp_path, "c", 3e-3, 64, 3.0)
+    _fake_run(tmp_path, "d", 3e-3, 512, 3.0, status="diverged")
+    rows = mod.table(tmp_path)["adamw"]
+    assert rows[1e-3]["L"] == pytest.approx(4.1)  # the last step's val_loss, not an earlier one
+    assert rows[3e-3]["L"] == float("inf")  # a diverged run rules its rate out
+    assert mod.choose({lr: r["L"] for lr, r in rows.items()}, 3e-3) == 1e-3
+
+
+def test_export_keeps_finished_runs_only_and_other_files(tmp_path):
+    import json
+
+    mod = _script("cpu_depth_export")
+    sweep = tmp_path / "sweep"
+    _fake_run(sweep, "done_run", 1e-3, 64, 4.0)
+    _fake_run(sweep, "running_run", 1e-3, 128, 4.0, status="running")
+    (sweep / "sweep.json").write_text(json.dumps({"name": "x"}))
+    dest = tmp_path / "dest"
+    (dest / "runs" / "stale").mkdir(parents=True)
+    (dest / "README.md").write_text("kept")
+    n, _ = mod.export_finished(sweep, dest)
+    assert n == 1
+    assert sorted(p.name for p in (dest / "runs").iterdir()) == ["done_run"]
+    assert (dest / "README.md").read_text() == "kept"
+    assert json.loads((dest / "sweep.json").read_text()) == {"name": "x"}
+    assert (dest / "runs" / "done_run" / "metrics.jsonl").is_file()
