@@ -172,3 +172,14 @@ def test_export_keeps_finished_runs_only_and_other_files(tmp_path):
     assert (dest / "README.md").read_text() == "kept"
     assert json.loads((dest / "sweep.json").read_text()) == {"name": "x"}
     assert (dest / "runs" / "done_run" / "metrics.jsonl").is_file()
+
+
+def test_runner_takes_every_run_once_seed_by_seed_grid_before_repetition_arm():
+    stages = _script("cpu_depth_run").STAGES
+    assert stages["lr"] == [("cpu-depth-lr", None)]
+    grid = stages["grid"]
+    for preset in ("cpu-depth", "cpu-depth-rep"):
+        seeds = [s for p, s in grid if p == preset]
+        assert seeds == sorted({c.train.seed for c in load_spec(preset).runs().values()})
+    # seed s of the grid comes before seed s of the repetition arm, which comes before seed s + 1
+    assert grid[:3] == [("cpu-depth", 0), ("cpu-depth-rep", 0), ("cpu-depth", 1)]
