@@ -49,7 +49,9 @@ def table(sweep: Path) -> dict[str, dict[float, dict]]:
     """Per optimizer and rate: the final validation loss at x1 (width 64), x8 (512) and their mean L."""
     out: dict[str, dict[float, dict]] = {}
     for run in sorted((sweep / "runs").iterdir()):
-        cfg = json.loads((run / "config.json").read_text())
+        # a run not started yet has only its request (the same config)
+        path = run / "config.json" if (run / "config.json").is_file() else run / "request.json"
+        cfg = json.loads(path.read_text())
         opt, lr, width = cfg["optimizer"]["name"], cfg["optimizer"]["params"]["lr"], cfg["model"]["ffn_width"]
         out.setdefault(opt, {}).setdefault(lr, {})[width] = final_val_loss(run)
     for rates in out.values():

@@ -149,7 +149,12 @@ def test_learning_rate_table_reads_final_validation_loss_and_averages_x1_and_x8(
     _fake_run(tmp_path, "b", 1e-3, 512, 4.0)
     _fake_run(tmp_path, "c", 3e-3, 64, 3.0)
     _fake_run(tmp_path, "d", 3e-3, 512, 3.0, status="diverged")
+    _fake_run(tmp_path, "e", 1e-2, 64, 2.0)
+    _fake_run(tmp_path, "f", 1e-2, 512, 2.0)
+    (tmp_path / "runs" / "f" / "config.json").rename(tmp_path / "runs" / "f" / "request.json")  # not started
+    (tmp_path / "runs" / "f" / "status.json").unlink()
     rows = mod.table(tmp_path)["adamw"]
+    assert rows[1e-2]["L"] == float("inf")  # an unfinished run rules its rate out
     assert rows[1e-3]["L"] == pytest.approx(4.1)  # the last step's val_loss, not an earlier one
     assert rows[3e-3]["L"] == float("inf")  # a diverged run rules its rate out
     assert mod.choose({lr: r["L"] for lr, r in rows.items()}, 3e-3) == 1e-3
