@@ -348,8 +348,9 @@ def load_spec(preset: str | None = None, config_file: str | Path | None = None) 
 # 20 tokens per non-embedding parameter of its ×4 model, n_layer·(4d² + 2d·4d) + vocab·d,
 # at 2,048 tokens per step: 3,520 steps at depth 6, 1,600 at depth 2.
 _DEPTH_STEPS = {6: 3520, 2: 1600}
-# Chosen by the rule from the cpu-depth-lr runs; until then the preset defaults.
-CPU_DEPTH_LR = {"adamw": 3e-3, "muon": 0.02}
+# Chosen by the pre-registered rule from the cpu-depth-lr runs (docs/results/cpu-depth/lr): the
+# lowest mean final validation loss at x1 and x8. Muon's 0.01 is the lowest candidate.
+CPU_DEPTH_LR = {"adamw": 3e-3, "muon": 0.01}
 CPU_DEPTH_LR_CANDIDATES = {"adamw": [1e-3, 3e-3, 1e-2], "muon": [0.01, 0.02, 0.04]}
 _DEPTH_BASE = {
     "model.d_model": 64,
