@@ -78,7 +78,8 @@ def test_spec_names_and_presets():
         spec = load_spec(preset)
         widths = {c.model_config().ffn_dim for c in spec.runs().values()}
         labels = {c.label for c in spec.runs().values()}
-        assert len(widths) >= 3 and len(labels) >= 2, preset
+        # a β fit needs 3 widths; cpu-depth-lr is a learning-rate search at x1 and x8, not a β sweep
+        assert len(widths) >= (2 if preset == "cpu-depth-lr" else 3) and len(labels) >= 2, preset
     cpu = load_spec("cpu").runs()
     assert {c.label for c in cpu.values()} >= {"adamw", "muon", "normuon", "dion_r1_2", "dion_r1_16", "shampoo"}
     assert any(c.train.steps == 2 * load_spec("cpu").runs()["adamw_w128_s0"].train.steps for c in cpu.values())

@@ -343,3 +343,78 @@ def load_spec(preset: str | None = None, config_file: str | Path | None = None) 
             raise ValueError(f"unknown sweep preset {preset!r}; choose from {sorted(SWEEP_PRESETS)}")
         return SweepSpec.from_dict(SWEEP_PRESETS[preset])
     return SweepSpec.from_dict(load_config_file(config_file))
+
+
+# The depth study (docs/preregistration/cpu-depth.md): d_model 64, depth 2 and 6, FFN ×1-×8,
+# AdamW and Muon at rates chosen by the pre-registered rule, 5 seeds. Each depth trains on
+# 20 tokens per non-embedding parameter of its ×4 model, n_layer·(4d² + 2d·4d) + vocab·d,
+# at 2,048 tokens per step: 3,520 steps at depth 6, 1,600 at depth 2.
+_DEPTH_STEPS = {6: 3520, 2: 1600}
+# Chosen by the pre-registered rule from the cpu-depth-lr runs (docs/results/cpu-depth/lr): the
+# lowest mean final validation loss at x1 and x8. Muon's 0.01 is the lowest candidate.
+CPU_DEPTH_LR = {"adamw": 3e-3, "muon": 0.01}
+CPU_DEPTH_LR_CANDIDATES = {"adamw": [1e-3, 3e-3, 1e-2], "muon": [0.01, 0.02, 0.04]}
+_DEPTH_BASE = {
+    "model.d_model": 64,
+    "model.n_head": 2,  # head size 32
+    "data.tokenizer": "bytebpe:1024",
+    "train.eval_every": 160,
+    "train.log_every": 20,
+    "train.checkpoint_every": 160,
+    "telemetry.every": 160,
+    # 24,576 tokens, about 8,060 in the smallest token bucket (HEAD, 32.8%): N/D >= 10 up to width 512
+    "telemetry.window": 12,
+}
+
+
+def _depth_arm(depth: int, seeds: list[int]) -> dict[str, list]:
+    return {
+        "ffn_mult": [1, 2, 4, 8],
+        "optimizer": [{"name": o, "params": {"lr": lr}} for o, lr in CPU_DEPTH_LR.items()],
+        "seed": seeds,
+        "steps": [_DEPTH_STEPS[depth]],
+        "arch": [{"label": f"L{depth}", "model": {"n_layer": depth}}],
+    }
+
+
+# the grid: depth 6 first, then depth 2 (a sweep runs seed-major, then arm by arm)
+SWEEP_PRESETS["cpu-depth"] = {
+    "name": "cpu-depth",
+    "base": "cpu",
+    "base_config": _DEPTH_BASE,
+    "axes": _depth_arm(6, [0, 1, 2, 3, 4]),
+    "extra": [{"axes": _depth_arm(2, [0, 1, 2, 3, 4])}],
+    "analysis": {"last_k": 3},
+}
+# the repetition arm: depth 6 on the first half of the corpus (twice the passes over it), its own sweep
+SWEEP_PRESETS["cpu-depth-rep"] = {
+    "name": "cpu-depth-rep",
+    "base": "cpu",
+    "base_config": {**_DEPTH_BASE, "data.max_tokens": 1_075_112},
+    "axes": _depth_arm(6, [0, 1, 2]),
+    "analysis": {"last_k": 3},
+}
+# the learning-rate runs: depth 6, ×1 and ×8, seed 0, 5 tokens per parameter (880 steps); each
+# rate its own label, so that the report keeps them apart
+SWEEP_PRESETS["cpu-depth-lr"] = {
+    "name": "cpu-depth-lr",
+    "base": "cpu",
+    "base_config": {
+        **_DEPTH_BASE,
+        "train.eval_every": 220,
+        "train.eval_batches": 32,
+        "train.checkpoint_every": 220,
+        "telemetry.every": 220,
+    },
+    "axes": {
+        "ffn_mult": [1, 8],
+        "optimizer": [
+            {"name": o, "label": f"{o}_lr{lr:g}", "params": {"lr": lr}}
+            for o, rates in CPU_DEPTH_LR_CANDIDATES.items()
+            for lr in rates
+        ],
+        "seed": [0],
+        "steps": [_DEPTH_STEPS[6] // 4],
+        "arch": [{"label": "L6", "model": {"n_layer": 6}}],
+    },
+}
