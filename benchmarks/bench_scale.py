@@ -36,21 +36,9 @@ from torch import nn
 
 import capscale
 from capscale.spectrum import FrequencyTable, renyi_rank, soft_rank
-from capscale.spectrum.lanczos import lanczos_ranks
+from capscale.spectrum.lanczos import lanczos_ranks, validation_spectrum
 
 DECAYS = ("power-law-1", "exponential", "low-rank+noise")
-
-
-def spectrum(kind: str, d: int) -> np.ndarray:
-    i = np.arange(1, d + 1, dtype=np.float64)
-    return {
-        "flat": np.ones(d),
-        "power-law-0.5": i**-0.5,
-        "power-law-1": i**-1.0,
-        "power-law-2": i**-2.0,
-        "exponential": np.exp(-i / (d / 20)),
-        "low-rank+noise": np.r_[np.full(10, 100.0), np.full(d - 10, 0.01)],
-    }[kind]
 
 
 def covariance(lam: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -69,7 +57,7 @@ def bench_lanczos(dims: list[int], decays: list[str]) -> list[dict]:
     )
     for d in dims:
         for kind in decays:
-            lam = spectrum(kind, d)
+            lam = validation_spectrum(kind, d)
             c = covariance(lam)
             t0 = time.perf_counter()
             np.linalg.eigvalsh(c)

@@ -8,25 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from capscale.spectrum import hard_rank, hard_rank_from_covariance, renyi_rank, soft_rank
-from capscale.spectrum.lanczos import lanczos, lanczos_ranks, quadrature
+from capscale.spectrum.lanczos import lanczos, lanczos_ranks, quadrature, validation_spectrum
 
 
 def _rotated(lam: np.ndarray, seed: int = 0) -> np.ndarray:
     """A covariance with spectrum ``lam`` in a random basis (an axis-aligned one would flatter the probes)."""
     q = np.linalg.qr(np.random.default_rng(seed).standard_normal((lam.size, lam.size)))[0]
     return (q * lam) @ q.T
-
-
-def _spectrum(kind: str, d: int) -> np.ndarray:
-    i = np.arange(1, d + 1, dtype=np.float64)
-    return {
-        "flat": np.ones(d),
-        "power-law-0.5": i**-0.5,
-        "power-law-1": i**-1.0,
-        "power-law-2": i**-2.0,
-        "exponential": np.exp(-i / (d / 20)),
-        "low-rank+noise": np.r_[np.full(10, 100.0), np.full(d - 10, 0.01)],
-    }[kind]
 
 
 def _ranks(c: np.ndarray, **kw) -> dict:
@@ -38,7 +26,7 @@ def _ranks(c: np.ndarray, **kw) -> dict:
 )
 def test_default_soft_rank_within_one_percent_of_exact(kind):
     d = 512
-    lam = _spectrum(kind, d)
+    lam = validation_spectrum(kind, d)
     got = _ranks(_rotated(lam))
     exact = soft_rank(lam)
     assert got["soft_rank"] == pytest.approx(exact, rel=0.01)
@@ -63,7 +51,7 @@ def test_soft_rank_within_one_percent_for_power_laws_with_noise(decay, noise, se
 
 
 def test_seeded_and_deterministic():
-    c = _rotated(_spectrum("power-law-1", 256))
+    c = _rotated(validation_spectrum("power-law-1", 256))
     a, b = _ranks(c, seed=3), _ranks(c, seed=3)
     assert a == b
     assert _ranks(c, seed=4)["soft_rank"] != a["soft_rank"]  # the probes do depend on the seed
@@ -71,7 +59,7 @@ def test_seeded_and_deterministic():
 
 def test_quadrature_is_exact_for_low_degree_polynomials():
     # k Lanczos steps integrate polynomials of degree ≤ 2k − 1 exactly: tr B² from 2-step runs.
-    c = _rotated(_spectrum("power-law-1", 200), seed=1)
+    c = _rotated(validation_spectrum("power-law-1", 200), seed=1)
     quad = quadrature(lambda v: c @ v, 200, probes=8, steps=2, deflate=200)  # the block spans everything
     assert quad.trace(lambda t: t**2).value == pytest.approx(float((c * c).sum()), rel=1e-10)
     assert quad.trace(lambda t: t**2).stderr == 0.0
@@ -97,7 +85,7 @@ def test_rejects_a_traceless_matrix():
 
 @pytest.mark.parametrize("kind", ["flat", "power-law-1", "exponential", "low-rank+noise"])
 def test_hard_rank_from_covariance_equals_the_eigenvalue_route(kind):
-    lam = _spectrum(kind, 300)
+    lam = validation_spectrum(kind, 300)
     c = _rotated(lam, seed=2)
     assert hard_rank_from_covariance(c) == pytest.approx(hard_rank(np.linalg.eigvalsh(c).clip(0)), rel=1e-10)
     assert hard_rank_from_covariance(c) == pytest.approx(hard_rank(lam), rel=1e-10)

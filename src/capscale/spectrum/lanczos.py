@@ -100,6 +100,23 @@ class Quadrature:
         return float(max(t.max() for t in self.nodes if t.size))
 
 
+def validation_spectrum(kind: str, d: int) -> np.ndarray:
+    """The spectra of different decay on which the defaults are validated against exact
+    (tests and ``benchmarks/bench_scale.py``): ``VALIDATION_SPECTRA``."""
+    i = np.arange(1, d + 1, dtype=np.float64)
+    return {
+        "flat": np.ones(d),
+        "power-law-0.5": i**-0.5,
+        "power-law-1": i**-1.0,
+        "power-law-2": i**-2.0,
+        "exponential": np.exp(-i / (d / 20)),
+        "low-rank+noise": np.r_[np.full(10, 100.0), np.full(d - 10, 0.01)],
+    }[kind]
+
+
+VALIDATION_SPECTRA = ("flat", "power-law-0.5", "power-law-1", "power-law-2", "exponential", "low-rank+noise")
+
+
 def lanczos(
     matmat: Matmat, start: np.ndarray, steps: int, reorth: bool = True
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -28,7 +28,7 @@ import inspect
 import os
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from capscale.probe.integrations._common import BucketLoss, SampleCheck, warn_no_val_loss
@@ -88,7 +88,7 @@ class HFCallback(TrainerCallback):
         run_config = self.run_config
         if self.out is not None and run_config is not None and max_steps and "steps" not in run_config:
             run_config = {**run_config, "steps": max_steps}
-        self._handler = _calling_handler()
+        self._handler = _calling(CallbackHandler)
         sinks = [*self.sinks, SampleCheck(kw.get("window", 1))]
         if state.is_world_process_zero:
             sinks.append(_TrainerLoggers(self, args))
@@ -96,7 +96,7 @@ class HFCallback(TrainerCallback):
         table = self.probe.freq_table
         self._buckets = BucketLoss(table) if table is not None and self.out is not None else None
         self._val_logged = False
-        trainer = _calling_trainer()
+        trainer = _calling(Trainer)
         if trainer is not None:
             for name in ("training_step", "_maybe_log_save_evaluate"):
                 _mark_failures(trainer, name, self)
@@ -210,30 +210,14 @@ def _mark_failures(trainer, name: str, cb: HFCallback) -> None:
     setattr(trainer, name, wrapped)
 
 
-def _calling_trainer():
-    """The ``Trainer`` whose ``train()`` is calling us (callbacks get no reference to it)."""
-    from transformers import Trainer
-
+def _calling(cls):
+    """The nearest caller's ``self`` that is a ``cls`` (callbacks get no reference to their
+    trainer, nor to its other callbacks: the trainer and the handler calling us hold both)."""
     frame = inspect.currentframe()
     try:
         while frame is not None:
             obj = frame.f_locals.get("self")
-            if isinstance(obj, Trainer):
-                return obj
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
-
-
-def _calling_handler() -> CallbackHandler | None:
-    # The trainer hands its callbacks no reference to itself or its other
-    # callbacks; the handler that is calling us holds both.
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            obj = frame.f_locals.get("self")
-            if isinstance(obj, CallbackHandler):
+            if isinstance(obj, cls):
                 return obj
             frame = frame.f_back
         return None
