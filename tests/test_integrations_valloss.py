@@ -106,3 +106,34 @@ def test_hf_run_that_raises_ends_failed(tmp_path):
         trainer.train()
     status = RunDir(tmp_path / "run").read_status()
     assert status["status"] == "failed" and "planted failure" in status["reason"]
+
+
+def test_hf_add_to_marks_a_failure_anywhere_in_train_failed(tmp_path):
+    """A failure outside the training step (here a callback's on_step_end) ends the run failed
+    when the callback was added with ``HFCallback.add_to``, which wraps the whole ``train()``."""
+    transformers = pytest.importorskip("transformers")
+    import capscale
+
+    rows = [torch.randint(0, V, (12,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    data = [{"input_ids": r, "labels": r} for r in rows]
+
+    class Planted(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise RuntimeError("planted at step end")
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=5,
+        per_device_train_batch_size=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=hf_gpt2(vocab=V), args=args, train_dataset=data, callbacks=[Planted()])
+    capscale.HFCallback.add_to(trainer, every=1, out=tmp_path / "run", run_config={"optimizer": "adamw"})
+    with pytest.raises(RuntimeError, match="planted at step end"):
+        trainer.train()
+    status = RunDir(tmp_path / "run").read_status()
+    assert status["status"] == "failed" and "planted at step end" in status["reason"]

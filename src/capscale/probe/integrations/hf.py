@@ -64,16 +64,7 @@ class HFCallback(TrainerCallback):
         """Create one and add it to ``trainer`` (the same as passing it in ``callbacks=[...]``)."""
         cb = cls(**kwargs)
         trainer.add_callback(cb)
-        train = trainer.train
-
-        def train_marking_failures(*args, **kw):  # any exception of train(): the run ends failed
-            try:
-                return train(*args, **kw)
-            except BaseException as exc:
-                cb._fail(exc)
-                raise
-
-        trainer.train = train_marking_failures
+        _mark_failures(trainer, "train", cb)  # any exception of train(): the run ends failed
         return cb
 
     def _fail(self, exc: BaseException) -> None:
