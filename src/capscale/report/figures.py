@@ -21,13 +21,13 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from capscale.analysis import ALL_BUCKETS, Analysis
-from capscale.report.trajectory import fig_beta_trajectory
 from capscale.spectrum import BUCKETS
 
 DPI = 150  # sharp on HiDPI screens
 BUCKET_COLORS = {"all": "#7f7f7f", "head": "#1f77b4", "mid": "#ff7f0e", "tail": "#d62728"}
 REGION_COLORS = {"collapsed": "#d9d9d9", "compact": "#c6dbef", "broad": "#c7e9c0", "brittle": "#fdd0a2"}
 _MARKERS = "osD^vP*X<>"
+_BETA_NAMES = {"soft_rank": "β_soft", "hard_rank": "β_hard"}
 
 
 def text(s) -> str:
@@ -647,6 +647,56 @@ def fig_trajectories(a: Analysis) -> Figure:
         "Rank / width over training: R1/D solid, R2/D dashed",
         logy=True,
     )
+
+
+def fig_beta_trajectory(a: Analysis) -> Figure | None:
+    """β_soft and β_hard (headline site, all tokens) against tokens seen, with t-interval bands:
+    one row per architecture and step budget (the series the report compares), coloured by
+    optimizer label."""
+    tr = a.beta_trajectory
+    if tr.empty:
+        return None
+    tr = tr[(tr["site"] == a.params.site) & (tr["bucket"] == "all") & tr["fittable"].astype(bool)]
+    if tr.empty:
+        return None
+    info = a.sweep.runs.drop_duplicates("series").set_index("series")
+    labels = sorted(info["label"].unique())
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    colors = {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
+    cells = [
+        (arch, steps, sorted(g.index))
+        for (arch, steps), g in info[info.index.isin(tr["series"].unique())].groupby(["arch", "steps"], sort=True)
+    ]
+    fig = Figure(figsize=(10, 1.0 + 2.8 * len(cells)))
+    axes = fig.subplots(len(cells), 2, squeeze=False)
+    for row, (arch, steps, series) in zip(axes, cells):
+        sel = tr[tr["series"].isin(series)]
+        use_tokens = sel["tokens"].notna().all()
+        x = "tokens" if use_tokens else "step"
+        for ax, metric in zip(row, ("soft_rank", "hard_rank")):
+            for name, g in sel[sel["metric"] == metric].groupby("series", sort=True):
+                g = g.sort_values("step")
+                c = colors[info.at[name, "label"]]
+                ax.plot(g[x], g["beta"], color=c, lw=1.2, marker="o", ms=2.5, label=text(info.at[name, "label"]))
+                lo, hi = g["ci_low"].to_numpy(float), g["ci_high"].to_numpy(float)
+                ok = np.isfinite(lo) & np.isfinite(hi)
+                ax.fill_between(g[x].to_numpy(float)[ok], lo[ok], hi[ok], color=c, alpha=0.15, lw=0)
+            cell = " · ".join(str(p) for p in (arch, f"{steps} steps") if p not in ("", None))
+            ax.set_title(f"{_BETA_NAMES[metric]} ({a.params.site}, all tokens) · {text(cell)}", fontsize=9)
+            ax.set_xlabel("tokens seen" if use_tokens else "step", fontsize=8)
+            if use_tokens:
+                ax.xaxis.set_major_formatter(
+                    matplotlib.ticker.EngFormatter(sep="")
+                )  # 200k, 1.5M: no overlapping long ticks
+            ax.axhline(0, color="#999", lw=0.6)
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("β (band: 95% t-interval)" if a.params.confidence == 0.95 else "β (band: t-interval)")
+        row[1].legend(fontsize=7, loc="best")
+        lo, hi = np.nanpercentile(sel[["beta", "ci_low", "ci_high"]].to_numpy(float), [5, 95])
+        for ax in row:  # a 1-dof interval must not flatten the rest
+            ax.set_ylim(max(lo, -1.0) - 0.05, min(hi, 2.5) + 0.05)
+    fig.tight_layout()
+    return fig
 
 
 # name → (drawer, caption); the report shows them in this order, each in its question's section

@@ -5,13 +5,14 @@ Its figure is ``figures.fig_opt_arch`` (``optimizer_architecture``)."""
 from __future__ import annotations
 
 from capscale.analysis import Analysis
-from capscale.report.answers import NOT_MEASURED, NOT_RESOLVED, RESOLVED, _answer, f2, iv
 from capscale.report.format import Section, interval, num
 from capscale.report.format import get as _get
 from capscale.report.format import table as _table
 from capscale.report.records import jsonable, records
+from capscale.report.verdicts import NOT_MEASURED, NOT_RESOLVED, RESOLVED, answer_for, f2, iv
 
 KEY = "q5_optimizer_architecture"
+FIGURES = ("optimizer_architecture",)
 
 
 def data(a: Analysis) -> dict:
@@ -28,7 +29,7 @@ def data(a: Analysis) -> dict:
 def answer(d: dict) -> dict:
     q = d["q5_optimizer_architecture"]
     if not q["arch_axes"]:
-        return _answer(
+        return answer_for(
             "q5",
             NOT_MEASURED,
             "No architecture axis varied in this sweep, so only optimizer effects are measured; a sweep with an "
@@ -37,7 +38,7 @@ def answer(d: dict) -> dict:
         )
     s = {r["metric"]: r for r in q["summary"]}.get("hard")
     if not s or s.get("optimizer_span") is None or s.get("architecture_span") is None:
-        return _answer(
+        return answer_for(
             "q5",
             NOT_RESOLVED,
             "Too few settings or architectures share 3 widths to compare their effects on β_hard.",
@@ -49,8 +50,8 @@ def answer(d: dict) -> dict:
         f"(within {iv(s['architecture_low'], s['architecture_high'])})"
     )
     if s["larger"]:
-        return _answer("q5", RESOLVED, f"{text}: the {s['larger']} effect is larger.", ["optimizer_architecture"])
-    return _answer(
+        return answer_for("q5", RESOLVED, f"{text}: the {s['larger']} effect is larger.", ["optimizer_architecture"])
+    return answer_for(
         "q5",
         NOT_RESOLVED,
         f"{text}: the intervals overlap, so which effect is larger is not resolved (the point estimates favour the "
