@@ -382,7 +382,6 @@ def fig_matched(a: Analysis) -> Figure:
     ax.set_xlabel("FFN width D")
     ax.set_ylabel("final validation loss (nats)")
     ax.set_title("final val loss (seed median, min–max)")
-    _legend(ax, fontsize=7, outside=_many(a))
     pairs = m.drop_duplicates(["series_a", "series_b"]) if len(m) else m
     if len(pairs):
         for i, p in enumerate(pairs.itertuples()):
@@ -408,7 +407,6 @@ def fig_matched(a: Analysis) -> Figure:
         )
         bx.set_ylabel(f"β difference ({a.params.confidence:.0%} CI)")
         bx.set_title("β difference: differs where the CI excludes 0")
-        _legend(bx, fontsize=7)
     else:
         bx.text(
             0.5,
@@ -419,6 +417,7 @@ def fig_matched(a: Analysis) -> Figure:
             transform=bx.transAxes,
         )
         bx.set_axis_off()
+    _figure_legend(fig, [ax, bx])
     return fig
 
 
@@ -447,7 +446,7 @@ def fig_asymmetry(a: Analysis) -> Figure:
     bx.set_xlabel("FFN width D")
     bx.set_ylabel("asymmetry log(R1/R2)")
     bx.set_title("log(R1/R2) vs width (grows when Δβ > 0)")
-    _legend(bx, fontsize=7, outside=_many(a))
+    _figure_legend(fig, [bx])
     return fig
 
 
@@ -517,7 +516,8 @@ def fig_regimes(a: Analysis) -> Figure | None:
     labels = _labels(a)
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     fig.suptitle(f"β by token regime ({_site_label(a)}{_shared(a)}); bars: {a.params.confidence:.0%} t-interval")
-    for ax, kind in zip(fig.subplots(1, 2), ("soft", "hard")):
+    axes = fig.subplots(1, 2)
+    for ax, kind in zip(axes, ("soft", "hard")):
         width = 0.8 / len(ALL_BUCKETS)
         for j, bucket in enumerate(ALL_BUCKETS):
             sub = b[b["bucket"] == bucket].set_index("series").reindex(series)
@@ -541,7 +541,7 @@ def fig_regimes(a: Analysis) -> Figure | None:
         ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
         ax.set_ylabel(f"β_{kind}")
         ax.set_title(f"β_{kind} by regime")
-        _legend(ax, fontsize=7, ncols=4)
+    _figure_legend(fig, list(axes), ncols=len(ALL_BUCKETS))
     return fig
 
 
@@ -566,7 +566,7 @@ def fig_bucket_loss(a: Analysis) -> Figure | None:
         for i in range(2):
             _width_axis(axes[i, j])
             axes[i, j].set_xlabel("FFN width D")
-    _legend(axes[0, -1], fontsize=7, outside=True)
+    _figure_legend(fig, list(axes[0]))
     return fig
 
 
@@ -611,7 +611,7 @@ def _per_series(a: Analysis, frame: pd.DataFrame, draw, ylabel: str, title: str,
         ax.set_ylabel(ylabel)
         if logy:
             _log_y(ax)
-    _legend(axes[0], fontsize=6)
+    _figure_legend(fig, axes, ncols=min(len(frame["width"].unique()), 7))
     fig.suptitle(title, fontsize=10)
     return fig
 
@@ -667,7 +667,7 @@ def fig_beta_trajectory(a: Analysis) -> Figure | None:
         (arch, steps, sorted(g.index))
         for (arch, steps), g in info[info.index.isin(tr["series"].unique())].groupby(["arch", "steps"], sort=True)
     ]
-    fig = Figure(figsize=(10, 1.0 + 2.8 * len(cells)))
+    fig = Figure(figsize=(10, 1.4 + 2.8 * len(cells)), layout="constrained")
     axes = fig.subplots(len(cells), 2, squeeze=False)
     for row, (arch, steps, series) in zip(axes, cells):
         sel = tr[tr["series"].isin(series)]
@@ -691,11 +691,10 @@ def fig_beta_trajectory(a: Analysis) -> Figure | None:
             ax.axhline(0, color="#999", lw=0.6)
             ax.grid(alpha=0.3)
         row[0].set_ylabel("β (band: 95% t-interval)" if a.params.confidence == 0.95 else "β (band: t-interval)")
-        row[1].legend(fontsize=7, loc="best")
         lo, hi = np.nanpercentile(sel[["beta", "ci_low", "ci_high"]].to_numpy(float), [5, 95])
         for ax in row:  # a 1-dof interval must not flatten the rest
             ax.set_ylim(max(lo, -1.0) - 0.05, min(hi, 2.5) + 0.05)
-    fig.tight_layout()
+    _figure_legend(fig, list(axes.ravel()))
     return fig
 
 
