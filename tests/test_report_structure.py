@@ -132,8 +132,7 @@ def test_each_section_obeys_the_contract(built):
 
 
 def test_adding_a_section_is_one_module_and_one_line(built, monkeypatch):
-    from capscale.report import report_data, sections
-    from capscale.report.layout import sections as page
+    from capscale.report import data, layout, report_data
     from capscale.report.verdicts import NOT_MEASURED
 
     a, _ = built
@@ -143,12 +142,13 @@ def test_adding_a_section_is_one_module_and_one_line(built, monkeypatch):
         answer=lambda d: {"id": "extra", "question": "?", "verdict": NOT_MEASURED, "finding": "-", "figures": []},
         section=lambda d: Section("extra", "Extra", [f"{d['extra']['n_runs']} runs"], [], [table("t", [], [])]),
     )
-    monkeypatch.setattr(sections, "SECTIONS", (*sections.SECTIONS, extra))
+    for module in (data, layout):  # what `from capscale.report.sections import SECTIONS` gives them
+        monkeypatch.setattr(module, "SECTIONS", (*module.SECTIONS, extra))
     d = report_data(a)
     assert d["extra"] == {"n_runs": len(a.sweep.runs)} and d["answers"][-1]["id"] == "extra"
     # format 2's keys keep their order; a new section's part follows them, before the answers
     assert list(d)[-3:] == ["extra", "answers", "summary"]
     assert list(d)[:4] == ["format", "format_version", "generated", "sweep"]
-    body = page(d)
+    body = layout.sections(d)
     titles = [s.title for s in body]
     assert "Extra" in titles and titles.index("Extra") < titles.index("Reliability: samples per dimension")

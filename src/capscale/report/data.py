@@ -20,10 +20,10 @@ import pandas as pd
 
 import capscale
 from capscale.analysis import Analysis
-from capscale.report import sections as registry  # read at call time: a section added to SECTIONS is seen
 from capscale.report.betas import beta_rows
 from capscale.report.records import jsonable
 from capscale.report.records import records as _records
+from capscale.report.sections import SECTIONS
 from capscale.spectrum.summary import WELL_SAMPLED
 
 FORMAT = "capscale.report"
@@ -107,10 +107,10 @@ def report_data(a: Analysis) -> dict:
             a.sweep.excluded, ["run_id", "name", "status", "reason", "step", "label", "width", "seed"]
         ),
     }
-    for module in registry.SECTIONS:
+    for module in SECTIONS:
         data[module.KEY] = module.data(a)
     data = jsonable({**{k: data[k] for k in _ORDER if k in data}, **data})
-    data["answers"] = [m.answer(data) for m in registry.SECTIONS if hasattr(m, "answer")]
+    data["answers"] = [m.answer(data) for m in SECTIONS if hasattr(m, "answer")]
     data["summary"] = {"headline": data["q1_scaling"]["fits"], "findings": findings(data)}
     return data
 

@@ -11,8 +11,8 @@ appearance.
 
 from __future__ import annotations
 
-from capscale.report import sections as registry  # read at call time: a section added to SECTIONS is seen
 from capscale.report.format import ND, Section, Table, beta, beta_columns, beta_flag, beta_notes, get, num, table
+from capscale.report.sections import SECTIONS
 from capscale.rundir import RunStatus
 from capscale.spectrum.summary import WELL_SAMPLED
 
@@ -218,7 +218,7 @@ def sections(d: dict) -> list[Section]:
     """The report body in order: the sections (questions, design, training, ...), then reliability, runs,
     parameters and the appendix."""
     return [
-        *[s for s in (module.section(d) for module in registry.SECTIONS) if s is not None],
+        *[s for s in (module.section(d) for module in SECTIONS) if s is not None],
         _reliability(d),
         _runs(d),
         _parameters(d),
