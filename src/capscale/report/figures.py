@@ -404,6 +404,7 @@ def fig_matched(a: Analysis) -> Figure:
             range(len(pairs)),
             [f"B {labels[p.series_b]}\nA {labels[p.series_a]}" for p in pairs.itertuples()],
             fontsize=7,
+            **({"rotation": 20, "ha": "right", "rotation_mode": "anchor"} if len(pairs) > 2 else {}),
         )
         bx.set_ylabel(f"β difference ({a.params.confidence:.0%} CI)")
         bx.set_title("β difference: differs where the CI excludes 0")

@@ -163,5 +163,47 @@ def beta_columns(with_bucket: bool, with_site: bool) -> list[tuple[str, Callable
     return cols
 
 
+# -- cells of a comparison row (report.json's contrasts, levels and alike) ----------------
+
+
+def pair(r: dict) -> str:
+    """'b − a': the two treatments of a difference, in the order it is taken."""
+    return f"{r['b']} − {r['a']}"
+
+
+def diff_ci(r: dict) -> str:
+    return f"{num(r['diff'], 3)} {interval(r['low'], r['high'])}"
+
+
+def seeds_ab(r: dict) -> str:
+    """'3 / 3', with the row's note when it has one (e.g. one seed: no interval)."""
+    return f"{r['n_a']} / {r['n_b']}" + (f" ({r['note']})" if r.get("note") else "")
+
+
+def resolved(r: dict) -> str:
+    return "yes" if r["resolved"] else "no"
+
+
+def no_interval(r: dict) -> bool:
+    return r["low"] is None
+
+
+def rank_name(r: dict) -> str:
+    return {"soft_rank": "R1", "hard_rank": "R2"}[r["metric"]]
+
+
+def widths(r: dict) -> str:
+    return ", ".join(str(w) for w in r["widths"])
+
+
+def num_of(key: str, digits: int = 3) -> Callable[[dict], str]:
+    """A cell: ``num`` of the row's ``key`` (``get`` passes strings through; this never does)."""
+
+    def cell(r: dict) -> str:
+        return num(r.get(key), digits)
+
+    return cell
+
+
 # the names the older modules use
 _table, _get = table, get

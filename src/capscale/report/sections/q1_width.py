@@ -10,7 +10,19 @@ from __future__ import annotations
 
 from capscale.analysis import Analysis
 from capscale.report.betas import beta_rows
-from capscale.report.format import Section, Table, beta_columns, beta_flag, get, interval, num, table
+from capscale.report.format import (
+    Section,
+    Table,
+    beta_columns,
+    beta_flag,
+    get,
+    interval,
+    num,
+    rank_name,
+    resolved,
+    table,
+    widths,
+)
 from capscale.report.records import jsonable, records
 from capscale.report.verdicts import (
     NOT_MEASURED,
@@ -106,16 +118,8 @@ def answer(d: dict) -> dict:
 # -- the page -------------------------------------------------------------------------
 
 
-def _rank(r: dict) -> str:
-    return {"soft_rank": "R1", "hard_rank": "R2"}[r["metric"]]
-
-
 def _ratio(r: dict) -> str:
     return f"{num(r['ratio'], 2)}× {interval(r['ratio_low'], r['ratio_high'], 2)}"
-
-
-def _resolved(r: dict) -> str:
-    return "yes" if r["resolved"] else "no"
 
 
 def _per_width(r: dict) -> str:
@@ -124,10 +128,6 @@ def _per_width(r: dict) -> str:
 
 def _loss_diff(r: dict) -> str:
     return f"{num(r['loss_diff'], 3)} {interval(r['loss_diff_low'], r['loss_diff_high'])}"
-
-
-def _widths(r: dict) -> str:
-    return ", ".join(str(w) for w in r["widths"])
 
 
 def _not_resolved(r: dict) -> bool:
@@ -141,12 +141,12 @@ def levels_table(d: dict) -> Table:
         [
             ("series", get("series")),
             ("over", get("baseline")),
-            ("rank", _rank),
+            ("rank", rank_name),
             ("ratio [CI]", _ratio),
-            ("resolved", _resolved),
+            ("resolved", resolved),
             ("per width", _per_width),
             ("Δ loss (nats) [CI]", _loss_diff),
-            ("widths", _widths),
+            ("widths", widths),
             ("seeds", get("n_seeds")),
         ],
         rows,
