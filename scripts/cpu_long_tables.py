@@ -317,7 +317,8 @@ def bucket_count_line(s: Study) -> str:
     )
     return (
         f"Of these {len(sel)} intervals, {len(excl)} exclude 0 ({0.05 * len(sel):.1f} expected by chance at 95%); "
-        f"{len(held)} {'survives' if len(held) == 1 else 'survive'} Holm over the 6 cells of its bucket and exponent" + (f": {named}." if named else ".")
+        f"{len(held)} {'survives' if len(held) == 1 else 'survive'} Holm over the 6 cells of its bucket and exponent"
+        + (f": {named}." if named else ".")
     )
 
 
