@@ -77,3 +77,17 @@ def test_the_cpu_long_tables_on_the_page_are_printed_from_its_committed_export()
     names = set(load_spec("cpu-long").runs())
     assert {p.name for p in (LONG / "runs").iterdir()} == names
     assert all(json.loads((LONG / "runs" / n / "status.json").read_text())["status"] == "done" for n in names)
+
+
+@pytest.mark.skipif(not (LONG / "report" / "report.json").is_file(), reason="no committed cpu-long results")
+def test_posthoc_ranks_names_series_as_the_report_does():
+    # the design names cpu-long's series by the factors that vary ('adamw · 140 steps · d_model=32');
+    # the loader's key alone would add 'n_head=1', and a post-hoc CSV would not join the report
+    spec = importlib.util.spec_from_file_location("posthoc_ranks", ROOT / "scripts" / "posthoc_ranks.py")
+    posthoc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(posthoc)
+    configs = {p.parent.name: json.loads(p.read_text()) for p in (LONG / "runs").glob("*/config.json")}
+    keys = posthoc.series_keys(configs)
+    report = {r["run_id"]: r["series"] for r in json.loads((LONG / "report" / "report.json").read_text())["runs"]}
+    assert set(keys.index) == set(report)
+    assert {run: keys.at[run, "series"] for run in report} == report
