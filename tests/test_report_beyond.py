@@ -12,6 +12,7 @@ from test_law import PLANTED, write_planted
 from capscale.analysis import analyze
 from capscale.report import data as report_module
 from capscale.report.data import report_data
+from capscale.report.sections import dormant as dormant_section
 from capscale.report.sections import law as law_section
 from capscale.report.sections import plasticity as plasticity_section
 
@@ -105,10 +106,39 @@ def test_width_only_sweep_shows_neither_and_keeps_report_json(tmp_path, monkeypa
     d = report_data(a)
     assert d["law"]["shown"] is False and "FFN width only" in d["law"]["why"] and set(d["law"]) == {"shown", "why"}
     assert d["plasticity"] == {"shown": False, "why": f"no plasticity.json below {root}"}
+    assert d["dormant"]["shown"] is False  # spectra without the column
     assert law_section.section(d) is None and plasticity_section.section(d) is None
-    without = tuple(m for m in report_module.SECTIONS if m not in (law_section, plasticity_section))
+    assert dormant_section.section(d) is None
+    ours = (law_section, plasticity_section, dormant_section)
+    without = tuple(m for m in report_module.SECTIONS if m not in ours)
     monkeypatch.setattr(report_module, "SECTIONS", without)
     before = report_data(a)
     for k in ("generated",):
         before.pop(k, None), d.pop(k, None)
-    assert {k: v for k, v in d.items() if k not in ("law", "plasticity")} == before
+    assert {k: v for k, v in d.items() if k not in ("law", "plasticity", "dormant")} == before
+
+
+def test_dormant_section_counts_planted_dead_units(tmp_path):
+    """dormant_frac planted per width at the runs' last windows (0 before): the section gives it
+    per width over seeds, and its change over the run."""
+    import pandas as pd
+
+    root = write_sweep(tmp_path / "sw", series=(DEFAULT_SERIES[2],), widths=WIDTHS)
+    for run in (root / "runs").iterdir():
+        df = pd.read_parquet(run / "spectra.parquet")
+        width = int(df["dim"].iloc[0])
+        last = df["step"] == df["step"].max()
+        df["dormant_frac"] = np.where(last, width / 1000, 0.0)
+        df.loc[last & (df.site == "pre"), "dormant_frac"] = 0.0  # none before the nonlinearity
+        df.to_parquet(run / "spectra.parquet", index=False)
+    d = report_data(analyze(root, n_resamples=100, last_k=1))
+    q = d["dormant"]
+    assert q["shown"] and q["threshold"] == 1e-3
+    post = {r["width"]: r for r in q["rows"] if r["site"] == "post"}
+    assert set(post) == set(WIDTHS)
+    for w, r in post.items():
+        assert r["median"] == pytest.approx(w / 1000) and r["low"] == r["high"] == pytest.approx(w / 1000)
+        assert r["total_d_dormant"] == pytest.approx(w / 1000)
+    assert all(r["median"] == 0 for r in q["rows"] if r["site"] == "pre")
+    sec = dormant_section.section(d)
+    assert len(sec.tables[0].rows) == len(WIDTHS) and all(sec.tables[0].flagged)
