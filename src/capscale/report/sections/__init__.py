@@ -12,7 +12,7 @@ and one line in ``SECTIONS``.
 
 from __future__ import annotations
 
-from capscale.report.sections import design, perlayer, q5_optimizer_architecture
+from capscale.report.sections import design, dormant, law, perlayer, plasticity, q5_optimizer_architecture
 
 # in page order, after questions 1–4 (a module with ``answer(d)`` adds its verdict to the answers)
-SECTIONS = (q5_optimizer_architecture, design, perlayer)
+SECTIONS = (q5_optimizer_architecture, design, perlayer, dormant, law, plasticity)
