@@ -6,7 +6,8 @@
 
 Like ``scripts/export_study.py`` (``sweep.json`` and per run ``config.json``,
 ``metrics.jsonl``, ``status.json``, ``spectra.parquet`` without eigenvalue lists), but only
-the runs whose status is ``done``, and into a directory that may already hold an earlier
+the runs that have ended (status ``done``, ``diverged`` or ``failed``: the pre-registration
+lists a run that diverged or failed, so the export must hold it too), and into a directory that may already hold an earlier
 export and other files: its ``sweep.json`` and ``runs/`` are replaced, everything else is
 left. A study in progress is committed this way run by run; copying the export back
 (``cp -r docs/results/cpu-depth/. runs/cpu-depth``) and resuming the sweep skips the
@@ -26,11 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_study import export_study  # noqa: E402
 
 
+ENDED = ("done", "diverged", "failed")
+
+
 def finished(sweep: Path) -> list[Path]:
+    """The runs of ``sweep`` that have ended (never one still running, interrupted or not started)."""
     out = []
     for run in sorted((sweep / "runs").iterdir()):
         try:
-            if json.loads((run / "status.json").read_text()).get("status") == "done":
+            if json.loads((run / "status.json").read_text()).get("status") in ENDED:
                 out.append(run)
         except (OSError, ValueError):
             continue
@@ -38,7 +43,7 @@ def finished(sweep: Path) -> list[Path]:
 
 
 def export_finished(sweep: Path, dest: Path, max_mb: float = 20.0) -> tuple[int, int]:
-    """Export the finished runs of ``sweep`` into ``dest``; returns (runs exported, bytes)."""
+    """Export the ended runs of ``sweep`` into ``dest``; returns (runs exported, bytes)."""
     runs = finished(sweep)
     if not runs:
         raise ValueError(f"{sweep} has no finished run")

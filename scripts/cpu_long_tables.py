@@ -2,13 +2,29 @@
 
     python scripts/cpu_long_tables.py docs/results/cpu-long
 
-Reads ``report/report.json`` (``capscale report`` of the export; ``beta_trajectory`` holds
-β per series and step, and Δβ and the level ratio per pair of series) and the runs'
-``config.json`` (their token budgets). Every β, Δβ and ratio is printed as the report
-stored it, only rounded. One quantity is derived here: how much the exponent gap Δβ
-changes from one cell to another (more tokens per parameter, a larger d_model). The two
-Δβ come from disjoint runs, so the change's interval combines their half-widths in
-quadrature (normal approximation of two independent t-intervals).
+Reads ``report/report.json`` (``capscale report`` of the export) and the runs'
+``config.json`` (their token budgets). A cell is one d_model and one step budget (the
+report's ``design.cells``: every factor but the optimizer equal); Muon and AdamW are
+compared within a cell only. From report.json, only rounded:
+
+- ``betas``: β per series at the final aggregate (median of the last 3 logged steps within
+  the final 20% of each run, then over layers; OLS over widths, seeds as replicate points);
+- ``design.contrasts``: Δβ = β_Muon − β_AdamW per cell, the mean over seeds of per-seed β,
+  Welch t-interval over the 3 + 3 seeds, ``holm_p`` over the 6 cells of one site × bucket ×
+  metric, ``mde`` (80% power at α = 0.05), ``mde_holm`` (at α/6: what a lone effect needs to
+  survive Holm), the paper's gap and whether the interval excludes it; ``design.pooled``:
+  the fixed-effect mean over cells with Cochran's Q and I²;
+- ``levels``: Muon's rank over AdamW's per cell (geometric mean over widths, t-interval over
+  widths), ``holm_p`` over the 6 cells;
+- ``beta_trajectory``: β and Δβ at every shared step (one pooled fit per step, seeds and widths
+  as points, uncorrected for the number of steps), and its ``separation`` sentences;
+- ``answers``: the report's verdicts, verbatim.
+
+One quantity is derived here: how the within-cell gap changes from one cell to another
+(more tokens per parameter, a larger d_model), the treatment × factor interaction
+Δβ(cell b) − Δβ(cell a) of ``capscale.analysis.perlayer.interaction`` (Welch–Satterthwaite
+interval; each Δβ stays a within-cell comparison), Holm-corrected over the comparisons of
+its table and metric.
 """
 
 from __future__ import annotations
@@ -21,14 +37,23 @@ from pathlib import Path
 
 import pandas as pd
 
+from capscale.analysis.perlayer import interaction
+from capscale.analysis.power import holm, mde_holm
+
 SITE, BUCKET = "post", "all"
 METRICS = {"hard": ("hard_rank", "β_hard"), "soft": ("soft_rank", "β_soft")}
+OPTS = ("adamw", "muon")
 
 
 def cell(series: str) -> tuple[str, int, int]:
-    """'muon · 560 steps · d_model=32 · n_head=1' → ('muon', 560, 32)."""
-    opt, steps, arch = (p.strip() for p in series.split("·")[:3])
-    return opt, int(steps.split()[0]), int(re.search(r"d_model=(\d+)", arch).group(1))
+    """'muon · 560 steps · d_model=32' → ('muon', 560, 32)."""
+    opt = series.split("·")[0].strip()
+    steps = int(re.search(r"(\d+) steps", series).group(1))
+    return opt, steps, int(re.search(r"d_model=(\d+)", series).group(1))
+
+
+def num(v, nd: int = 2) -> str:
+    return "—" if v is None or not math.isfinite(v) else f"{v:.{nd}f}"
 
 
 def ci(v: float, lo: float, hi: float, nd: int = 2) -> str:
@@ -62,9 +87,19 @@ def tokens_per_param(results: Path) -> dict[tuple[int, int], float]:
     return {(d, steps): steps * per_step / params[d] for (d, steps), per_step in budgets.items()}
 
 
+def _frame(rows) -> pd.DataFrame:
+    """report.json rows as a frame, JSON nulls as NaN in numeric columns."""
+    out = pd.DataFrame(rows)
+    for col in out.columns:
+        if out[col].map(lambda v: v is None or isinstance(v, (int, float))).all():
+            out[col] = out[col].astype(float)
+    return out
+
+
 class Study:
     def __init__(self, results: Path):
         report = json.loads((results / "report" / "report.json").read_text())
+        self.report = report
         bt = report["beta_trajectory"]
         self.all_fits = pd.DataFrame(bt["fits"])
         self.all_pairs = pd.DataFrame(bt["pairs"])
@@ -72,16 +107,33 @@ class Study:
         self.pairs = self.all_pairs[(self.all_pairs.site == SITE) & (self.all_pairs.bucket == BUCKET)]
         self.separation = bt["separation"]
         self.runs = pd.DataFrame(report["runs"])
+        self.betas = report["betas"]
+        design = report["design"]
+        self.contrasts = _frame(design["contrasts"])
+        self.pooled = _frame(design["pooled"])
+        self.design_cells = pd.DataFrame(design["cells"])
+        self.levels = _frame(report["levels"])
         self.tpp = tokens_per_param(results)
         self.cells = sorted({cell(s)[1:] for s in self.fits.series}, key=lambda c: (c[1], c[0]))  # (steps, d)
 
     def series(self, opt: str, steps: int, d: int) -> str:
         return next(s for s in self.fits.series.unique() if cell(s) == (opt, steps, d))
 
-    def last_step(self, steps: int, d: int) -> int:
-        a, m = self.series("adamw", steps, d), self.series("muon", steps, d)
-        shared = set(self.fits[self.fits.series == a].step) & set(self.fits[self.fits.series == m].step)
-        return max(shared)
+    def cell_name(self, steps: int, d: int) -> str:
+        """The design's name of the cell, e.g. 'd_model=32 · 140 steps'."""
+        c = self.design_cells
+        return c[(c.d_model.astype(int) == d) & (c.steps.astype(int) == steps)].cell.iloc[0]
+
+    def beta(self, opt: str, steps: int, d: int, metric: str, bucket: str = BUCKET) -> dict:
+        series = self.series(opt, steps, d)
+        row = next(b for b in self.betas if b["series"] == series and b["site"] == SITE and b["bucket"] == bucket)
+        return row["beta_hard" if metric == "hard_rank" else "beta_soft"]
+
+    def contrast(self, steps: int, d: int, metric: str, bucket: str = BUCKET) -> pd.Series:
+        c = self.contrasts
+        sel = c[(c.site == SITE) & (c.bucket == bucket) & (c.metric == metric) & (c.cell == self.cell_name(steps, d))]
+        (row,) = sel.itertuples(index=False)
+        return pd.Series(row._asdict())
 
     def fit(self, opt: str, steps: int, d: int, metric: str, step: int) -> pd.Series:
         f = self.fits
@@ -137,110 +189,226 @@ def loss_table(s: Study, results: Path) -> str:
     )
 
 
-def final_table(s: Study) -> str:
+def exponents_table(s: Study) -> str:
+    """β per series at the final aggregate, post-activation, all tokens (report.json ``betas``)."""
     rows = []
     for steps, d in s.cells:
-        step = s.last_step(steps, d)
-        row = [d, f"{s.tpp[(d, steps)]:.1f}", step]
-        for key, (metric, _) in METRICS.items():
-            for opt in ("adamw", "muon"):
-                f = s.fit(opt, steps, d, metric, step)
-                row.append(ci(f.beta, f.ci_low, f.ci_high))
-            p = s.pair(steps, d, key, step)
-            row.append(ci(p.dbeta, p.dbeta_low, p.dbeta_high))
-        p = s.pair(steps, d, "hard", step)
-        row.append(ci(p.ratio, p.ratio_low, p.ratio_high))
+        row = [d, f"{s.tpp[(d, steps)]:.1f}", f"{steps:,}"]
+        for metric, _ in METRICS.values():
+            for opt in OPTS:
+                b = s.beta(opt, steps, d, metric)
+                row.append(ci(b["beta"], b["ci_low"], b["ci_high"]))
         rows.append(row)
-    header = ["d_model", "tokens / param", "step"]
+    header = ["d_model", "tokens / param", "steps"]
+    header += [f"{name} {o}" for _, name in METRICS.values() for o in ("AdamW", "Muon")]
+    return table(header, rows)
+
+
+def far(r) -> float:
+    """The data exclude every |difference| beyond this: the interval's bound farthest from 0."""
+    return max(abs(r["low"]), abs(r["high"])) if math.isfinite(r["low"]) else math.nan
+
+
+def reference(r) -> str:
+    if r.get("reference") is None or not math.isfinite(r["reference"]):
+        return "—"
+    return f"{r['reference']:.2f}: {'excluded' if r['excludes_reference'] else 'not excluded'}"
+
+
+def gap_per_cell_table(s: Study) -> str:
+    """Δβ = β_Muon − β_AdamW within each cell (design.contrasts): what the data resolve and exclude."""
+    rows = []
     for _, name in METRICS.values():
-        header += [f"{name} AdamW", f"{name} Muon", f"Δ{name} Muon − AdamW"]
-    header.append("hard rank Muon ÷ AdamW")
+        metric = "hard_rank" if name == "β_hard" else "soft_rank"
+        for steps, d in s.cells:
+            r = s.contrast(steps, d, metric)
+            rows.append(
+                [
+                    f"Δ{name}",
+                    d,
+                    f"{s.tpp[(d, steps)]:.1f}",
+                    ci(r["diff"], r["low"], r["high"]),
+                    num(r["p"], 3),
+                    num(r["holm_p"], 3),
+                    num(far(r)),
+                    num(r["mde"]),
+                    num(r["mde_holm"]),
+                    reference(r),
+                ]
+            )
+    header = [
+        "exponent",
+        "d_model",
+        "tokens / param",
+        "Muon − AdamW [95%]",
+        "p",
+        "Holm p (6 cells)",
+        "excludes beyond ±",
+        "MDE 80%, α = 0.05",
+        "MDE 80%, α/6 (Holm)",
+        "paper's gap",
+    ]
+    return table(header, rows)
+
+
+def pooled_table(s: Study) -> str:
+    """The fixed-effect pooled Δβ over the 6 cells (design.pooled), post-activation, per bucket."""
+    rows = []
+    for bucket in ("all", "head", "mid", "tail"):
+        for _, name in METRICS.values():
+            metric = "hard_rank" if name == "β_hard" else "soft_rank"
+            p = s.pooled
+            (r,) = p[(p.site == SITE) & (p.bucket == bucket) & (p.metric == metric)].to_dict("records")
+            rows.append(
+                [
+                    bucket.upper(),
+                    f"Δ{name}",
+                    ci(r["diff"], r["low"], r["high"]),
+                    num(r["mde"]),
+                    f"{r['q']:.1f} (p {r['q_p']:.3f})",
+                    f"{r['i2']:.0%}",
+                ]
+            )
+    return table(["bucket", "exponent", "pooled Muon − AdamW [95%]", "MDE 80%", "Cochran's Q", "I²"], rows)
+
+
+def levels_table(s: Study) -> str:
+    """Muon's rank over AdamW's per cell (report.json ``levels``), post-activation, per bucket."""
+    lv = s.levels
+    rows = []
+    for steps, d in s.cells:
+        row = [d, f"{s.tpp[(d, steps)]:.1f}"]
+        for bucket in ("all", "head", "tail"):
+            (r,) = lv[(lv.cell == s.cell_name(steps, d)) & (lv.bucket == bucket) & (lv.metric == "hard_rank")].to_dict(
+                "records"
+            )
+            row.append(f"{ci(r['ratio'], r['ratio_low'], r['ratio_high'])} ({num(r['holm_p'], 3)})")
+        rows.append(row)
+    header = ["d_model", "tokens / param", "hard rank Muon ÷ AdamW (Holm p)", "HEAD", "TAIL"]
     return table(header, rows)
 
 
 def bucket_table(s: Study) -> str:
-    """Δβ_hard and Δβ_soft (Muon − AdamW, post-activation) per token bucket at each cell's final step."""
+    """Δβ (Muon − AdamW, post-activation) per token bucket within each cell, Holm p over its 6 cells."""
     rows = []
     for steps, d in s.cells:
-        step = s.last_step(steps, d)
-        muon = s.series("muon", steps, d)
         row = [d, f"{s.tpp[(d, steps)]:.1f}"]
-        for key in METRICS:
+        for metric, _ in METRICS.values():
             for bucket in ("head", "mid", "tail"):
-                p = s.all_pairs
-                r = p[
-                    (p.series_a == muon)
-                    & (p.metric == key)
-                    & (p.step == step)
-                    & (p.site == SITE)
-                    & (p.bucket == bucket)
-                ]
-                row.append(ci(r.dbeta.iloc[0], r.dbeta_low.iloc[0], r.dbeta_high.iloc[0]))
+                r = s.contrast(steps, d, metric, bucket)
+                row.append(f"{ci(r['diff'], r['low'], r['high'])} ({num(r['holm_p'], 2)})")
         rows.append(row)
-    header = ["d_model", "tokens / param"] + [f"Δβ_{k} {b.upper()}" for k in METRICS for b in ("head", "mid", "tail")]
+    header = ["d_model", "tokens / param"] + [
+        f"Δ{n} {b.upper()}" for _, n in METRICS.values() for b in ("head", "mid", "tail")
+    ]
     return table(header, rows)
 
 
-def sampling_line(s: Study) -> str:
-    """How many of the fits the page quotes (every site and bucket, final steps) use an N/D < 10 record."""
-    quoted = [(s.series(o, steps, d), s.last_step(steps, d)) for steps, d in s.cells for o in ("adamw", "muon")]
-    f = s.all_fits[s.all_fits.metric.isin(["hard_rank", "soft_rank"])]
-    sel = f[[(a, b) in quoted for a, b in zip(f.series, f.step)]]
-    low = int((sel.n_low_nd > 0).sum())
+def bucket_count_line(s: Study) -> str:
+    """How many of the per-bucket intervals exclude 0, against chance, and how many survive Holm."""
+    c = s.contrasts
+    sel = c[(c.site == SITE) & c.bucket.isin(["head", "mid", "tail"]) & c.metric.isin(["hard_rank", "soft_rank"])]
+    excl = sel[(sel["low"] > 0) | (sel["high"] < 0)]
+    held = sel[sel["resolved"].astype(bool)]
+    named = "; ".join(
+        f"Δβ_{'hard' if r.metric == 'hard_rank' else 'soft'} {r.bucket.upper()} at {r.cell}, "
+        f"{ci(r.diff, r.low, r.high)}, Holm p {num(r.holm_p, 3)}"
+        for r in held.itertuples()
+    )
     return (
-        f"Of the {len(sel)} fits at the quoted final steps (both sites, all four buckets, soft and hard), "
-        f"{low} use a record with N/D < 10; the smallest number of seeds in a quoted fit is {int(sel.n_seeds.min())}."
+        f"Of these {len(sel)} intervals, {len(excl)} exclude 0 ({0.05 * len(sel):.1f} expected by chance at 95%); "
+        f"{len(held)} {'survives' if len(held) == 1 else 'survive'} Holm over the 6 cells of its bucket and exponent"
+        + (f": {named}." if named else ".")
     )
 
 
-def change(s: Study, a: tuple[int, int], b: tuple[int, int], key: str) -> tuple[float, float, float]:
-    """Δβ(b) − Δβ(a) at each cell's final step, interval by quadrature of the half-widths."""
-    pa, pb = (s.pair(steps, d, key, s.last_step(steps, d)) for steps, d in (a, b))
-    delta = pb.dbeta - pa.dbeta
-    half = math.hypot((pa.dbeta_high - pa.dbeta_low) / 2, (pb.dbeta_high - pb.dbeta_low) / 2)
-    return delta, delta - half, delta + half
-
-
-def gap_table(s: Study, comparisons: list[tuple[str, tuple[int, int], tuple[int, int]]]) -> str:
+def asymmetry_table(s: Study) -> str:
+    """Δβ = β_soft − β_hard per series (report.json ``betas``, post-activation, all tokens)."""
     rows = []
-    for what, a, b in comparisons:
-        row = [what]
-        for key in METRICS:
-            row.append(ci(*change(s, a, b, key)))
+    for steps, d in s.cells:
+        row = [d, f"{s.tpp[(d, steps)]:.1f}"]
+        for opt in OPTS:
+            series = s.series(opt, steps, d)
+            b = next(x for x in s.betas if x["series"] == series and x["site"] == SITE and x["bucket"] == BUCKET)
+            f = b["beta_delta"]
+            row.append(ci(f["beta"], f["ci_low"], f["ci_high"]))
         rows.append(row)
-    return table(["from → to", "change of Δβ_hard", "change of Δβ_soft"], rows)
+    return table(["d_model", "tokens / param", "β_soft − β_hard AdamW", "β_soft − β_hard Muon"], rows)
 
 
-def tokens_comparisons(s: Study) -> list:
-    out = []
-    for d in sorted({d for _, d in s.cells}):
-        budgets = sorted(steps for steps, dd in s.cells if dd == d)
-        for lo, hi in zip(budgets, budgets[1:]):
-            out.append(
-                (
-                    f"d_model {d}: {s.tpp[(d, lo)]:.0f} → {s.tpp[(d, hi)]:.0f} tokens / param",
-                    (lo, d),
-                    (hi, d),
-                )
+def sampling_line(s: Study) -> str:
+    """How many of the final-aggregate fits (every site and bucket) use an N/D < 10 record."""
+    fits = [b[k] for b in s.betas for k in ("beta_hard", "beta_soft")]
+    low = sum(1 for f in fits if f["n_low_nd"])
+    seeds = s.runs.groupby("series").seed.nunique().min()
+    return (
+        f"Of the {len(fits)} fits at the final aggregates (12 series, both sites, all four buckets, soft and hard), "
+        f"{low} use a record with N/D < 10; every series has {seeds} seeds at each of its 3 widths."
+    )
+
+
+def interactions(s: Study, factor: str) -> pd.DataFrame:
+    """Δβ(cell b) − Δβ(cell a) for cells that differ in ``factor`` only ('steps' within a d_model,
+    'd_model' within a budget in tokens per parameter), Holm over one metric's rows."""
+    cells = s.design_cells.copy()
+    if factor == "d_model":  # the budgets differ in steps per d_model; equal in tokens per parameter
+        cells["tpp"] = [round(s.tpp[(int(d), int(st))]) for d, st in zip(cells.d_model, cells.steps)]
+        cells = cells.drop(columns="steps")
+    c = s.contrasts[(s.contrasts.site == SITE) & (s.contrasts.bucket == BUCKET)]
+    c = c[c.metric.isin([m for m, _ in METRICS.values()])]
+    out = interaction(c, cells, factor=factor)
+    out["holm_p"] = float("nan")
+    out["family_size"] = 0
+    for _, idx in out.groupby("metric").groups.items():
+        out.loc[idx, "holm_p"] = holm(out.loc[idx, "p"])
+        out.loc[idx, "family_size"] = len(idx)
+    out["mde_holm"] = [mde_holm(se, df, m) for se, df, m in zip(out.se, out.df, out.family_size)]
+    return out
+
+
+def change_table(s: Study, factor: str) -> str:
+    out = interactions(s, factor)
+    rows = []
+    steps_of = {
+        c: (int(st), int(d)) for c, st, d in zip(s.design_cells.cell, s.design_cells.steps, s.design_cells.d_model)
+    }
+    for _, name in METRICS.values():
+        metric = "hard_rank" if name == "β_hard" else "soft_rank"
+        sub = out[out.metric == metric]
+        for r in sub.to_dict("records"):
+            (st_a, d_a), (st_b, d_b) = steps_of[r["shallow"]], steps_of[r["deep"]]
+            if factor == "steps":
+                what = f"d_model {d_a}: {s.tpp[(d_a, st_a)]:.0f} → {s.tpp[(d_b, st_b)]:.0f} tokens / param"
+            else:
+                what = f"{s.tpp[(d_a, st_a)]:.0f} tokens / param: d_model {d_a} → {d_b}"
+            rows.append(
+                [
+                    what,
+                    f"Δ{name}",
+                    f"{num(r['delta_shallow'])} → {num(r['delta_deep'])}",
+                    ci(r["diff"], r["low"], r["high"]),
+                    num(r["holm_p"], 3),
+                    num(far(r)),
+                    num(r["mde"]),
+                    num(r["mde_holm"]),
+                ]
             )
-    return out
+    m = int(out.family_size.max())
+    header = [
+        "from → to",
+        "exponent",
+        "Δ (Muon − AdamW)",
+        "change [95%]",
+        f"Holm p ({m})",
+        "excludes beyond ±",
+        "MDE 80%",
+        f"MDE 80%, α/{m}",
+    ]
+    return table(header, rows)
 
 
-def dmodel_comparisons(s: Study) -> list:
-    out = []
-    short = {d: min(steps for steps, dd in s.cells if dd == d) for d in sorted({d for _, d in s.cells})}
-    ds = sorted(short)
-    for lo, hi in [*zip(ds, ds[1:]), (ds[0], ds[-1])] if len(ds) > 2 else zip(ds, ds[1:]):
-        out.append(
-            (f"{s.tpp[(lo, short[lo])]:.0f} tokens / param: d_model {lo} → {hi}", (short[lo], lo), (short[hi], hi))
-        )
-    longs = {d: max(steps for steps, dd in s.cells if dd == d) for d in ds}
-    with_long = [d for d in ds if longs[d] != short[d]]
-    for lo, hi in zip(with_long, with_long[1:]):
-        out.append(
-            (f"{s.tpp[(lo, longs[lo])]:.0f} tokens / param: d_model {lo} → {hi}", (longs[lo], lo), (longs[hi], hi))
-        )
-    return out
+def verdict_lines(s: Study) -> str:
+    return "\n".join(f"- **{a['id'].upper()} ({a['verdict']})** {a['finding']}" for a in s.report["answers"])
 
 
 TARGETS = (2.5, 5, 10, 16, 20)  # tokens per parameter; 16 = the end of the constant-rate phase
@@ -286,10 +454,15 @@ def main() -> None:
         "cpu-long runs": runs_table(s),
         "cpu-long loss": loss_table(s, results),
         "cpu-long sampling": sampling_line(s),
-        "cpu-long exponents at the final step": final_table(s),
-        "cpu-long gap per token bucket": bucket_table(s),
-        "cpu-long gap against tokens per parameter": gap_table(s, tokens_comparisons(s)),
-        "cpu-long gap against d_model": gap_table(s, dmodel_comparisons(s)),
+        "cpu-long verdicts": verdict_lines(s),
+        "cpu-long exponents": exponents_table(s),
+        "cpu-long gap per cell": gap_per_cell_table(s),
+        "cpu-long gap pooled over cells": pooled_table(s),
+        "cpu-long level ratio": levels_table(s),
+        "cpu-long gap per token bucket": bucket_table(s) + "\n\n" + bucket_count_line(s),
+        "cpu-long asymmetry": asymmetry_table(s),
+        "cpu-long gap against tokens per parameter": change_table(s, "steps"),
+        "cpu-long gap against d_model": change_table(s, "d_model"),
         "cpu-long gap along the long runs": trajectory_table(s),
         "cpu-long separation": separation_lines(s),
     }

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from capscale.analysis import run_keys
+from capscale.analysis.design import design_of
 from capscale.fitcli import fit_table
 from capscale.measure import batches, load_model
 from capscale.probe import measure_model
@@ -49,6 +50,13 @@ def measure_run(run: Path, tokens: int) -> pd.DataFrame:
     agg["tokens"] = len(ids)
     agg["samples_per_dim"] = agg.n_samples / agg.dim
     return agg
+
+
+def series_keys(configs: dict[str, dict]) -> pd.DataFrame:
+    """Series, width and seed per run as the report names them: the loader's keys, then the
+    design's (series named by the factors that vary, e.g. 'adamw · 140 steps · d_model=32')."""
+    _, runs = design_of(run_keys(configs), configs)
+    return runs.set_index("run_id")[["series", "width", "seed"]]
 
 
 def fit_ranks(ranks: pd.DataFrame) -> pd.DataFrame:
@@ -82,7 +90,7 @@ def main() -> None:
         rows.append(measure_run(run, args.tokens))
         print(f"measured {run.name}", flush=True)
     # Series, width and seed as the report names them (from each run's config, not its name).
-    runs = run_keys(configs).set_index("run_id")[["series", "width", "seed"]]
+    runs = series_keys(configs)
     ranks = pd.concat(rows, ignore_index=True).drop(columns=["series", "width", "seed"], errors="ignore")
     ranks = runs.join(ranks.set_index("run"), how="inner").rename_axis("run").reset_index()
     ranks.to_csv(args.out, index=False, float_format="%.6g")

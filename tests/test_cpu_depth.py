@@ -1,5 +1,6 @@
 """The ``cpu-depth`` presets resolve to the design of docs/preregistration/cpu-depth.md."""
 
+import math
 from collections import Counter
 
 import pytest
@@ -167,13 +168,14 @@ def test_export_keeps_finished_runs_only_and_other_files(tmp_path):
     sweep = tmp_path / "sweep"
     _fake_run(sweep, "done_run", 1e-3, 64, 4.0)
     _fake_run(sweep, "running_run", 1e-3, 128, 4.0, status="running")
+    _fake_run(sweep, "diverged_run", 1e-3, 256, 4.0, status="diverged")  # ended: exported, to be listed
     (sweep / "sweep.json").write_text(json.dumps({"name": "x"}))
     dest = tmp_path / "dest"
     (dest / "runs" / "stale").mkdir(parents=True)
     (dest / "README.md").write_text("kept")
     n, _ = mod.export_finished(sweep, dest)
-    assert n == 1
-    assert sorted(p.name for p in (dest / "runs").iterdir()) == ["done_run"]
+    assert n == 2
+    assert sorted(p.name for p in (dest / "runs").iterdir()) == ["diverged_run", "done_run"]
     assert (dest / "README.md").read_text() == "kept"
     assert json.loads((dest / "sweep.json").read_text()) == {"name": "x"}
     assert (dest / "runs" / "done_run" / "metrics.jsonl").is_file()
@@ -188,3 +190,108 @@ def test_runner_takes_every_run_once_seed_by_seed_grid_before_repetition_arm():
         assert seeds == sorted({c.train.seed for c in load_spec(preset).runs().values()})
     # seed s of the grid comes before seed s of the repetition arm, which comes before seed s + 1
     assert grid[:3] == [("cpu-depth", 0), ("cpu-depth-rep", 0), ("cpu-depth", 1)]
+
+
+def _planted_runs(root, preset, betas, rng, noise=0.02, status=None):
+    """Every run of ``preset`` with rank = 2·w^β (β per optimizer and depth) times log-normal noise."""
+    import json
+
+    import pandas as pd
+
+    status = status or {}
+    for name, c in load_spec(preset).runs().items():
+        m = c.model_config()
+        run = root / "runs" / name
+        run.mkdir(parents=True)
+        cfg = {
+            "optimizer": {"name": c.optimizer.name},
+            "model": {"n_layer": m.n_layer, "ffn_width": m.ffn_dim},
+            "train": {"steps": c.train.steps, "seed": c.train.seed},
+            "telemetry": {"window": c.telemetry.window},
+        }
+        (run / "config.json").write_text(json.dumps(cfg))
+        (run / "status.json").write_text(json.dumps({"status": status.get(name, "done")}))
+        beta = betas[(c.optimizer.name, m.n_layer)]
+        last = c.train.steps - c.telemetry.window
+        rows = []
+        for step in (0, last):  # an early window the verdict must not read
+            for layer in range(m.n_layer):
+                rank = 2.0 * m.ffn_dim ** (beta if step == last else 0.0) * math.exp(rng.normal(0, noise))
+                for site, bucket in (("post", "all"), ("pre", "all"), ("post", "tail")):
+                    # other rows are flat in width: read, they would pull every slope towards 0
+                    value = rank if (site, bucket) == ("post", "all") else 5.0
+                    rows.append({"step": step, "layer": layer, "site": site, "bucket": bucket, "hard_rank": value})
+        pd.DataFrame(rows).to_parquet(run / "spectra.parquet")
+
+
+def test_depth_verdict_recovers_planted_gap_and_interaction(tmp_path):
+    import numpy as np
+
+    mod = _script("cpu_depth_verdict")
+    rng = np.random.default_rng(0)
+    betas = {("adamw", 6): 0.3, ("muon", 6): 0.9, ("adamw", 2): 0.4, ("muon", 2): 0.5}
+    _planted_runs(tmp_path / "grid", "cpu-depth", betas, rng)
+    _planted_runs(tmp_path / "rep", "cpu-depth-rep", {("adamw", 6): 0.3, ("muon", 6): 0.9}, rng)
+    out = mod.analyse(tmp_path / "grid", tmp_path / "rep")
+    d, i, r = out["primary"], out["interaction"], out["repetition"]
+    assert d["n"] == 40 and i["dof"] == 80 - 8
+    assert d["low"] < 0.6 < d["high"] and d["high"] - d["low"] < 0.05
+    assert i["low"] < 0.5 < i["high"]
+    assert r["low"] < 0 < r["high"] and not r["moves"]
+    assert out["verdict"] == "confirms the paper at this scale"
+
+    # independently: the point estimates are differences of per-cell slopes, and I's variance is
+    # the pooled residual variance times the sum of 1 / Sxx over the four cells
+    points, _ = mod.run_points(tmp_path / "grid", "cpu-depth")
+    slopes, sse, sxx = {}, 0.0, 0.0
+    for (o, depth), g in points.groupby(["optimizer", "depth"]):
+        x, y = np.log(g["width"].to_numpy(float)), np.log(g["rank"].to_numpy(float))
+        b, a = np.polyfit(x, y, 1)
+        slopes[(o, depth)] = b
+        sse += float(((y - a - b * x) ** 2).sum())
+        sxx += 1.0 / float(((x - x.mean()) ** 2).sum())
+    assert d["D"] == pytest.approx(slopes[("muon", 6)] - slopes[("adamw", 6)], abs=1e-10)
+    inter = slopes[("muon", 6)] - slopes[("adamw", 6)] - slopes[("muon", 2)] + slopes[("adamw", 2)]
+    assert i["I"] == pytest.approx(inter, abs=1e-10)
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, 72) * math.sqrt(sse / 72 * sxx)
+    assert i["high"] - i["I"] == pytest.approx(half, rel=1e-9)
+
+
+def test_depth_verdict_refutes_when_the_gap_is_excluded_and_lists_diverged_runs(tmp_path):
+    import numpy as np
+
+    mod = _script("cpu_depth_verdict")
+    betas = {("adamw", 6): 0.5, ("muon", 6): 0.5, ("adamw", 2): 0.5, ("muon", 2): 0.5}
+    _planted_runs(tmp_path, "cpu-depth", betas, np.random.default_rng(1), status={"muon_w512_L6_t3520_s3": "diverged"})
+    out = mod.analyse(tmp_path)
+    assert out["left_out"] == ["muon_w512_L6_t3520_s3 (diverged)"]
+    assert out["primary"]["n"] == 39  # left out, never replaced
+    assert out["primary"]["high"] < 0.3 and out["verdict"] == "refutes the paper at this scale"
+
+
+def test_depth_verdict_refuses_until_every_run_has_ended(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    mod = _script("cpu_depth_verdict")
+    betas = {k: 0.5 for k in (("adamw", 6), ("muon", 6), ("adamw", 2), ("muon", 2))}
+    _planted_runs(tmp_path, "cpu-depth", betas, np.random.default_rng(2))
+    (tmp_path / "runs" / "adamw_w64_L2_t1600_s4" / "status.json").write_text(json.dumps({"status": "running"}))
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / "muon_w64_L6_t3520_s0")
+    assert mod.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "2 of 80 runs have not ended" in err and "muon_w64_L6_t3520_s0" in err and "adamw_w64_L2_t1600_s4" in err
+
+
+def test_depth_verdict_rule():
+    verdict = _script("cpu_depth_verdict").verdict
+    i_pos, i_zero = {"low": 0.01}, {"low": -0.2}
+    assert verdict({"D": 0.5, "low": 0.1, "high": 0.9}, i_pos) == "confirms the paper at this scale"
+    assert verdict({"D": 0.5, "low": 0.1, "high": 0.9}, i_zero) == "inconclusive"  # no interaction
+    assert verdict({"D": 0.29, "low": 0.1, "high": 0.5}, i_pos) == "inconclusive"  # D below the gap
+    assert verdict({"D": 0.1, "low": -0.1, "high": 0.29}, i_pos) == "refutes the paper at this scale"

@@ -40,9 +40,8 @@ def test_plasticity_command_on_a_toy_sweep(toy, capsys):
     from capscale.cli import main
 
     root, corpus = toy
-    out = root / "cont"
-    args = ["plasticity", str(root / "sweep"), "--data", f"text:{corpus}", "--steps", "4", "--out", str(out)]
-    assert main([*args, "--eval-every", "2", "--max-tokens", "60000"]) == 0
+    out = root / "sweep" / "plasticity"  # inside the sweep: the report shows its section
+    assert main([*_args(toy), "--eval-every", "2", "--max-tokens", "60000"]) == 0
     printed = capsys.readouterr().out
     assert "within" in printed and "across" in printed and "muon_x4" in printed
     runs = sorted(p.name for p in (out / "runs").iterdir())
@@ -71,8 +70,51 @@ def test_plasticity_command_on_a_toy_sweep(toy, capsys):
         assert cfg["plasticity"]["from_step"] == 6 and cfg["train"]["steps"] == 4
     # re-running keeps what is done (resumable), and the relation is printed again
     mtime = (out / "runs" / "adamw_x1" / "plasticity.json").stat().st_mtime
-    assert main([*args, "--max-tokens", "60000"]) == 0
+    assert main([*_args(toy), "--max-tokens", "60000"]) == 0
     assert (out / "runs" / "adamw_x1" / "plasticity.json").stat().st_mtime == mtime
+
+
+def _args(toy) -> list[str]:
+    root, corpus = toy
+    out = root / "sweep" / "plasticity"
+    return ["plasticity", str(root / "sweep"), "--data", f"text:{corpus}", "--steps", "4", "--out", str(out)]
+
+
+def test_report_section_relates_capacity_to_adaptation(toy):
+    """The report of the toy sweep shows the plasticity section: each continued run joined to its
+    pretraining run's aggregate, the relation for each measure, the figures of plasticity.json."""
+    from capscale.analysis import analyze
+    from capscale.cli import main
+    from capscale.report.data import report_data
+    from capscale.report.sections import plasticity
+
+    root, _ = toy
+    out = root / "sweep" / "plasticity"
+    if not (out / "runs").is_dir():  # run alone: continue the sweep here (resumes what is done)
+        assert main([*_args(toy), "--eval-every", "2", "--max-tokens", "60000"]) == 0
+    a = analyze(root / "sweep", n_resamples=100)
+    q = report_data(a)["plasticity"]
+    assert q["shown"] and q["n_results"] == q["n_matched"] == 6 and q["steps"] == [4]
+    assert "text" in q["data"][0]  # the corpus, from the continued runs' config.json
+    assert [(r["y"], r["kind"]) for r in q["relation"]] == [
+        (y, k) for y in ("auc_new", "adaptation", "forgetting") for k in ("within", "across")
+    ]
+    within = q["relation"][0]
+    assert within["n"] == 6 and within["n_seeds"] == 1 and within["slope"] is not None  # 6 runs, 4 coefficients
+    post = a.points[(a.points.site == "post") & (a.points.bucket == "all")].set_index("run_id")
+    for r in q["runs"]:
+        s = json.loads((out / "runs" / r["pre_run_id"] / "plasticity.json").read_text())
+        assert r["auc_new"] == s["auc_new"] and r["forgetting"] == s["forgetting"]
+        assert r["pre_hard_rank"] == pytest.approx(post.loc[r["pre_run_id"], "hard_rank"])
+        assert r["pre_val_loss"] == pytest.approx(
+            a.sweep.runs.set_index("run_id").loc[r["pre_run_id"], "final_val_loss"]
+        )
+    means = {r["label"]: r["auc_new"] for r in q["by_label"]}
+    for label in ("adamw", "muon"):
+        assert means[label] == pytest.approx(np.mean([r["auc_new"] for r in q["runs"] if r["label"] == label]))
+    sec = plasticity.section({"plasticity": q})
+    assert sec.anchor == "plasticity" and len(sec.tables[0].rows) == 6 and len(sec.tables[2].rows) == 6
+    assert "one seed: plain OLS" in sec.tables[0].caption
 
 
 def test_same_corpus_and_unfinished_runs_are_refused(toy, tmp_path):

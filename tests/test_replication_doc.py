@@ -68,7 +68,7 @@ LONG = RESULTS / "cpu-long"
 def test_the_cpu_long_tables_on_the_page_are_printed_from_its_committed_export():
     sections = _sections("cpu_long_tables.py", LONG)
     doc = DOC.read_text()
-    assert len(sections) == 9
+    assert len(sections) == 14
     for title, body in sections.items():
         assert body in doc, f"section {title!r} of cpu_long_tables.py is not on the page as printed"
     # the export holds every run of the preset, finished
@@ -77,3 +77,38 @@ def test_the_cpu_long_tables_on_the_page_are_printed_from_its_committed_export()
     names = set(load_spec("cpu-long").runs())
     assert {p.name for p in (LONG / "runs").iterdir()} == names
     assert all(json.loads((LONG / "runs" / n / "status.json").read_text())["status"] == "done" for n in names)
+
+
+@pytest.mark.skipif(not (LONG / "report" / "report.json").is_file(), reason="no committed cpu-long results")
+def test_posthoc_ranks_names_series_as_the_report_does():
+    # the design names cpu-long's series by the factors that vary ('adamw · 140 steps · d_model=32');
+    # the loader's key alone would add 'n_head=1', and a post-hoc CSV would not join the report
+    spec = importlib.util.spec_from_file_location("posthoc_ranks", ROOT / "scripts" / "posthoc_ranks.py")
+    posthoc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(posthoc)
+    configs = {p.parent.name: json.loads(p.read_text()) for p in (LONG / "runs").glob("*/config.json")}
+    keys = posthoc.series_keys(configs)
+    report = {r["run_id"]: r["series"] for r in json.loads((LONG / "report" / "report.json").read_text())["runs"]}
+    assert set(keys.index) == set(report)
+    assert {run: keys.at[run, "series"] for run in report} == report
+
+
+@pytest.mark.skipif(not (LONG / "report" / "report.json").is_file(), reason="no committed cpu-long results")
+def test_the_cpu_long_answer_states_what_its_report_gives():
+    doc = DOC.read_text()
+    design = json.loads((LONG / "report" / "report.json").read_text())["design"]
+    rows = [c for c in design["contrasts"] if (c["site"], c["bucket"], c["metric"]) == ("post", "all", "hard_rank")]
+    assert len(rows) == 6 and not any(r["resolved"] for r in rows)
+
+    def fmt(x: float) -> str:
+        return f"{x:.2f}".replace("-", "−")
+
+    excluded = sum(bool(r["excludes_reference"]) for r in rows)
+    assert f"The paper's gap (0.53) is excluded in {excluded} of 6 cells" in doc
+    assert f"(Holm p ≥ {min(r['holm_p'] for r in rows):.3f})" in doc
+    mdes, holms = [r["mde"] for r in rows], [r["mde_holm"] for r in rows]
+    assert (
+        f"{fmt(min(mdes))}–{fmt(max(mdes))} per comparison and {fmt(min(holms))}–{fmt(max(holms))} at Holm's α/6" in doc
+    )
+    (pool,) = [p for p in design["pooled"] if (p["site"], p["bucket"], p["metric"]) == ("post", "all", "hard_rank")]
+    assert f"Δβ_hard = {fmt(pool['diff'])} [{fmt(pool['low'])}, {fmt(pool['high'])}] (MDE {fmt(pool['mde'])}" in doc

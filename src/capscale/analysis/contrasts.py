@@ -9,7 +9,8 @@ interval, and the row says so. Each row also states the minimum detectable diffe
 paper gives both optimizers' β — whether the data exclude the paper's gap.
 
 Several cells answer one question, so the rows of one family (site × bucket × metric
-[× layer]) carry Holm-adjusted p-values; ``resolved`` is Holm-adjusted p < 1 − confidence.
+[× layer]) carry Holm-adjusted p-values; ``resolved`` is Holm-adjusted p < 1 − confidence,
+and ``mde_holm`` the difference a row needs to be resolved so (``power.mde_holm``).
 Across cells the differences are pooled by a fixed-effect inverse-variance mean with its
 heterogeneity (``pooled_contrasts``); no row is ever picked for being the largest.
 """
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from capscale.analysis.design import natural_key
-from capscale.analysis.power import holm, pooled, reference_gap, welch
+from capscale.analysis.power import holm, mde_holm, pooled, reference_gap, welch
 
 METRICS = ("soft_rank", "hard_rank", "delta_beta")
 MIN_WIDTHS = 3
@@ -89,6 +90,11 @@ def cell_contrasts(betas: pd.DataFrame, confidence: float = 0.95, by: tuple[str,
         adj = holm(out.loc[idx, "p"])
         out.loc[idx, "holm_p"] = adj
         out.loc[idx, "family_size"] = int(np.isfinite(out.loc[idx, "p"]).sum())
+    # what a comparison needs to survive Holm (its first step, α/m), beside the uncorrected ``mde``
+    out["mde_holm"] = [
+        mde_holm(se, df, m, alpha) if math.isfinite(p) else math.nan
+        for se, df, m, p in zip(out["se"], out["df"], out["family_size"], out["p"])
+    ]
     out["resolved"] = out["holm_p"] < alpha
     order = sorted(
         range(len(out)), key=lambda i: (*(str(out.at[i, k]) for k in family), natural_key(out.at[i, "cell"]))

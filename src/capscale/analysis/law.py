@@ -84,10 +84,11 @@ PAPER_160M = {"d_model": 768, "depth": 12, "tokens": 6000 * 524288, "ffn": tuple
 # -- the per-run table ---------------------------------------------------------------
 
 
-def law_table(sweep: Sweep, last_k: int = 5, site: str = "post") -> pd.DataFrame:
+def law_table(sweep: Sweep, last_k: int = 5, site: str = "post", final_fraction: float | None = None) -> pd.DataFrame:
     """One row per run: label, seed, the factors, each capacity variable's value (its response:
-    log rank, or the asymmetry), non-embedding parameters and the final validation loss."""
-    points = aggregate_runs(last_k_per_layer(sweep.spectra, last_k))
+    log rank, or the asymmetry), non-embedding parameters and the final validation loss.
+    ``last_k``/``final_fraction``: the aggregate of ``last_k_per_layer`` (the report passes its own)."""
+    points = aggregate_runs(last_k_per_layer(sweep.spectra, last_k, final_fraction))
     points = points[points["site"] == site]
     if points.empty:
         raise ValueError(f"no spectra at site {site!r}")
@@ -511,9 +512,10 @@ def capacity_law(
     cluster: str | None = "seed",
     confidence: float = 0.95,
     target: dict | None = None,
+    final_fraction: float | None = None,
 ) -> Law:
     """Every capacity variable's joint fit, its held-out validation, the loss law and the target table."""
-    table = law_table(sweep, last_k, site)
+    table = law_table(sweep, last_k, site, final_fraction)
     fits, cells, summaries, paper = {}, {}, [], []
     for var in CAPACITY_VARIABLES:
         if not np.isfinite(table[var.name]).any():

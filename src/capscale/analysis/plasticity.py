@@ -31,25 +31,56 @@ SUMMARY_FILE = "plasticity.json"  # written by capscale.train.plasticity (not im
 
 def load_plasticity(root: str | Path) -> pd.DataFrame:
     """One row per continued run below ``root`` (every ``plasticity.json`` at any depth)."""
-    rows = [json.loads(p.read_text()) | {"path": str(p.parent)} for p in sorted(Path(root).rglob(SUMMARY_FILE))]
+    rows = [_read(p) for p in sorted(Path(root).rglob(SUMMARY_FILE))]
     if not rows:
         raise FileNotFoundError(f"no {SUMMARY_FILE} below {root}: run `capscale plasticity` first")
     return pd.DataFrame(rows)
 
 
+def _read(path: Path) -> dict:
+    """One result, with the corpus it continued on (from its run's config.json, where readable)."""
+    row = json.loads(path.read_text()) | {"path": str(path.parent)}
+    try:
+        cont = json.loads((path.parent / "config.json").read_text()).get("plasticity") or {}
+    except (OSError, ValueError, AttributeError):
+        cont = {}
+    row.setdefault("data_description", cont.get("data_description") or cont.get("data"))
+    return row
+
+
+def find_plasticity(root: str | Path) -> pd.DataFrame:
+    """Like ``load_plasticity``, but an empty frame where ``root`` holds no results (a report's
+    question: is there anything to show?)."""
+    try:
+        return load_plasticity(root)
+    except FileNotFoundError:
+        return pd.DataFrame()
+
+
+def join_capacity(results: pd.DataFrame, points: pd.DataFrame, runs: pd.DataFrame, site: str = "post") -> pd.DataFrame:
+    """``results`` joined to their pretraining runs by the run directory's name: ``points``
+    (``aggregate_runs``' frame) gives ``pre_soft_rank``, ``pre_hard_rank`` (all tokens,
+    ``site``) and ``runs`` (a sweep's run table, with ``path``) ``pre_val_loss``. A result
+    whose run is not among ``runs`` (or whose name two runs share) gets NaN there."""
+    pts = points[(points["site"] == site) & (points["bucket"] == "all")].set_index("run_id")
+    names = runs["path"].map(lambda p: Path(p).name)
+    unique = runs[~names.duplicated(keep=False)].assign(_name=names).set_index("_name")
+    out = results.copy()
+    run_id = out["from_run"].map(lambda p: Path(p).name).map(unique["run_id"])
+    out["pre_run_id"] = run_id
+    out["pre_soft_rank"] = run_id.map(pts["soft_rank"])
+    out["pre_hard_rank"] = run_id.map(pts["hard_rank"])
+    out["pre_val_loss"] = run_id.map(unique.set_index("run_id")["final_val_loss"])
+    return out
+
+
 def plasticity_table(results: pd.DataFrame, last_k: int = 5, site: str = "post") -> pd.DataFrame:
     """``results`` joined to each pretraining run's aggregated soft/hard rank (all tokens, ``site``)
-    and final validation loss (``pre_soft_rank``, ``pre_hard_rank``, ``pre_val_loss``)."""
+    and final validation loss (``pre_soft_rank``, ``pre_hard_rank``, ``pre_val_loss``), the runs
+    read from the paths the results name."""
     sweep = load_sweep(list(dict.fromkeys(results["from_run"])))
     points = aggregate_runs(last_k_per_layer(sweep.spectra, last_k))
-    points = points[(points["site"] == site) & (points["bucket"] == "all")].set_index("run_id")
-    runs = sweep.runs.set_index("run_id")
-    out = results.copy()
-    key = out["from_run"].map(lambda p: Path(p).name)
-    out["pre_soft_rank"] = key.map(points["soft_rank"])
-    out["pre_hard_rank"] = key.map(points["hard_rank"])
-    out["pre_val_loss"] = key.map(runs["final_val_loss"])
-    return out
+    return join_capacity(results, points, sweep.runs, site)
 
 
 def plasticity_relation(

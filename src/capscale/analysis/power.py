@@ -3,7 +3,12 @@
 - ``welch``: the difference of two means of replicates (seeds) with its Welch t-interval
   and two-sided p-value; no interval with fewer than 2 replicates on a side.
 - ``mde``: the minimum detectable difference at a power (default 80%) for a two-sided test
-  at level α with that standard error and degrees of freedom: ``(t_{1−α/2} + t_{power})·se``.
+  at level α with that standard error and degrees of freedom: ``(t_{1−α/2} + t_{power})·se``
+  (df = inf: normal quantiles, as for a pooled estimate).
+- ``mde_holm``: the same at level α/m, m the Holm family's size: the difference one
+  comparison needs to be *resolved* under Holm with that power when it is the family's only
+  real effect (Holm's first step tests the smallest p-value at α/m). ``mde`` is what it needs
+  uncorrected; a Holm verdict needs up to ``mde_holm``.
 - ``holm``: Holm's step-down adjusted p-values (family-wise error ≤ α over the family).
 - ``pooled``: the fixed-effect (inverse-variance) mean of per-cell differences, with
   Cochran's Q, its p-value and I² (the share of the spread that is heterogeneity).
@@ -49,9 +54,18 @@ class Difference:
 
 
 def mde(se: float, df: float, alpha: float = 0.05, power: float = POWER) -> float:
-    if not (math.isfinite(se) and math.isfinite(df) and df > 0):
+    if not (math.isfinite(se) and df is not None and not math.isnan(df) and df > 0):
         return math.nan
     return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * se)
+
+
+def mde_holm(se: float, df: float, m: int, alpha: float = 0.05, power: float = POWER) -> float:
+    """The MDE at α/m: what a lone effect among ``m`` Holm-corrected comparisons needs to be resolved."""
+    if not m or m < 1:
+        return math.nan
+    if se == 0:  # no spread over seeds: as ``welch`` states it, any difference is seen
+        return 0.0
+    return mde(se, df, alpha / m, power)
 
 
 def welch(a, b, confidence: float = 0.95) -> Difference:

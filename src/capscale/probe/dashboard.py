@@ -9,8 +9,9 @@ Tags are grouped metric first, so a person finds them by name:
 - histograms ``capscale/eigenvalues/layer{LL}/{site}``: log10 of the eigenvalues.
 
 ``metric`` is ``soft_rank``, ``hard_rank``, ``soft_rank_per_width`` and
-``hard_rank_per_width`` (rank / D) and ``samples_per_dim`` (N/D). Per-layer and
-histogram values are of the ``all`` bucket.
+``hard_rank_per_width`` (rank / D), ``samples_per_dim`` (N/D) and ``dormant_frac`` (the
+share of units whose variance is below ``DORMANT_REL_VARIANCE`` of the mean; absent from
+rows written before the column existed). Per-layer and histogram values are of the ``all`` bucket.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ METRICS = {
     "soft_rank_per_width": "soft_rank_frac_dim",
     "hard_rank_per_width": "hard_rank_frac_dim",
     "samples_per_dim": "samples_per_dim",
+    "dormant_frac": "dormant_frac",
 }
 
 
@@ -36,6 +38,8 @@ def dashboard_scalars(frame: pd.DataFrame, prefix: str = "capscale") -> dict[str
     for (bucket, site), grp in frame.groupby(["bucket", "site"], sort=True):
         where = "median" if bucket == "all" else bucket
         for name, col in METRICS.items():
+            if col not in grp:
+                continue
             v = grp[col].astype(float).dropna()
             if len(v):
                 out[f"{prefix}/{name}/{where}/{site}"] = float(np.median(v))
@@ -44,7 +48,7 @@ def dashboard_scalars(frame: pd.DataFrame, prefix: str = "capscale") -> dict[str
         out[f"{prefix}/undersampled_layers/{site}"] = float((grp["sampling_status"] != "well_sampled").sum())
         for _, row in grp.sort_values("layer").iterrows():
             for name, col in METRICS.items():
-                v = float(row[col])
+                v = float(row.get(col, math.nan))
                 if math.isfinite(v):
                     out[f"{prefix}/{name}/layer{int(row['layer']):02d}/{site}"] = v
     return out

@@ -143,7 +143,7 @@ class TensorBoardSink(Sink):
     """TensorBoard events (``torch.utils.tensorboard.SummaryWriter``) at the measured step.
 
     Each measurement: the dashboard scalars (per-layer and median ranks, rank/width,
-    N/D; see ``capscale.probe.dashboard``) and an eigenvalue histogram per site;
+    N/D, dormant-unit fraction; see ``capscale.probe.dashboard``) and an eigenvalue histogram per site;
     the monitoring level's scalars as they come.
     """
 

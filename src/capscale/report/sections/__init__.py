@@ -14,7 +14,10 @@ from __future__ import annotations
 from capscale.report.sections import (
     beta_trajectory,
     design,
+    dormant,
+    law,
     perlayer,
+    plasticity,
     q1_width,
     q2_matched,
     q3_concentration,
@@ -32,6 +35,9 @@ SECTIONS = (
     q5_optimizer_architecture,
     design,
     perlayer,
+    dormant,
+    law,
+    plasticity,
     training,
     beta_trajectory,
 )
