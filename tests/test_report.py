@@ -455,3 +455,20 @@ def test_figures_are_legible_at_2_and_24_series(tmp_path, n_cells):
     data = json.loads(files.json.read_text(encoding="utf-8"))
     assert len(data["sweep"]["series"]) == 2 * n_cells and len(data["design"]["cells"]) == n_cells
     assert _legibility(files, tmp_path / "render") == {}
+
+
+# their legends carry each panel's own numbers (β, or the ratio, with its interval), so one per panel
+PANEL_LEGENDS = {"scaling", "levels"}
+
+
+def test_several_panels_share_one_figure_level_legend(report):
+    from capscale.report.figures import read_layout
+
+    files = report[0]
+    several = []
+    for name, path in files.figures.items():
+        lay = read_layout(path.read_bytes())
+        if len(lay["axes"]) > 1 and name not in PANEL_LEGENDS:
+            several.append(name)
+            assert lay["legends"] == [] and len(lay["figure_legends"]) == 1, (name, lay)
+    assert {"matched_loss", "asymmetry", "regimes", "bucket_loss", "loss_curves", "beta_trajectory"} <= set(several)

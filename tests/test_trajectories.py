@@ -183,7 +183,7 @@ def test_d_model_is_an_architecture_axis_and_pairs_stay_within_it(tmp_path):
 def test_the_trajectory_figure_has_a_row_per_compared_cell(tmp_path):
     """One row (β_soft, β_hard) per architecture and budget, each holding that cell's optimizers."""
     from capscale.analysis import analyze
-    from capscale.report.trajectory import fig_beta_trajectory
+    from capscale.report.figures import fig_beta_trajectory
 
     rng = np.random.default_rng(4)
     for d_model in (32, 64):

@@ -2,11 +2,11 @@
 
 Because the HTML and Markdown renderers read nothing but this dict, every number
 they show is in ``report.json`` (at full precision; the pages round it).
-``answers`` holds one plain verdict per question (``capscale.report.answers``); the
-sections follow the five questions: ``q1_scaling``, ``q2_matched_loss``,
-``q3_asymmetry``, ``q4_regimes``, ``q5_optimizer_architecture``; then ``levels`` (rank
-ratios of pairs of series), ``training``, ``reliability``, ``runs``, ``excluded_runs``,
-``parameters``.
+This module writes the parts every section reads (``sweep``, ``parameters``, ``versions``,
+``betas``, ``levels`` — rank ratios of pairs of series —, ``reliability``, ``runs``,
+``excluded_runs``); each module of ``capscale.report.sections`` writes its own part
+(``q1_scaling`` … ``q5_optimizer_architecture``, ``design``, ``per_layer``, ``training``,
+``beta_trajectory``) and adds its verdict to ``answers``, one plain verdict per question.
 """
 
 from __future__ import annotations
@@ -20,40 +20,40 @@ import pandas as pd
 
 import capscale
 from capscale.analysis import Analysis
-from capscale.analysis.aggregate import REPORT_COLUMNS
-from capscale.analysis.fits import BETA_FIELDS
-from capscale.report.answers import answers
+from capscale.report.betas import beta_rows
 from capscale.report.records import jsonable
 from capscale.report.records import records as _records
 from capscale.report.sections import SECTIONS
-from capscale.report.trajectory import trajectory_data
-from capscale.spectrum.summary import REPORT_METRICS, WELL_SAMPLED
+from capscale.spectrum.summary import WELL_SAMPLED
 
 FORMAT = "capscale.report"
 FORMAT_VERSION = 2  # 2: answers, levels, β-difference intervals (changes since: docs/report-format.md)
-
-
-def _beta_row(r: pd.Series, seeds: dict) -> dict:
-    """One series × site × bucket: β_soft, β_hard and Δβ, each with its intervals."""
-    out = {k: r[k] for k in ("series", "setting", "label", "steps", "arch", "site", "bucket", "n_widths")}
-    for kind in ("soft", "hard", "delta"):
-        b = {f: r[f"{kind}_{f}"] for f in BETA_FIELDS}
-        if b["boot_over"] == "layers":  # the spread over layers is not uncertainty over seeds: not shown as one
-            b.update(boot_low=None, boot_high=None, boot_over=None)
-        b["interval_over"] = (
-            "seeds" if seeds.get(r["series"], 0) >= 2 else "widths only (one seed: no interval over seeds)"
-        )
-        out[f"beta_{kind}"] = b
-    return out
+# report.json keeps format 2's order of keys, so that files diff cleanly across versions; the parts of
+# sections added since follow in SECTIONS order
+_ORDER = (
+    "format",
+    "format_version",
+    "generated",
+    "sweep",
+    "parameters",
+    "versions",
+    "betas",
+    "levels",
+    "q1_scaling",
+    "q2_matched_loss",
+    "q3_asymmetry",
+    "q4_regimes",
+    "training",
+    "beta_trajectory",
+    "reliability",
+    "runs",
+    "excluded_runs",
+)
 
 
 def report_data(a: Analysis) -> dict:
     """Everything the report shows, as plain JSON types."""
     p = a.params
-    seeds = a.sweep.runs.groupby(["series", "width"])["seed"].nunique().groupby("series").min().to_dict()
-    betas = [_beta_row(r, seeds) for _, r in a.betas.sort_values(["series", "site", "bucket"]).iterrows()]
-    head = [b for b in betas if b["site"] == p.site and b["bucket"] == "all"]
-    by_regime = [b for b in betas if b["site"] == p.site]
     runs = a.sweep.runs
     data = {
         "format": FORMAT,
@@ -80,41 +80,8 @@ def report_data(a: Analysis) -> dict:
             f"{p.confidence:.0%} t-interval; bootstrap: percentile, {p.n_resamples} resamples",
         },
         "versions": _versions(),
-        "betas": betas,
+        "betas": beta_rows(a),
         "levels": _records(a.levels),
-        "q1_scaling": {
-            "site": p.site,
-            "fits": head,
-            "points": _records(a.spread[a.spread["metric"].isin([m.name for m in REPORT_METRICS])]),
-        },
-        "q2_matched_loss": {
-            "tolerance": p.tolerance,
-            "pairs": _records(a.matched),
-            "loss_by_width": _records(a.losses),
-        },
-        "q3_asymmetry": {
-            "delta_beta": head,
-            "phase": _records(a.phase),
-            "region_counts": _records(a.phase.groupby(["series", "region"]).size().rename("n_runs").reset_index()),
-            "thresholds": p.phase.to_dict(),
-        },
-        "q4_regimes": {"betas": by_regime, "bucket_capacity": _records(_bucket_table(a))},
-        "training": {
-            "final": _records(
-                runs,
-                [
-                    "run_id",
-                    "series",
-                    "width",
-                    "seed",
-                    "final_val_loss",
-                    "final_val_loss_head",
-                    "final_val_loss_mid",
-                    "final_val_loss_tail",
-                ],
-            )
-        },
-        "beta_trajectory": trajectory_data(a),
         "reliability": {
             "low_nd": _records(a.low_nd),
             "n_aggregates": len(a.points),
@@ -142,8 +109,8 @@ def report_data(a: Analysis) -> dict:
     }
     for module in SECTIONS:
         data[module.KEY] = module.data(a)
-    data = jsonable(data)
-    data["answers"] = answers(data) + [m.answer(data) for m in SECTIONS if hasattr(m, "answer")]
+    data = jsonable({**{k: data[k] for k in _ORDER if k in data}, **data})
+    data["answers"] = [m.answer(data) for m in SECTIONS if hasattr(m, "answer")]
     data["summary"] = {"headline": data["q1_scaling"]["fits"], "findings": findings(data)}
     return data
 
@@ -153,12 +120,6 @@ def title(a: Analysis) -> str:
     if a.sweep.root is None and not a.sweep.spec and len(a.sweep.runs) == 1 and not len(a.sweep.excluded):
         return str(a.sweep.runs["name"].iloc[0])
     return a.sweep.name
-
-
-def _bucket_table(a: Analysis) -> pd.DataFrame:
-    """Per series × width × bucket: seed-median final val loss and capacity (R1/D, R2/D)."""
-    cols = ["val_loss", *REPORT_COLUMNS]
-    return a.buckets.groupby(["series", "width", "bucket"])[cols].median().reset_index()
 
 
 def _versions() -> dict:

@@ -21,13 +21,13 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from capscale.analysis import ALL_BUCKETS, Analysis
-from capscale.report.trajectory import fig_beta_trajectory
 from capscale.spectrum import BUCKETS
 
 DPI = 150  # sharp on HiDPI screens
 BUCKET_COLORS = {"all": "#7f7f7f", "head": "#1f77b4", "mid": "#ff7f0e", "tail": "#d62728"}
 REGION_COLORS = {"collapsed": "#d9d9d9", "compact": "#c6dbef", "broad": "#c7e9c0", "brittle": "#fdd0a2"}
 _MARKERS = "osD^vP*X<>"
+_BETA_NAMES = {"soft_rank": "β_soft", "hard_rank": "β_hard"}
 
 
 def text(s) -> str:
@@ -382,7 +382,6 @@ def fig_matched(a: Analysis) -> Figure:
     ax.set_xlabel("FFN width D")
     ax.set_ylabel("final validation loss (nats)")
     ax.set_title("final val loss (seed median, min–max)")
-    _legend(ax, fontsize=7, outside=_many(a))
     pairs = m.drop_duplicates(["series_a", "series_b"]) if len(m) else m
     if len(pairs):
         for i, p in enumerate(pairs.itertuples()):
@@ -405,10 +404,10 @@ def fig_matched(a: Analysis) -> Figure:
             range(len(pairs)),
             [f"B {labels[p.series_b]}\nA {labels[p.series_a]}" for p in pairs.itertuples()],
             fontsize=7,
+            **({"rotation": 20, "ha": "right", "rotation_mode": "anchor"} if len(pairs) > 2 else {}),
         )
         bx.set_ylabel(f"β difference ({a.params.confidence:.0%} CI)")
         bx.set_title("β difference: differs where the CI excludes 0")
-        _legend(bx, fontsize=7)
     else:
         bx.text(
             0.5,
@@ -419,6 +418,7 @@ def fig_matched(a: Analysis) -> Figure:
             transform=bx.transAxes,
         )
         bx.set_axis_off()
+    _figure_legend(fig, [ax, bx])
     return fig
 
 
@@ -447,7 +447,7 @@ def fig_asymmetry(a: Analysis) -> Figure:
     bx.set_xlabel("FFN width D")
     bx.set_ylabel("asymmetry log(R1/R2)")
     bx.set_title("log(R1/R2) vs width (grows when Δβ > 0)")
-    _legend(bx, fontsize=7, outside=_many(a))
+    _figure_legend(fig, [bx])
     return fig
 
 
@@ -517,7 +517,8 @@ def fig_regimes(a: Analysis) -> Figure | None:
     labels = _labels(a)
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     fig.suptitle(f"β by token regime ({_site_label(a)}{_shared(a)}); bars: {a.params.confidence:.0%} t-interval")
-    for ax, kind in zip(fig.subplots(1, 2), ("soft", "hard")):
+    axes = fig.subplots(1, 2)
+    for ax, kind in zip(axes, ("soft", "hard")):
         width = 0.8 / len(ALL_BUCKETS)
         for j, bucket in enumerate(ALL_BUCKETS):
             sub = b[b["bucket"] == bucket].set_index("series").reindex(series)
@@ -541,7 +542,7 @@ def fig_regimes(a: Analysis) -> Figure | None:
         ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
         ax.set_ylabel(f"β_{kind}")
         ax.set_title(f"β_{kind} by regime")
-        _legend(ax, fontsize=7, ncols=4)
+    _figure_legend(fig, list(axes), ncols=len(ALL_BUCKETS))
     return fig
 
 
@@ -566,7 +567,7 @@ def fig_bucket_loss(a: Analysis) -> Figure | None:
         for i in range(2):
             _width_axis(axes[i, j])
             axes[i, j].set_xlabel("FFN width D")
-    _legend(axes[0, -1], fontsize=7, outside=True)
+    _figure_legend(fig, list(axes[0]))
     return fig
 
 
@@ -611,7 +612,7 @@ def _per_series(a: Analysis, frame: pd.DataFrame, draw, ylabel: str, title: str,
         ax.set_ylabel(ylabel)
         if logy:
             _log_y(ax)
-    _legend(axes[0], fontsize=6)
+    _figure_legend(fig, axes, ncols=min(len(frame["width"].unique()), 7))
     fig.suptitle(title, fontsize=10)
     return fig
 
@@ -647,6 +648,55 @@ def fig_trajectories(a: Analysis) -> Figure:
         "Rank / width over training: R1/D solid, R2/D dashed",
         logy=True,
     )
+
+
+def fig_beta_trajectory(a: Analysis) -> Figure | None:
+    """β_soft and β_hard (headline site, all tokens) against tokens seen, with t-interval bands:
+    one row per architecture and step budget (the series the report compares), coloured by
+    optimizer label."""
+    tr = a.beta_trajectory
+    if tr.empty:
+        return None
+    tr = tr[(tr["site"] == a.params.site) & (tr["bucket"] == "all") & tr["fittable"].astype(bool)]
+    if tr.empty:
+        return None
+    info = a.sweep.runs.drop_duplicates("series").set_index("series")
+    labels = sorted(info["label"].unique())
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    colors = {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
+    cells = [
+        (arch, steps, sorted(g.index))
+        for (arch, steps), g in info[info.index.isin(tr["series"].unique())].groupby(["arch", "steps"], sort=True)
+    ]
+    fig = Figure(figsize=(10, 1.4 + 2.8 * len(cells)), layout="constrained")
+    axes = fig.subplots(len(cells), 2, squeeze=False)
+    for row, (arch, steps, series) in zip(axes, cells):
+        sel = tr[tr["series"].isin(series)]
+        use_tokens = sel["tokens"].notna().all()
+        x = "tokens" if use_tokens else "step"
+        for ax, metric in zip(row, ("soft_rank", "hard_rank")):
+            for name, g in sel[sel["metric"] == metric].groupby("series", sort=True):
+                g = g.sort_values("step")
+                c = colors[info.at[name, "label"]]
+                ax.plot(g[x], g["beta"], color=c, lw=1.2, marker="o", ms=2.5, label=text(info.at[name, "label"]))
+                lo, hi = g["ci_low"].to_numpy(float), g["ci_high"].to_numpy(float)
+                ok = np.isfinite(lo) & np.isfinite(hi)
+                ax.fill_between(g[x].to_numpy(float)[ok], lo[ok], hi[ok], color=c, alpha=0.15, lw=0)
+            cell = " · ".join(str(p) for p in (arch, f"{steps} steps") if p not in ("", None))
+            ax.set_title(f"{_BETA_NAMES[metric]} ({a.params.site}, all tokens) · {text(cell)}", fontsize=9)
+            ax.set_xlabel("tokens seen" if use_tokens else "step", fontsize=8)
+            if use_tokens:
+                ax.xaxis.set_major_formatter(
+                    matplotlib.ticker.EngFormatter(sep="")
+                )  # 200k, 1.5M: no overlapping long ticks
+            ax.axhline(0, color="#999", lw=0.6)
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("β (band: 95% t-interval)" if a.params.confidence == 0.95 else "β (band: t-interval)")
+        lo, hi = np.nanpercentile(sel[["beta", "ci_low", "ci_high"]].to_numpy(float), [5, 95])
+        for ax in row:  # a 1-dof interval must not flatten the rest
+            ax.set_ylim(max(lo, -1.0) - 0.05, min(hi, 2.5) + 0.05)
+    _figure_legend(fig, list(axes.ravel()))
+    return fig
 
 
 # name → (drawer, caption); the report shows them in this order, each in its question's section

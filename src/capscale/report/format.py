@@ -1,7 +1,7 @@
-"""Shared formatting of the report's pages: table and section types, number and interval cells.
+"""Shared formatting of the report's pages: table and section types, number, interval and β cells.
 
-Every section module (``capscale.report.sections``, ``layout``, ``trajectory``) imports these;
-this module imports nothing of the report, so no section depends on another.
+Every section module (``capscale.report.sections``) and the page assembly (``layout``) import
+these; this module imports nothing of the report, so no section depends on another.
 """
 
 from __future__ import annotations
@@ -74,6 +74,135 @@ def table(
 
 def get(key: str, digits: int = 3) -> Callable[[dict], str]:
     return lambda r: num(r.get(key), digits) if not isinstance(r.get(key), str) else r[key]
+
+
+# -- β cells: a row of report.json's ``betas`` (beta_soft / beta_hard / beta_delta, each with its intervals)
+
+
+def beta(b: dict) -> str:
+    """'0.661 [0.546, 0.775]', or 'not fittable' (the reason goes in the notes column)."""
+    return f"{num(b['beta'])} {interval(b['ci_low'], b['ci_high'])}" if b["fittable"] else "not fittable"
+
+
+def boot(b: dict) -> str:
+    if not b["fittable"] or b["boot_low"] is None:
+        return "—"
+    return f"{interval(b['boot_low'], b['boot_high'])} over {b['boot_over']}"
+
+
+def beta_notes(row: dict) -> str:
+    reasons = {row[k]["reason"] for k in ("beta_soft", "beta_hard") if row[k]["reason"]}
+    low = row["beta_hard"]["n_low_nd"]
+    if low:
+        reasons.add(f"{low} point(s) with {ND}")
+    return "; ".join(sorted(reasons))
+
+
+def beta_flag(row: dict) -> bool:
+    """Highlight a β row: β_hard not fittable, or fitted on a record that is not well sampled."""
+    return not row["beta_hard"]["fittable"] or bool(row["beta_hard"]["n_low_nd"])
+
+
+def _site(r: dict) -> str:
+    return r["site"]
+
+
+def _series(r: dict) -> str:
+    return r["series"]
+
+
+def _tokens(r: dict) -> str:
+    return r["bucket"].upper()
+
+
+def _soft(r: dict) -> str:
+    return beta(r["beta_soft"])
+
+
+def _soft_boot(r: dict) -> str:
+    return boot(r["beta_soft"])
+
+
+def _hard(r: dict) -> str:
+    return beta(r["beta_hard"])
+
+
+def _hard_boot(r: dict) -> str:
+    return boot(r["beta_hard"])
+
+
+def _delta(r: dict) -> str:
+    return beta(r["beta_delta"])
+
+
+def _r2(r: dict) -> str:
+    return f"{num(r['beta_soft']['r2'])} / {num(r['beta_hard']['r2'])}"
+
+
+def _n(r: dict) -> str:
+    return num(r["beta_soft"]["n"])
+
+
+def beta_columns(with_bucket: bool, with_site: bool) -> list[tuple[str, Callable[[dict], str]]]:
+    """The columns of a table of β rows: series (site, tokens), β_soft, β_hard and Δβ with intervals, R², n."""
+    cols = [("series", _series)]
+    if with_site:
+        cols.append(("site", _site))
+    if with_bucket:
+        cols.append(("tokens", _tokens))
+    cols += [
+        ("β_soft [95% CI]", _soft),
+        ("β_soft bootstrap", _soft_boot),
+        ("β_hard [95% CI]", _hard),
+        ("β_hard bootstrap", _hard_boot),
+        ("Δβ [95% CI]", _delta),
+        ("R² soft / hard", _r2),
+        ("n", _n),
+        ("notes", beta_notes),
+    ]
+    return cols
+
+
+# -- cells of a comparison row (report.json's contrasts, levels and alike) ----------------
+
+
+def pair(r: dict) -> str:
+    """'b − a': the two treatments of a difference, in the order it is taken."""
+    return f"{r['b']} − {r['a']}"
+
+
+def diff_ci(r: dict) -> str:
+    return f"{num(r['diff'], 3)} {interval(r['low'], r['high'])}"
+
+
+def seeds_ab(r: dict) -> str:
+    """'3 / 3', with the row's note when it has one (e.g. one seed: no interval)."""
+    return f"{r['n_a']} / {r['n_b']}" + (f" ({r['note']})" if r.get("note") else "")
+
+
+def resolved(r: dict) -> str:
+    return "yes" if r["resolved"] else "no"
+
+
+def no_interval(r: dict) -> bool:
+    return r["low"] is None
+
+
+def rank_name(r: dict) -> str:
+    return {"soft_rank": "R1", "hard_rank": "R2"}[r["metric"]]
+
+
+def widths(r: dict) -> str:
+    return ", ".join(str(w) for w in r["widths"])
+
+
+def num_of(key: str, digits: int = 3) -> Callable[[dict], str]:
+    """A cell: ``num`` of the row's ``key`` (``get`` passes strings through; this never does)."""
+
+    def cell(r: dict) -> str:
+        return num(r.get(key), digits)
+
+    return cell
 
 
 # the names the older modules use

@@ -11,7 +11,8 @@ import base64
 from html import escape
 
 from capscale.report.figures import FIGURES
-from capscale.report.layout import FIG_REF, Section, Table, figure_numbers, headline_table, sections
+from capscale.report.format import FIG_REF, Section, Table
+from capscale.report.layout import figure_numbers, headline_table, sections
 
 PIN_EM = 10  # width of a pinned column: pinned columns stack at fixed offsets
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 
 from capscale.report.figures import FIGURES
-from capscale.report.layout import FIG_REF, Table, figure_numbers, headline_table, sections
+from capscale.report.format import FIG_REF, Table
+from capscale.report.layout import figure_numbers, headline_table, sections
 
 _SPECIAL = re.compile(r"([\\`*\[\]<>|])")
 

@@ -9,7 +9,20 @@ from __future__ import annotations
 
 from capscale.analysis import Analysis
 from capscale.analysis.power import POWER
-from capscale.report.format import Section, get, interval, num, table
+from capscale.report.format import (
+    Section,
+    diff_ci,
+    get,
+    interval,
+    no_interval,
+    num,
+    num_of,
+    pair,
+    resolved,
+    seeds_ab,
+    table,
+    widths,
+)
 from capscale.report.records import jsonable, records
 
 KEY = "design"
@@ -53,6 +66,30 @@ def _reference(r: dict) -> str:
     return f"{num(r['reference'], 2)}: {'excluded' if r['excludes_reference'] else 'not excluded'}"
 
 
+def _metric(r: dict) -> str:
+    return _METRIC.get(r["metric"], r["metric"])
+
+
+def _excluded(r: dict) -> str:
+    return "—" if r["low"] is None else f"< {num(r['low'], 2)} and > {num(r['high'], 2)}"
+
+
+def _treatments(r: dict) -> str:
+    return ", ".join(r["treatments"])
+
+
+def _bucket(r: dict) -> str:
+    return r["bucket"].upper()
+
+
+def _pooled(r: dict) -> str:
+    return f"{num(r.get('diff'), 3)} {interval(r.get('low'), r.get('high'))}"
+
+
+def _cells(r: dict) -> str:
+    return f"{r['n_cells']} of {r['n_cells_total']}"
+
+
 def _rows(q: dict, bucket: str, metrics: tuple[str, ...]) -> list[dict]:
     return [r for r in q["contrasts"] if r["site"] == q["site"] and r["bucket"] == bucket and r["metric"] in metrics]
 
@@ -60,19 +97,17 @@ def _rows(q: dict, bucket: str, metrics: tuple[str, ...]) -> list[dict]:
 def _contrast_table(q: dict, rows: list[dict], caption: str, collapsed: bool = False):
     cols = [
         ("cell", get("cell")),
-        ("β", lambda r: _METRIC.get(r["metric"], r["metric"])),
-        ("b − a", lambda r: f"{r['b']} − {r['a']}"),
-        ("difference [CI]", lambda r: f"{num(r['diff'], 3)} {interval(r['low'], r['high'])}"),
-        (f"MDE ({q['power']:.0%} power)", lambda r: num(r["mde"], 3)),
-        ("data exclude", lambda r: "—" if r["low"] is None else f"< {num(r['low'], 2)} and > {num(r['high'], 2)}"),
+        ("β", _metric),
+        ("b − a", pair),
+        ("difference [CI]", diff_ci),
+        (f"MDE ({q['power']:.0%} power)", num_of("mde")),
+        ("data exclude", _excluded),
         ("paper's gap", _reference),
-        ("Holm p", lambda r: num(r["holm_p"], 3)),
-        ("resolved", lambda r: "yes" if r["resolved"] else "no"),
-        ("seeds a / b", lambda r: f"{r['n_a']} / {r['n_b']}" + (f" ({r['note']})" if r.get("note") else "")),
+        ("Holm p", num_of("holm_p")),
+        ("resolved", resolved),
+        ("seeds a / b", seeds_ab),
     ]
-    return table(
-        caption, cols, rows, lambda r: r["low"] is None, collapsed=collapsed or len(rows) > 24, pinned=1, answer=3
-    )
+    return table(caption, cols, rows, no_interval, collapsed=collapsed or len(rows) > 24, pinned=1, answer=3)
 
 
 def section(d: dict) -> Section | None:
@@ -84,9 +119,9 @@ def section(d: dict) -> Section | None:
         "Cells: every factor but the treatment equal.",
         [
             ("cell", get("cell")),
-            ("treatments", lambda r: ", ".join(r["treatments"])),
+            ("treatments", _treatments),
             ("runs", get("n_runs")),
-            ("widths", lambda r: ", ".join(str(w) for w in r["widths"])),
+            ("widths", widths),
             ("seeds", get("n_seeds")),
         ],
         q["cells"],
@@ -96,13 +131,13 @@ def section(d: dict) -> Section | None:
         "Pooled over cells (fixed-effect inverse-variance mean; I²: share of the spread between cells "
         "beyond chance). A large I² means the cells disagree and the pooled value describes none of them.",
         [
-            ("β", lambda r: _METRIC.get(r["metric"], r["metric"])),
-            ("bucket", lambda r: r["bucket"].upper()),
-            ("b − a", lambda r: f"{r['b']} − {r['a']}"),
-            ("pooled [CI]", lambda r: f"{num(r.get('diff'), 3)} {interval(r.get('low'), r.get('high'))}"),
-            ("cells", lambda r: f"{r['n_cells']} of {r['n_cells_total']}"),
-            ("I²", lambda r: num(r.get("i2"), 2)),
-            ("Q p", lambda r: num(r.get("q_p"), 3)),
+            ("β", _metric),
+            ("bucket", _bucket),
+            ("b − a", pair),
+            ("pooled [CI]", _pooled),
+            ("cells", _cells),
+            ("I²", num_of("i2", 2)),
+            ("Q p", num_of("q_p")),
         ],
         [r for r in q["pooled"] if r["site"] == q["site"]],
         collapsed=True,

@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 from capscale.analysis import Analysis
-from capscale.report.format import Section, get, interval, num, table
+from capscale.report.format import (
+    Section,
+    diff_ci,
+    get,
+    interval,
+    no_interval,
+    num,
+    num_of,
+    pair,
+    rank_name,
+    resolved,
+    seeds_ab,
+    table,
+)
 from capscale.report.records import jsonable, records
 
 KEY = "per_layer"
@@ -36,6 +49,34 @@ def _layer(r: dict) -> str:
     return f"{r['stack']} {r['layer']}" if r.get("stack") else str(r.get("layer"))
 
 
+def _metric(r: dict) -> str:
+    return r["metric"]
+
+
+def _deltas(r: dict) -> str:
+    return f"{num(r['delta_shallow'])} / {num(r['delta_deep'])}"
+
+
+def _lack(r: dict) -> bool:
+    return r["p"] is not None and r["p"] < 0.05
+
+
+def _runs_widths(r: dict) -> str:
+    return f"{r['n']} / {r['n_widths']}"
+
+
+def _note(r: dict) -> str:
+    return r["note"] or ""
+
+
+def _beta(r: dict) -> str:
+    return f"{num(r['beta'], 3)} {interval(r['low'], r['high'])}"
+
+
+def _seeds(r: dict) -> str:
+    return str(r["n_seeds"]) + (" (no interval over seeds)" if r["n_seeds"] < 2 else "")
+
+
 def section(d: dict) -> Section | None:
     q = d.get(KEY)
     if not q or not q["betas"]:
@@ -64,15 +105,15 @@ def section(d: dict) -> Section | None:
             [
                 ("cell", get("cell")),
                 ("layer", _layer),
-                ("b − a", lambda r: f"{r['b']} − {r['a']}"),
-                ("Δβ_hard [CI]", lambda r: f"{num(r['diff'], 3)} {interval(r['low'], r['high'])}"),
-                ("MDE (80%)", lambda r: num(r["mde"], 3)),
-                ("Holm p", lambda r: num(r["holm_p"], 3)),
-                ("resolved", lambda r: "yes" if r["resolved"] else "no"),
-                ("seeds", lambda r: f"{r['n_a']} / {r['n_b']}" + (f" ({r['note']})" if r.get("note") else "")),
+                ("b − a", pair),
+                ("Δβ_hard [CI]", diff_ci),
+                ("MDE (80%)", num_of("mde")),
+                ("Holm p", num_of("holm_p")),
+                ("resolved", resolved),
+                ("seeds", seeds_ab),
             ],
             sel,
-            lambda r: r["low"] is None,
+            no_interval,
             collapsed=len(sel) > 24,
         )
     ]
@@ -81,16 +122,16 @@ def section(d: dict) -> Section | None:
             table(
                 "Depth × optimizer interaction: Δβ(deeper) − Δβ(shallower).",
                 [
-                    ("β", lambda r: r["metric"]),
-                    ("b − a", lambda r: f"{r['b']} − {r['a']}"),
+                    ("β", _metric),
+                    ("b − a", pair),
                     ("shallower", get("shallow")),
                     ("deeper", get("deep")),
-                    ("Δβ shallower / deeper", lambda r: f"{num(r['delta_shallow'])} / {num(r['delta_deep'])}"),
-                    ("interaction [CI]", lambda r: f"{num(r['diff'], 3)} {interval(r['low'], r['high'])}"),
-                    ("MDE (80%)", lambda r: num(r.get("mde"), 3)),
+                    ("Δβ shallower / deeper", _deltas),
+                    ("interaction [CI]", diff_ci),
+                    ("MDE (80%)", num_of("mde")),
                 ],
                 inter,
-                lambda r: r["low"] is None,
+                no_interval,
             )
         )
     tables += [
@@ -98,14 +139,14 @@ def section(d: dict) -> Section | None:
             f"Lack of fit of each power law, {site}-activation, all tokens (pure-error F-test).",
             [
                 ("series", get("series")),
-                ("rank", lambda r: {"soft_rank": "R1", "hard_rank": "R2"}[r["metric"]]),
-                ("F", lambda r: num(r["f"], 2)),
-                ("p", lambda r: num(r["p"], 3)),
-                ("runs / widths", lambda r: f"{r['n']} / {r['n_widths']}"),
-                ("note", lambda r: r["note"] or ""),
+                ("rank", rank_name),
+                ("F", num_of("f", 2)),
+                ("p", num_of("p")),
+                ("runs / widths", _runs_widths),
+                ("note", _note),
             ],
             lof,
-            lambda r: r["p"] is not None and r["p"] < 0.05,
+            _lack,
             collapsed=len(lof) > 12,
         ),
         table(
@@ -113,9 +154,9 @@ def section(d: dict) -> Section | None:
             [
                 ("series", get("series")),
                 ("layer", _layer),
-                ("rank", lambda r: {"soft_rank": "R1", "hard_rank": "R2"}[r["metric"]]),
-                ("β [CI]", lambda r: f"{num(r['beta'], 3)} {interval(r['low'], r['high'])}"),
-                ("seeds", lambda r: str(r["n_seeds"]) + (" (no interval over seeds)" if r["n_seeds"] < 2 else "")),
+                ("rank", rank_name),
+                ("β [CI]", _beta),
+                ("seeds", _seeds),
             ],
             betas,
             collapsed=True,

@@ -5,13 +5,12 @@ Its figure is ``figures.fig_opt_arch`` (``optimizer_architecture``)."""
 from __future__ import annotations
 
 from capscale.analysis import Analysis
-from capscale.report.answers import NOT_MEASURED, NOT_RESOLVED, RESOLVED, _answer, f2, iv
-from capscale.report.format import Section, interval, num
-from capscale.report.format import get as _get
-from capscale.report.format import table as _table
+from capscale.report.format import Section, get, interval, num, table, widths
 from capscale.report.records import jsonable, records
+from capscale.report.verdicts import NOT_MEASURED, NOT_RESOLVED, RESOLVED, answer_for, f2, iv
 
 KEY = "q5_optimizer_architecture"
+FIGURES = ("optimizer_architecture",)
 
 
 def data(a: Analysis) -> dict:
@@ -26,9 +25,9 @@ def data(a: Analysis) -> dict:
 
 
 def answer(d: dict) -> dict:
-    q = d["q5_optimizer_architecture"]
+    q = d[KEY]
     if not q["arch_axes"]:
-        return _answer(
+        return answer_for(
             "q5",
             NOT_MEASURED,
             "No architecture axis varied in this sweep, so only optimizer effects are measured; a sweep with an "
@@ -37,7 +36,7 @@ def answer(d: dict) -> dict:
         )
     s = {r["metric"]: r for r in q["summary"]}.get("hard")
     if not s or s.get("optimizer_span") is None or s.get("architecture_span") is None:
-        return _answer(
+        return answer_for(
             "q5",
             NOT_RESOLVED,
             "Too few settings or architectures share 3 widths to compare their effects on β_hard.",
@@ -49,8 +48,8 @@ def answer(d: dict) -> dict:
         f"(within {iv(s['architecture_low'], s['architecture_high'])})"
     )
     if s["larger"]:
-        return _answer("q5", RESOLVED, f"{text}: the {s['larger']} effect is larger.", ["optimizer_architecture"])
-    return _answer(
+        return answer_for("q5", RESOLVED, f"{text}: the {s['larger']} effect is larger.", ["optimizer_architecture"])
+    return answer_for(
         "q5",
         NOT_RESOLVED,
         f"{text}: the intervals overlap, so which effect is larger is not resolved (the point estimates favour the "
@@ -59,8 +58,37 @@ def answer(d: dict) -> dict:
     )
 
 
+def _beta(kind: str):
+    def cell(r: dict) -> str:
+        if not r[f"{kind}_fittable"]:
+            return "not fittable"
+        return f"{num(r[f'{kind}_beta'])} {interval(r[f'{kind}_ci_low'], r[f'{kind}_ci_high'])}"
+
+    return cell
+
+
+def _or(key: str, default: str):
+    """The row's ``key``, or ``default`` where it is empty."""
+
+    def cell(r: dict) -> str:
+        return r.get(key) or default
+
+    return cell
+
+
+def _span(r: dict) -> str:
+    return f"{num(r['span'])} {interval(r.get('span_low'), r.get('span_high'))}"
+
+
+def _median_span(effect: str):
+    def cell(r: dict) -> str:
+        return f"{num(r[f'{effect}_span'])} within {interval(r.get(f'{effect}_low'), r.get(f'{effect}_high'))}"
+
+    return cell
+
+
 def section(d: dict) -> Section:
-    q = d["q5_optimizer_architecture"]
+    q = d[KEY]
     axes = q["arch_axes"]
     text = (
         "Architecture axes varied: " + ", ".join(axes) + ". "
@@ -74,64 +102,46 @@ def section(d: dict) -> Section:
         "its interval is that of the difference of the two β. One effect is called larger only when all its "
         "spans' intervals lie above all the other's ({fig:optimizer_architecture})."
     )
-
-    def cell(kind):
-        return lambda r: (
-            f"{num(r[f'{kind}_beta'])} {interval(r[f'{kind}_ci_low'], r[f'{kind}_ci_high'])}"
-            if r[f"{kind}_fittable"]
-            else "not fittable"
-        )
-
     return Section(
         "q5",
         "5. Optimizer or architecture: which moves β more?",
         [text],
-        ["optimizer_architecture"],
+        list(FIGURES),
         [
-            _table(
+            table(
                 "β per optimizer setting × architecture (all tokens).",
                 [
-                    ("optimizer setting", _get("setting")),
-                    ("architecture", lambda r: r["arch"] or "(single)"),
-                    ("β_soft", cell("soft")),
-                    ("β_hard", cell("hard")),
-                    ("Δβ", cell("delta")),
+                    ("optimizer setting", get("setting")),
+                    ("architecture", _or("arch", "(single)")),
+                    ("β_soft", _beta("soft")),
+                    ("β_hard", _beta("hard")),
+                    ("Δβ", _beta("delta")),
                 ],
                 q["cells"],
             ),
-            _table(
+            table(
                 "Spans of β, each refitted on the widths its series share.",
                 [
-                    ("effect", _get("kind")),
-                    ("within", lambda r: r["within"] or "(single)"),
-                    ("β", _get("metric")),
-                    ("span [CI]", lambda r: f"{num(r['span'])} {interval(r.get('span_low'), r.get('span_high'))}"),
-                    ("highest", _get("highest")),
-                    ("lowest", _get("lowest")),
-                    ("compared", _get("n_compared")),
-                    ("widths", lambda r: ", ".join(str(w) for w in r["widths"])),
+                    ("effect", get("kind")),
+                    ("within", _or("within", "(single)")),
+                    ("β", get("metric")),
+                    ("span [CI]", _span),
+                    ("highest", get("highest")),
+                    ("lowest", get("lowest")),
+                    ("compared", get("n_compared")),
+                    ("widths", widths),
                 ],
                 q["effects"],
                 empty="fewer than two settings or architectures with 3 shared widths to compare",
             ),
-            _table(
+            table(
                 "Median spans, with the envelope of their intervals.",
                 [
-                    ("β", _get("metric")),
-                    ("larger", lambda r: r["larger"] or "not resolved"),
-                    (
-                        "optimizer",
-                        lambda r: (
-                            f"{num(r['optimizer_span'])} within {interval(r.get('optimizer_low'), r.get('optimizer_high'))}"
-                        ),
-                    ),
-                    (
-                        "architecture",
-                        lambda r: (
-                            f"{num(r['architecture_span'])} within {interval(r.get('architecture_low'), r.get('architecture_high'))}"
-                        ),
-                    ),
-                    ("point estimates favour", lambda r: r.get("point_larger") or "—"),
+                    ("β", get("metric")),
+                    ("larger", _or("larger", "not resolved")),
+                    ("optimizer", _median_span("optimizer")),
+                    ("architecture", _median_span("architecture")),
+                    ("point estimates favour", _or("point_larger", "—")),
                 ],
                 q["summary"],
             ),
