@@ -153,3 +153,37 @@ def test_a_telemetry_window_sized_per_width_is_no_factor():
     design, split = design_of(runs, configs)
     assert "telemetry.window" not in design.factors and design.measurement == ("telemetry.window",)
     assert len(design.cells) == 4 and split["series"].nunique() == 8
+
+
+def test_power_clause_states_the_mde_at_the_holm_level_and_what_the_data_exclude():
+    from capscale.report.verdicts import power_clause
+
+    rows = [
+        {
+            "a": "adamw",
+            "b": "muon",
+            "low": -0.2,
+            "high": 0.6,
+            "mde": 0.45,
+            "mde_holm": 0.62,
+            "reference": 0.53,
+            "excludes_reference": False,
+        },
+        {
+            "a": "adamw",
+            "b": "muon",
+            "low": -0.1,
+            "high": 0.3,
+            "mde": 0.25,
+            "mde_holm": 0.35,
+            "reference": 0.53,
+            "excludes_reference": True,
+        },
+    ]
+    text = power_clause(rows)
+    assert "minimum detectable Δβ_hard at 80% power 0.25–0.45 (0.35–0.62 at Holm's α/m)" in text
+    assert "the data exclude |Δβ_hard| beyond 0.30–0.60" in text
+    assert "the paper's gap 0.53 is excluded in 1 of 2" in text
+    # a report.json written before mde_holm existed still reads
+    old = [{k: v for k, v in r.items() if k != "mde_holm"} for r in rows]
+    assert "Holm" not in power_clause(old)

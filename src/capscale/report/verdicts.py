@@ -142,8 +142,12 @@ def power_clause(rows: list[dict], what: str = "Δβ_hard", max_pairs: int = 3) 
         far = [max(abs(r["low"]), abs(r["high"])) for r in judged]
         text = (
             f"{b} − {a} ({len(judged)} cell(s)): minimum detectable {what} at 80% power "
-            f"{span([r['mde'] for r in judged])}, the data exclude |{what}| beyond {span(far)}"
+            f"{span([r['mde'] for r in judged])}"
         )
+        holm = [r["mde_holm"] for r in judged if r.get("mde_holm") is not None]
+        if holm:  # what a comparison needs to survive the correction the verdict uses
+            text += f" ({span(holm)} at Holm's α/m)"
+        text += f", the data exclude |{what}| beyond {span(far)}"
         refs = [r for r in judged if r.get("reference") is not None]
         if refs:
             n_ex = sum(bool(r["excludes_reference"]) for r in refs)

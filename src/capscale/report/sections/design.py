@@ -55,7 +55,8 @@ def contrast_text(r: dict, digits: int = 2) -> str:
     head = f"{num(r['diff'], digits)} {interval(r['low'], r['high'], digits)}"
     if r["low"] is None:
         return f"{num(r['diff'], digits)} ({r.get('note') or 'no interval'})"
-    return f"{head}, MDE {num(r['mde'], digits)}"
+    holm = f", {num(r['mde_holm'], digits)} at Holm's α/m" if r.get("mde_holm") is not None else ""
+    return f"{head}, MDE {num(r['mde'], digits)}{holm}"
 
 
 def _reference(r: dict) -> str:
@@ -101,6 +102,7 @@ def _contrast_table(q: dict, rows: list[dict], caption: str, collapsed: bool = F
         ("b − a", pair),
         ("difference [CI]", diff_ci),
         (f"MDE ({q['power']:.0%} power)", num_of("mde")),
+        ("MDE at α/m (Holm)", num_of("mde_holm")),
         ("data exclude", _excluded),
         ("paper's gap", _reference),
         ("Holm p", num_of("holm_p")),

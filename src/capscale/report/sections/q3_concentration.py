@@ -81,7 +81,12 @@ def answer(d: dict) -> dict:
             f"{b['series']} {f2(b['beta_delta']['beta'])} {iv(b['beta_delta']['ci_low'], b['beta_delta']['ci_high'])}"
             for b in open_[:3]
         ) + (f", and {len(open_) - 3} more in the table" if len(open_) > 3 else "")
-        parts.append(f"Δβ is not distinguishable from 0 for {undecided} of {len(fits)} series ({listed})")
+        bounds = [(b["beta_delta"]["ci_low"], b["beta_delta"]["ci_high"]) for b in open_]
+        far = span([max(abs(lo), abs(hi)) for lo, hi in bounds if ok(lo, hi)])
+        parts.append(
+            f"for {undecided} of {len(fits)} series the interval of Δβ holds 0, so neither sign is resolved "
+            f"({listed}); their data exclude |Δβ| beyond {far}"
+        )
     sign = "; ".join(parts)
     verdict = RESOLVED if settled else NOT_RESOLVED
     deltas = contrasts(d, "delta_beta")
