@@ -37,8 +37,9 @@ PAIRED = {
 MEASURES = {"auc_new": "`auc_new`", "adaptation": "adaptation", "forgetting": "forgetting"}
 
 
-def num(v, nd: int = 3) -> str:
-    return "—" if v is None or not math.isfinite(v) else f"{v:.{nd}f}"
+def num(v, nd: int = 3, sign: str = "") -> str:
+    """Rounded, with the page's minus sign (−); ``sign="+"`` marks positives too."""
+    return "—" if v is None or not math.isfinite(v) else f"{v:{sign}.{nd}f}".replace("-", "−")
 
 
 def load(results: Path) -> dict:
@@ -111,7 +112,7 @@ def paired_table(q: dict, runs: pd.DataFrame) -> str:
         d = paired_diff(p, col)
         lines.append(
             f"| {what} | {span(by['adamw'][col])} | {span(by['muon'][col])} | "
-            f"{d['mean']:+.3f} [{num(d['low'])}, {num(d['high'])}] | {d['n_pos']} of {d['n']} |"
+            f"{num(d['mean'], sign='+')} [{num(d['low'])}, {num(d['high'])}] | {d['n_pos']} of {d['n']} |"
         )
     ratio = p["pre_hard_rank_muon"] / p["pre_hard_rank_adamw"]
     lines.append(
@@ -149,12 +150,17 @@ def facts(q: dict, runs: pd.DataFrame) -> str:
     """The numbers the prose quotes."""
     logr = np.log(runs["pre_hard_rank"].astype(float))
     within = runs.assign(lr=logr).groupby("label")["lr"].agg(lambda s: s.max() - s.min())
+    p = pairs(runs)
+    gap = float(np.log(p["pre_hard_rank_muon"] / p["pre_hard_rank_adamw"]).mean())
+    w = next(r for r in q["relation"] if r["y"] == "auc_new" and r["kind"] == "within")
     return "\n".join(
         [
             f"- continued runs: {q['n_matched']} ({q['n_seeds']} seeds), K = {', '.join(map(str, q['steps']))}",
             f"- spread of auc_new over all runs: {num(runs['auc_new'].max() - runs['auc_new'].min())}",
             "- span of log pretraining hard rank within an optimizer: "
             + ", ".join(f"{o} {num(within[o], 2)}" for o in OPTS),
+            f"- mean log(Muon / AdamW) pretraining hard rank over the pairs: {num(gap, 2)}; × the within slope of "
+            f"auc_new and its interval: {num(gap * w['slope'])} [{num(gap * w['ci_low'])}, {num(gap * w['ci_high'])}]",
         ]
     )
 

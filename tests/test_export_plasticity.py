@@ -98,7 +98,9 @@ def test_the_committed_report_holds_the_committed_continuations_and_their_regres
         refit = plasticity_relation(runs, y=y).set_index("kind")
         for stored in (r for r in q["relation"] if r["y"] == y):
             for key in ("slope", "ci_low", "ci_high"):
-                assert stored[key] == pytest.approx(refit.at[stored["kind"], key], rel=1e-9, abs=1e-12)
+                assert stored[key] == pytest.approx(
+                    refit.at[stored["kind"], key], rel=1e-6, abs=1e-9
+                )  # report.json rounds
 
 
 @committed
