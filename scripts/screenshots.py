@@ -27,6 +27,8 @@ SHOTS = {
     "q5-optimizer-architecture": "q5",
     "design": "design",
     "per-layer": "per-layer",
+    "law": "law",  # shown when the design varies more than width
+    "plasticity": "plasticity",  # shown when the sweep holds plasticity continuations
 }
 WINDOW = (1280, 1000)
 
@@ -85,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     browser = chromium(args.chromium)
     args.out.mkdir(parents=True, exist_ok=True)
+    html = page.read_text(encoding="utf-8")
     for stem, anchor in SHOTS.items():
+        if anchor and f'id="{anchor}"' not in html:  # a section this report does not show
+            continue
         out = args.out / f"{args.prefix}-{stem}.png"
         shoot(browser, page, anchor, out)
         print(out)
