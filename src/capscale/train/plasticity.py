@@ -144,6 +144,56 @@ def _summary(records: list[dict], before: pd.DataFrame, after: pd.DataFrame) -> 
     return out
 
 
+def _steps(
+    model,
+    opt,
+    probe,
+    sink,
+    run,
+    records,
+    forward_backward,
+    evaluate,
+    *,
+    K,
+    eval_every,
+    tokens_per_step,
+    grad_clip,
+    name,
+    say,
+) -> None:
+    """The K steps on the second domain, the same for a harness run and a Hugging Face model:
+    ``forward_backward(it)`` accumulates the gradients and returns the step's loss; a non-finite
+    loss ends the run ``diverged``; spectra are written as the probe emits them, and ``evaluate``
+    appends a metrics record every ``eval_every`` steps and at the last."""
+    t0 = time.perf_counter()
+    try:
+        for it in range(K):
+            loss_val = forward_backward(it)
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            if not math.isfinite(loss_val):
+                run.write_status(RunStatus.DIVERGED, it + 1, f"non-finite loss at step {it + 1}")
+                raise ValueError(f"{name}: diverged on the second domain at step {it + 1}")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            probe.step()
+            step = it + 1
+            for frame in sink.frames:
+                run.append_spectra(frame)
+            sink.frames.clear()
+            if step % eval_every == 0 or step == K:
+                tok_s = step * tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+                records.append(evaluate(step, loss_val, tok_s))
+                run.append_metrics(records[-1:])
+                say(step)
+        probe.close(flush=True)
+        for frame in sink.frames:
+            run.append_spectra(frame)
+    except BaseException:
+        probe.close(flush=False)
+        raise
+
+
 def continue_run(
     run_dir: str | Path,
     data: str | dict,
@@ -237,40 +287,33 @@ def continue_run(
         sinks=[sink],
         mode="train",
     )
+
+    def forward_backward(it: int) -> float:
+        loss_sum = 0.0
+        for m in range(accum):
+            x, y = new.train_batch(micro, seq, seed=t.seed, step=it, micro_step=m, device=dev)
+            _, loss = model(x, y)
+            (loss / accum).backward()
+            loss_sum += float(loss.detach())
+        return loss_sum / accum
+
     model.train()
-    t0 = time.perf_counter()
-    try:
-        for it in range(K):
-            loss_sum = 0.0
-            for m in range(accum):
-                x, y = new.train_batch(micro, seq, seed=t.seed, step=it, micro_step=m, device=dev)
-                _, loss = model(x, y)
-                (loss / accum).backward()
-                loss_sum += float(loss.detach())
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            loss_val = loss_sum / accum
-            if not math.isfinite(loss_val):
-                run.write_status(RunStatus.DIVERGED, it + 1, f"non-finite loss at step {it + 1}")
-                raise ValueError(f"{run_dir}: diverged on the second domain at step {it + 1}")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            probe.step()
-            step = it + 1
-            for frame in sink.frames:
-                run.append_spectra(frame)
-            sink.frames.clear()
-            if step % eval_every == 0 or step == K:
-                tok_s = step * t.batch_size * seq / max(time.perf_counter() - t0, 1e-9)
-                records.append(evaluate(step, loss_val, lr, tok_s))
-                run.append_metrics(records[-1:])
-                say(f"{out}: step {step}/{K} val_loss {records[-1]['val_loss']:.4f}")
-        probe.close(flush=True)
-        for frame in sink.frames:
-            run.append_spectra(frame)
-    except BaseException:
-        probe.close(flush=False)
-        raise
+    _steps(
+        model,
+        opt,
+        probe,
+        sink,
+        run,
+        records,
+        forward_backward,
+        lambda step, loss, tok_s: evaluate(step, loss, lr, tok_s),
+        K=K,
+        eval_every=eval_every,
+        tokens_per_step=t.batch_size * seq,
+        grad_clip=t.grad_clip,
+        name=str(run_dir),
+        say=lambda step: say(f"{out}: step {step}/{K} val_loss {records[-1]['val_loss']:.4f}"),
+    )
     after = measure_model(model, probe_batches, freq_table=freq, step=K)
     pd.concat([before, after], ignore_index=True).drop(columns="eigenvalues").to_parquet(run.path / CAPACITY_FILE)
 
@@ -457,38 +500,31 @@ def continue_hf(
         model, freq_table=freq, every=every, window=min(every, 4), dtype=torch.float64, total_steps=K, sinks=[sink]
     )
     rng = np.random.default_rng(options.seed)
+
+    def forward_backward(_it: int) -> float:
+        starts = rng.integers(0, len(train_ids) - seq, options.batch_size)
+        x = torch.as_tensor(np.stack([train_ids[s : s + seq] for s in starts]), device=dev)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        return float(loss.detach())
+
     model.train()
-    t0 = time.perf_counter()
-    try:
-        for it in range(K):
-            starts = rng.integers(0, len(train_ids) - seq, options.batch_size)
-            x = torch.as_tensor(np.stack([train_ids[s : s + seq] for s in starts]), device=dev)
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            if options.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
-            loss_val = float(loss.detach())
-            if not math.isfinite(loss_val):
-                run.write_status(RunStatus.DIVERGED, it + 1, f"non-finite loss at step {it + 1}")
-                raise ValueError(f"{model_dir}: diverged on the second domain at step {it + 1}")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            probe.step()
-            step = it + 1
-            for frame in sink.frames:
-                run.append_spectra(frame)
-            sink.frames.clear()
-            if step % eval_every == 0 or step == K:
-                tok_s = step * options.batch_size * seq / max(time.perf_counter() - t0, 1e-9)
-                records.append(evaluate(step, loss_val, tok_s))
-                run.append_metrics(records[-1:])
-                say(f"{out}: step {step}/{K} val_loss {records[-1]['val_loss']:.4f}")
-        probe.close(flush=True)
-        for frame in sink.frames:
-            run.append_spectra(frame)
-    except BaseException:
-        probe.close(flush=False)
-        raise
+    _steps(
+        model,
+        opt,
+        probe,
+        sink,
+        run,
+        records,
+        forward_backward,
+        evaluate,
+        K=K,
+        eval_every=eval_every,
+        tokens_per_step=options.batch_size * seq,
+        grad_clip=options.grad_clip,
+        name=str(model_dir),
+        say=lambda step: say(f"{out}: step {step}/{K} val_loss {records[-1]['val_loss']:.4f}"),
+    )
     after = measure_model(model, probe_batches, freq_table=freq, step=K)
     pd.concat([before, after], ignore_index=True).drop(columns="eigenvalues").to_parquet(run.path / CAPACITY_FILE)
     cfg = model.config
