@@ -26,7 +26,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_study import export_study  # noqa: E402
 
-
 ENDED = ("done", "diverged", "failed")
 
 
