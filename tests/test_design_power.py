@@ -187,3 +187,5 @@ def test_power_clause_states_the_mde_at_the_holm_level_and_what_the_data_exclude
     # a report.json written before mde_holm existed still reads
     old = [{k: v for k, v in r.items() if k != "mde_holm"} for r in rows]
     assert "Holm" not in power_clause(old)
+    alone = [{**r, "mde_holm": r["mde"]} for r in rows]  # a family of one: the same level, said once
+    assert "Holm" not in power_clause(alone)

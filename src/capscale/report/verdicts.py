@@ -145,7 +145,7 @@ def power_clause(rows: list[dict], what: str = "Δβ_hard", max_pairs: int = 3) 
             f"{span([r['mde'] for r in judged])}"
         )
         holm = [r["mde_holm"] for r in judged if r.get("mde_holm") is not None]
-        if holm:  # what a comparison needs to survive the correction the verdict uses
+        if holm and span(holm) != span([r["mde"] for r in judged]):  # one cell per family: no correction
             text += f" ({span(holm)} at Holm's α/m)"
         text += f", the data exclude |{what}| beyond {span(far)}"
         refs = [r for r in judged if r.get("reference") is not None]

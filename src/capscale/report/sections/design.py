@@ -55,7 +55,8 @@ def contrast_text(r: dict, digits: int = 2) -> str:
     head = f"{num(r['diff'], digits)} {interval(r['low'], r['high'], digits)}"
     if r["low"] is None:
         return f"{num(r['diff'], digits)} ({r.get('note') or 'no interval'})"
-    holm = f", {num(r['mde_holm'], digits)} at Holm's α/m" if r.get("mde_holm") is not None else ""
+    shown = r.get("mde_holm") is not None and num(r["mde_holm"], digits) != num(r["mde"], digits)
+    holm = f", {num(r['mde_holm'], digits)} at Holm's α/m" if shown else ""
     return f"{head}, MDE {num(r['mde'], digits)}{holm}"
 
 
