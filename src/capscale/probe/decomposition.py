@@ -73,12 +73,12 @@ def prepare_sharded(
     entries: list, start: int, sites: list[Site], shards: dict, group, spectrum: str, bucketed: bool, defer: bool
 ) -> list:
     """The collective part of :func:`rows_site_at_a_time` (every rank, on the training thread), per entry:
-    ``("plain", site, parts | None)`` for a site left whole; ``("sharded", items, not_run)`` for a
-    sharded site this rank writes, ``items`` its rows or, with ``defer``, its assembled whole
-    states as ``(Moments, labels)`` (host memory, fresh: nothing shares them) for
-    :func:`finish_sharded` to decompose, e.g. on the background worker; None where another
-    rank writes it. Whole states are assembled one at a time either way; with ``defer`` they
-    are kept (the worker's snapshots), without they are decomposed and let go at once.
+    ``("plain", site, parts | None)`` for a site left whole; for a sharded site this rank writes,
+    ``("sharded", rows, not_run)`` or, with ``defer`` and an exact spectrum, ``("wholes", site,
+    states)``: its stored states (buckets) assembled whole, one at a time, in host memory that
+    nothing else shares, for :func:`finish_sharded` to decompose, e.g. on the background worker
+    (they are its snapshots: no copy); None where another rank writes it. Without ``defer``
+    each whole state ("all" merged block by block first) is decomposed and let go at once.
     """
     shards = {(sites[i].stack, sites[i].layer, sites[i].site): sh for i, sh in shards.items()}
     writer = distributed._writer(group)
@@ -98,15 +98,18 @@ def prepare_sharded(
             rows = sharded.estimated_rows(site, start, parts, shard, method, bucketed)
             out.append(("sharded", rows, not_run) if me == writer else None)
             continue
+        if defer:  # the stored states only, one at a time: the worker merges "all" from them
+            wholes = [sharded.assemble([p], list(shard.widths), shard.group, writer) for p in parts]
+            out.append(("wholes", site, [w[0] for w in wholes]) if me == writer else None)
+            continue
         # One whole state at a time: "all" (the buckets merged block by block), then each bucket.
-        items: list = []
+        rows: list = []
         for bucket, block in sharded.named_blocks(parts, bucketed).items():
             whole = sharded.assemble([block], list(shard.widths), shard.group, writer)
             if whole is not None:
-                item = [(whole.pop(), sharded.row_labels(site, start, bucket))]
-                items += item if defer else spectrum_rows(item)
-                del item  # without defer: gone before the next state's blocks arrive
-        out.append(("sharded", items, not_run) if items else None)
+                rows += spectrum_rows([(whole[0], sharded.row_labels(site, start, bucket))])
+            del whole  # before the next state's blocks arrive
+        out.append(("sharded", rows, not_run) if rows else None)
     return out
 
 
@@ -123,12 +126,11 @@ def finish_sharded(start: int, prepared: list, bucketed: bool, spectrum: str) ->
         if p[0] == "plain":
             out += [next(plain_rows) for _ in range(per)]
             continue
-        _, items, not_run = p
-        rows = []
-        while items:  # popped: the worker lets each whole state go once it is decomposed
-            item = items.pop(0)
-            rows += [item] if isinstance(item, dict) else spectrum_rows([item])
-            del item
+        if p[0] == "wholes":  # as a site left whole (its "all" merged here); then let go
+            out += decompose(start, [(p[1], p[2])], bucketed, "exact", js=False)
+            p[2].clear()
+            continue
+        _, rows, not_run = p
         if not_run:  # a site that captured nothing in the window says so
             for row in rows:
                 row["sampling_status"] = NOT_RUN

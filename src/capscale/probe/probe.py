@@ -355,7 +355,8 @@ class Probe:
         """Bytes this probe holds per device (``{"cpu": …, "cuda:0": …}``): its states, its scratch
         buffers and host staging slots; ``detail``: per ``(device, kind)`` (see
         ``capscale.probe.hoststates.held_bytes``). A background snapshot waiting for the worker
-        adds one copy of the states (with background="host", in host memory)."""
+        adds one copy of the states (with background="host", in host memory); under tensor parallelism
+        the snapshots of the sharded sites are their whole states, assembled in rank 0's host memory."""
         held = held_bytes([a for accs in self._pool.values() for a in accs], self._scratch.values(), self._stage)
         return held if detail else per_device(held)
 
