@@ -245,7 +245,7 @@ def megatron_tp_background(rank, world):
     return megatron_tp(rank, world, background=True)
 
 
-def data_x_tensor(rank, world, spectrum="auto"):
+def data_x_tensor(rank, world, spectrum="auto", background=False):
     """A 2×2 mesh: data-parallel replicas (other data) of a DTensor tensor-parallel MLP."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -255,8 +255,14 @@ def data_x_tensor(rank, world, spectrum="auto"):
     for block in model.layers.values():
         parallelize_module(block.mlp, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
     replica = mesh["dp"].get_local_rank()
-    df, mon = run(attach(model, PATTERNS, spectrum=spectrum), model, batches(replica))
+    df, mon = run(attach(model, PATTERNS, spectrum=spectrum, background=background), model, batches(replica))
     return (df, mon, reference(Net(), [batches(0), batches(1)], PATTERNS)) if rank == 0 else None
+
+
+def data_x_tensor_background(rank, world):
+    """The 2×2 mesh with the background worker: the writing rank's group assembles the merged blocks,
+    the other group (a replica of them) assembles nothing."""
+    return data_x_tensor(rank, world, spectrum="exact", background=True)
 
 
 def data_x_tensor_lanczos(rank, world):
@@ -544,7 +550,7 @@ TWO = [
     megatron_auto_by_writer,
     distributed_lanczos,
 ]
-FOUR = [megatron_tp, data_x_tensor, fsdp_x_tensor, data_x_tensor_lanczos]
+FOUR = [megatron_tp, data_x_tensor, fsdp_x_tensor, data_x_tensor_lanczos, data_x_tensor_background]
 
 
 def _worker(rank, world, tmp, names):
@@ -663,6 +669,11 @@ def test_megatron_uneven_shards_tp4_equals_unsharded(four):
 
 def test_two_by_two_data_by_tensor_mesh_equals_unsharded(four):
     df, _, ref = _result(four, "data_x_tensor")
+    check_rows(df, ref, [0, 1])
+
+
+def test_two_by_two_data_by_tensor_mesh_background_equals_unsharded(four):
+    df, _, ref = _result(four, "data_x_tensor_background")
     check_rows(df, ref, [0, 1])
 
 
