@@ -151,6 +151,19 @@ def test_auto_layout_follows_free_device_memory(monkeypatch):
     assert hoststates.transfer_for(torch.device("cpu")).__class__ is Transfer
 
 
+def test_state_bytes_of_tensor_parallel_blocks_and_the_note(monkeypatch):
+    """paper-160m at tp = 8: 24 sites × 3 buckets of 384 × 3,072 float64 rows = 0.68 GB, not 5.4 GB;
+    the note says that much of the states stays on the device in either layout."""
+    sites = 24
+    blocks = hoststates.state_bytes([3072] * sites, [3] * sites, [384] * sites)
+    assert blocks == sites * 3 * 384 * 3072 * 8 == hoststates.state_bytes([3072] * sites, [3] * sites) // 8
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20_000_000_000, 80_000_000_000))
+    layout, note = choose_layout("auto", torch.device("cuda:0"), blocks, blocks)
+    assert layout == "device" and "0.679 GB ≤ 0.25" in note
+    assert "row blocks 0.679 GB, on the device in either layout" in note
+    assert "row blocks" not in choose_layout("auto", torch.device("cuda:0"), blocks)[1]
+
+
 def test_hard_only_rows_equal_the_exact_hard_rank():
     _, exact = run("device")
     _, hard = run("device", spectrum="hard-only")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import datetime
 import pickle
+import re
 import time
 import traceback
 
@@ -244,7 +245,7 @@ def megatron_tp_background(rank, world):
     return megatron_tp(rank, world, background=True)
 
 
-def data_x_tensor(rank, world, spectrum="auto"):
+def data_x_tensor(rank, world, spectrum="auto", background=False):
     """A 2×2 mesh: data-parallel replicas (other data) of a DTensor tensor-parallel MLP."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -254,8 +255,14 @@ def data_x_tensor(rank, world, spectrum="auto"):
     for block in model.layers.values():
         parallelize_module(block.mlp, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
     replica = mesh["dp"].get_local_rank()
-    df, mon = run(attach(model, PATTERNS, spectrum=spectrum), model, batches(replica))
+    df, mon = run(attach(model, PATTERNS, spectrum=spectrum, background=background), model, batches(replica))
     return (df, mon, reference(Net(), [batches(0), batches(1)], PATTERNS)) if rank == 0 else None
+
+
+def data_x_tensor_background(rank, world):
+    """The 2×2 mesh with the background worker: the writing rank's group assembles the merged blocks,
+    the other group (a replica of them) assembles nothing."""
+    return data_x_tensor(rank, world, spectrum="exact", background=True)
 
 
 def data_x_tensor_lanczos(rank, world):
@@ -411,14 +418,14 @@ def _counting_assemble(rank):
         return out
 
     sharded.assemble = assemble
-    return real, seen
+    return real, seen, alive
 
 
 def megatron_site_at_a_time(rank, world):
     """Four sharded sites × (all + 3 buckets): each whole state gone before the next is assembled."""
     from capscale.probe import sharded
 
-    real, seen = _counting_assemble(rank)
+    real, seen, _ = _counting_assemble(rank)
     try:
         model = _megatron(Net(), rank, world, None)
         df, _ = run(attach(model, PATTERNS, tp_group=dist.group.WORLD, spectrum="exact"), model, batches(0))
@@ -427,7 +434,35 @@ def megatron_site_at_a_time(rank, world):
     return (df, seen, reference(Net(), [batches(0)], PATTERNS)) if rank == 0 else None
 
 
-def megatron_lanczos(rank, world, spectrum="lanczos"):
+def megatron_background_snapshots(rank, world):
+    """``background=True``: rank 0 assembles each whole state by itself, straight into host memory,
+    and hands those very tensors to the worker (no second copy), which lets them go."""
+    from capscale.probe import sharded
+
+    real, seen, alive = _counting_assemble(rank)
+    handed = []
+    try:
+        model = _megatron(Net(), rank, world, None)
+        probe = attach(model, PATTERNS, tp_group=dist.group.WORLD, spectrum="exact", background=True)
+        submit = probe._worker.submit
+
+        def spy(fn, start, states, *rest):
+            wholes = [m for e in states if e and e[0] == "wholes" for m in e[2]]
+            same = sum(any(m.scatter is r() for r in alive) for m in wholes)
+            handed.append((len(wholes), same, sum(r() is not None for r in alive)))
+            del wholes
+            return submit(fn, start, states, *rest)
+
+        probe._worker.submit = spy
+        df, _ = run(probe, model, batches(0))
+        note = probe.layout_note
+    finally:
+        sharded.assemble = real
+    after = sum(r() is not None for r in alive)  # the worker is done: every whole state let go
+    return (df, seen, handed, after, note, reference(Net(), [batches(0)], PATTERNS)) if rank == 0 else None
+
+
+def megatron_lanczos(rank, world, spectrum="lanczos", background=False):
     """``spectrum="lanczos"`` / "hard-only" under tensor parallelism: rows from the blocks, nothing assembled."""
     from capscale.probe import sharded
 
@@ -439,7 +474,8 @@ def megatron_lanczos(rank, world, spectrum="lanczos"):
     sharded.assemble = refuse
     try:
         model = _megatron(Net(), rank, world, None)
-        df, _ = run(attach(model, PATTERNS, tp_group=dist.group.WORLD, spectrum=spectrum), model, batches(0))
+        probe = attach(model, PATTERNS, tp_group=dist.group.WORLD, spectrum=spectrum, background=background)
+        df, _ = run(probe, model, batches(0))
     finally:
         sharded.assemble = real
     return (df, reference(Net(), [batches(0)], PATTERNS)) if rank == 0 else None
@@ -447,6 +483,11 @@ def megatron_lanczos(rank, world, spectrum="lanczos"):
 
 def megatron_hard_only(rank, world):
     return megatron_lanczos(rank, world, spectrum="hard-only")
+
+
+def megatron_lanczos_background(rank, world):
+    """With ``background=True`` too, Lanczos rows come from the blocks: nothing assembled."""
+    return megatron_lanczos(rank, world, background=True)
 
 
 def megatron_auto_by_writer(rank, world):
@@ -502,12 +543,14 @@ TWO = [
     pipeline,
     expert_parallel,
     megatron_site_at_a_time,
+    megatron_background_snapshots,
     megatron_lanczos,
+    megatron_lanczos_background,
     megatron_hard_only,
     megatron_auto_by_writer,
     distributed_lanczos,
 ]
-FOUR = [megatron_tp, data_x_tensor, fsdp_x_tensor, data_x_tensor_lanczos]
+FOUR = [megatron_tp, data_x_tensor, fsdp_x_tensor, data_x_tensor_lanczos, data_x_tensor_background]
 
 
 def _worker(rank, world, tmp, names):
@@ -629,6 +672,11 @@ def test_two_by_two_data_by_tensor_mesh_equals_unsharded(four):
     check_rows(df, ref, [0, 1])
 
 
+def test_two_by_two_data_by_tensor_mesh_background_equals_unsharded(four):
+    df, _, ref = _result(four, "data_x_tensor_background")
+    check_rows(df, ref, [0, 1])
+
+
 def test_fsdp2_over_data_with_tensor_parallel_inside_equals_unsharded(four):
     df, _, ref = _result(four, "fsdp_x_tensor")
     check_rows(df, ref, [0, 1])
@@ -652,6 +700,45 @@ def test_tensor_parallel_window_end_holds_one_whole_state_at_a_time(two):
     # 2 layers × (pre, post) × (all, head, mid, tail), one window: one state assembled at a time
     assert seen == [0] * 16
     check_rows(df, ref, [0, 1])
+
+
+def test_tensor_parallel_background_assembles_each_whole_state_once_into_the_worker_snapshot(two):
+    """``background=True``: rank 0 assembles one whole state per call (12 = 2 layers × (pre, post) ×
+    3 buckets; the worker merges "all" from them) straight into host memory; the worker gets those
+    tensors themselves, so rank 0 holds one window's stored states whole, not a second copy (the
+    old route assembled a site's buckets per call and handed the worker clones); they are gone once
+    the worker is done. Bucket rows equal the foreground path's bit for bit, "all" to round-off."""
+    df, seen, handed, after, _, ref = _result(two, "megatron_background_snapshots")
+    assert seen == list(range(12))  # the earlier states are alive: they are the worker's snapshots
+    assert handed == [(12, 12, 12)]  # (snapshots handed, of which assembled tensors, whole states alive)
+    assert after == 0
+    check_rows(df, ref, [0, 1])
+    fore, _, _ = _result(two, "megatron_site_at_a_time")
+    key = ["layer", "site", "bucket"]
+    a, b = df.sort_values(key).reset_index(drop=True), fore.sort_values(key).reset_index(drop=True)
+    assert len(a) == len(b) == 16
+    for x, y in zip(a.itertuples(), b.itertuples()):
+        assert (x.layer, x.site, x.bucket) == (y.layer, y.site, y.bucket)
+        if x.bucket == "all":  # merged from whole states here, block by block there
+            np.testing.assert_allclose(x.eigenvalues, y.eigenvalues, rtol=0, atol=1e-12 * max(y.eigenvalues))
+            np.testing.assert_allclose(x.soft_rank, y.soft_rank, rtol=1e-12)
+        else:
+            assert np.array_equal(np.asarray(x.eigenvalues), np.asarray(y.eigenvalues))
+            assert x.soft_rank == y.soft_rank and x.hard_rank == y.hard_rank
+
+
+def test_auto_layout_sizes_tensor_parallel_sites_by_their_blocks(two):
+    """``states="auto"`` counts a sharded site's row blocks (width × D per bucket), not D², and no
+    device snapshot of them under background (their snapshot is the assembled host state)."""
+    note = _result(two, "megatron_background_snapshots")[4]
+    blocks = LAYERS * 2 * 3 * (F // 2) * F * 8  # sites × (head, mid, tail) × width × D float64
+    gb = re.search(r"float64 states, ([0-9.e+-]+) GB", note).group(1)
+    assert gb == f"{blocks / 1e9:.3g}", note
+    assert f"row blocks {blocks / 1e9:.3g} GB, on the device in either layout" in note
+
+
+def test_tensor_parallel_background_lanczos_rows_without_assembling(two):
+    check_lanczos_rows(*_result(two, "megatron_lanczos_background"))
 
 
 def check_lanczos_rows(df, ref):

@@ -65,41 +65,75 @@ def rows_site_at_a_time(
     the site's tensor-parallel group compute its rows from their blocks. ``entries``: the
     window's full sites gathered with ``assemble=False``; ``shards`` by site index.
     """
+    prepared = prepare_sharded(entries, start, sites, shards, group, spectrum, bucketed, defer=False)
+    return finish_sharded(start, prepared, bucketed, spectrum)
+
+
+def prepare_sharded(
+    entries: list, start: int, sites: list[Site], shards: dict, group, spectrum: str, bucketed: bool, defer: bool
+) -> list:
+    """The collective part of :func:`rows_site_at_a_time` (every rank, on the training thread), per entry:
+    ``("plain", site, parts | None)`` for a site left whole; for a sharded site this rank writes,
+    ``("sharded", rows, not_run)`` or, with ``defer`` and an exact spectrum, ``("wholes", site,
+    states)``: its stored states (buckets) assembled whole, one at a time, in host memory that
+    nothing else shares, for :func:`finish_sharded` to decompose, e.g. on the background worker
+    (they are its snapshots: no copy); None where another rank writes it. Without ``defer``
+    each whole state ("all" merged block by block first) is decomposed and let go at once.
+    """
     shards = {(sites[i].stack, sites[i].layer, sites[i].site): sh for i, sh in shards.items()}
     writer = distributed._writer(group)
-    per_site: list[list[dict] | None] = [None] * len(entries)
-    plain = []
-    for j, (site, parts) in enumerate(entries):
+    me = torch.distributed.get_rank()
+    out: list = []
+    for site, parts in entries:
         if not (parts and isinstance(parts[0], sharded.BlockState)):
-            plain.append((j, (site, None if any(p is None for p in parts) else parts)))
+            out.append(("plain", site, None if any(p is None for p in parts) else parts))
             continue
         shard = shards[(site.stack, site.layer, site.site)]
         if writer not in torch.distributed.get_process_group_ranks(shard.group):
-            continue  # another tensor-parallel group's replica of the same blocks writes it
+            out.append(None)  # another tensor-parallel group's replica of the same blocks writes it
+            continue
+        not_run = not any(p.count for p in parts)
         method = sharded.resolve_on(spectrum, shard, writer)
-        if method != "exact":
+        if method != "exact":  # from the blocks, nothing assembled (collectives: here, not on a worker)
             rows = sharded.estimated_rows(site, start, parts, shard, method, bucketed)
-            if not any(p.count for p in parts):
-                for row in rows:
-                    row["sampling_status"] = NOT_RUN
-            per_site[j] = rows if torch.distributed.get_rank() == writer else None
+            out.append(("sharded", rows, not_run) if me == writer else None)
+            continue
+        if defer:  # the stored states only, one at a time: the worker merges "all" from them
+            wholes = [sharded.assemble([p], list(shard.widths), shard.group, writer) for p in parts]
+            out.append(("wholes", site, [w[0] for w in wholes]) if me == writer else None)
             continue
         # One whole state at a time: "all" (the buckets merged block by block), then each bucket.
-        rows = []
+        rows: list = []
         for bucket, block in sharded.named_blocks(parts, bucketed).items():
             whole = sharded.assemble([block], list(shard.widths), shard.group, writer)
             if whole is not None:
                 rows += spectrum_rows([(whole[0], sharded.row_labels(site, start, bucket))])
             del whole  # before the next state's blocks arrive
-        if rows and not any(p.count for p in parts):
+        out.append(("sharded", rows, not_run) if rows else None)
+    return out
+
+
+def finish_sharded(start: int, prepared: list, bucketed: bool, spectrum: str) -> list[dict]:
+    """The window's rows from :func:`prepare_sharded`'s entries, in their order; no collectives
+    (runs on any thread). A deferred whole state is decomposed and dropped one at a time."""
+    plain = [(p[1], p[2]) for p in prepared if p is not None and p[0] == "plain"]
+    plain_rows = iter(decompose(start, plain, bucketed, spectrum, js=False)) if plain else iter(())
+    per = 1 + len(BUCKETS) if bucketed else 1
+    out: list[dict] = []
+    for p in prepared:
+        if p is None:
+            continue
+        if p[0] == "plain":
+            out += [next(plain_rows) for _ in range(per)]
+            continue
+        if p[0] == "wholes":  # as a site left whole (its "all" merged here); then let go
+            out += decompose(start, [(p[1], p[2])], bucketed, "exact", js=False)
+            p[2].clear()
+            continue
+        _, rows, not_run = p
+        if not_run:  # a site that captured nothing in the window says so
             for row in rows:
                 row["sampling_status"] = NOT_RUN
-        per_site[j] = rows or None
-    if plain:
-        rows = iter(decompose(start, [e for _, e in plain], bucketed, spectrum, js=False))
-        per = 1 + len(BUCKETS) if bucketed else 1
-        for j, _ in plain:
-            per_site[j] = [next(rows) for _ in range(per)]
-    out = [r for rows in per_site if rows for r in rows]
+        out += rows
     add_js_divergence(out)
     return out

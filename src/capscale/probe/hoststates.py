@@ -181,28 +181,39 @@ class HostMoments(WindowMoments):
         return super().copy()
 
 
-def state_bytes(dims: list[int], per_site: list[int], itemsize: int = 8) -> int:
-    """Bytes of the D×D states: ``per_site[j]`` states of ``dims[j]²`` for each site ``j``."""
-    return sum(k * d * d * itemsize for d, k in zip(dims, per_site))
+def state_bytes(dims: list[int], per_site: list[int], rows: list[int] | None = None, itemsize: int = 8) -> int:
+    """Bytes of the states: ``per_site[j]`` states of ``rows[j] × dims[j]`` for each site ``j``
+    (``rows`` None: ``dims``, whole D×D states; a tensor-parallel site holds its block's width)."""
+    rows = dims if rows is None else rows
+    return sum(k * r * d * itemsize for d, k, r in zip(dims, per_site, rows))
 
 
-def choose_layout(requested: str, device: torch.device, need_bytes: int) -> tuple[str, str]:
-    """The state layout for ``requested`` ("auto", "device" or "host") and a line saying why."""
+def choose_layout(requested: str, device: torch.device, need_bytes: int, block_bytes: int = 0) -> tuple[str, str]:
+    """The state layout for ``requested`` ("auto", "device" or "host") and a line saying why.
+
+    ``need_bytes``: the states' bytes in the device layout, of which ``block_bytes`` are
+    tensor-parallel row blocks, which stay on the device in either layout.
+    """
     device = torch.device(device)
     gb = need_bytes / 1e9
+    blocks = (
+        f"; of which tensor-parallel row blocks {block_bytes / 1e9:.3g} GB, on the device in either layout"
+        if block_bytes
+        else ""
+    )
     if requested != "auto":
-        return requested, f"states: {requested} (as requested; float64 states {gb:.3g} GB)"
+        return requested, f"states: {requested} (as requested; float64 states {gb:.3g} GB{blocks})"
     if device.type != "cuda":
-        return "device", f"states: device ({device.type}: the float64 states, {gb:.3g} GB, are in host memory)"
+        return "device", f"states: device ({device.type}: the float64 states, {gb:.3g} GB, are in host memory{blocks})"
     free, _ = torch.cuda.mem_get_info(device)
     if need_bytes <= AUTO_DEVICE_FRACTION * free:
         return "device", (
             f"states: device (auto: float64 states {gb:.3g} GB ≤ {AUTO_DEVICE_FRACTION:g} of "
-            f"{free / 1e9:.3g} GB free on {device})"
+            f"{free / 1e9:.3g} GB free on {device}{blocks})"
         )
     return "host", (
         f"states: host (auto: float64 states {gb:.3g} GB > {AUTO_DEVICE_FRACTION:g} of {free / 1e9:.3g} GB free on "
-        f"{device}; the device keeps one D×D GEMM buffer)"
+        f"{device}; the device keeps one D×D GEMM buffer{blocks})"
     )
 
 

@@ -38,7 +38,7 @@ from capscale.probe.accumulate import (
     compute_dtype,
 )
 from capscale.probe.background import MAX_PENDING, Background
-from capscale.probe.decomposition import NOT_RUN, decompose, rows_site_at_a_time
+from capscale.probe.decomposition import NOT_RUN, decompose, finish_sharded, prepare_sharded, rows_site_at_a_time
 from capscale.probe.estimated import spectrum_note
 from capscale.probe.hooks import Hooks, ids_and_mask, routed
 from capscale.probe.hoststates import (
@@ -355,7 +355,8 @@ class Probe:
         """Bytes this probe holds per device (``{"cpu": …, "cuda:0": …}``): its states, its scratch
         buffers and host staging slots; ``detail``: per ``(device, kind)`` (see
         ``capscale.probe.hoststates.held_bytes``). A background snapshot waiting for the worker
-        adds one copy of the states (with background="host", in host memory)."""
+        adds one copy of the states (with background="host", in host memory); under tensor parallelism
+        the snapshots of the sharded sites are their whole states, assembled in rank 0's host memory."""
         held = held_bytes([a for accs in self._pool.values() for a in accs], self._scratch.values(), self._stage)
         return held if detail else per_device(held)
 
@@ -498,10 +499,17 @@ class Probe:
     def _choose_layout(self, d: int, device) -> None:
         """Decide where the states live (once), from what they need and the device's free memory."""
         k = len(BUCKETS) if self.freq_table is not None else 1
-        dims = [self._dims[i] or d for i in self._full_idx] + [self._dims[i] or d for i in self._mon_idx]
+        idx = self._full_idx + self._mon_idx
         per = [k] * len(self._full_idx) + [1] * len(self._mon_idx)
-        need = state_bytes(dims, per) * (2 if self.background in (True, "device") else 1)
-        self._layout, self._layout_note = choose_layout(self.states, device, need)
+        dims = [self._dims[i] or d for i in idx]
+        # A tensor-parallel site holds its row block (width × D) per state, on the device in either
+        # layout; a background window's snapshot of it is its assembled whole, in host memory.
+        cut = [i in self._shards for i in idx]
+        rows = [self._shards[i].width if c else dim for i, c, dim in zip(idx, cut, dims)]
+        blocks = state_bytes(*_pick(cut, dims, per, rows))
+        whole = state_bytes(*_pick([not c for c in cut], dims, per, rows))
+        need = whole * (2 if self.background in (True, "device") else 1) + blocks
+        self._layout, self._layout_note = choose_layout(self.states, device, need, blocks)
         log.info("capscale: %s", self._layout_note)
         if self._layout == "host":
             self._stage = HostStage(self.transfer or transfer_for(device))
@@ -587,15 +595,50 @@ class Probe:
             self._emitted = self._emitted or (captured and bool(self._shards))
             self._deliver(window.start, rows, captured)
             return
+        # Bound the snapshots held: wait for the oldest before this window's are taken, so that
+        # at most MAX_PENDING windows' snapshots exist at once.
+        if len(self._worker) >= MAX_PENDING:
+            self._drain(wait=True, keep=MAX_PENDING - 1)
         copy = "host" if self.background == "host" else "device"
-        got = self._states(window, release=True, copy=copy)
+        bucketed = self.freq_table is not None
+        if self._shards:
+            got = self._sharded_snapshots(window, copy)
+            fn = finish_sharded
+        else:
+            got = self._states(window, release=True, copy=copy)
+            fn = decompose
         if got is None or not captured:
             self._warn_empty(window)
         if got is not None:
-            if len(self._worker) >= MAX_PENDING:  # bound the snapshots held: wait for the oldest
-                self._drain(wait=True, keep=MAX_PENDING - 1)
-            job = self._worker.submit(decompose, *got, self.freq_table is not None, self.spectrum)
+            job = self._worker.submit(fn, *got, bucketed, self.spectrum)
             self._worker.add(window.start, job, captured)
+
+    def _sharded_snapshots(self, window: _Window, copy: str) -> tuple[int, list] | None:
+        """A window with tensor-parallel sites, for the worker (``finish_sharded``); None without forwards.
+
+        On the training thread (collectives): the writing rank assembles the sharded sites'
+        whole states one at a time, each straight into host memory, which is the worker's
+        snapshot (no second copy); Lanczos / hard-only rows come from the blocks here, nothing
+        assembled. Sites left whole are snapshotted as without tensor parallelism.
+        """
+        bucketed = self.freq_table is not None
+        k = len(BUCKETS) if bucketed else 1
+        try:
+            entries, forwards = self._gather(window, self._full_idx, k, full=False, assemble=False)
+            if not forwards:
+                return None
+            prepared = prepare_sharded(
+                entries, window.start, self.sites, self._shards, self.group, self.spectrum, bucketed, defer=True
+            )
+            del entries  # the merged blocks: before the accumulators are released
+            out = []
+            for p in prepared:
+                if p is not None and p[0] == "plain" and p[2] is not None:
+                    p = ("plain", p[1], snapshot(p[2], copy))
+                out.append(p)
+            return window.start, out
+        finally:
+            self._release(window)
 
     def _drain(self, wait: bool, keep: int = 0) -> None:
         """Deliver background results in window order: those finished (all but ``keep`` when ``wait``).
@@ -723,6 +766,11 @@ class Probe:
                 sink.write_spectra(frame)
             if scalars:
                 sink.write_scalars(step, scalars)
+
+
+def _pick(keep: list[bool], *columns: list) -> list[list]:
+    """``columns`` restricted to the positions ``keep`` marks."""
+    return [[v for v, k in zip(col, keep) if k] for col in columns]
 
 
 class _BatchScope:
