@@ -295,3 +295,33 @@ def test_depth_verdict_rule():
     assert verdict({"D": 0.5, "low": 0.1, "high": 0.9}, i_zero) == "inconclusive"  # no interaction
     assert verdict({"D": 0.29, "low": 0.1, "high": 0.5}, i_pos) == "inconclusive"  # D below the gap
     assert verdict({"D": 0.1, "low": -0.1, "high": 0.29}, i_pos) == "refutes the paper at this scale"
+
+
+def test_runner_queue_is_the_preregistered_order_and_parallel_slots_take_it_in_order(tmp_path):
+    import threading
+    import time
+
+    mod = _script("cpu_depth_run")
+    mod._prepare_data = lambda spec, say: None  # no corpus needed to plan
+    items = mod.queue("grid", tmp_path)
+    assert len(items) == 80 + 24
+    assert [p for p, _, _ in items[:24]] == ["cpu-depth"] * 16 + ["cpu-depth-rep"] * 8
+    assert all(name.endswith("_s0") for _, name, _ in items[:24]) and items[24][1].endswith("_s1")
+    assert items[0][1] == "adamw_w64_L6_t3520_s0" and items[0][2] == tmp_path / "cpu-depth" / "runs" / items[0][1]
+
+    started, running, most, lock = [], [0], [0], threading.Lock()
+
+    def fake(preset, name, run_dir):
+        with lock:
+            started.append(name)
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return 1 if name == items[3][1] else 0
+
+    assert mod.run_queue(items[:8], 2, fake) == 1  # the one failure counted
+    assert most[0] == 2
+    # slots take the queue in its order: a run starts no later than two places after its turn
+    assert all(abs(started.index(name) - i) <= 1 for i, (_, name, _) in enumerate(items[:8]))
