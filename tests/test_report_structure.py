@@ -152,3 +152,15 @@ def test_adding_a_section_is_one_module_and_one_line(built, monkeypatch):
     body = layout.sections(d)
     titles = [s.title for s in body]
     assert "Extra" in titles and titles.index("Extra") < titles.index("Reliability: samples per dimension")
+
+
+def test_q2_names_the_labels_a_pair_shares_once():
+    from capscale.report.sections.q2_matched import _names
+
+    pair = {"series_a": "adamw · 780 steps · d_model=96", "series_b": "muon · 780 steps · d_model=96"}
+    assert _names(pair) == ("adamw", "muon", " in 780 steps · d_model=96")
+    assert _names({"series_a": "adamw", "series_b": "muon"}) == ("adamw", "muon", "")
+    steps = {"series_a": "adamw · 140 steps", "series_b": "adamw · 560 steps"}
+    assert _names(steps) == ("140 steps", "560 steps", " in adamw")
+    same = {"series_a": "adamw · x", "series_b": "adamw · x · y"}  # nothing left of a: full names
+    assert _names(same) == ("adamw · x", "adamw · x · y", "")

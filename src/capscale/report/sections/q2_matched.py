@@ -56,8 +56,8 @@ def answer(d: dict) -> dict:
             RESOLVED,
             f"Same loss, different representation in {n_pairs} of {len(pairs)} matched pair(s), Holm-corrected over "
             f"the {4 * len(pairs)} comparisons (rank ratios R1, R2 and β_soft, β_hard differences of every pair): e.g. "
-            f"at width {p['width']}, where {p['series_b']} and {p['series_a']} end {f2(abs(p['loss_diff']))} nats "
-            f"apart, {what}.",
+            f"at width {p['width']}{_names(p)[2]}, where {_names(p)[1]} and {_names(p)[0]} end "
+            f"{f2(abs(p['loss_diff']))} nats apart, {what}.",
             list(FIGURES),
         )
     if not known:
@@ -74,7 +74,7 @@ def answer(d: dict) -> dict:
         NOT_RESOLVED,
         f"In none of the {len(pairs)} matched pair(s) does a rank ratio or β difference survive a Holm correction "
         f"over the {4 * len(pairs)} comparisons, so these data cannot tell the representations apart "
-        f"(e.g. width {p['width']}: {_pair_difference(p)}); "
+        f"(e.g. width {p['width']}{_names(p)[2]}: {_pair_difference(p)}); "
         + needed(
             math.log(p["hard_ratio"]) if ok(p.get("hard_ratio")) else p["hard_diff"],
             math.log(p["hard_ratio_low"]) if ok(p.get("hard_ratio_low")) else p["hard_diff_low"],
@@ -85,6 +85,20 @@ def answer(d: dict) -> dict:
         + ".",
         list(FIGURES),
     )
+
+
+SEP = " · "  # how series names join their factor labels
+
+
+def _names(p: dict) -> tuple[str, str, str]:
+    """(a, b, where): the pair's series names without the labels they share, and those shared
+    labels (" in d_model=96 · 780 steps", or ""), so an answer names the shared part once."""
+    a, b = p["series_a"].split(SEP), p["series_b"].split(SEP)
+    common = [x for x in a if x in b]
+    ra, rb = [x for x in a if x not in common], [x for x in b if x not in common]
+    if not common or not ra or not rb:
+        return p["series_a"], p["series_b"], ""
+    return SEP.join(ra), SEP.join(rb), f" in {SEP.join(common)}"
 
 
 def _q2_hits(pairs: list[dict], alpha: float) -> list[tuple[dict, str]]:
@@ -103,7 +117,8 @@ def _q2_hits(pairs: list[dict], alpha: float) -> list[tuple[dict, str]]:
             if ok(est, lo, hi) and min(est, lo, hi) > 0:
                 se = (math.log(hi) - math.log(lo)) / (2 * z)
                 pv = 2 * stats.norm.sf(abs(math.log(est)) / se) if se > 0 else math.nan
-                text = f"{p['series_b']}'s {rank} is {f2(est)}× {iv(lo, hi)} {p['series_a']}'s"
+                a, b, _ = _names(p)
+                text = f"{b}'s {rank} is {f2(est)}× {iv(lo, hi)} {a}'s"
             else:
                 pv, text = math.nan, ""
             rows.append((p, pv, text))
@@ -111,7 +126,8 @@ def _q2_hits(pairs: list[dict], alpha: float) -> list[tuple[dict, str]]:
             if ok(est, lo, hi):
                 se = (hi - lo) / (2 * z)
                 pv = 2 * stats.norm.sf(abs(est) / se) if se > 0 else math.nan
-                text = f"β_{kind} differs by {f2(est)} {iv(lo, hi)} ({p['series_b']} − {p['series_a']})"
+                a, b, _ = _names(p)
+                text = f"β_{kind} differs by {f2(est)} {iv(lo, hi)} ({b} − {a})"
             else:
                 pv, text = math.nan, ""
             rows.append((p, pv, text))
@@ -124,8 +140,8 @@ def _pair_difference(p: dict) -> str:
     parts = []
     if ok(p.get("hard_ratio")):
         parts.append(
-            f"{p['series_b']}'s hard rank is {f2(p['hard_ratio'])}× "
-            f"{iv(p.get('hard_ratio_low'), p.get('hard_ratio_high'))} {p['series_a']}'s"
+            f"{_names(p)[1]}'s hard rank is {f2(p['hard_ratio'])}× "
+            f"{iv(p.get('hard_ratio_low'), p.get('hard_ratio_high'))} {_names(p)[0]}'s"
         )
     if ok(p.get("hard_diff")):
         parts.append(f"β_hard differs by {f2(p['hard_diff'])} {iv(p['hard_diff_low'], p['hard_diff_high'])}")
