@@ -325,3 +325,17 @@ def test_runner_queue_is_the_preregistered_order_and_parallel_slots_take_it_in_o
     assert most[0] == 2
     # slots take the queue in its order: a run starts no later than two places after its turn
     assert all(abs(started.index(name) - i) <= 1 for i, (_, name, _) in enumerate(items[:8]))
+
+
+def test_committed_learning_rate_runs_give_the_rates_in_the_preset():
+    """The export in docs/results/cpu-depth/lr (committed: nested results are not git-ignored)
+    reproduces, by the pre-registered rule, the rates the cpu-depth preset uses."""
+    from pathlib import Path
+
+    mod = _script("cpu_depth_lr")
+    lr = Path(__file__).resolve().parents[1] / "docs" / "results" / "cpu-depth" / "lr"
+    assert len(list((lr / "runs").glob("*/metrics.jsonl"))) == 12
+    table = mod.table(lr)
+    chosen = {opt: mod.choose({r: row["L"] for r, row in rows.items()}, DEFAULT_LR[opt]) for opt, rows in table.items()}
+    used = {c.optimizer.name: c.optimizer.params["lr"] for c in load_spec("cpu-depth").runs().values()}
+    assert chosen == used == {"adamw": 3e-3, "muon": 0.01}
