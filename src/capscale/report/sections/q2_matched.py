@@ -50,13 +50,14 @@ def answer(d: dict) -> dict:
     hits = _q2_hits(pairs, 1 - d["parameters"]["confidence"])
     if hits:
         p, what = hits[0]
+        a, b, where = _names(p)
         n_pairs = len({id(x) for x, _ in hits})
         return answer_for(
             "q2",
             RESOLVED,
             f"Same loss, different representation in {n_pairs} of {len(pairs)} matched pair(s), Holm-corrected over "
             f"the {4 * len(pairs)} comparisons (rank ratios R1, R2 and β_soft, β_hard differences of every pair): e.g. "
-            f"at width {p['width']}{_names(p)[2]}, where {_names(p)[1]} and {_names(p)[0]} end "
+            f"at width {p['width']}{where}, where {b} and {a} end "
             f"{f2(abs(p['loss_diff']))} nats apart, {what}.",
             list(FIGURES),
         )
@@ -137,11 +138,11 @@ def _q2_hits(pairs: list[dict], alpha: float) -> list[tuple[dict, str]]:
 
 def _pair_difference(p: dict) -> str:
     """The matched pair's hard-rank ratio at its width and its β_hard difference, with intervals."""
+    a, b, _ = _names(p)
     parts = []
     if ok(p.get("hard_ratio")):
         parts.append(
-            f"{_names(p)[1]}'s hard rank is {f2(p['hard_ratio'])}× "
-            f"{iv(p.get('hard_ratio_low'), p.get('hard_ratio_high'))} {_names(p)[0]}'s"
+            f"{b}'s hard rank is {f2(p['hard_ratio'])}× {iv(p.get('hard_ratio_low'), p.get('hard_ratio_high'))} {a}'s"
         )
     if ok(p.get("hard_diff")):
         parts.append(f"β_hard differs by {f2(p['hard_diff'])} {iv(p['hard_diff_low'], p['hard_diff_high'])}")
