@@ -33,29 +33,41 @@ PATTERNS = {"pre": "layers.{layer}.mlp.up", "post": ("layers.{layer}.mlp.down", 
 GATED = {"pre": "layers.{layer}.mlp.w1", "post": ("layers.{layer}.mlp.w2", "input")}
 
 
+# The gate's channels of a fused gate_up output, by layout: Megatron's first half, or every other one.
+FUSED = {"first": slice(0, F), "interleaved": slice(0, 2 * F, 2)}
+
+
 class MLP(nn.Module):
-    def __init__(self, gated: bool = False):
+    def __init__(self, gated: bool = False, fused: str | None = None):
         super().__init__()
-        self.gated = gated
+        self.gated, self.fused = gated, fused
         if gated:  # torchtitan's feed_forward: w2(silu(w1 x) * w3 x)
             self.w1, self.w3, self.w2 = (
                 nn.Linear(H, F, bias=False),
                 nn.Linear(H, F, bias=False),
                 nn.Linear(F, H, bias=False),
             )
+        elif fused:  # one projection to gate and up (Megatron's gated linear_fc1)
+            self.gate_up, self.down = nn.Linear(H, 2 * F), nn.Linear(F, H)
         else:
             self.up, self.down = nn.Linear(H, F), nn.Linear(F, H)
 
     def forward(self, x):
         if self.gated:
             return self.w2(fn.silu(self.w1(x)) * self.w3(x))
+        if self.fused == "first":
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(fn.silu(gate) * up)
+        if self.fused == "interleaved":
+            gu = self.gate_up(x)
+            return self.down(fn.silu(gu[..., ::2]) * gu[..., 1::2])
         return self.down(torch.tanh(self.up(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, gated: bool = False):
+    def __init__(self, gated: bool = False, fused: str | None = None):
         super().__init__()
-        self.mlp = MLP(gated)
+        self.mlp = MLP(gated, fused)
 
     def forward(self, x):
         return x + self.mlp(x)
@@ -64,11 +76,11 @@ class Block(nn.Module):
 class Net(nn.Module):
     """Blocks in an nn.ModuleDict keyed by the global layer index (a pipeline stage deletes keys)."""
 
-    def __init__(self, layers: int = LAYERS, gated: bool = False, seed: int = 0):
+    def __init__(self, layers: int = LAYERS, gated: bool = False, seed: int = 0, fused: str | None = None):
         super().__init__()
         torch.manual_seed(seed)
         self.embed, self.pos = nn.Embedding(V, H), nn.Parameter(torch.randn(S, H))
-        self.layers = nn.ModuleDict({str(i): Block(gated) for i in range(layers)})
+        self.layers = nn.ModuleDict({str(i): Block(gated, fused) for i in range(layers)})
         self.double()
 
     def forward(self, x):
@@ -95,6 +107,64 @@ class ColumnParallel(nn.Module):
 
     def forward(self, x):
         return fn.linear(x, self.weight, self.bias)
+
+
+class MegatronColumn(nn.Module):
+    """Megatron-core's ColumnParallelLinear as capscale reads it: its size attributes, its own
+    ``tp_group``, this rank's ``[rows, in]`` weight, ``(output, bias)`` returned."""
+
+    gather_output = False
+
+    def __init__(self, full: nn.Linear, rows: torch.Tensor, group):
+        super().__init__()
+        self.input_size, self.output_size, self.output_size_per_partition = (
+            full.in_features,
+            full.out_features,
+            len(rows),
+        )
+        self.tp_group = group
+        self.weight = nn.Parameter(full.weight[rows].detach().clone())
+        self.bias = nn.Parameter(full.bias[rows].detach().clone())
+
+    def forward(self, x):
+        return fn.linear(x, self.weight, self.bias), None
+
+
+class MegatronRow(nn.Module):
+    """Megatron-core's RowParallelLinear: this rank's input columns; partial outputs summed over ``tp_group``."""
+
+    input_is_parallel = True
+
+    def __init__(self, full: nn.Linear, rank: int, size: int, group):
+        super().__init__()
+        a, b = _chunk(full.in_features, size, rank)
+        self.input_size, self.output_size, self.input_size_per_partition = full.in_features, full.out_features, b - a
+        self.tp_group = group
+        self.weight = nn.Parameter(full.weight[:, a:b].detach().clone())
+        self.bias = nn.Parameter(full.bias.detach().clone())
+
+    def forward(self, x):
+        y = fn.linear(x, self.weight)
+        dist.all_reduce(y, group=self.tp_group)
+        return y + self.bias, None
+
+
+class MegatronGatedMLP(nn.Module):
+    """Megatron-core's MLP with ``gated_linear_unit``: ``linear_fc1`` holds this rank's gate rows, then
+    its up rows; ``glu`` chunks its output in two."""
+
+    def __init__(self, whole: MLP, rank: int, size: int, group):
+        super().__init__()
+        a, b = _chunk(F, size, rank)
+        rows = torch.cat([torch.arange(a, b), torch.arange(F + a, F + b)])
+        self.linear_fc1 = MegatronColumn(whole.gate_up, rows, group)
+        self.linear_fc2 = MegatronRow(whole.down, rank, size, group)
+
+    def forward(self, x):
+        h, _ = self.linear_fc1(x)
+        gate, up = h.chunk(2, dim=-1)
+        out, _ = self.linear_fc2(fn.silu(gate) * up)
+        return out
 
 
 class RowParallel(nn.Module):
@@ -148,10 +218,13 @@ def reference(twin: Net, steps_by_replica: list, sites: dict) -> dict:
     hooks = []
     for name, block in twin.layers.items():
         for site, spec in sites.items():
-            path, capture = (spec, "output") if isinstance(spec, str) else spec
+            path, capture, *cut = (spec, "output") if isinstance(spec, str) else spec
             mod = block.get_submodule(path.split("{layer}.")[1])
+            cut = cut[0] if cut else slice(None)  # the gate's channels of a fused gate_up
             if capture == "output":
-                hooks.append(mod.register_forward_hook(lambda m, a, o, k=(int(name), site): got[k].append(o)))
+                hooks.append(
+                    mod.register_forward_hook(lambda m, a, o, k=(int(name), site), c=cut: got[k].append(o[..., c]))
+                )
             else:
                 hooks.append(mod.register_forward_pre_hook(lambda m, a, k=(int(name), site): got[k].append(a[0])))
     rows: dict = {}
@@ -243,6 +316,77 @@ def megatron_tp(rank, world, background=False):
 def megatron_tp_background(rank, world):
     """The blocks gathered on rank 0 at the window's end, decomposed there by the background worker."""
     return megatron_tp(rank, world, background=True)
+
+
+def _fused_sites(layout: str) -> dict:
+    return {
+        "pre": ("layers.{layer}.mlp.gate_up", "output", FUSED[layout]),
+        "post": ("layers.{layer}.mlp.down", "input"),
+    }
+
+
+def megatron_fused(rank, world):
+    """Megatron-core's gated MLP, found by structure; its group is the layers' own ``tp_group``."""
+    model = Net(fused="first")
+    for block in model.layers.values():
+        block.mlp = MegatronGatedMLP(block.mlp, rank, world, dist.group.WORLD)
+    probe = capscale.attach(model, every=STEPS, window=STEPS, freq_table=table(), dtype=torch.float64)
+    found = sorted((s.site, s.name) for s in probe.sites)
+    df, mon = run(probe, model, batches(0))
+    return (df, found, reference(Net(fused="first"), [batches(0)], _fused_sites("first"))) if rank == 0 else None
+
+
+def megatron_whole_sides(rank, world):
+    """Which captured tensors of Megatron-core / Transformer Engine layers are shards, by the layers' own word."""
+    from capscale.probe.sites import Site
+    from capscale.probe.tensor_parallel import find_shards
+
+    mlp = MegatronGatedMLP(MLP(fused="first"), rank, world, dist.group.WORLD)
+    te = nn.Linear(H, F)  # Transformer Engine's flag: a layer copied whole on every rank
+    te.parallel_mode, te.tp_group = "duplicated", dist.group.WORLD
+    te_column = nn.Linear(H, F // world)
+    te_column.parallel_mode, te_column.tp_group = "column", dist.group.WORLD
+    cases = {
+        "fc1 output": (mlp.linear_fc1, "output"),
+        "fc1 input": (mlp.linear_fc1, "input"),
+        "fc2 input": (mlp.linear_fc2, "input"),
+        "fc2 output": (mlp.linear_fc2, "output"),
+        "te duplicated": (te, "output"),
+        "te column output": (te_column, "output"),
+    }
+    sites = [Site(0, "pre", name, m, capture) for name, (m, capture) in cases.items()]
+    found = find_shards(sites)
+    return {name: i in found for i, name in enumerate(cases)} if rank == 0 else None
+
+
+def _dtensor_fused(world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = Net(fused="interleaved")
+    for block in model.layers.values():
+        parallelize_module(block.mlp, mesh, {"gate_up": ColwiseParallel(), "down": RowwiseParallel()})
+    return model
+
+
+def dtensor_fused_interleaved(rank, world):
+    """A fused gate_up whose gate is every other channel: torch's plain Shard(0) keeps each pair on one rank."""
+    model = _dtensor_fused(world)
+    probe = capscale.attach(model, every=STEPS, window=STEPS, freq_table=table(), dtype=torch.float64)
+    df, mon = run(probe, model, batches(0))
+    ref = reference(Net(fused="interleaved"), [batches(0)], _fused_sites("interleaved"))
+    return (df, mon, ref) if rank == 0 else None
+
+
+def dtensor_fused_split_pairs(rank, world):
+    """The same model over 4 ranks: 9 channels each, a gate-up pair cut in two: every rank refuses."""
+    model = _dtensor_fused(world)
+    try:
+        capscale.attach(model, every=STEPS, window=STEPS, freq_table=table(), dtype=torch.float64)
+    except ValueError as exc:
+        return str(exc) if rank == 0 else None
+    raise AssertionError("attach accepted a fused gate_up split inside its pairs")
 
 
 def data_x_tensor(rank, world, spectrum="auto", background=False):
@@ -549,8 +693,19 @@ TWO = [
     megatron_hard_only,
     megatron_auto_by_writer,
     distributed_lanczos,
+    megatron_fused,
+    dtensor_fused_interleaved,
+    megatron_whole_sides,
 ]
-FOUR = [megatron_tp, data_x_tensor, fsdp_x_tensor, data_x_tensor_lanczos, data_x_tensor_background]
+FOUR = [
+    megatron_tp,
+    data_x_tensor,
+    fsdp_x_tensor,
+    data_x_tensor_lanczos,
+    data_x_tensor_background,
+    megatron_fused,
+    dtensor_fused_split_pairs,
+]
 
 
 def _worker(rank, world, tmp, names):
@@ -659,6 +814,45 @@ def test_megatron_tp2_background_decomposition_equals_unsharded(two):
     df, mon, ref = _result(two, "megatron_tp_background")
     check_rows(df, ref, [0, 1])
     assert mon.empty
+
+
+def test_megatron_fused_gate_up_tp2_found_and_equal_to_unsharded(two):
+    """Megatron-core's gated fc1 ([gate_r | up_r] on each rank) is found by structure, with no
+    ``tp_group`` given, and its gate's rows equal the unsharded model's first half of the fused output."""
+    df, found, ref = _result(two, "megatron_fused")
+    assert found == [("post", f"layers.{i}.mlp.linear_fc2") for i in "01"] + [
+        ("pre", f"layers.{i}.mlp.linear_fc1") for i in "01"
+    ]
+    check_rows(df, ref, [0, 1])
+
+
+def test_megatron_and_transformer_engine_layers_say_which_side_is_a_shard(two):
+    """Without ``tp_group``: a column layer's output and a row layer's input are shards; their other
+    sides and a duplicated layer are whole."""
+    assert _result(two, "megatron_whole_sides") == {
+        "fc1 output": True,
+        "fc1 input": False,
+        "fc2 input": True,
+        "fc2 output": False,
+        "te duplicated": False,
+        "te column output": True,
+    }
+
+
+def test_megatron_fused_gate_up_uneven_tp4_equals_unsharded(four):
+    """Gate shards of 5, 5, 5 and 3 channels (fused outputs of 10, 10, 10, 6)."""
+    df, _, ref = _result(four, "megatron_fused")
+    check_rows(df, ref, [0, 1])
+
+
+def test_dtensor_fused_interleaved_gate_up_tp2_equals_unsharded(two):
+    df, _, ref = _result(two, "dtensor_fused_interleaved")
+    check_rows(df, ref, [0, 1])
+
+
+def test_fused_gate_up_split_inside_its_pairs_is_refused_on_every_rank(four):
+    msg = _result(four, "dtensor_fused_split_pairs")
+    assert "(9, 9, 9, 9)" in msg and "whole gate and up halves" in msg
 
 
 def test_megatron_uneven_shards_tp4_equals_unsharded(four):

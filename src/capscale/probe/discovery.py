@@ -42,6 +42,7 @@ from capscale.probe.sites import (
     _channels_first,
     _experts_layout,
     _in_out,
+    gate_channels,
 )
 
 # Names may carry wrapper prefixes (``module.`` for DDP, ``_orig_mod.`` for
@@ -415,8 +416,7 @@ def _fused_gate_part(block: nn.Module, up: str, down: str, width: int) -> tuple[
     if layout is None:
         layout = _trace_fused(ffn, block.get_submodule(up)) or "first"
         _FUSED_LAYOUT[type(ffn)] = layout
-    half = width // 2
-    return {"first": (0, half, 1), "second": (half, width, 1), "interleaved": (0, width, 2)}[layout]
+    return gate_channels(layout, width)
 
 
 def _trace_fused(ffn: nn.Module, up: nn.Module) -> str | None:

@@ -20,6 +20,7 @@ import logging
 import math
 import warnings
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,10 @@ class Probe:
         self._dims = {i: s.feature_dim() for i, s in enumerate(sites)}
         # Tensor-parallel sites: each rank holds its columns' rows of the states (probe/sharded.py).
         self._shards = tensor_parallel.find_shards(sites, tp_group, group, model)
+        # A fused gate_up's gate is cut from each rank's own output by its shard (ColumnShard.local).
+        self.sites = sites = [
+            replace(s, part=None) if i in self._shards and self._shards[i].gate else s for i, s in enumerate(sites)
+        ]
         self._dims.update({i: sh.full_dim for i, sh in self._shards.items()})
         self.step_index = int(start_step)
         self._full: _Window | None = None

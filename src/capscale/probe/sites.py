@@ -55,6 +55,22 @@ class SiteSpec:
             raise ValueError(f"capture must be one of {CAPTURES}, got {self.capture!r}")
 
 
+# A fused gate_up projection lays out its gate channels in one of three ways (which one is
+# traced at discovery): the first half (Phi-3, Megatron), the second, or every other channel.
+FUSED_GATE_LAYOUTS = ("first", "second", "interleaved")
+
+
+def gate_channels(layout: str, width: int) -> tuple[int, int, int]:
+    """``(start, stop, step)`` of the gate's channels in a fused gate_up output ``width`` wide."""
+    half = width // 2
+    return {"first": (0, half, 1), "second": (half, width, 1), "interleaved": (0, width, 2)}[layout]
+
+
+def gate_layout(part: tuple[int, int, int]) -> str:
+    """The layout (:data:`FUSED_GATE_LAYOUTS`) of a gate ``part`` made by :func:`gate_channels`."""
+    return "interleaved" if part[2] == 2 else "first" if part[0] == 0 else "second"
+
+
 # A site's hook hands (activations, token rows) to the probe; rows = None means
 # the activations' rows are the forward's tokens in order.
 Callback = Callable[[Any, "torch.Tensor | None"], None]
@@ -292,6 +308,12 @@ def _in_out(m: nn.Module) -> tuple[int, int] | None:
     i, o = getattr(m, "in_features", None), getattr(m, "out_features", None)
     if isinstance(i, int) and isinstance(o, int) and torch.is_tensor(w) and tuple(w.shape) == (o, i):
         return i, o
+    # Megatron-core's tensor-parallel linears: a [out, in] weight of this rank's part.
+    if torch.is_tensor(w) and w.dim() == 2:
+        for i, o in (("input_size", "output_size_per_partition"), ("input_size_per_partition", "output_size")):
+            i, o = getattr(m, i, None), getattr(m, o, None)
+            if isinstance(i, int) and isinstance(o, int) and tuple(w.shape) == (o, i):
+                return i, o
     # HF Conv1D stores weight as [in, out].
     if type(m).__name__ == "Conv1D" and torch.is_tensor(w) and w.dim() == 2:
         return int(w.shape[0]), int(w.shape[1])

@@ -12,6 +12,12 @@ Megatron's own flags are honoured: ``gather_output=True`` (a whole output) and
 Each shard's ``(offset, width)`` comes from one all-gather of the local widths at
 attach; columns are laid out in group-rank order, as torch's ``Shard`` and
 Megatron lay them.
+
+A fused gate_up projection (the ``pre`` site of Megatron's gated ``linear_fc1``) is a
+shard too: each rank's output holds its own gate and up channels (Megatron packs them
+so), and its gate channels are picked by the layout traced at discovery on that local
+output, whatever the whole weight's width. The spectrum does not depend on the order of
+the columns, so each rank's gate columns need only be its own.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from torch import nn
 
 from capscale.probe.sharded import BlockMoments
+from capscale.probe.sites import gate_channels, gate_layout
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +46,11 @@ class ColumnShard:
     full_dim: int
     widths: tuple[int, ...]
     replicas: object = field(default=None)
+    gate: str | None = None  # a fused gate_up's layout (sites.FUSED_GATE_LAYOUTS): its gate channels are the site
+
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        """The site's channels of a captured tensor: the gate's of a fused gate_up output, else all."""
+        return x if self.gate is None else x[..., slice(*gate_channels(self.gate, int(x.shape[-1])))]
 
     def accumulator(self, device) -> BlockMoments:
         return BlockMoments(self.full_dim, self.offset, self.width, device)
@@ -47,8 +59,9 @@ class ColumnShard:
         """The whole activations ``[..., full_dim]`` from this rank's ``x`` (an all-gather over the group)."""
         if _is_dtensor(x):
             if not _shards_last(x.placements, x.ndim):
-                return x.full_tensor().detach()  # replicated or sharded on tokens: make it whole
+                return self.local(x.full_tensor().detach())  # replicated or sharded on tokens: make it whole
             x = x.to_local()
+        x = self.local(x)
         d = int(x.shape[-1])
         if d == self.full_dim and self.width != self.full_dim:
             return x  # already whole (e.g. an output gathered by the layer itself)
@@ -110,15 +123,44 @@ def _dtensor_layout(weight, capture: str, fsdp: bool):
 
 
 def _local_layout(module: nn.Module, capture: str, group):
-    """(group, local width, None) for a Megatron-style parallel linear on ``group``, else None."""
+    """(group, local width, None) for a Megatron-style parallel linear on ``group``, else None.
+
+    Without ``group``, Megatron-core's layers name their own (``tp_group``); a group of one
+    rank shards nothing.
+    """
     weight = getattr(module, "weight", None)
+    if group is None:
+        own = getattr(module, "tp_group", None)
+        group = own if isinstance(own, torch.distributed.ProcessGroup) else None
     if group is None or not torch.is_tensor(weight) or weight.dim() != 2:
         return None
+    if torch.distributed.get_world_size(group) == 1:
+        return None
+    mode = _parallel_mode(module)
+    if mode == "whole" or (mode, capture) in (("column", "input"), ("row", "output")):
+        return None  # a layer's whole input or output (its own partial sums already reduced)
     if capture == "output" and getattr(module, "gather_output", False):
         return None
     if capture == "input" and getattr(module, "input_is_parallel", True) is False:
         return None
     return group, int(weight.shape[0] if capture == "output" else weight.shape[1]), None
+
+
+def _parallel_mode(module: nn.Module) -> str | None:
+    """The layer's own word on its sharding: "column", "row" or "whole"; None where it says nothing.
+
+    Transformer Engine's layers say it in ``parallel_mode`` (None or "duplicated": whole);
+    Megatron-core's in their per-partition size: ``output_size_per_partition`` (column),
+    ``input_size_per_partition`` (row). Without a word, any linear is taken as a shard.
+    """
+    if hasattr(module, "parallel_mode"):
+        mode = module.parallel_mode
+        return mode if mode in ("column", "row") else "whole"
+    if hasattr(module, "output_size_per_partition"):
+        return "column"
+    if hasattr(module, "input_size_per_partition"):
+        return "row"
+    return None
 
 
 def _fsdp_params(model: nn.Module | None) -> set[int]:
@@ -149,8 +191,11 @@ def find_shards(sites, tp_group=None, group=None, model: nn.Module | None = None
         layout = _dtensor_layout(w, s.capture, id(w) in fsdp) or _local_layout(s.module, s.capture, tp_group)
         if layout is None:
             continue
-        if s.part is not None or s.experts or s.members:
-            raise NotImplementedError(f"{s.label}: tensor-parallel fused or expert sites are not supported")
+        if s.experts or s.members:
+            raise NotImplementedError(
+                f"{s.label}: experts split by tensor parallelism are not supported "
+                "(experts placed whole on ranks, expert parallelism, are)"
+            )
         found[i] = layout
     groups = {id(g): g for g, _, _ in found.values()}
     if not found:
@@ -171,7 +216,16 @@ def find_shards(sites, tp_group=None, group=None, model: nn.Module | None = None
         total = sum(widths)
         if full is not None and full != total:
             raise ValueError(f"{sites[i].label}: local widths {widths} do not add up to the weight's {full}")
-        out[i] = ColumnShard(tp, sum(widths[:me]), width, total, widths, replicas)
+        gate = None
+        if sites[i].part is not None:  # the gate of a fused gate_up: half of each rank's channels
+            gate = gate_layout(sites[i].part)
+            if any(w % 2 for w in widths):  # every rank sees every width: all refuse alike
+                raise ValueError(
+                    f"{sites[i].label}: a tensor-parallel fused gate_up is split {widths} over the ranks; "
+                    "each rank must hold whole gate and up halves (Megatron packs them so)"
+                )
+            widths, width, total = tuple(w // 2 for w in widths), width // 2, total // 2
+        out[i] = ColumnShard(tp, sum(widths[:me]), width, total, widths, replicas, gate)
     return out
 
 
