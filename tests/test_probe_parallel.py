@@ -64,12 +64,28 @@ class MLP(nn.Module):
         return self.down(torch.tanh(self.up(x)))
 
 
+class Mixer(nn.Module):
+    """Attention's shapes (a packed q, k, v projection H -> 3H and an output projection H -> H),
+    mixing within columns only, so that splitting the columns over ranks computes the same."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear_qkv, self.linear_proj = nn.Linear(H, 3 * H), nn.Linear(H, H)
+
+    def forward(self, x):
+        q, k, v = self.linear_qkv(x).chunk(3, dim=-1)
+        return self.linear_proj(v * torch.sigmoid(q * k))
+
+
 class Block(nn.Module):
     def __init__(self, gated: bool = False, fused: str | None = None):
         super().__init__()
+        self.self_attention = Mixer() if fused == "first" else None  # Megatron's layer: attention, then MLP
         self.mlp = MLP(gated, fused)
 
     def forward(self, x):
+        if self.self_attention is not None:
+            x = x + self.self_attention(x)
         return x + self.mlp(x)
 
 
@@ -147,6 +163,23 @@ class MegatronRow(nn.Module):
         y = fn.linear(x, self.weight)
         dist.all_reduce(y, group=self.tp_group)
         return y + self.bias, None
+
+
+class MegatronMixer(nn.Module):
+    """The mixer on one rank: its q, k and v columns (Megatron packs them per rank), its part of the output projection."""
+
+    def __init__(self, whole: Mixer, rank: int, size: int, group):
+        super().__init__()
+        a, b = _chunk(H, size, rank)
+        rows = torch.cat([torch.arange(a, b) + k * H for k in range(3)])
+        self.linear_qkv = MegatronColumn(whole.linear_qkv, rows, group)
+        self.linear_proj = MegatronRow(whole.linear_proj, rank, size, group)
+
+    def forward(self, x):
+        qkv, _ = self.linear_qkv(x)
+        q, k, v = qkv.chunk(3, dim=-1)
+        out, _ = self.linear_proj(v * torch.sigmoid(q * k))
+        return out
 
 
 class MegatronGatedMLP(nn.Module):
@@ -326,9 +359,11 @@ def _fused_sites(layout: str) -> dict:
 
 
 def megatron_fused(rank, world):
-    """Megatron-core's gated MLP, found by structure; its group is the layers' own ``tp_group``."""
+    """Megatron-core's layer (attention, gated MLP), the MLP found by structure; its group is the
+    layers' own ``tp_group``."""
     model = Net(fused="first")
     for block in model.layers.values():
+        block.self_attention = MegatronMixer(block.self_attention, rank, world, dist.group.WORLD)
         block.mlp = MegatronGatedMLP(block.mlp, rank, world, dist.group.WORLD)
     probe = capscale.attach(model, every=STEPS, window=STEPS, freq_table=table(), dtype=torch.float64)
     found = sorted((s.site, s.name) for s in probe.sites)
