@@ -23,8 +23,15 @@ on the same batches. Printed per (D, tp, layout), from rank 0:
 and the ratio sharded / replicated of the state bytes (≈ 1/tp). One fresh process group
 per case (forked), one thread per rank; few rows, so a run takes a few minutes on 2 cores.
 
+With --background-dims, a background window end (``background=True``, exact spectrum) of a
+model of --layers sharded layers, two ways: the sites dealt out over the ranks (the probe's
+route: each rank assembles and decomposes its share, rows sent to rank 0 over a gloo group)
+against the baseline, every site assembled and decomposed on rank 0 (the route before,
+``decomposition._owner`` replaced). Printed per rank: peak RSS growth from the window's end
+to its rows, and rank 0's seconds until every row is in (``probe.wait()``).
+
     python benchmarks/bench_sharded.py [--dims 4096 8192] [--ranks 2 4] [--rows 256] [--eig-dims 4096]
-        [--lanczos-dims 4096]
+        [--lanczos-dims 4096] [--background-dims 3072 --layers 4]
 """
 
 from __future__ import annotations
@@ -180,6 +187,57 @@ def worker(rank: int, world: int, tmp: str, d: int, sharded: bool, rows: int, ei
         dist.destroy_process_group()
 
 
+def background_worker(rank: int, world: int, tmp: str, d: int, layers: int, rows: int, dealt: bool) -> None:
+    """One background window end of ``layers`` sharded layers: per-rank peak RSS growth, rank 0's time to rows."""
+    from capscale.probe import decomposition
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore", NothingCapturedWarning)
+    if not dealt:  # the baseline: every site to the group's first rank, the writer
+        decomposition._owner = lambda ranks, k: ranks[0]
+    try:
+        blocks = [model(d, rank, world, True)["layers"][0] for _ in range(layers)]
+        net = nn.Sequential(*blocks)
+        g = torch.Generator().manual_seed(1)
+        batches = [torch.randn(2, rows // 2, H, generator=g) for _ in range(2)]
+        kw = {"sites": {"pre": "{layer}.up"}, "tp_group": dist.group.WORLD, "dtype": torch.float64}
+        probe = capscale.attach(net, every=1, start_step=2, background=True, spectrum="exact", **kw)
+        with torch.no_grad():
+            for x in batches:
+                net(x)
+        dist.barrier()
+        rss0 = _rss_mb()
+        t0 = time.perf_counter()
+        probe.step()  # the window's end: assembly (collective), then the workers
+        ended = time.perf_counter() - t0
+        probe.wait()  # rank 0: every row in
+        took = time.perf_counter() - t0
+        grew = _rss_mb() - rss0
+        df = probe.compute()
+        every = [None] * world
+        dist.all_gather_object(every, grew)
+        probe.close()
+        if rank == 0:
+            out = {
+                "rows_s": took,
+                "step_s": ended,
+                "rss": every,
+                "rows": len(df),
+                "hard": sorted(df.hard_rank.round(9).tolist()),
+            }
+            Path(tmp, "out.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def background_case(d: int, world: int, layers: int, rows: int, dealt: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        args = (world, tmp, d, layers, rows, dealt)
+        mp.start_processes(background_worker, args=args, nprocs=world, start_method="fork")
+        return json.loads(Path(tmp, "out.json").read_text())
+
+
 def case(d: int, world: int, sharded: bool, rows: int, eig: bool, slq: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         args = (world, tmp, d, sharded, rows, eig, slq)
@@ -196,7 +254,12 @@ def main() -> None:
     ap.add_argument(
         "--lanczos-dims", type=int, nargs="*", default=[], help="widths whose spectrum='lanczos' window end is timed"
     )
+    ap.add_argument("--background-dims", type=int, nargs="*", default=[], help="widths of the background case")
+    ap.add_argument("--layers", type=int, default=4, help="sharded layers of the background case")
     args = ap.parse_args()
+    if args.background_dims:
+        background(args)
+        return
     head = (
         f"{'D':>6} {'tp':>3} {'layout':>10} {'state MB/rank':>14} {'window +MB':>11} {'window s':>9} "
         f"{'rows +MB r0/others':>19} {'rows s':>8} {'hard rank':>10}"
@@ -233,6 +296,27 @@ def main() -> None:
             f" / replicated {b['lanczos_s']:.2f} s (+{b['lanczos_mb']:.0f} MB) = {a['lanczos_s'] / b['lanczos_s']:.2f};"
             f" soft rank {a['soft_rank']:.6f} ± {a['soft_rank_stderr']:.2g} (equal to 1e-9)"
         )
+
+
+def background(args) -> None:
+    """The background window end, dealt out against all on rank 0, per width and rank count."""
+    for d in args.background_dims:
+        for world in args.ranks:
+            got = {dealt: background_case(d, world, args.layers, args.rows, dealt) for dealt in (False, True)}
+            assert got[True]["hard"] == got[False]["hard"] and got[True]["rows"] == args.layers, got
+            for dealt, r in got.items():
+                mem = " / ".join(f"{m:.0f}" for m in r["rss"])
+                print(
+                    f"D={d} tp={world} {args.layers} sites, {'dealt out' if dealt else 'all on rank 0'}: "
+                    f"window end (assembly) {r['step_s']:.2f} s, rows in {r['rows_s']:.2f} s on rank 0; "
+                    f"peak RSS growth per rank {mem} MB",
+                    flush=True,
+                )
+            a, b = got[True], got[False]
+            print(
+                f"D={d} tp={world}: dealt / all on rank 0: time {a['rows_s'] / b['rows_s']:.2f}, "
+                f"rank 0 memory {a['rss'][0] / b['rss'][0]:.2f}, largest rank {max(a['rss']) / max(b['rss']):.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -582,7 +582,8 @@ def expert_parallel(rank, world):
 
 
 def _counting_assemble(rank):
-    """Wrap ``sharded.assemble``: on rank 0, how many earlier whole states are alive at each call."""
+    """Wrap ``sharded.assemble``: on the rank that receives a whole state, how many earlier whole
+    states it holds alive at each call."""
     import weakref
 
     from capscale.probe import sharded
@@ -591,7 +592,7 @@ def _counting_assemble(rank):
 
     def assemble(states, widths, group, dst):
         out = real(states, widths, group, dst)
-        if rank == 0:
+        if out is not None:
             seen.append(sum(r() is not None for r in alive))
             alive.extend(weakref.ref(m.scatter) for m in out)
         return out
@@ -614,8 +615,9 @@ def megatron_site_at_a_time(rank, world):
 
 
 def megatron_background_snapshots(rank, world):
-    """``background=True``: rank 0 assembles each whole state by itself, straight into host memory,
-    and hands those very tensors to the worker (no second copy), which lets them go."""
+    """``background=True``: the sites are dealt out over the ranks; each rank assembles its sites'
+    whole states one at a time, straight into host memory, and hands those very tensors to its
+    worker (no second copy), which lets them go; rank 0 writes every row."""
     from capscale.probe import sharded
 
     real, seen, alive = _counting_assemble(rank)
@@ -638,7 +640,37 @@ def megatron_background_snapshots(rank, world):
     finally:
         sharded.assemble = real
     after = sum(r() is not None for r in alive)  # the worker is done: every whole state let go
-    return (df, seen, handed, after, note, reference(Net(), [batches(0)], PATTERNS)) if rank == 0 else None
+    every = [None] * world
+    dist.all_gather_object(every, (seen, handed, after))
+    return (df, every, note, reference(Net(), [batches(0)], PATTERNS)) if rank == 0 else None
+
+
+def megatron_background_worker_error(rank, world):
+    """A worker fails on rank 1 while decomposing its share: rank 0's worker gets the error instead
+    of rows and raises it; nothing waits for ever."""
+    from capscale.probe import decomposition
+
+    real = decomposition.decompose
+
+    def failing(*args, **kwargs):
+        if rank == 1:
+            raise FloatingPointError("planted")
+        return real(*args, **kwargs)
+
+    decomposition.decompose = failing
+    model = _megatron(Net(), rank, world, None)
+    probe = attach(model, PATTERNS, tp_group=dist.group.WORLD, spectrum="exact", background=True)
+    msg = None
+    try:
+        run(probe, model, batches(0))
+    except Exception as exc:
+        msg = f"{type(exc).__name__}: {exc}"
+    finally:
+        decomposition.decompose = real
+        probe.close(flush=False)
+    every = [None] * world
+    dist.all_gather_object(every, msg)
+    return every if rank == 0 else None
 
 
 def megatron_lanczos(rank, world, spectrum="lanczos", background=False):
@@ -723,6 +755,7 @@ TWO = [
     expert_parallel,
     megatron_site_at_a_time,
     megatron_background_snapshots,
+    megatron_background_worker_error,
     megatron_lanczos,
     megatron_lanczos_background,
     megatron_hard_only,
@@ -932,15 +965,17 @@ def test_tensor_parallel_window_end_holds_one_whole_state_at_a_time(two):
 
 
 def test_tensor_parallel_background_assembles_each_whole_state_once_into_the_worker_snapshot(two):
-    """``background=True``: rank 0 assembles one whole state per call (12 = 2 layers × (pre, post) ×
-    3 buckets; the worker merges "all" from them) straight into host memory; the worker gets those
-    tensors themselves, so rank 0 holds one window's stored states whole, not a second copy (the
-    old route assembled a site's buckets per call and handed the worker clones); they are gone once
-    the worker is done. Bucket rows equal the foreground path's bit for bit, "all" to round-off."""
-    df, seen, handed, after, _, ref = _result(two, "megatron_background_snapshots")
-    assert seen == list(range(12))  # the earlier states are alive: they are the worker's snapshots
-    assert handed == [(12, 12, 12)]  # (snapshots handed, of which assembled tensors, whole states alive)
-    assert after == 0
+    """``background=True``: the 4 sites (2 layers × (pre, post)) are dealt out over the 2 ranks; each
+    assembles one whole state per call (its 2 sites × 3 buckets; its worker merges "all" from them)
+    straight into host memory; its worker gets those tensors themselves, so a rank holds half a
+    window's stored states whole (rank 0 held all of them before), no second copy; they are gone
+    once the workers are done, and rank 0 writes every row. Bucket rows equal the foreground
+    path's bit for bit, "all" to round-off."""
+    df, every, _, ref = _result(two, "megatron_background_snapshots")
+    for seen, handed, after in every:  # each rank: 2 of the 4 sites × 3 buckets
+        assert seen == list(range(6))  # the earlier states are alive: they are the worker's snapshots
+        assert handed == [(6, 6, 6)]  # (snapshots handed, of which assembled tensors, whole states alive)
+        assert after == 0
     check_rows(df, ref, [0, 1])
     fore, _, _ = _result(two, "megatron_site_at_a_time")
     key = ["layer", "site", "bucket"]
@@ -956,10 +991,16 @@ def test_tensor_parallel_background_assembles_each_whole_state_once_into_the_wor
             assert x.soft_rank == y.soft_rank and x.hard_rank == y.hard_rank
 
 
+def test_a_failing_worker_on_another_rank_is_raised_on_the_writer_and_nothing_hangs(two):
+    writer, other = _result(two, "megatron_background_worker_error")
+    assert "rank 1: FloatingPointError: planted" in writer
+    assert "planted" in other
+
+
 def test_auto_layout_sizes_tensor_parallel_sites_by_their_blocks(two):
     """``states="auto"`` counts a sharded site's row blocks (width × D per bucket), not D², and no
     device snapshot of them under background (their snapshot is the assembled host state)."""
-    note = _result(two, "megatron_background_snapshots")[4]
+    note = _result(two, "megatron_background_snapshots")[2]
     blocks = LAYERS * 2 * 3 * (F // 2) * F * 8  # sites × (head, mid, tail) × width × D float64
     gb = re.search(r"float64 states, ([0-9.e+-]+) GB", note).group(1)
     assert gb == f"{blocks / 1e9:.3g}", note

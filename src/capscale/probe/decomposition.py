@@ -74,15 +74,20 @@ def prepare_sharded(
 ) -> list:
     """The collective part of :func:`rows_site_at_a_time` (every rank, on the training thread), per entry:
     ``("plain", site, parts | None)`` for a site left whole; for a sharded site this rank writes,
-    ``("sharded", rows, not_run)`` or, with ``defer`` and an exact spectrum, ``("wholes", site,
-    states)``: its stored states (buckets) assembled whole, one at a time, in host memory that
-    nothing else shares, for :func:`finish_sharded` to decompose, e.g. on the background worker
-    (they are its snapshots: no copy); None where another rank writes it. Without ``defer``
-    each whole state ("all" merged block by block first) is decomposed and let go at once.
+    ``("sharded", rows, not_run)``; None where another rank writes it. Without ``defer`` each
+    whole state ("all" merged block by block first) is decomposed and let go at once.
+
+    With ``defer`` (the background worker) and an exact spectrum, the writer's tensor-parallel
+    group deals its sharded sites out over its ranks, the k-th to its group's rank k mod size:
+    that rank gets ``("wholes", site, states)``, the site's stored states (buckets) assembled
+    whole, one at a time, in host memory that nothing else shares (its worker's snapshots: no
+    copy), and the writer ``("remote", rank)``, whose rows :func:`finish_sharded` receives. Each
+    rank then holds 1/size of a window's whole states and decomposes them on its own worker.
     """
     shards = {(sites[i].stack, sites[i].layer, sites[i].site): sh for i, sh in shards.items()}
     writer = distributed._writer(group)
     me = torch.distributed.get_rank()
+    dealt = 0
     out: list = []
     for site, parts in entries:
         if not (parts and isinstance(parts[0], sharded.BlockState)):
@@ -98,9 +103,13 @@ def prepare_sharded(
             rows = sharded.estimated_rows(site, start, parts, shard, method, bucketed)
             out.append(("sharded", rows, not_run) if me == writer else None)
             continue
-        if defer:  # the stored states only, one at a time: the worker merges "all" from them
-            wholes = [sharded.assemble([p], list(shard.widths), shard.group, writer) for p in parts]
-            out.append(("wholes", site, [w[0] for w in wholes]) if me == writer else None)
+        if defer:  # the stored states only, one at a time, on the site's rank: its worker merges "all"
+            owner, dealt = _owner(torch.distributed.get_process_group_ranks(shard.group), dealt), dealt + 1
+            wholes = [sharded.assemble([p], list(shard.widths), shard.group, owner) for p in parts]
+            if me == owner:
+                out.append(("wholes", site, [w[0] for w in wholes]))
+            else:
+                out.append(("remote", owner) if me == writer else None)
             continue
         # One whole state at a time: "all" (the buckets merged block by block), then each bucket.
         rows: list = []
@@ -113,27 +122,101 @@ def prepare_sharded(
     return out
 
 
-def finish_sharded(start: int, prepared: list, bucketed: bool, spectrum: str) -> list[dict]:
-    """The window's rows from :func:`prepare_sharded`'s entries, in their order; no collectives
-    (runs on any thread). A deferred whole state is decomposed and dropped one at a time."""
-    plain = [(p[1], p[2]) for p in prepared if p is not None and p[0] == "plain"]
-    plain_rows = iter(decompose(start, plain, bucketed, spectrum, js=False)) if plain else iter(())
-    per = 1 + len(BUCKETS) if bucketed else 1
-    out: list[dict] = []
-    for p in prepared:
-        if p is None:
-            continue
-        if p[0] == "plain":
-            out += [next(plain_rows) for _ in range(per)]
-            continue
-        if p[0] == "wholes":  # as a site left whole (its "all" merged here); then let go
-            out += decompose(start, [(p[1], p[2])], bucketed, "exact", js=False)
-            p[2].clear()
-            continue
-        _, rows, not_run = p
-        if not_run:  # a site that captured nothing in the window says so
-            for row in rows:
-                row["sampling_status"] = NOT_RUN
-        out += rows
+def _owner(ranks: list[int], k: int) -> int:
+    """The rank that assembles and decomposes the k-th dealt-out site: round robin over its group."""
+    return ranks[k % len(ranks)]
+
+
+def finish_sharded(start: int, prepared: list, bucketed: bool, spectrum: str, link=None) -> list[dict]:
+    """The window's rows from :func:`prepare_sharded`'s entries, in their order (runs on any thread).
+    A deferred whole state is decomposed and dropped one at a time.
+
+    ``link``: ``(group, writer)``, a gloo group of the writer's tensor-parallel ranks that only the
+    background workers use, in window order, for the dealt-out sites: a rank sends the rows of
+    its share to the writer (or its error, so that the writer never waits for nothing), and the
+    writer receives them after decomposing its own. No collective of training's groups is used.
+    """
+    writes = link is None or torch.distributed.get_rank() == link[1]
+    if not writes:
+        _send_share(start, prepared, bucketed, link)
+    parts: list = []
+    error = None
+    try:
+        plain = [(p[1], p[2]) for p in prepared if p is not None and p[0] == "plain"]
+        plain_rows = iter(decompose(start, plain, bucketed, spectrum, js=False)) if plain else iter(())
+        per = 1 + len(BUCKETS) if bucketed else 1
+        for p in prepared:
+            if p is None or (p[0] == "wholes" and not writes):
+                continue  # another rank's, or sent to the writer
+            if p[0] == "plain":
+                parts.append([next(plain_rows) for _ in range(per)])
+            elif p[0] == "wholes":  # as a site left whole (its "all" merged here); then let go
+                try:
+                    parts.append(decompose(start, [(p[1], p[2])], bucketed, "exact", js=False))
+                finally:
+                    p[2].clear()
+            elif p[0] == "remote":
+                parts.append(p)  # its rows arrive below
+            else:
+                _, rows, not_run = p
+                if not_run:  # a site that captured nothing in the window says so
+                    for row in rows:
+                        row["sampling_status"] = NOT_RUN
+                parts.append(rows)
+    except Exception as exc:  # raised once the other ranks' shares are in: they would wait for ever
+        error = exc
+    if link is not None and writes:
+        shares = _receive_shares([p[1] for p in prepared if p is not None and p[0] == "remote"], link)
+        if error is None:
+            parts = [shares[p[1]].pop(0) if isinstance(p, tuple) else p for p in parts]
+    if error is not None:
+        raise error
+    out = [row for rows in parts for row in rows]
     add_js_divergence(out)
     return out
+
+
+def _send_share(start: int, prepared: list, bucketed: bool, link) -> None:
+    """This rank's dealt-out sites' rows (one list per site, in order) to the writer, or its error."""
+    mine = [p for p in prepared if p is not None and p[0] == "wholes"]
+    if not mine:
+        return
+    try:
+        payload: tuple = ("rows", [])
+        for p in mine:
+            payload[1].append(decompose(start, [(p[1], p[2])], bucketed, "exact", js=False))
+            p[2].clear()
+    except Exception as exc:
+        payload = ("error", f"rank {torch.distributed.get_rank()}: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        torch.distributed.send_object_list([payload], dst=link[1], group=link[0])
+
+
+def _receive_shares(owners: list[int], link) -> dict[int, list[list[dict]]]:
+    """Each owner's rows (one list per site, in deal order), received once per owner and window."""
+    got: dict[int, list] = {}
+    errors = []
+    for r in dict.fromkeys(owners):
+        box: list = [None]
+        torch.distributed.recv_object_list(box, src=r, group=link[0])
+        kind, body = box[0]
+        if kind == "error":
+            errors.append(body)
+        got[r] = body
+    if errors:
+        raise RuntimeError("tensor-parallel spectra failed on another rank's worker: " + "; ".join(errors))
+    return got
+
+
+def worker_link(shards: dict, group):
+    """``(gloo group, writer)`` over the writer's tensor-parallel ranks, for :func:`finish_sharded`;
+    None on ranks outside it. Collective over the world (``new_group``), once, at attach."""
+    dist = torch.distributed
+    writer = distributed._writer(group)
+    tp = next(iter(shards.values())).group
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, dist.get_process_group_ranks(tp))
+    ranks = every[writer]
+    link = dist.new_group(ranks, backend="gloo")  # every rank calls new_group, members or not
+    return (link, writer) if dist.get_rank() in ranks else None

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from capscale.probe import distributed, sharded, tensor_parallel
+from capscale.probe import decomposition, distributed, sharded, tensor_parallel
 from capscale.probe.accumulate import (
     Forward,
     Moments,
@@ -146,6 +146,9 @@ class Probe:
         # worker thread; their rows reach the records and sinks, in order, at a later call.
         self.background = background
         self._worker = Background() if background else None
+        # Background + tensor parallel: the workers of the writer's tensor-parallel group share a
+        # window's whole states and send their rows to the writer over a gloo group of their own.
+        self._link = decomposition.worker_link(self._shards, group) if background and self._shards else None
         # Where the float64 states live ("device" or "host", see capscale.probe.hoststates):
         # "auto" is decided at the first measured forward, from the free device memory.
         self.states, self.spectrum = states, spectrum
@@ -361,7 +364,8 @@ class Probe:
         buffers and host staging slots; ``detail``: per ``(device, kind)`` (see
         ``capscale.probe.hoststates.held_bytes``). A background snapshot waiting for the worker
         adds one copy of the states (with background="host", in host memory); under tensor parallelism
-        the snapshots of the sharded sites are their whole states, assembled in rank 0's host memory."""
+        the snapshots of the sharded sites are their whole states, each assembled in the host memory
+        of the rank its site is dealt to (1/tp of them per rank of the writer's group)."""
         held = held_bytes([a for accs in self._pool.values() for a in accs], self._scratch.values(), self._stage)
         return held if detail else per_device(held)
 
@@ -615,7 +619,7 @@ class Probe:
         if got is None or not captured:
             self._warn_empty(window)
         if got is not None:
-            job = self._worker.submit(fn, *got, bucketed, self.spectrum)
+            job = self._worker.submit(fn, *got, bucketed, self.spectrum, *([self._link] if self._shards else []))
             self._worker.add(window.start, job, captured)
 
     def _sharded_snapshots(self, window: _Window, copy: str) -> tuple[int, list] | None:
