@@ -381,6 +381,8 @@ def megatron_whole_sides(rank, world):
     te.parallel_mode, te.tp_group = "duplicated", dist.group.WORLD
     te_column = nn.Linear(H, F // world)
     te_column.parallel_mode, te_column.tp_group = "column", dist.group.WORLD
+    solo = [dist.new_group([r]) for r in range(world)][rank]  # tensor parallelism of size 1
+    alone = MegatronColumn(nn.Linear(H, F), torch.arange(F), solo)
     cases = {
         "fc1 output": (mlp.linear_fc1, "output"),
         "fc1 input": (mlp.linear_fc1, "input"),
@@ -388,6 +390,7 @@ def megatron_whole_sides(rank, world):
         "fc2 output": (mlp.linear_fc2, "output"),
         "te duplicated": (te, "output"),
         "te column output": (te_column, "output"),
+        "group of one": (alone, "output"),
     }
     sites = [Site(0, "pre", name, m, capture) for name, (m, capture) in cases.items()]
     found = find_shards(sites)
@@ -896,7 +899,7 @@ def test_megatron_fused_gate_up_tp2_found_and_equal_to_unsharded(two):
 
 def test_megatron_and_transformer_engine_layers_say_which_side_is_a_shard(two):
     """Without ``tp_group``: a column layer's output and a row layer's input are shards; their other
-    sides and a duplicated layer are whole."""
+    sides, a duplicated layer and a layer whose group is one rank are whole."""
     assert _result(two, "megatron_whole_sides") == {
         "fc1 output": True,
         "fc1 input": False,
@@ -904,6 +907,7 @@ def test_megatron_and_transformer_engine_layers_say_which_side_is_a_shard(two):
         "fc2 output": False,
         "te duplicated": False,
         "te column output": True,
+        "group of one": False,
     }
 
 

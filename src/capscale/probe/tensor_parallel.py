@@ -125,16 +125,13 @@ def _dtensor_layout(weight, capture: str, fsdp: bool):
 def _local_layout(module: nn.Module, capture: str, group):
     """(group, local width, None) for a Megatron-style parallel linear on ``group``, else None.
 
-    Without ``group``, Megatron-core's layers name their own (``tp_group``); a group of one
-    rank shards nothing.
+    Without ``group``, Megatron-core's layers name their own (``tp_group``).
     """
     weight = getattr(module, "weight", None)
     if group is None:
         own = getattr(module, "tp_group", None)
         group = own if isinstance(own, torch.distributed.ProcessGroup) else None
     if group is None or not torch.is_tensor(weight) or weight.dim() != 2:
-        return None
-    if torch.distributed.get_world_size(group) == 1:
         return None
     mode = _parallel_mode(module)
     if mode == "whole" or (mode, capture) in (("column", "input"), ("row", "output")):
@@ -189,7 +186,7 @@ def find_shards(sites, tp_group=None, group=None, model: nn.Module | None = None
     for i, s in enumerate(sites):
         w = getattr(s.module, "weight", None)
         layout = _dtensor_layout(w, s.capture, id(w) in fsdp) or _local_layout(s.module, s.capture, tp_group)
-        if layout is None:
+        if layout is None or dist.get_world_size(layout[0]) == 1:  # a group of one rank shards nothing
             continue
         if s.experts or s.members:
             raise NotImplementedError(
