@@ -1046,6 +1046,16 @@ ELSEWHERE = [
         "`layers.{layer}.feed_forward.w2`",
         "✅ tested (`tests/test_probe_torchtitan.py`); blocks in an `nn.ModuleDict`, the key is the layer",
     ),
+    (
+        "torchtitan DeepSeek-V3 (`debugmodel`, first 2 layers; Qwen3 by its sites)",
+        "layer 0: `layers.0.feed_forward.w1`<br>layer 1: `layers.1.moe.routed_experts` (routed experts, "
+        "recomputed with GroupedExperts' own grouped GEMM, pooled)<br>shared-expert: layer 1: "
+        "`layers.1.moe.shared_experts.w1`",
+        "layer 0: `layers.0.feed_forward.w2`<br>layer 1: `layers.1.moe.routed_experts` (routed experts, "
+        "pooled)<br>shared-expert: layer 1: `layers.1.moe.shared_experts.w2`",
+        "✅ tested (`tests/test_probe_torchtitan.py`), per bucket; experts split over ranks (an `ep` / `etp` "
+        "mesh dimension) are listed as not measured, with the reason",
+    ),
 ]
 UNREACHABLE = [
     (

@@ -93,7 +93,8 @@ def test_torchtitan_llama3_measured_exactly(titan, one_thread):
 
 def test_torchtitan_qwen3_and_deepseek_v3_sites():
     """Qwen3: every layer's w1/w2. DeepSeek-V3: the dense layer, the shared experts, and the routed
-    grouped experts (``w1_EFD`` …, fed tokens sorted by expert) named as not reachable, with shapes."""
+    experts (``RoutedExperts``: ``w1_EFD`` … of ``GroupedExperts``, fed tokens sorted by expert),
+    recomputed per expert from the routing (their own stack, beside the shared expert's)."""
     qwen3 = pytest.importorskip("torchtitan.models.qwen3")
     deepseek = pytest.importorskip("torchtitan.models.deepseek_v3")
     torch.manual_seed(0)
@@ -108,8 +109,88 @@ def test_torchtitan_qwen3_and_deepseek_v3_sites():
     moe = [k for k in model.layers if k not in dense]
     assert dense and moe
     got = {(s.stack, s.layer, s.site, s.name) for s in found.sites}
-    assert {(st, la, n) for st, la, si, n in got if si == "pre"} == {
-        ("", int(k), f"layers.{k}.feed_forward.w1") for k in dense
-    } | {("shared-expert", int(k), f"layers.{k}.moe.shared_experts.w1") for k in moe}
-    assert {sk.layer for sk in found.skipped} == {int(k) for k in moe}
-    assert all("w1_EFD [" in sk.reason and "not reachable" in sk.reason for sk in found.skipped)
+    assert {(st, la, n) for st, la, si, n in got if si == "pre"} == (
+        {("", int(k), f"layers.{k}.feed_forward.w1") for k in dense}
+        | {("shared-expert", int(k), f"layers.{k}.moe.shared_experts.w1") for k in moe}
+        | {("", int(k), f"layers.{k}.moe.routed_experts") for k in moe}
+    )
+    assert not found.skipped
+
+
+def _two_layer_deepseek():
+    import dataclasses
+
+    deepseek = pytest.importorskip("torchtitan.models.deepseek_v3")
+    config = deepseek.model_registry("debugmodel", attn_backend="flex").model
+    torch.manual_seed(0)
+    model = dataclasses.replace(config, layers=config.layers[:2]).build()  # a dense layer, an MoE layer
+    model.init_states()
+    return model.eval()
+
+
+def test_torchtitan_routed_experts_measured_as_grouped_experts_computes_them(one_thread):
+    """DeepSeek-V3's routed experts, per token bucket: the rows are GroupedExperts' own (its
+    grouped GEMM in bfloat16, SiLU), one per (token, chosen expert), each under its token's
+    bucket (the dispatcher's sort, undone); checked against hooks on GroupedExperts itself."""
+    from capscale.spectrum import BUCKETS, FrequencyTable
+
+    model = _two_layer_deepseek()
+    moe = model.layers["1"].moe
+    inner, k = moe.routed_experts.inner_experts, moe.router.top_k
+    vocab = model.config.vocab_size
+    freq = FrequencyTable((vocab - np.arange(vocab)) ** 3)  # HEAD ids 0-194, MID 195-494, TAIL the rest
+    seen: dict = {}
+    hooks = [
+        moe.router.register_forward_hook(lambda m, a, o: seen.__setitem__("ids", o[1])),
+        inner.register_forward_hook(lambda m, a, o: seen.__setitem__("routed", a)),
+    ]
+    probe = attach(model, every=1, dtype=torch.float64, mode="any", freq_table=freq, sites=("pre", "post"))
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.cat(
+        [torch.randint(0, 495, (2, 12), generator=g), torch.randint(495, vocab, (2, 12), generator=g)], 1
+    )
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        model(tokens, positions, model.get_attention_masks(positions))
+    df = probe.compute()
+    probe.close()
+    for h in hooks:
+        h.remove()
+    x, per_expert = seen["routed"]
+    offs = torch.cumsum(per_expert, 0, dtype=torch.int32)
+    with torch.no_grad():
+        gate = inner._grouped_mm(A=x.bfloat16(), B_t=inner.w1_EFD.bfloat16().transpose(-2, -1), offs=offs)
+        up = inner._grouped_mm(A=x.bfloat16(), B_t=inner.w3_EFD.bfloat16().transpose(-2, -1), offs=offs)
+    token = torch.argsort(seen["ids"].reshape(-1), stable=True) // k  # the dispatcher's order
+    bucket = np.asarray(BUCKETS)[freq.bucket(tokens.reshape(-1)[token].numpy())]
+    assert set(bucket) == set(BUCKETS)
+    for site, rows in (("pre", gate), ("post", torch.nn.functional.silu(gate) * up)):
+        rows = rows.double().numpy()
+        for b in ("all", *BUCKETS):
+            sel = rows if b == "all" else rows[bucket == b]
+            got = df[(df.layer == 1) & (df["stack"] == "") & (df.site == site) & (df.bucket == b)]
+            assert len(got) == 1, (site, b)
+            got = got.iloc[0]
+            assert got.n_samples == len(sel) and (b != "all" or len(sel) == tokens.numel() * k)
+            lam, soft, hard = _ranks(sel)
+            np.testing.assert_allclose([got.soft_rank, got.hard_rank], [soft, hard], rtol=1e-9)
+
+
+def test_torchtitan_experts_split_over_ranks_are_named_not_measured():
+    """Under expert parallelism (``ep`` mesh dimension) discovery says why the routed experts are
+    not measured; FSDP's own shards (``efsdp``) are no reason."""
+    from capscale.probe.sites import titan_split
+
+    model = _two_layer_deepseek()
+    routed = model.layers["1"].moe.routed_experts
+    mesh = type("Mesh", (), {"mesh_dim_names": ("efsdp", "ep"), "ndim": 2})()
+    shard, rep = type("Shard", (), {})(), type("Replicate", (), {})()
+    weight = routed.inner_experts.w1_EFD
+    weight.device_mesh, weight.placements = mesh, (rep, shard)
+    assert titan_split(routed) == "ep"
+    found = discover(model)
+    assert [(sk.layer, sk.name) for sk in found.skipped] == [(1, "layers.1.moe.routed_experts")]
+    assert "mesh dimension ep" in found.skipped[0].reason
+    assert not any(s.name.startswith("layers.1.moe.routed_experts") for s in found.sites)
+    weight.placements = (shard, rep)  # FSDP over efsdp only: whole in the forward
+    assert titan_split(routed) is None

@@ -43,6 +43,7 @@ from capscale.probe.sites import (
     _experts_layout,
     _in_out,
     gate_channels,
+    titan_split,
 )
 
 # Names may carry wrapper prefixes (``module.`` for DDP, ``_orig_mod.`` for
@@ -488,12 +489,13 @@ def _trace_gate(ffn: nn.Module, ups: list[nn.Module]) -> int | None:
 def _block_sites(block: nn.Module, prefix: str, layer: int, stack: str) -> tuple[list[Site], list[Skipped]]:
     sites: list[Site] = []
     experts = [(n, m) for n, m in block.named_modules() if n and _experts_layout(m) is not None]
-    skip = [n for n, _ in experts]
+    split = [(n, m, titan_split(m)) for n, m in block.named_modules() if n and titan_split(m)]
+    skip = [n for n, _ in experts] + [n for n, _, _ in split]
     moe_3d = [
         (n, m)
         for n, m in block.named_modules()
         if n
-        and n not in skip
+        and not any(n == p or n.startswith(p + ".") for p in skip)
         and ("expert" in n.lower() or "expert" in type(m).__name__.lower())
         and any(p.dim() == 3 for p in m.parameters(recurse=False))
     ]
@@ -504,10 +506,23 @@ def _block_sites(block: nn.Module, prefix: str, layer: int, stack: str) -> tuple
             f"{prefix}.{n}",
             "fused 3-D expert weights of an unknown layout ("
             + ", ".join(f"{k} {list(p.shape)}" for k, p in m.named_parameters(recurse=False))
-            + "; known: gate_up_proj [E, 2I, H] or [E, H, 2I] with down_proj, DBRX's mlp.w1/v1/w2): not reachable",
+            + "; known: gate_up_proj [E, 2I, H] or [E, H, 2I] with down_proj, DBRX's mlp.w1/v1/w2, "
+            + "torchtitan's RoutedExperts): not reachable",
         )
         for n, m in moe_3d
     ]
+    skipped += [
+        Skipped(
+            stack,
+            layer,
+            f"{prefix}.{n}",
+            f"routed experts split over ranks (mesh dimension {dims}: expert or expert-tensor "
+            "parallelism): a rank holds some experts' weights and sees other ranks' tokens, so no "
+            "rank can recompute an expert's activations for its own tokens; measured without it",
+        )
+        for n, _, dims in split
+    ]
+    moe_3d += [(n, None) for n, _, _ in split]
     routed = _expert_modules(block, skip)
     for n, kids in routed:
         parent = n.rsplit(".", 1)[0] if "." in n else ""

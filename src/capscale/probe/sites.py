@@ -223,11 +223,12 @@ class Site:
 
     def _experts_hook(self, callback: Callback):
         m, want_pre = self.module, self.site == "pre"
-        n_experts = _n_experts(m)
+        n_experts, titan = _n_experts(m), _titan_weights(m) is not None
 
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs.get("hidden_states")
-            idx = args[1] if len(args) > 1 else next((kwargs[k] for k in _ROUTE_KEYS if k in kwargs), None)
+            at = 2 if titan else 1  # torchtitan: (x, scores, expert ids, counts)
+            idx = args[at] if len(args) > at else next((kwargs[k] for k in _ROUTE_KEYS if k in kwargs), None)
             if not torch.is_tensor(x):
                 raise TypeError(f"{self.label}: expected (hidden_states, top_k_index) inputs")
             x2 = x.reshape(-1, x.shape[-1])
@@ -341,16 +342,55 @@ def _transposed(m: nn.Module) -> bool:
     return gu.shape[1] == down.shape[2] and gu.shape[2] == 2 * down.shape[1]
 
 
+def _titan_weights(m: nn.Module):
+    """torchtitan's routed experts (``RoutedExperts``): ``inner_experts.{w1_EFD, w3_EFD}`` ``[E, F, D]``
+    (gate, up) and ``w2_EDF`` ``[E, D, F]``, fed ``(x, scores, expert ids, counts)``; or None.
+
+    None too where the experts are split over ranks (expert or tensor parallelism: a DTensor
+    sharded on a mesh dimension that is not FSDP's): see :func:`titan_split`."""
+    inner = getattr(m, "inner_experts", None)
+    ws = [getattr(inner, k, None) for k in ("w1_EFD", "w3_EFD", "w2_EDF")]
+    if not (hasattr(m, "token_dispatcher") and all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in ws)):
+        return None
+    e, f, d = ws[0].shape
+    if tuple(ws[1].shape) != (e, f, d) or tuple(ws[2].shape) != (e, d, f) or titan_split(m):
+        return None
+    return ws
+
+
+def titan_split(m: nn.Module) -> str | None:
+    """How torchtitan's routed experts ``m`` are split over ranks (their mesh dimensions), else None.
+
+    Expert parallelism leaves each rank some experts' weights and other ranks' tokens; expert
+    tensor parallelism, part of every expert: neither rank can recompute an expert's
+    activations for its tokens. FSDP's own shards (dimensions named ``*fsdp*`` / ``dp*``) are
+    whole again in the forward."""
+    w = getattr(getattr(m, "inner_experts", None), "w1_EFD", None)
+    mesh = getattr(w, "device_mesh", None)
+    if mesh is None:
+        return None
+    names = mesh.mesh_dim_names or tuple(f"dim{k}" for k in range(mesh.ndim))
+    split = [
+        n
+        for n, p in zip(names, w.placements)
+        if type(p).__name__ in ("Shard", "_StridedShard") and "fsdp" not in n and not n.startswith("dp")
+    ]
+    return ", ".join(split) or None
+
+
 def _experts_layout(m: nn.Module) -> tuple[int, int] | None:
     """(hidden, intermediate) of a fused experts module of a known layout, else None.
 
     transformers' standard ``gate_up_proj`` ``[E, 2I, H]`` / ``down_proj`` ``[E, H, I]``,
     or transposed ``[E, H, 2I]`` / ``[E, I, H]`` (flagged ``is_transposed``, or Llama4's,
-    told by the shapes); DBRX's ``mlp.{w1, v1, w2}``.
+    told by the shapes); DBRX's ``mlp.{w1, v1, w2}``; torchtitan's ``RoutedExperts``.
     """
     dbrx = _dbrx_weights(m)
     if dbrx is not None:
         return int(dbrx[0].shape[1]), int(dbrx[0].shape[0] // m.num_experts)
+    titan = _titan_weights(m)
+    if titan is not None:
+        return int(titan[0].shape[2]), int(titan[0].shape[1])
     gu, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
     if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3):
         return None
@@ -366,7 +406,10 @@ def _experts_layout(m: nn.Module) -> tuple[int, int] | None:
 
 
 def _n_experts(m: nn.Module) -> int:
-    return int(m.num_experts) if _dbrx_weights(m) is not None else int(m.gate_up_proj.shape[0])
+    if _dbrx_weights(m) is not None:
+        return int(m.num_experts)
+    titan = _titan_weights(m)
+    return int(titan[0].shape[0]) if titan is not None else int(m.gate_up_proj.shape[0])
 
 
 def _expert_sites(m: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,8 +420,19 @@ def _expert_sites(m: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, 
         gate = x @ dbrx[0].view(-1, i, x.shape[-1])[e].T
         up = x @ dbrx[1].view(-1, i, x.shape[-1])[e].T
         return gate, m.mlp.activation_fn(gate) * up
+    titan = _titan_weights(m)
+    if titan is not None:  # as GroupedExperts computes: its own grouped GEMM, in bfloat16, SiLU
+        inner, offs = m.inner_experts, torch.tensor([x.shape[0]], dtype=torch.int32, device=x.device)
+        w1, w3 = (_local(w)[e : e + 1].bfloat16().transpose(-2, -1) for w in titan[:2])
+        gate = inner._grouped_mm(A=x.bfloat16(), B_t=w1, offs=offs)
+        return gate, nn.functional.silu(gate) * inner._grouped_mm(A=x.bfloat16(), B_t=w3, offs=offs)
     gu = _expert_gate_up(m, e, x)
     return _gate_half(m, gu), _apply_gate(m, gu)
+
+
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """A DTensor parameter's local tensor (FSDP's, whole in the forward), else ``w``."""
+    return w.to_local() if hasattr(w, "to_local") else w
 
 
 def _expert_gate_up(m: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
