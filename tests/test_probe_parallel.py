@@ -584,6 +584,43 @@ def expert_parallel(rank, world):
     return df, mon, summarise(rows, {})
 
 
+def pipeline_x_tensor(rank, world, spectrum="exact", background=False):
+    """Two pipeline stages of a 4-layer model, each tensor parallel over 2 ranks (Megatron-style):
+    stage 1's tensor-parallel group holds none of the writer's layers."""
+    stage_of, tp_rank = rank // 2, rank % 2
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    tp = groups[stage_of]
+    full = Net(layers=4)
+    model = _megatron(copy.deepcopy(full), tp_rank, 2, tp)
+    for k in list(model.layers):
+        if (int(k) < 2) != (stage_of == 0):
+            del model.layers[k]
+    if stage_of == 1:
+        model.embed = None
+
+    def forward(probe, m, ids):
+        if stage_of == 0:
+            dist.send(m(ids).contiguous(), dst=rank + 2)
+        else:
+            h = torch.empty(*ids.shape, H, dtype=torch.float64)
+            dist.recv(h, src=rank - 2)
+            with probe.batch(token_ids=ids):
+                m(h)
+
+    monitor = {} if background else {"monitor_every": 1, "monitor_sites": ("pre", "post")}
+    probe = attach(model, PATTERNS, tp_group=tp, spectrum=spectrum, background=background, **monitor)
+    df, mon = run(probe, model, batches(0), forward)
+    return (df, mon, reference(full, [batches(0)], PATTERNS)) if rank == 0 else None
+
+
+def pipeline_x_tensor_background(rank, world):
+    return pipeline_x_tensor(rank, world, background=True)
+
+
+def pipeline_x_tensor_lanczos(rank, world):
+    return pipeline_x_tensor(rank, world, spectrum="lanczos")
+
+
 def _counting_assemble(rank):
     """Wrap ``sharded.assemble``: on the rank that receives a whole state, how many earlier whole
     states it holds alive at each call."""
@@ -776,6 +813,9 @@ FOUR = [
     data_x_tensor_background,
     megatron_fused,
     dtensor_fused_split_pairs,
+    pipeline_x_tensor,
+    pipeline_x_tensor_background,
+    pipeline_x_tensor_lanczos,
 ]
 
 
@@ -946,6 +986,31 @@ def test_two_by_two_data_by_tensor_mesh_background_equals_unsharded(four):
 def test_fsdp2_over_data_with_tensor_parallel_inside_equals_unsharded(four):
     df, _, ref = _result(four, "fsdp_x_tensor")
     check_rows(df, ref, [0, 1])
+
+
+def test_pipeline_by_tensor_parallel_writes_every_stage_once(four):
+    """2 stages × 2 tensor-parallel ranks: stage 1's sharded layers reach the writer (rank 0), once."""
+    df, mon, ref = _result(four, "pipeline_x_tensor")
+    check_rows(df, ref, [0, 1, 2, 3])
+    assert len(mon) == STEPS * 4 * 2  # every stage's monitor records, on the writer
+    for r in mon.itertuples():
+        np.testing.assert_allclose(r.hard_rank, ref[("monitor", r.step, r.layer, r.site)], rtol=1e-10)
+
+
+def test_pipeline_by_tensor_parallel_background_writes_every_stage_once(four):
+    df, _, ref = _result(four, "pipeline_x_tensor_background")
+    check_rows(df, ref, [0, 1, 2, 3])
+
+
+def test_pipeline_by_tensor_parallel_lanczos_writes_every_stage_once(four):
+    df, _, ref = _result(four, "pipeline_x_tensor_lanczos")
+    assert not df.duplicated(["step", "layer", "site", "bucket"]).any()
+    assert sorted(set(df.layer)) == [0, 1, 2, 3]
+    for r in df.itertuples():
+        n, lam = ref[(r.layer, r.site, r.bucket)]
+        p = np.clip(lam, 0, None) / np.clip(lam, 0, None).sum()
+        assert r.n_samples == n
+        np.testing.assert_allclose(r.hard_rank, 1 / (p**2).sum(), rtol=1e-9)  # exact in Lanczos too
 
 
 def test_pipeline_stages_write_every_layer_once_with_global_indices(two):

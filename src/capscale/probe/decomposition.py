@@ -90,35 +90,39 @@ def prepare_sharded(
     dealt = 0
     out: list = []
     for site, parts in entries:
+        if isinstance(parts, distributed.Foreign):  # another group's: the writer receives its rows
+            out.append(("sharded", *distributed.receive_rows(parts.lead)) if me == writer else None)
+            continue
         if not (parts and isinstance(parts[0], sharded.BlockState)):
             out.append(("plain", site, None if any(p is None for p in parts) else parts))
             continue
         shard = shards[(site.stack, site.layer, site.site)]
-        if writer not in torch.distributed.get_process_group_ranks(shard.group):
-            out.append(None)  # another tensor-parallel group's replica of the same blocks writes it
-            continue
+        ranks = torch.distributed.get_process_group_ranks(shard.group)
+        # The rank that assembles the site: the writer, or (another pipeline stage's group) its
+        # group's first rank, which then sends the rows to the writer.
+        lead = writer if writer in ranks else ranks[0]
         not_run = not any(p.count for p in parts)
-        method = sharded.resolve_on(spectrum, shard, writer)
+        method = sharded.resolve_on(spectrum, shard, lead)
         if method != "exact":  # from the blocks, nothing assembled (collectives: here, not on a worker)
             rows = sharded.estimated_rows(site, start, parts, shard, method, bucketed)
-            out.append(("sharded", rows, not_run) if me == writer else None)
-            continue
-        if defer:  # the stored states only, one at a time, on the site's rank: its worker merges "all"
-            owner, dealt = _owner(torch.distributed.get_process_group_ranks(shard.group), dealt), dealt + 1
+        elif defer and lead == writer:  # the stored states, one at a time, on the site's rank: its worker merges "all"
+            owner, dealt = _owner(ranks, dealt), dealt + 1
             wholes = [sharded.assemble([p], list(shard.widths), shard.group, owner) for p in parts]
             if me == owner:
                 out.append(("wholes", site, [w[0] for w in wholes]))
             else:
                 out.append(("remote", owner) if me == writer else None)
             continue
-        # One whole state at a time: "all" (the buckets merged block by block), then each bucket.
-        rows: list = []
-        for bucket, block in sharded.named_blocks(parts, bucketed).items():
-            whole = sharded.assemble([block], list(shard.widths), shard.group, writer)
-            if whole is not None:
-                rows += spectrum_rows([(whole[0], sharded.row_labels(site, start, bucket))])
-            del whole  # before the next state's blocks arrive
-        out.append(("sharded", rows, not_run) if rows else None)
+        else:  # one whole state at a time: "all" (the buckets merged block by block), then each bucket
+            rows = []
+            for bucket, block in sharded.named_blocks(parts, bucketed).items():
+                whole = sharded.assemble([block], list(shard.widths), shard.group, lead)
+                if whole is not None:
+                    rows += spectrum_rows([(whole[0], sharded.row_labels(site, start, bucket))])
+                del whole  # before the next state's blocks arrive
+        if lead != writer and me == lead:
+            distributed.send_rows((rows, not_run), writer)
+        out.append(("sharded", rows, not_run) if me == writer else None)
     return out
 
 

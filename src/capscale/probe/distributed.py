@@ -111,6 +111,29 @@ class _Elsewhere:
 ELSEWHERE = _Elsewhere()
 
 
+class Foreign:
+    """A sharded site whose blocks another tensor-parallel group computes (its owner): pipeline
+    stages hold other layers, data-parallel replicas the same blocks. ``lead``: the owner group's
+    first global rank, which sends the writer that site's rows (:func:`send_rows`)."""
+
+    def __init__(self, lead: int):
+        self.lead = lead
+
+    def __repr__(self) -> str:
+        return f"Foreign(lead={self.lead})"
+
+
+def send_rows(payload, writer: int) -> None:
+    """Rows (or monitor records) of the sites an owner group computed, from its lead to the writer."""
+    torch.distributed.send_object_list([payload], dst=writer)
+
+
+def receive_rows(lead: int):
+    box: list = [None]
+    torch.distributed.recv_object_list(box, src=lead)
+    return box[0]
+
+
 def _writer(group) -> int:
     """The global rank that writes the run's rows: rank 0 of ``group``."""
     return 0 if group is None else torch.distributed.get_global_rank(group, 0)
@@ -133,17 +156,31 @@ def reduce_sites(entries: list[tuple], per_site: int, forwards: int, group=None,
 
     dist = torch.distributed
     mine = {(s.stack, s.layer, s.site): (s, parts, dim, shard) for s, parts, dim, shard in entries}
-    heads = [(k, s.name, s.capture, dim) for k, (s, _, dim, _) in mine.items()]
+    heads = [
+        (k, s.name, s.capture, dim, None if sh is None else min(dist.get_process_group_ranks(sh.group)))
+        for k, (s, _, dim, sh) in mine.items()
+    ]
     every: list = [None] * world_size(group)
     dist.all_gather_object(every, heads, group=group)
+    writer = _writer(group)
     union: dict = {}
-    for rank_heads in every:
-        for k, name, capture, dim in rank_heads:
+    holders: dict = {}  # a sharded key: the leads (first global ranks) of the groups that hold it
+    writers: dict = {}  # ... and the writer's own group's lead, where the writer holds it
+    for rank, rank_heads in zip(process_ranks(group), every):
+        for k, name, capture, dim, lead in rank_heads:
             if k not in union:
                 union[k] = [name, capture, dim]
             elif dim is not None:
                 union[k][2] = max(dim, union[k][2] or 0)
-    plain = [k for k in union if k not in mine or mine[k][3] is None]
+            if lead is not None:
+                holders.setdefault(k, set()).add(lead)
+                if rank == writer:
+                    writers[k] = lead
+    # Each sharded key is computed by one group, its owner: the writer's, else the lowest holding it.
+    owner = {k: writers.get(k, min(leads)) for k, leads in holders.items()}
+    # A key sharded on any rank is sharded everywhere (a pipeline stage sees the others' keys as
+    # headers only): the plain reduction runs over the same keys on every rank.
+    plain = [k for k in union if k not in owner]
     # Under tensor parallelism a site left whole (not sharded) sees the same rows on every rank
     # of the tensor-parallel group: the group's first rank alone contributes them.
     tp = next((e[3].group for e in entries if e[3] is not None), None)
@@ -155,7 +192,7 @@ def reduce_sites(entries: list[tuple], per_site: int, forwards: int, group=None,
         dims += [union[k][2]] * per_site
     flat, (total,) = reduce_moments(flat, dims, [float(forwards)], group)
     merged = {k: flat[j * per_site : (j + 1) * per_site] for j, k in enumerate(plain)}
-    cut = [k for k in union if k in mine and mine[k][3] is not None]
+    cut = [k for k in union if k in owner and k in mine and mine[k][3] is not None]
     states = []
     for k in cut:
         s, parts, dim, shard = mine[k]
@@ -174,15 +211,24 @@ def reduce_sites(entries: list[tuple], per_site: int, forwards: int, group=None,
         states = sharded.reduce_blocks(states, mine[cut[0]][3].replicas)
     for j, k in enumerate(cut):
         parts, shard = states[j * per_site : (j + 1) * per_site], mine[k][3]
-        if assemble:
-            writer = _writer(group)
+        if min(dist.get_process_group_ranks(shard.group)) != owner[k]:
+            parts = Foreign(owner[k])  # a replica's group, or another stage's: the owner computes it
+        elif assemble:
             whole = None
             if writer in dist.get_process_group_ranks(shard.group):
                 whole = sharded.assemble(parts, list(shard.widths), shard.group, writer)
             parts = ELSEWHERE if whole is None else whole
         merged[k] = parts
+    for k in owner:
+        merged.setdefault(k, Foreign(owner[k]))  # held by no shard of this rank (another stage's)
     out = []
     for k, (name, capture, _) in union.items():
         site = mine[k][0] if k in mine else Site(k[1], k[2], name, None, capture, k[0])
         out.append((site, merged[k]))
     return out, round(total)
+
+
+def process_ranks(group) -> list[int]:
+    """The global ranks of ``group`` (the world for None), in group-rank order."""
+    dist = torch.distributed
+    return dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))

@@ -564,8 +564,8 @@ class Probe:
                 return None
             out = []
             for site, parts in entries:
-                if parts is distributed.ELSEWHERE:  # a sharded site: decomposed on the writing rank
-                    continue
+                if parts is distributed.ELSEWHERE or isinstance(parts, distributed.Foreign):
+                    continue  # a sharded site: decomposed on the writing rank, or by its owner group
                 if any(p is None for p in parts):  # never saw data anywhere: width unknown, a row all the same
                     out.append((site, None))
                     continue
@@ -677,19 +677,37 @@ class Probe:
                 self._warn_empty(window)
                 return
             # Sharded sites: hard rank from per-block scalars summed over the tensor-parallel group.
-            blocks = [p[0] for _, p in entries if isinstance(p[0], sharded.BlockState)]
+            mine = [(site, p) for site, p in entries if not isinstance(p, distributed.Foreign)]
+            blocks = [p[0] for _, p in mine if isinstance(p[0], sharded.BlockState)]
             tp = next(iter(self._shards.values())).group if blocks else None
             hard = iter(sharded.hard_ranks(blocks, tp))
-            recs = []
-            for site, (m,) in entries:
+            recs, owned = [], []
+            for site, (m,) in mine:
                 if m is not None:
                     own = next(hard) if isinstance(m, sharded.BlockState) else None
                     recs.append(self._monitor_record(m, site, window.start, own))
+                    if own is not None:
+                        owned.append(recs[-1])
+            recs += self._foreign_records(entries, owned)
         finally:
             self._release(window)
         if self.keep:
             self.monitor_records.extend(recs)
         self._emit(window.start, None, monitor_summary(recs))
+
+    def _foreign_records(self, entries: list, owned: list[dict]) -> list[dict]:
+        """Monitor records of sharded sites another pipeline stage's tensor-parallel group computes:
+        its first rank sends them to the writer in one message, which receives one per such group."""
+        writer, me = distributed._writer(self.group), torch.distributed.get_rank()
+        tp = next(iter(self._shards.values())).group if self._shards else None
+        ranks = torch.distributed.get_process_group_ranks(tp) if tp is not None else []
+        holds = any(isinstance(p, list) and isinstance(p[0], sharded.BlockState) for _, p in entries)
+        if holds and writer not in ranks and me == ranks[0]:  # the writer waits for it, records or none
+            distributed.send_rows(owned, writer)
+        if me != writer:
+            return []
+        leads = dict.fromkeys(p.lead for _, p in entries if isinstance(p, distributed.Foreign))
+        return [r for lead in leads for r in distributed.receive_rows(lead)]
 
     def _warn_empty(self, window: _Window) -> None:
         """Say once why a window captured nothing, and how to fix it: a probe never records nothing silently."""

@@ -206,7 +206,7 @@ def find_shards(sites, tp_group=None, group=None, model: nn.Module | None = None
     dist.all_gather(every, local, group=tp)
     every = torch.stack(every)  # [tp rank, site]
     me = dist.get_rank(tp)
-    replicas = _replica_group(tp, group)
+    replicas = _replica_group(tp, group, sorted((sites[i].stack, sites[i].layer, sites[i].site) for i in found))
     out = {}
     for j, (i, (_, width, full)) in enumerate(found.items()):
         widths = tuple(int(v) for v in every[:, j].tolist())
@@ -226,25 +226,27 @@ def find_shards(sites, tp_group=None, group=None, model: nn.Module | None = None
     return out
 
 
-def _replica_group(tp, group):
-    """The ranks of ``group`` with this rank's tensor-parallel rank (its data-parallel peers), or None.
+def _replica_group(tp, group, keys: list):
+    """The ranks of ``group`` with this rank's tensor-parallel rank and sharded sites ``keys``
+    (its data-parallel peers: the same columns of the same layers, other data), or None.
 
-    Every rank of the world creates every such group (``new_group`` is collective), in one order.
+    Pipeline stages hold other layers: a rank of another stage with the same tensor-parallel
+    rank is no replica. Every rank of the world creates every such group (``new_group`` is
+    collective), in one order.
     """
     dist = torch.distributed
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-    if len(ranks) == dist.get_world_size(tp):
+    mine = repr((dist.get_rank(tp), keys))
+    every: list = [None] * len(ranks)
+    dist.all_gather_object(every, mine, group=group)
+    by: dict[str, list[int]] = {}
+    for r, k in zip(ranks, every):
+        by.setdefault(k, []).append(r)
+    if all(len(v) == 1 for v in by.values()):
         return None
-    mine = torch.tensor([dist.get_rank(tp)], dtype=torch.int64)
-    every = [torch.empty_like(mine) for _ in ranks]
-    dist.all_gather(every, mine, group=group)
-    by: dict[int, list[int]] = {}
-    for r, t in zip(ranks, every):
-        by.setdefault(int(t), []).append(r)
     out = None
-    me = dist.get_rank()
     for k in sorted(by):
         g = dist.new_group(by[k])
-        if me in by[k]:
+        if mine == k:
             out = g
-    return out if len(by[dist.get_rank(tp)]) > 1 else None
+    return out if len(by[mine]) > 1 else None
