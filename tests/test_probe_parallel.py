@@ -586,10 +586,11 @@ def expert_parallel(rank, world):
 
 def pipeline_x_tensor(rank, world, spectrum="exact", background=False):
     """Two pipeline stages of a 4-layer model, each tensor parallel over 2 ranks (Megatron-style):
-    stage 1's tensor-parallel group holds none of the writer's layers."""
-    stage_of, tp_rank = rank // 2, rank % 2
-    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-    tp = groups[stage_of]
+    stage 1's tensor-parallel group holds none of the writer's layers. Over 8 ranks, 2 data-parallel
+    replicas of that (rank = 4 · replica + 2 · stage + tensor-parallel rank), on other data."""
+    replica, stage_of, tp_rank = rank // 4, rank % 4 // 2, rank % 2
+    groups = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]
+    tp = groups[rank // 2]
     full = Net(layers=4)
     model = _megatron(copy.deepcopy(full), tp_rank, 2, tp)
     for k in list(model.layers):
@@ -609,8 +610,9 @@ def pipeline_x_tensor(rank, world, spectrum="exact", background=False):
 
     monitor = {} if background else {"monitor_every": 1, "monitor_sites": ("pre", "post")}
     probe = attach(model, PATTERNS, tp_group=tp, spectrum=spectrum, background=background, **monitor)
-    df, mon = run(probe, model, batches(0), forward)
-    return (df, mon, reference(full, [batches(0)], PATTERNS)) if rank == 0 else None
+    df, mon = run(probe, model, batches(replica), forward)
+    data = [batches(r) for r in range(world // 4)]
+    return (df, mon, reference(full, data, PATTERNS)) if rank == 0 else None
 
 
 def pipeline_x_tensor_background(rank, world):
@@ -819,6 +821,10 @@ FOUR = [
 ]
 
 
+EIGHT = [pipeline_x_tensor]
+SCENARIOS = {2: TWO, 4: FOUR, 8: EIGHT}
+
+
 def _worker(rank, world, tmp, names):
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
@@ -826,7 +832,7 @@ def _worker(rank, world, tmp, names):
     try:
         torch.set_num_threads(1)
         pipeline.tmp = tmp  # where its run directory goes
-        for scenario in [f for f in (TWO if world == 2 else FOUR) if f.__name__ in names]:
+        for scenario in [f for f in SCENARIOS[world] if f.__name__ in names]:
             try:
                 t0 = time.perf_counter()
                 got = scenario(rank, world)
@@ -847,7 +853,7 @@ def _spawn(world, tmp_path_factory):
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
     tmp = tmp_path_factory.mktemp(f"world{world}")
-    names = [f.__name__ for f in (TWO if world == 2 else FOUR)]
+    names = [f.__name__ for f in SCENARIOS[world]]
     import torch.distributed.fsdp  # noqa: F401  (once here, not in each child: seconds)
     import torch.distributed.tensor.parallel  # noqa: F401
 
@@ -867,6 +873,11 @@ def two(tmp_path_factory):
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
     return _spawn(4, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory):
+    return _spawn(8, tmp_path_factory)
 
 
 def _result(tmp, name):
@@ -993,6 +1004,17 @@ def test_pipeline_by_tensor_parallel_writes_every_stage_once(four):
     df, mon, ref = _result(four, "pipeline_x_tensor")
     check_rows(df, ref, [0, 1, 2, 3])
     assert len(mon) == STEPS * 4 * 2  # every stage's monitor records, on the writer
+    for r in mon.itertuples():
+        np.testing.assert_allclose(r.hard_rank, ref[("monitor", r.step, r.layer, r.site)], rtol=1e-10)
+
+
+def test_data_by_pipeline_by_tensor_parallel_writes_every_stage_once(eight):
+    """2 replicas × 2 stages × 2 tensor-parallel ranks: each stage's blocks merged over its replicas
+    only (not with the other stage's), every layer once, equal to the unsharded model on both
+    replicas' data; the monitor too."""
+    df, mon, ref = _result(eight, "pipeline_x_tensor")
+    check_rows(df, ref, [0, 1, 2, 3])
+    assert len(mon) == STEPS * 4 * 2
     for r in mon.itertuples():
         np.testing.assert_allclose(r.hard_rank, ref[("monitor", r.step, r.layer, r.site)], rtol=1e-10)
 
