@@ -698,6 +698,8 @@ class Probe:
     def _foreign_records(self, entries: list, owned: list[dict]) -> list[dict]:
         """Monitor records of sharded sites another pipeline stage's tensor-parallel group computes:
         its first rank sends them to the writer in one message, which receives one per such group."""
+        if distributed.world_size(self.group) == 1:
+            return []
         writer, me = distributed._writer(self.group), torch.distributed.get_rank()
         tp = next(iter(self._shards.values())).group if self._shards else None
         ranks = torch.distributed.get_process_group_ranks(tp) if tp is not None else []
