@@ -294,3 +294,43 @@ def summary_rows(
             }
         )
     return rows
+
+
+def depth_sweep(
+    root: Path,
+    betas: dict,
+    widths=(64, 128, 256, 512),
+    seeds=(0, 1, 2),
+    steps: dict | None = None,
+    noise: float = 0.01,
+    rng_seed: int = 0,
+) -> Path:
+    """A sweep shaped like the ``cpu-depth`` study: ``betas[(optimizer, n_layer)]`` is the planted
+    β_hard of each layer (β_soft = β_hard + 0.05), at every site and bucket; runs named as the
+    preset names them (``adamw_w64_L6_t80_s0``); every record well sampled (N/D ≥ 16)."""
+    rng = np.random.default_rng(rng_seed)
+    steps = steps or {2: 40, 6: 80}
+    for (opt, n_layer), layer_betas in betas.items():
+        st = steps[n_layer]
+        s = Series(opt, 0.5, 0.3, _b(0.5, 0.5, 0.5, 0.5), _b(0.5, 0.5, 0.5, 0.5), 3.0, steps=st)
+        for width in widths:
+            for seed in seeds:
+                rows = []
+                for step in (st * (i + 1) // 4 for i in range(4)):
+                    for layer in range(n_layer):
+                        for site in ("pre", "post"):
+                            for bucket in ALL_BUCKETS:
+                                b = layer_betas[layer]
+                                hard = 0.3 * widths[0] * (width / widths[0]) ** b * math.exp(rng.normal(0, noise))
+                                soft = (
+                                    0.5 * widths[0] * (width / widths[0]) ** (b + 0.05) * math.exp(rng.normal(0, noise))
+                                )
+                                rows.append(spectra_row(step, layer, site, bucket, soft, hard, width, 16 * max(widths)))
+                final = 3.0 - LOSS_SLOPE * math.log2(width / widths[0]) - (0.05 if opt == "muon" else 0.0)
+                metrics = [
+                    {"step": k, "loss": final + math.exp(-5 * k / st), "val_loss": final + math.exp(-5 * k / st)}
+                    for k in range(0, st + 1, st // 4)
+                ]
+                name = f"{opt}_w{width}_L{n_layer}_t{st}_s{seed}"
+                write_run(root / "runs" / name, config(name, s, width, seed, n_layer=n_layer), rows, metrics)
+    return root

@@ -339,3 +339,47 @@ def test_committed_learning_rate_runs_give_the_rates_in_the_preset():
     chosen = {opt: mod.choose({r: row["L"] for r, row in rows.items()}, DEFAULT_LR[opt]) for opt, rows in table.items()}
     used = {c.optimizer.name: c.optimizer.params["lr"] for c in load_spec("cpu-depth").runs().values()}
     assert chosen == used == {"adamw": 3e-3, "muon": 0.01}
+
+
+def test_depth_tables_give_the_planted_per_layer_gaps_and_matched_layer_interactions(tmp_path, capsys):
+    """The secondary measures' tables, from the report of a planted sweep shaped like the study:
+    Muon's β_hard grows 0.1 per layer faster at depth 6 than AdamW's, 0.05 at depth 2; the
+    tables show each layer's Δβ and the first- and last-layer interactions (0.05 and 0.30)."""
+    import json
+    import re
+
+    from synthetic_runs import depth_sweep
+
+    from capscale.analysis import analyze
+    from capscale.report.data import report_data
+
+    betas = {
+        ("adamw", 6): [0.5, 0.55, 0.6, 0.65, 0.7, 0.75],
+        ("muon", 6): [0.6, 0.7, 0.8, 0.9, 1.0, 1.1],
+        ("adamw", 2): [0.5, 0.6],
+        ("muon", 2): [0.55, 0.65],
+    }
+    root = depth_sweep(tmp_path / "sweep", betas)
+    (root / "report").mkdir()
+    (root / "report" / "report.json").write_text(json.dumps(report_data(analyze(root, n_resamples=100))))
+    _script("cpu_depth_tables").main([str(root)])
+    out = capsys.readouterr().out
+    num = r"(-?\d+\.\d+)"
+    per_layer = {
+        (int(d), int(layer)): tuple(map(float, (dh, lo, hi)))
+        for d, layer, dh, lo, hi in re.findall(rf"\| (\d) \| (\d) \| [^|]+ \| [^|]+ \| {num} \[{num}, {num}\] \|", out)
+    }
+    assert set(per_layer) == {(2, 0), (2, 1)} | {(6, k) for k in range(6)}
+    for (d, layer), (dh, lo, hi) in per_layer.items():
+        want = betas["muon", d][layer] - betas["adamw", d][layer]
+        assert lo - 0.005 <= want <= hi + 0.005 and abs(dh - want) < 0.03, (d, layer, dh, lo, hi)  # 2 decimals
+    inter = dict(
+        (which, tuple(map(float, rest)))
+        for which, *rest in re.findall(
+            rf"\| (first|last) layer \| β_hard \| [^|]+ \| [^|]+ \| {num} \[{num}, {num}\] \|", out
+        )
+    )
+    for which, want in (("first", 0.05), ("last", 0.30)):
+        v, lo, hi = inter[which]
+        assert lo - 0.005 <= want <= hi + 0.005 and abs(v - want) < 0.03, (which, inter[which])
+    assert "median over layers (the product's)" in out and "### Lack of fit" in out
