@@ -616,7 +616,26 @@ def pipeline_x_tensor(rank, world, spectrum="exact", background=False):
 
 
 def pipeline_x_tensor_background(rank, world):
-    return pipeline_x_tensor(rank, world, background=True)
+    """Every rank's share of its own group's sites is decomposed on its own worker thread (the
+    names of the threads that ran ``decompose`` on each rank come back with the rows)."""
+    import threading
+
+    from capscale.probe import decomposition
+
+    real, threads = decomposition.decompose, []
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    decomposition.decompose = spy
+    try:
+        got = pipeline_x_tensor(rank, world, background=True)
+    finally:
+        decomposition.decompose = real
+    every = [None] * world
+    dist.all_gather_object(every, threads)
+    return (*got, every) if rank == 0 else None
 
 
 def pipeline_x_tensor_lanczos(rank, world):
@@ -1020,8 +1039,12 @@ def test_data_by_pipeline_by_tensor_parallel_writes_every_stage_once(eight):
 
 
 def test_pipeline_by_tensor_parallel_background_writes_every_stage_once(four):
-    df, _, ref = _result(four, "pipeline_x_tensor_background")
+    """Background: each stage's group deals its 4 sites over its 2 ranks, and every rank's worker
+    (never its training thread) decomposes its 2 sites' states; rank 0 writes every row."""
+    df, _, ref, threads = _result(four, "pipeline_x_tensor_background")
     check_rows(df, ref, [0, 1, 2, 3])
+    for rank, names in enumerate(threads):
+        assert len(names) == 2 and all(n.startswith("capscale-spectra") for n in names), (rank, names)
 
 
 def test_pipeline_by_tensor_parallel_lanczos_writes_every_stage_once(four):

@@ -77,12 +77,14 @@ def prepare_sharded(
     ``("sharded", rows, not_run)``; None where another rank writes it. Without ``defer`` each
     whole state ("all" merged block by block first) is decomposed and let go at once.
 
-    With ``defer`` (the background worker) and an exact spectrum, the writer's tensor-parallel
-    group deals its sharded sites out over its ranks, the k-th to its group's rank k mod size:
-    that rank gets ``("wholes", site, states)``, the site's stored states (buckets) assembled
-    whole, one at a time, in host memory that nothing else shares (its worker's snapshots: no
-    copy), and the writer ``("remote", rank)``, whose rows :func:`finish_sharded` receives. Each
-    rank then holds 1/size of a window's whole states and decomposes them on its own worker.
+    With ``defer`` (the background worker) and an exact spectrum, each tensor-parallel group
+    deals the sharded sites it computes out over its ranks, the k-th to its group's rank k mod
+    size: that rank gets ``("wholes", site, states)``, the site's stored states (buckets)
+    assembled whole, one at a time, in host memory that nothing else shares (its worker's
+    snapshots: no copy), and the writer ``("remote", rank)``, whose rows :func:`finish_sharded`
+    receives from that rank's worker. Each rank then holds 1/size of its group's whole states
+    and decomposes them on its own worker; another pipeline stage's group tells the writer
+    which rank that is (its first rank, on the training thread).
     """
     shards = {(sites[i].stack, sites[i].layer, sites[i].site): sh for i, sh in shards.items()}
     writer = distributed._writer(group)
@@ -90,28 +92,34 @@ def prepare_sharded(
     dealt = 0
     out: list = []
     for site, parts in entries:
-        if isinstance(parts, distributed.Foreign):  # another group's: the writer receives its rows
-            out.append(("sharded", *distributed.receive_rows(parts.lead)) if me == writer else None)
+        if isinstance(parts, distributed.Foreign):  # another group's: the writer hears from its lead
+            if me == writer:
+                msg = distributed.receive_rows(parts.lead)  # its rows, or which rank's worker sends them
+                out.append(("remote", msg[1]) if msg[0] == "deferred" else ("sharded", msg[1], msg[2]))
+            else:
+                out.append(None)
             continue
         if not (parts and isinstance(parts[0], sharded.BlockState)):
             out.append(("plain", site, None if any(p is None for p in parts) else parts))
             continue
         shard = shards[(site.stack, site.layer, site.site)]
         ranks = torch.distributed.get_process_group_ranks(shard.group)
-        # The rank that assembles the site: the writer, or (another pipeline stage's group) its
-        # group's first rank, which then sends the rows to the writer.
+        # The rank that decides for the site: the writer, or (another pipeline stage's group) its
+        # group's first rank, which then tells the writer (its rows, or which worker sends them).
         lead = writer if writer in ranks else ranks[0]
         not_run = not any(p.count for p in parts)
         method = sharded.resolve_on(spectrum, shard, lead)
         if method != "exact":  # from the blocks, nothing assembled (collectives: here, not on a worker)
             rows = sharded.estimated_rows(site, start, parts, shard, method, bucketed)
-        elif defer and lead == writer:  # the stored states, one at a time, on the site's rank: its worker merges "all"
+        elif defer:  # the stored states, one at a time, on the site's rank: its worker merges "all"
             owner, dealt = _owner(ranks, dealt), dealt + 1
             wholes = [sharded.assemble([p], list(shard.widths), shard.group, owner) for p in parts]
             if me == owner:
                 out.append(("wholes", site, [w[0] for w in wholes]))
             else:
                 out.append(("remote", owner) if me == writer else None)
+            if lead != writer and me == lead:
+                distributed.send_rows(("deferred", owner), writer)
             continue
         else:  # one whole state at a time: "all" (the buckets merged block by block), then each bucket
             rows = []
@@ -121,7 +129,7 @@ def prepare_sharded(
                     rows += spectrum_rows([(whole[0], sharded.row_labels(site, start, bucket))])
                 del whole  # before the next state's blocks arrive
         if lead != writer and me == lead:
-            distributed.send_rows((rows, not_run), writer)
+            distributed.send_rows(("rows", rows, not_run), writer)
         out.append(("sharded", rows, not_run) if me == writer else None)
     return out
 
@@ -135,10 +143,10 @@ def finish_sharded(start: int, prepared: list, bucketed: bool, spectrum: str, li
     """The window's rows from :func:`prepare_sharded`'s entries, in their order (runs on any thread).
     A deferred whole state is decomposed and dropped one at a time.
 
-    ``link``: ``(group, writer)``, a gloo group of the writer's tensor-parallel ranks that only the
-    background workers use, in window order, for the dealt-out sites: a rank sends the rows of
-    its share to the writer (or its error, so that the writer never waits for nothing), and the
-    writer receives them after decomposing its own. No collective of training's groups is used.
+    ``link``: ``(group, writer)``, a gloo group of the run's ranks that only the background workers
+    use, in window order, for the dealt-out sites: a rank sends the rows of its share to the
+    writer (or its error, so that the writer never waits for nothing), and the writer receives
+    them after decomposing its own. No collective of training's groups is used.
     """
     writes = link is None or torch.distributed.get_rank() == link[1]
     if not writes:
@@ -213,14 +221,9 @@ def _receive_shares(owners: list[int], link) -> dict[int, list[list[dict]]]:
     return got
 
 
-def worker_link(shards: dict, group):
-    """``(gloo group, writer)`` over the writer's tensor-parallel ranks, for :func:`finish_sharded`;
-    None on ranks outside it. Collective over the world (``new_group``), once, at attach."""
-    dist = torch.distributed
-    writer = distributed._writer(group)
-    tp = next(iter(shards.values())).group
-    every: list = [None] * dist.get_world_size()
-    dist.all_gather_object(every, dist.get_process_group_ranks(tp))
-    ranks = every[writer]
-    link = dist.new_group(ranks, backend="gloo")  # every rank calls new_group, members or not
-    return (link, writer) if dist.get_rank() in ranks else None
+def worker_link(group):
+    """``(gloo group, writer)`` over the run's ranks, for :func:`finish_sharded`: the background
+    workers' own group (gloo: host memory, no accelerator stream shared with training).
+    Collective over the world (``new_group``), once, at attach."""
+    ranks = distributed.process_ranks(group)
+    return torch.distributed.new_group(ranks, backend="gloo"), distributed._writer(group)

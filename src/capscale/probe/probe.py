@@ -146,9 +146,9 @@ class Probe:
         # worker thread; their rows reach the records and sinks, in order, at a later call.
         self.background = background
         self._worker = Background() if background else None
-        # Background + tensor parallel: the workers of the writer's tensor-parallel group share a
-        # window's whole states and send their rows to the writer over a gloo group of their own.
-        self._link = decomposition.worker_link(self._shards, group) if background and self._shards else None
+        # Background + tensor parallel: the ranks of each tensor-parallel group share its whole states;
+        # their workers send the rows to the writer's over a gloo group of their own.
+        self._link = decomposition.worker_link(group) if background and self._shards else None
         # Where the float64 states live ("device" or "host", see capscale.probe.hoststates):
         # "auto" is decided at the first measured forward, from the free device memory.
         self.states, self.spectrum = states, spectrum
