@@ -177,3 +177,25 @@ def test_chinchilla_fit_recovers_a_planted_loss_law_where_the_data_identify_it()
     one = loss_law(t[t.params == t.params.min()]).iloc[0]
     assert not one.identified and "does not vary" in one.why
     assert np.isnan(one.alpha_n) and one.gamma_d < 0
+
+
+def test_a_factor_varied_together_with_another_is_named_aliased_not_fatal(tmp_path, capsys):
+    """The cpu-depth design gives each depth its own token budget: depth and tokens move together.
+    The law is fitted on depth alone and says that tokens is aliased with it (before, the design
+    matrix was singular and the command failed); tokens is not reported as held fixed."""
+    from synthetic_runs import depth_sweep
+
+    from capscale.cli import main
+
+    betas = {("adamw", 6): [0.5] * 6, ("muon", 6): [0.8] * 6, ("adamw", 2): [0.5] * 2, ("muon", 2): [0.8] * 2}
+    root = depth_sweep(tmp_path / "sweep", betas, seeds=(0, 1))
+    law = capacity_law(load_sweep(root))
+    fit = law.fits["hard_rank"]
+    assert fit.factors == ("ffn", "depth") and fit.aliased == {"tokens": "depth"}
+    assert "tokens" not in law.fixed
+    ffn = fit.coef.set_index(["label", "term"])
+    for label, want in (("adamw", 0.5), ("muon", 0.8)):
+        row = ffn.loc[(label, "ffn")]
+        assert row.ci_low <= want <= row.ci_high and abs(row.estimate - want) < 0.02
+    assert main(["law", str(root)]) == 0
+    assert "tokens varies together with depth in the data: not separable" in capsys.readouterr().out

@@ -73,6 +73,11 @@ def format_law(law, confidence: float = 0.95, n_excluded: int = 0) -> str:
     if law.fixed:
         held = ", ".join(f"{k} = {v:g}" for k, v in law.fixed.items())
         lines.append(f"held fixed in the data (the law cannot see them): {held}")
+    for f, partner in first.aliased.items():
+        lines.append(
+            f"{f} varies together with {partner} in the data: not separable, left out of the fit "
+            f"({partner}'s exponent carries both)"
+        )
     for name, fit in law.fits.items():
         lines.append("")
         lines.append(f"{name}: R² {fit.r2:.3f}, n {fit.n}, residual sd {fit.resid_sd:.3f} (fitted units)")

@@ -131,6 +131,30 @@ def varying_factors(table: pd.DataFrame) -> tuple[str, ...]:
     return tuple(f for f in FACTORS if table[f].notna().all() and table[f].nunique() > 1)
 
 
+def aliased_factors(table: pd.DataFrame, factors: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The factors the design separates, and those it does not (``{factor: what it moves with}``).
+
+    A factor whose log is, within every label, an affine function of the factors kept before it
+    (in ``FACTORS`` order) adds nothing the fit can tell apart: e.g. a study that gives each
+    depth its own token budget varies depth and tokens together, and one exponent carries both.
+    It is left out of the fit and named, not silently absorbed.
+    """
+    labels = tuple(sorted(table["label"].unique()))
+    kept: list[str] = []
+    aliased: dict[str, str] = {}
+    for f in factors:
+        trial = [*kept, f]
+        center = {g: float(np.log(table[g]).mean()) for g in trial}
+        X = _design(table, labels, trial, center)
+        if np.linalg.matrix_rank(X) == X.shape[1]:
+            kept.append(f)
+            continue
+        logs = np.log(table[f].to_numpy(float))
+        partners = [g for g in kept if abs(np.corrcoef(logs, np.log(table[g].to_numpy(float)))[0, 1]) > 1 - 1e-9]
+        aliased[f] = partners[0] if partners else " and ".join(kept)
+    return tuple(kept), aliased
+
+
 # -- one joint fit ------------------------------------------------------------------
 
 
@@ -155,6 +179,7 @@ class LawFit:
     confidence: float
     beta: np.ndarray = field(repr=False)
     covs: tuple[np.ndarray, ...] = field(repr=False)  # the larger standard error of these is used
+    aliased: dict[str, str] = field(default_factory=dict)  # factors varied with another: not separable
 
     def predict(self, label: str, **levels: float) -> tuple[float, float, float]:
         """The law's mean response at ``levels`` (one value per fitted factor) for ``label``, with its interval."""
@@ -235,10 +260,13 @@ def fit_law(
     if cluster not in ("seed", "cell", None):
         raise ValueError(f"cluster must be 'seed', 'cell' or None, got {cluster!r}")
     data = table[np.isfinite(table[variable])]
-    factors = varying_factors(data) if factors is None else tuple(factors)
     labels = tuple(sorted(data["label"].unique()))
     if not labels:
         raise ValueError(f"no run has a finite {variable}")
+    aliased: dict[str, str] = {}
+    if factors is None:
+        factors, aliased = aliased_factors(data, varying_factors(data))
+    factors = tuple(factors)
     center = {f: float(np.log(data[f]).mean()) for f in factors}
     X = _design(data, labels, factors, center)
     y = data[variable].to_numpy(float)
@@ -274,6 +302,7 @@ def fit_law(
         confidence=confidence,
         beta=beta,
         covs=covs,
+        aliased=aliased,
     )
 
 
@@ -488,7 +517,8 @@ def extrapolate(fit: LawFit, table: pd.DataFrame, target: dict | None = None) ->
 def fixed_factors(table: pd.DataFrame, fit: LawFit, target: dict | None = None) -> dict[str, float]:
     """Factors of the target that the law cannot see (one value in the data) → that value."""
     target = PAPER_160M if target is None else target
-    return {f: float(table[f].iloc[0]) for f in FACTORS if f in target and f not in fit.factors}
+    seen = set(fit.factors) | set(fit.aliased)
+    return {f: float(table[f].iloc[0]) for f in FACTORS if f in target and f not in seen}
 
 
 # -- everything at once ----------------------------------------------------------------

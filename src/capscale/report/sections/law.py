@@ -58,6 +58,7 @@ def data(a: Analysis) -> dict:
             "confidence": p.confidence,
             "n_runs": len(law.table),
             "factors": list(first.factors),
+            "aliased": first.aliased,
             "fixed": law.fixed,
             "cluster": first.cluster,
             "n_clusters": first.n_clusters,
@@ -248,6 +249,11 @@ def section(d: dict) -> Section | None:
     ]
     if fixed:
         text.append(f"Held fixed in the data, so invisible to the law: {fixed}.")
+    for f, partner in q.get("aliased", {}).items():
+        text.append(
+            f"{f} varies together with {partner} in this design, so the data cannot tell their effects apart: "
+            f"{f} is left out of the fit and {partner}'s exponent carries both."
+        )
     return Section(
         "law",
         "A capacity-aware scaling law: ranks as a joint power law in the design",
