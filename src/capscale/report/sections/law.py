@@ -58,7 +58,7 @@ def data(a: Analysis) -> dict:
             "confidence": p.confidence,
             "n_runs": len(law.table),
             "factors": list(first.factors),
-            "aliased": first.aliased,
+            **({"aliased": first.aliased} if first.aliased else {}),  # only where some factor is
             "fixed": law.fixed,
             "cluster": first.cluster,
             "n_clusters": first.n_clusters,
