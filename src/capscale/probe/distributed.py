@@ -139,7 +139,7 @@ def _writer(group) -> int:
     return 0 if group is None else torch.distributed.get_global_rank(group, 0)
 
 
-def reduce_sites(entries: list[tuple], per_site: int, forwards: int, group=None, assemble: bool = True):
+def reduce_sites(entries: list[tuple], per_site: int, forwards: int, group=None, assemble: bool = True, tp=None):
     """Merge a window's states across ranks by key (stack, layer, site), not by position.
 
     ``entries``: ``(site, parts | None, dim, shard | None)`` per local site, ``parts`` its
@@ -183,7 +183,8 @@ def reduce_sites(entries: list[tuple], per_site: int, forwards: int, group=None,
     plain = [k for k in union if k not in owner]
     # Under tensor parallelism a site left whole (not sharded) sees the same rows on every rank
     # of the tensor-parallel group: the group's first rank alone contributes them.
-    tp = next((e[3].group for e in entries if e[3] is not None), None)
+    # (``tp``: the model's tensor-parallel group where no site is sharded, e.g. replicated experts.)
+    tp = next((e[3].group for e in entries if e[3] is not None), tp)
     lead = tp is None or dist.get_rank(tp) == 0
     flat, dims = [], []
     for k in plain:

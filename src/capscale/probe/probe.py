@@ -120,6 +120,9 @@ class Probe:
             replace(s, part=None) if i in self._shards and self._shards[i].gate else s for i, s in enumerate(sites)
         ]
         self._dims.update({i: sh.full_dim for i, sh in self._shards.items()})
+        # The ranks that see the same tokens (tensor parallelism), also where no site is sharded:
+        # a whole site's rows count once, not once per rank of the group.
+        self._tp = None if self._shards else tensor_parallel.model_group(model, tp_group)
         self.step_index = int(start_step)
         self._full: _Window | None = None
         self._monitor: _Window | None = None
@@ -540,7 +543,7 @@ class Probe:
             parts = None if accs is None else [a.moments(full=full) for a in accs]
             entries.append((self.sites[i], parts, self._dims[i], self._shards.get(i)))
         if distributed.world_size(self.group) > 1:
-            return distributed.reduce_sites(entries, per_site, window.forwards, self.group, assemble)
+            return distributed.reduce_sites(entries, per_site, window.forwards, self.group, assemble, self._tp)
         out = []
         for site, parts, d, _ in entries:
             out.append((site, [None if d is None else self._empty(d)] * per_site if parts is None else parts))

@@ -143,6 +143,43 @@ def _local_layout(module: nn.Module, capture: str, group):
     return group, int(weight.shape[0] if capture == "output" else weight.shape[1]), None
 
 
+# Mesh dimensions over which ranks see other tokens (data, FSDP, context, expert, pipeline):
+# a parameter sharded over one of them is not tensor parallel.
+_OTHER_DATA = ("dp", "fsdp", "cp", "ep", "pp", "batch")
+
+
+def model_group(model: nn.Module | None, tp_group=None):
+    """The model's tensor-parallel group (ranks that see the same tokens), or None.
+
+    ``tp_group`` if given; else the ``tp_group`` of a Megatron-core / Transformer Engine layer;
+    else the device-mesh dimension a DTensor parameter is sharded on, other than FSDP's own
+    and dimensions named for other data (``dp*``, ``*fsdp*``, ``cp``, ``ep``, ``pp``).
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or model is None:
+        return None
+    if tp_group is not None:
+        return _as_group(tp_group)
+    fsdp = _fsdp_params(model)
+    for m in model.modules():
+        own = getattr(m, "tp_group", None)
+        if isinstance(own, dist.ProcessGroup) and dist.get_world_size(own) > 1:
+            return own
+        for p in m.parameters(recurse=False):
+            if not _is_dtensor(p):
+                continue
+            mesh, names = p.device_mesh, p.device_mesh.mesh_dim_names or ()
+            for k, placement in enumerate(p.placements):
+                name = names[k] if k < len(names) else ""
+                if id(p) in fsdp and (mesh.ndim == 1 or k < mesh.ndim - 1):
+                    continue
+                if any(w in name for w in _OTHER_DATA) or type(placement).__name__ not in ("Shard", "_StridedShard"):
+                    continue
+                if mesh.size(k) > 1:
+                    return mesh.get_group(k)
+    return None
+
+
 def _parallel_mode(module: nn.Module) -> str | None:
     """The layer's own word on its sharding: "column", "row" or "whole"; None where it says nothing.
 
