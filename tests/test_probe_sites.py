@@ -496,3 +496,80 @@ def test_fused_gate_up_is_captured_as_the_channels_that_feed_the_activation(layo
     lam = np.clip(np.linalg.eigvalsh(np.cov(g.T)), 1e-12, None)
     row = df[(df.layer == 0) & (df.site == "pre")].iloc[0]
     np.testing.assert_allclose(row.hard_rank, lam.sum() ** 2 / (lam**2).sum(), rtol=1e-6)
+
+
+def test_experts_fed_permuted_tokens_are_refused_with_buckets_and_measured_without():
+    """Megatron's SequentialMLP is fed the tokens already sorted by expert and repeated top-k times:
+    its rows are not the forward's tokens, so no expert row can be given its token's bucket. With a
+    frequency table the probe refuses (naming why); without one it measures every routed row."""
+    import numpy as np
+
+    import capscale
+    from capscale.spectrum import FrequencyTable
+
+    h, f, n_experts, top_k = 8, 12, 4, 2
+
+    class Expert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear_fc1, self.linear_fc2 = nn.Linear(h, f), nn.Linear(f, h)
+
+        def forward(self, x):
+            return self.linear_fc2(torch.relu(self.linear_fc1(x)))
+
+    class SequentialMLP(nn.Module):  # fed (rows sorted by expert, tokens per expert)
+        def __init__(self):
+            super().__init__()
+            self.local_experts = nn.ModuleList([Expert() for _ in range(n_experts)])
+
+        def forward(self, permuted, counts):
+            outs = [e(chunk) for e, chunk in zip(self.local_experts, permuted.split(counts.tolist()))]
+            return torch.cat(outs)
+
+    class MoELayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router, self.experts = nn.Linear(h, n_experts, bias=False), SequentialMLP()
+
+        def forward(self, x):
+            flat = x.reshape(-1, h)
+            choice = self.router(flat).topk(top_k, dim=-1).indices.reshape(-1)
+            order = torch.argsort(choice, stable=True)
+            counts = torch.bincount(choice, minlength=n_experts)
+            out = self.experts(flat[order // top_k], counts)
+            back = torch.zeros(flat.shape[0] * top_k, h).index_copy(0, order, out)
+            return back.view(-1, top_k, h).sum(1).view_as(x)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention, self.mlp = nn.Linear(h, h), MoELayer()
+
+        def forward(self, x):
+            return x + self.mlp(x + self.attention(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed, self.layers = nn.Embedding(64, h), nn.ModuleList([Block(), Block()])
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            for b in self.layers:
+                x = b(x)
+            return x
+
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    model = Net()
+    probe = capscale.attach(model, every=1, mode="any", freq_table=FrequencyTable(np.arange(64, 0, -1)))
+    with pytest.raises(ValueError, match="not fed the tokens.*dispatched or permuted"):
+        with torch.no_grad():
+            model(ids)
+    probe.close(flush=False)
+    probe = capscale.attach(model, every=1, mode="any", dtype=torch.float64)
+    with torch.no_grad():
+        model(ids)
+    df = probe.compute()
+    probe.close()
+    assert set(df.bucket) == {"all"} and (df.n_samples == ids.numel() * top_k).all()  # every routed row

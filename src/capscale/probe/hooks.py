@@ -51,12 +51,23 @@ class Hooks:
         self._handles = []
 
 
-def routed(fwd: Forward, rows: torch.Tensor) -> Forward:
-    """The forward's mask and buckets for activation rows taken from token positions ``rows``."""
-    mask = None if fwd.mask is None else fwd.mask.reshape(-1)[rows.to(fwd.mask.device)]
+def routed(fwd: Forward, rows, label: str = "") -> Forward:
+    """The forward's mask and buckets for activation rows taken from token positions ``rows``
+    (a ``sites.RoutedRows``: positions in a block input of ``n`` rows, which must be the tokens)."""
+    positions, n = rows
+    tokens = next((int(t.numel()) for t in (fwd.bucket_ids, fwd.mask) if t is not None), None)
+    if tokens is not None and n != tokens:
+        raise ValueError(
+            f"{label}: its experts read rows of a {n}-row input but the forward has {tokens} tokens: the "
+            "MoE module whose input the probe matches is not fed the tokens (they were dispatched or "
+            "permuted before it, as Megatron's SequentialMLP is fed them), so no row can be given its "
+            "token's bucket or mask; name the sites of a module fed the hidden states, or measure "
+            "without buckets and mask"
+        )
+    mask = None if fwd.mask is None else fwd.mask.reshape(-1)[positions.to(fwd.mask.device)]
     buckets = None
     if fwd.bucket_ids is not None:
-        buckets = fwd.bucket_ids.reshape(-1)[rows.to(fwd.bucket_ids.device)]
+        buckets = fwd.bucket_ids.reshape(-1)[positions.to(fwd.bucket_ids.device)]
     return Forward(None, mask, buckets, fwd.capture)
 
 

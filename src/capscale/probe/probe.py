@@ -453,7 +453,7 @@ class Probe:
                         w.stray += 1
             return
         if rows is not None:  # MoE: the activations' rows are these token positions
-            fwd = routed(fwd, rows)
+            fwd = routed(fwd, rows, self.sites[i].label)
         full = self._full is not None and i in self._full_set
         mon = self._monitor is not None and i in self._mon_set
         if not (full or mon):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -71,9 +71,17 @@ def gate_layout(part: tuple[int, int, int]) -> str:
     return "interleaved" if part[2] == 2 else "first" if part[0] == 0 else "second"
 
 
+class RoutedRows(NamedTuple):
+    """Where an expert site's activation rows come from: ``positions`` in its MoE block's input,
+    which has ``n`` rows (the forward's tokens, where the block reads hidden states)."""
+
+    positions: torch.Tensor
+    n: int
+
+
 # A site's hook hands (activations, token rows) to the probe; rows = None means
 # the activations' rows are the forward's tokens in order.
-Callback = Callable[[Any, "torch.Tensor | None"], None]
+Callback = Callable[[Any, "RoutedRows | None"], None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,6 +191,7 @@ class Site:
             if torch.is_tensor(x):
                 keys = _row_keys(x.reshape(-1, x.shape[-1]))
                 state["keys"], state["order"] = torch.sort(keys)
+                state["n"] = int(keys.numel())
 
         def on_expert(k):
             def hook(module, args):
@@ -201,14 +210,14 @@ class Site:
         def on_up(k):
             def hook(module, args, output):
                 if state.get(k) is not None:
-                    callback(output if part is None else output[..., part], state[k])
+                    callback(output if part is None else output[..., part], RoutedRows(state[k], state["n"]))
 
             return hook
 
         def on_down(k):
             def hook(module, args):
                 if state.get(k) is not None:
-                    callback(args[0], state[k])
+                    callback(args[0], RoutedRows(state[k], state["n"]))
 
             return hook
 
@@ -232,7 +241,7 @@ class Site:
             if not torch.is_tensor(x):
                 raise TypeError(f"{self.label}: expected (hidden_states, top_k_index) inputs")
             x2 = x.reshape(-1, x.shape[-1])
-            chunks, rows = [], []
+            chunks, rows, n = [], [], x2.shape[0]
             with torch.no_grad():
                 if idx is None:
                     # Every expert reads every token, expert-major ([E * T, H], Llama4); a token
@@ -240,6 +249,7 @@ class Site:
                     if x2.shape[0] % n_experts:
                         raise TypeError(f"{self.label}: expected (hidden_states, top_k_index) inputs")
                     xe = x2.view(n_experts, -1, x2.shape[-1])
+                    n = xe.shape[1]  # each expert's view is the tokens
                     routed = [(e, (xe[e] != 0).any(dim=1).nonzero().squeeze(1)) for e in range(n_experts)]
                     routed = [(e, xe[e], tok) for e, tok in routed if tok.numel()]
                 else:
@@ -254,7 +264,7 @@ class Site:
                     chunks.append(gate if want_pre else post)
                     rows.append(tok)
             if chunks:
-                callback(torch.cat(chunks), torch.cat(rows))
+                callback(torch.cat(chunks), RoutedRows(torch.cat(rows), n))
 
         return hook
 
