@@ -498,71 +498,138 @@ def test_fused_gate_up_is_captured_as_the_channels_that_feed_the_activation(layo
     np.testing.assert_allclose(row.hard_rank, lam.sum() ** 2 / (lam**2).sum(), rtol=1e-6)
 
 
-def test_experts_fed_permuted_tokens_are_refused_with_buckets_and_measured_without():
-    """Megatron's SequentialMLP is fed the tokens already sorted by expert and repeated top-k times:
-    its rows are not the forward's tokens, so no expert row can be given its token's bucket. With a
-    frequency table the probe refuses (naming why); without one it measures every routed row."""
+H_MOE, F_MOE, N_EXPERTS, TOP_K = 8, 12, 4, 2
+
+
+class _Expert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear_fc1, self.linear_fc2 = nn.Linear(H_MOE, F_MOE), nn.Linear(F_MOE, H_MOE)
+
+    def forward(self, x):
+        return self.linear_fc2(torch.relu(self.linear_fc1(x)))
+
+
+class _SequentialMLP(nn.Module):
+    """Megatron's: fed the rows sorted by expert (each token top-k times) and the count per expert."""
+
+    def __init__(self):
+        super().__init__()
+        self.local_experts = nn.ModuleList([_Expert() for _ in range(N_EXPERTS)])
+
+    def forward(self, permuted, counts):
+        return torch.cat([e(c) for e, c in zip(self.local_experts, permuted.split(counts.tolist()))])
+
+
+def _dispatch(x, logits, experts):
+    flat = x.reshape(-1, H_MOE)
+    choice = logits.topk(TOP_K, dim=-1).indices.reshape(-1)
+    order = torch.argsort(choice, stable=True)
+    out = experts(flat[order // TOP_K], torch.bincount(choice, minlength=N_EXPERTS))
+    back = torch.zeros(flat.shape[0] * TOP_K, H_MOE).index_copy(0, order, out)
+    return back.view(-1, TOP_K, H_MOE).sum(1).view_as(x)
+
+
+class _MoELayer(nn.Module):
+    """Megatron's MoELayer: a router ([E, H] weight) beside the experts, fed the hidden states."""
+
+    def __init__(self):
+        super().__init__()
+        self.router, self.experts = nn.Linear(H_MOE, N_EXPERTS, bias=False), _SequentialMLP()
+
+    def forward(self, x):
+        return _dispatch(x, self.router(x.reshape(-1, H_MOE)), self.experts)
+
+
+class _BareExperts(nn.Module):
+    """The same experts routed by a bare parameter (no router module): no layer holding a router
+    is fed the hidden states, so discovery keeps the experts' own parent, fed permuted rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.route, self.experts = nn.Parameter(torch.randn(N_EXPERTS, H_MOE)), _SequentialMLP()
+
+    def forward(self, x):
+        return _dispatch(x, x.reshape(-1, H_MOE) @ self.route.T, self.experts)
+
+
+class _MoENet(nn.Module):
+    def __init__(self, bare: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(64, H_MOE)
+        self.layers = nn.ModuleList()
+        for _ in range(2):
+            block = nn.Module()
+            block.attention = nn.Linear(H_MOE, H_MOE)
+            block.mlp = _BareExperts() if bare else _MoELayer()
+            self.layers.append(block)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for b in self.layers:
+            h = x + b.attention(x)
+            x = h + b.mlp(h)
+        return x
+
+
+def _moe_table():
+    import numpy as np
+
+    from capscale.spectrum import FrequencyTable
+
+    return FrequencyTable(np.arange(64, 0, -1))
+
+
+def test_megatron_sequential_experts_are_mapped_to_their_tokens_through_the_router_s_layer():
+    """Megatron's SequentialMLP is fed the rows sorted by expert, top-k times: its rows are not the
+    tokens. Discovery hooks the layer that holds the router (fed the hidden states) instead, so each
+    expert row maps back to its token: per-bucket rows equal a reference built from the routing."""
     import numpy as np
 
     import capscale
-    from capscale.spectrum import FrequencyTable
+    from capscale.spectrum import BUCKETS
 
-    h, f, n_experts, top_k = 8, 12, 4, 2
+    model, table = _MoENet(), _moe_table()
+    ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(1))
+    seen: dict = {}
+    hooks = []
+    for k, block in enumerate(model.layers):
+        for expert in block.mlp.experts.local_experts:
+            hooks.append(expert.linear_fc1.register_forward_hook(lambda m, a, o, k=k: seen.setdefault(k, []).append(o)))
+        hooks.append(block.mlp.register_forward_pre_hook(lambda m, a, k=k: seen.__setitem__(("x", k), a[0])))
+        hooks.append(block.mlp.router.register_forward_hook(lambda m, a, o, k=k: seen.__setitem__(("r", k), o)))
+    probe = capscale.attach(model, every=1, mode="any", dtype=torch.float64, freq_table=table)
+    assert {s.module for s in probe.sites} == {b.mlp for b in model.layers}  # the router's layer
+    with torch.no_grad():
+        model(ids)
+    df = probe.compute()
+    probe.close()
+    for h in hooks:
+        h.remove()
+    for k in range(2):
+        choice = seen["r", k].topk(TOP_K, dim=-1).indices.reshape(-1)
+        token = torch.argsort(choice, stable=True) // TOP_K  # the rows' tokens, in the experts' order
+        rows = torch.cat(seen[k]).double().numpy()
+        bucket = np.asarray(BUCKETS)[table.bucket(ids.reshape(-1)[token].numpy())]
+        for b in ("all", *BUCKETS):
+            sel = rows if b == "all" else rows[bucket == b]
+            got = df[(df.layer == k) & (df.site == "pre") & (df.bucket == b)]
+            if len(sel) < 2:
+                continue
+            lam = np.clip(np.linalg.eigvalsh(np.cov(sel, rowvar=False)), 0, None)
+            assert int(got.n_samples.iloc[0]) == len(sel), (k, b)
+            np.testing.assert_allclose(got.hard_rank.iloc[0], lam.sum() ** 2 / (lam**2).sum(), rtol=1e-9)
 
-    class Expert(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear_fc1, self.linear_fc2 = nn.Linear(h, f), nn.Linear(f, h)
 
-        def forward(self, x):
-            return self.linear_fc2(torch.relu(self.linear_fc1(x)))
-
-    class SequentialMLP(nn.Module):  # fed (rows sorted by expert, tokens per expert)
-        def __init__(self):
-            super().__init__()
-            self.local_experts = nn.ModuleList([Expert() for _ in range(n_experts)])
-
-        def forward(self, permuted, counts):
-            outs = [e(chunk) for e, chunk in zip(self.local_experts, permuted.split(counts.tolist()))]
-            return torch.cat(outs)
-
-    class MoELayer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.router, self.experts = nn.Linear(h, n_experts, bias=False), SequentialMLP()
-
-        def forward(self, x):
-            flat = x.reshape(-1, h)
-            choice = self.router(flat).topk(top_k, dim=-1).indices.reshape(-1)
-            order = torch.argsort(choice, stable=True)
-            counts = torch.bincount(choice, minlength=n_experts)
-            out = self.experts(flat[order // top_k], counts)
-            back = torch.zeros(flat.shape[0] * top_k, h).index_copy(0, order, out)
-            return back.view(-1, top_k, h).sum(1).view_as(x)
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attention, self.mlp = nn.Linear(h, h), MoELayer()
-
-        def forward(self, x):
-            return x + self.mlp(x + self.attention(x))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.embed, self.layers = nn.Embedding(64, h), nn.ModuleList([Block(), Block()])
-
-        def forward(self, ids):
-            x = self.embed(ids)
-            for b in self.layers:
-                x = b(x)
-            return x
+def test_experts_fed_permuted_rows_without_a_router_layer_are_refused_with_buckets_measured_without():
+    """No module beside a router is fed the hidden states: no expert row has a token. With a frequency
+    table the probe refuses (naming why); without one it measures every routed row."""
+    import capscale
 
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
-    model = Net()
-    probe = capscale.attach(model, every=1, mode="any", freq_table=FrequencyTable(np.arange(64, 0, -1)))
+    model = _MoENet(bare=True)
+    probe = capscale.attach(model, every=1, mode="any", freq_table=_moe_table())
     with pytest.raises(ValueError, match="not fed the tokens.*dispatched or permuted"):
         with torch.no_grad():
             model(ids)
@@ -572,4 +639,4 @@ def test_experts_fed_permuted_tokens_are_refused_with_buckets_and_measured_witho
         model(ids)
     df = probe.compute()
     probe.close()
-    assert set(df.bucket) == {"all"} and (df.n_samples == ids.numel() * top_k).all()  # every routed row
+    assert set(df.bucket) == {"all"} and (df.n_samples == ids.numel() * TOP_K).all()  # every routed row

@@ -525,9 +525,9 @@ def _block_sites(block: nn.Module, prefix: str, layer: int, stack: str) -> tuple
     moe_3d += [(n, None) for n, _, _ in split]
     routed = _expert_modules(block, skip)
     for n, kids in routed:
-        parent = n.rsplit(".", 1)[0] if "." in n else ""
-        moe = block.get_submodule(parent) if parent else block  # its input: the tokens to route
         ffns = [_find_ffn(kid) for kid in kids]
+        parent = _moe_of(block, n, len(kids), _in_out(ffns[0].pre[1])[0])
+        moe = block.get_submodule(parent) if parent else block  # its input: the tokens to route
         members = tuple((kid, f.pre[1], f.post[1]) for kid, f in zip(kids, ffns))
         for s in SITE_NAMES:
             part = ffns[0].part if s == "pre" else None
@@ -594,6 +594,31 @@ def _ffn_list(block: nn.Module, skip: list[str]) -> list[tuple[str, nn.Module]]:
         if all(len(_linears(k)) == 2 and not isinstance(_find_ffn(k), str) for _, k in kids):
             out += [(f"{n}.{key}", k) for key, k in kids]
     return out
+
+
+def _moe_of(block: nn.Module, experts: str, n_experts: int, hidden: int) -> str:
+    """The path of the module whose input holds the tokens the experts at ``experts`` are routed.
+
+    The experts' container's parent, or, where that is fed rows already dispatched (Megatron's
+    ``SequentialMLP``: sorted by expert, repeated top-k times), the nearest ancestor that holds
+    the router: a child named ``router`` or ``gate`` (outside the experts) with a ``[E, hidden]``
+    weight, E ≥ the experts.
+    """
+    path = experts.rsplit(".", 1)[0] if "." in experts else ""
+    at = path
+    while True:
+        m = block.get_submodule(at) if at else block
+        for name, child in m.named_children():
+            w = getattr(child, "weight", None)
+            inside = experts.startswith(f"{at}.{name}." if at else f"{name}.") or experts == (
+                f"{at}.{name}" if at else name
+            )
+            router = ("router" in name or "gate" in name) and torch.is_tensor(w) and w.dim() == 2
+            if router and not inside and w.shape[1] == hidden and w.shape[0] >= n_experts:
+                return at
+        if not at:
+            return path
+        at = at.rsplit(".", 1)[0] if "." in at else ""
 
 
 def _expert_modules(block: nn.Module, skip: list[str]) -> list[tuple[str, list[nn.Module]]]:
