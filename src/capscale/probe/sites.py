@@ -202,7 +202,12 @@ class Site:
                 keys = _row_keys(x.reshape(-1, x.shape[-1]))
                 pos = torch.searchsorted(state["keys"], keys).clamp_(max=state["keys"].numel() - 1)
                 if not bool((state["keys"][pos] == keys).all()):
-                    raise ValueError(f"{label}: an expert's input rows are not rows of the MoE block's input")
+                    raise ValueError(
+                        f"{label}: an expert's input rows are not rows of the MoE block's input: the experts "
+                        "are fed other rows (other ranks' tokens, as expert parallelism by all-to-all "
+                        "dispatch feeds them, or rows transformed after the block's input); those experts "
+                        "cannot be measured here: leave them out (sites=...) or measure without that parallelism"
+                    )
                 state[k] = state["order"][pos]
 
             return hook
