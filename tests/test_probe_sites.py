@@ -640,3 +640,20 @@ def test_experts_fed_permuted_rows_without_a_router_layer_are_refused_with_bucke
     df = probe.compute()
     probe.close()
     assert set(df.bucket) == {"all"} and (df.n_samples == ids.numel() * TOP_K).all()  # every routed row
+
+
+def test_experts_fed_rows_that_are_not_the_block_input_s_are_refused_with_the_reason():
+    """Expert parallelism's all-to-all feeds a rank's experts other ranks' tokens (here: rows scaled
+    after the block's input, which no input row equals): the probe says so at the first measured
+    forward instead of giving rows to the wrong tokens."""
+    import capscale
+
+    model = _MoENet()
+    for block in model.layers:
+        real = block.mlp.experts.forward
+        block.mlp.experts.forward = lambda permuted, counts, real=real: real(permuted * 2.0, counts)
+    probe = capscale.attach(model, every=1, mode="any")
+    with pytest.raises(ValueError, match="not rows of the MoE block's input.*expert parallelism"):
+        with torch.no_grad():
+            model(torch.randint(0, 64, (2, 6)))
+    probe.close(flush=False)
