@@ -176,21 +176,58 @@ def test_torchtitan_routed_experts_measured_as_grouped_experts_computes_them(one
             np.testing.assert_allclose([got.soft_rank, got.hard_rank], [soft, hard], rtol=1e-9)
 
 
-def test_torchtitan_experts_split_over_ranks_are_named_not_measured():
-    """Under expert parallelism (``ep`` mesh dimension) discovery says why the routed experts are
-    not measured; FSDP's own shards (``efsdp``) are no reason."""
-    from capscale.probe.sites import titan_split
+def test_torchtitan_experts_split_over_ranks_named_unless_expert_parallel_alone():
+    """Expert tensor parallelism (a mesh dimension splitting ``w1_EFD``'s hidden axis), or expert
+    parallelism whose dispatcher has no mesh wired, is named by discovery with the reason; expert
+    parallelism alone through the all-to-all dispatcher is measured
+    (tests/test_probe_torchtitan_ep.py); FSDP's own shards (``efsdp``) are no reason."""
+    from capscale.probe.sites import titan_ep, titan_split
 
     model = _two_layer_deepseek()
     routed = model.layers["1"].moe.routed_experts
     mesh = type("Mesh", (), {"mesh_dim_names": ("efsdp", "ep"), "ndim": 2})()
-    shard, rep = type("Shard", (), {})(), type("Replicate", (), {})()
+    shard = type("Shard", (), {})
+    experts, hidden, rep = shard(), shard(), type("Replicate", (), {})()
+    experts.dim, hidden.dim = 0, 1
     weight = routed.inner_experts.w1_EFD
-    weight.device_mesh, weight.placements = mesh, (rep, shard)
-    assert titan_split(routed) == "ep"
+    weight.device_mesh, weight.placements = mesh, (rep, experts)
+    assert routed.token_dispatcher.ep_mesh is None  # not wired: no exchange to follow
+    assert titan_split(routed) == "ep" and titan_ep(routed) is None
     found = discover(model)
     assert [(sk.layer, sk.name) for sk in found.skipped] == [(1, "layers.1.moe.routed_experts")]
     assert "mesh dimension ep" in found.skipped[0].reason
     assert not any(s.name.startswith("layers.1.moe.routed_experts") for s in found.sites)
-    weight.placements = (shard, rep)  # FSDP over efsdp only: whole in the forward
-    assert titan_split(routed) is None
+    routed.token_dispatcher.ep_mesh = mesh  # wired: expert parallelism alone is measured
+    assert titan_ep(routed) is mesh and titan_split(routed) is None
+    assert not discover(model).skipped
+    weight.placements = (rep, hidden)  # expert tensor parallelism: part of every expert
+    assert titan_split(routed) == "ep" and titan_ep(routed) is None
+    weight.placements = (experts, rep)  # FSDP over efsdp only: whole in the forward
+    assert titan_split(routed) is None and titan_ep(routed) is None
+
+
+def test_expert_parallel_experts_in_a_tensor_parallel_model_are_left_out_with_the_reason(monkeypatch):
+    """Where the model is also tensor parallel, expert-parallel experts are not measured (whether the
+    group's ranks route the same tokens is not known); every other site is kept."""
+    from types import SimpleNamespace
+
+    from capscale.probe import tensor_parallel
+    from capscale.probe.probe import Probe
+
+    model = _two_layer_deepseek()
+    routed = model.layers["1"].moe.routed_experts
+    mesh = type("Mesh", (), {"mesh_dim_names": ("ep",), "ndim": 1})()
+    shard = type("Shard", (), {"dim": 0})()
+    routed.inner_experts.w1_EFD.device_mesh, routed.inner_experts.w1_EFD.placements = mesh, (shard,)
+    routed.token_dispatcher.ep_mesh = mesh
+    sites = discover(model).sites
+    ep = [s for s in sites if s.name == "layers.1.moe.routed_experts"]
+    assert len(ep) == 2  # pre and post
+    owner = SimpleNamespace(skipped=[])
+    monkeypatch.setattr(tensor_parallel, "model_group", lambda model, tp_group=None: None)
+    assert Probe._without_ep_under_tp(owner, sites, model, None) == sites and not owner.skipped
+    monkeypatch.setattr(tensor_parallel, "model_group", lambda model, tp_group=None: "tp")
+    kept = Probe._without_ep_under_tp(owner, sites, model, None)
+    assert kept == [s for s in sites if s not in ep]
+    assert [(sk.layer, sk.name) for sk in owner.skipped] == [(1, "layers.1.moe.routed_experts")]
+    assert "tensor-parallel model" in owner.skipped[0].reason

@@ -516,9 +516,10 @@ def _block_sites(block: nn.Module, prefix: str, layer: int, stack: str) -> tuple
             stack,
             layer,
             f"{prefix}.{n}",
-            f"routed experts split over ranks (mesh dimension {dims}: expert or expert-tensor "
-            "parallelism): a rank holds some experts' weights and sees other ranks' tokens, so no "
-            "rank can recompute an expert's activations for its own tokens; measured without it",
+            f"routed experts split over ranks (mesh dimension {dims}): expert-tensor parallelism "
+            "leaves each rank part of every expert, and expert parallelism is followed only through "
+            "torchtitan's AllToAllTokenDispatcher with its ep mesh wired (another dispatcher pads or "
+            "reorders rows in a layout not known here); measured without that split",
         )
         for n, _, dims in split
     ]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from capscale.probe.accumulate import Forward
-from capscale.probe.sites import Site
+from capscale.probe.sites import DispatchedRows, Site
 
 
 class Hooks:
@@ -53,9 +53,20 @@ class Hooks:
 
 def routed(fwd: Forward, rows, label: str = "") -> Forward:
     """The forward's mask and buckets for activation rows taken from token positions ``rows``
-    (a ``sites.RoutedRows``: positions in a block input of ``n`` rows, which must be the tokens)."""
-    positions, n = rows
+    (a ``sites.RoutedRows``: positions in a block input of ``n`` rows, which must be the tokens),
+    or sent here by expert parallelism (a ``sites.DispatchedRows``: the labels follow the tokens)."""
     tokens = next((int(t.numel()) for t in (fwd.bucket_ids, fwd.mask) if t is not None), None)
+    if isinstance(rows, DispatchedRows):
+        if tokens is not None and rows.n != tokens:
+            raise ValueError(f"{label}: its experts were fed {rows.n} tokens but the forward has {tokens}")
+        labels = [t.reshape(-1).long() for t in (fwd.mask, fwd.bucket_ids) if t is not None]
+        if not labels:  # nothing to follow: no collective (every rank of the group alike)
+            return Forward(None, None, None, fwd.capture)
+        got = iter(rows.route(torch.stack(labels, 1)).unbind(1))
+        mask = None if fwd.mask is None else next(got) != 0
+        buckets = None if fwd.bucket_ids is None else next(got).to(fwd.bucket_ids.dtype)
+        return Forward(None, mask, buckets, fwd.capture)
+    positions, n = rows
     if tokens is not None and n != tokens:
         raise ValueError(
             f"{label}: its experts read rows of a {n}-row input but the forward has {tokens} tokens: the "

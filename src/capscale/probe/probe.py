@@ -58,7 +58,7 @@ from capscale.probe.records import (
 )
 from capscale.probe.schedule import Schedule
 from capscale.probe.sinks import Sink
-from capscale.probe.sites import Site, Skipped
+from capscale.probe.sites import Site, Skipped, titan_ep
 from capscale.probe.windows import Window as _Window
 from capscale.probe.windows import accumulators, empty_moments, release, snapshot
 from capscale.spectrum import BUCKETS, FrequencyTable, hard_rank_from_covariance
@@ -107,6 +107,7 @@ class Probe:
         self.sinks, self.group, self._root = list(sinks), group, root
         self.persistent_hooks = persistent_hooks
         self.skipped = list(skipped)  # blocks discovery could not measure, with the reason
+        sites = self._without_ep_under_tp(sites, model, tp_group)
         self._warned_not_run: set[int] = set()
         full_sites, monitor_sites = set(full_sites), set(monitor_sites)
         self._full_idx = [i for i, s in enumerate(sites) if s.site in full_sites]
@@ -454,6 +455,8 @@ class Probe:
             return
         if rows is not None:  # MoE: the activations' rows are these token positions
             fwd = routed(fwd, rows, self.sites[i].label)
+            if torch.is_tensor(x) and x.numel() == 0:
+                return  # no token reached these experts on this rank (routed ran: a collective)
         full = self._full is not None and i in self._full_set
         mon = self._monitor is not None and i in self._mon_set
         if not (full or mon):
@@ -498,6 +501,26 @@ class Probe:
         except NonFiniteActivationError as exc:
             self._diverged = str(exc)  # the harness's meaning: the run diverged
             raise
+
+    def _without_ep_under_tp(self, sites: list[Site], model, tp_group) -> list[Site]:
+        """Expert-parallel experts (rows sent from every rank) where the model is also tensor
+        parallel are left out, with the reason: whether the ranks of a tensor-parallel group route
+        the same tokens or their own part of them (sequence parallelism) is not known here, so
+        neither counting their rows once nor once per rank is sure to be right."""
+        ep = [s for s in sites if s.experts and titan_ep(s.module) is not None]
+        if not ep or tensor_parallel.model_group(model, tp_group) is None:
+            return sites
+        for s in {(s.stack, s.layer, s.name): s for s in ep}.values():
+            self.skipped.append(
+                Skipped(
+                    s.stack,
+                    s.layer,
+                    s.name,
+                    "routed experts under expert parallelism in a tensor-parallel model: not measured "
+                    "(whether the tensor-parallel ranks route the same tokens is not known here)",
+                )
+            )
+        return [s for s in sites if s not in ep]
 
     def _acquire(self, level: str, i: int, d: int, k: int, device) -> list[WindowMoments]:
         if self._layout is None:

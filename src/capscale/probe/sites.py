@@ -79,9 +79,19 @@ class RoutedRows(NamedTuple):
     n: int
 
 
+class DispatchedRows(NamedTuple):
+    """Expert rows sent here by every rank of an expert-parallel group (torchtitan's all-to-all).
+
+    ``route(labels)``: this rank's per-token labels ``[n, c]`` (its ``n`` tokens) to the labels
+    of the rows here, in their order; a collective over the group, so every rank calls it."""
+
+    route: Callable[[torch.Tensor], torch.Tensor]
+    n: int
+
+
 # A site's hook hands (activations, token rows) to the probe; rows = None means
 # the activations' rows are the forward's tokens in order.
-Callback = Callable[[Any, "RoutedRows | None"], None]
+Callback = Callable[[Any, "RoutedRows | DispatchedRows | None"], None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,6 +141,8 @@ class Site:
 
     def register(self, callback: Callback, wrap: Callable = lambda f: f) -> list:
         """Install the hook that feeds this site's activations to ``callback``; returns the handles."""
+        if self.experts and titan_ep(self.module) is not None:
+            return self._titan_ep_hooks(callback, wrap)
         if self.experts:
             return [self.module.register_forward_pre_hook(wrap(self._experts_hook(callback)), with_kwargs=True)]
         if self.members:
@@ -273,6 +285,69 @@ class Site:
 
         return hook
 
+    def _titan_ep_hooks(self, callback: Callback, wrap: Callable) -> list:
+        """torchtitan's routed experts under expert parallelism: the rows are GroupedExperts' own
+        input on this rank (every rank's tokens for its local experts), computed as it computes
+        them (its grouped GEMM over its local experts, bfloat16, SiLU); each row's token labels
+        follow the tokens through the same all-to-all (:func:`_dispatched_labels`)."""
+        m, want_pre, state = self.module, self.site == "pre", {}
+
+        def on_routed(module, args, kwargs):  # (x, scores, expert ids, counts): this rank's tokens
+            state["ids"] = args[2] if len(args) > 2 else kwargs["topk_expert_ids_BLK"]
+            state["counts"] = args[3] if len(args) > 3 else kwargs["num_local_tokens_per_expert_E"]
+
+        def on_inner(module, args):  # (rows for the local experts, each local expert's count)
+            if "ids" not in state:
+                return  # GroupedExperts run outside its RoutedExperts: no routing to follow
+            ids, counts = state.pop("ids"), state.pop("counts")
+            x, per_expert = args[0], args[1]
+            with torch.no_grad():
+                offs = torch.cumsum(per_expert, 0, dtype=torch.int32)
+                w1, w3, _ = (_local(w).bfloat16().transpose(-2, -1) for w in _titan_weights(m))
+                gate = module._grouped_mm(A=x.bfloat16(), B_t=w1, offs=offs)
+                rows = (
+                    gate
+                    if want_pre
+                    else nn.functional.silu(gate) * module._grouped_mm(A=x.bfloat16(), B_t=w3, offs=offs)
+                )
+            n = ids.reshape(-1, ids.shape[-1]).shape[0]
+            route = lambda labels: _dispatched_labels(m.token_dispatcher.ep_mesh, ids, counts, x.shape[0], labels)  # noqa: E731
+            callback(rows, DispatchedRows(route, n))
+
+        return [
+            m.register_forward_pre_hook(wrap(on_routed), with_kwargs=True),
+            m.inner_experts.register_forward_pre_hook(wrap(on_inner)),
+        ]
+
+
+def _dispatched_labels(mesh, ids: torch.Tensor, counts: torch.Tensor, rows: int, labels: torch.Tensor) -> torch.Tensor:
+    """The labels ``[T, c]`` of this rank's tokens, sent where torchtitan's ``AllToAllTokenDispatcher``
+    sends the tokens: sorted by expert (stable, one row per (token, chosen expert)), split by
+    the ranks that hold the experts, exchanged, and laid out expert-major as its ``_permute``
+    lays out the rows. Returns the labels of this rank's ``rows`` received rows, in their order."""
+    dist, group, ep = torch.distributed, mesh.get_group(), mesh.size()
+    device = counts.device
+    order = torch.argsort(ids.reshape(-1), stable=True) // ids.shape[-1]
+    sent_labels = labels.to(device)[order.to(device)].contiguous()
+    sent = counts.reshape(ep, -1).long().contiguous()  # [rank, its local expert]: my tokens for it
+    got = torch.empty_like(sent)
+    dist.all_to_all_single(got, sent, group=group)  # [rank, my local expert]: that rank's tokens for it
+    out_splits, in_splits = got.sum(1).tolist(), sent.sum(1).tolist()
+    if sum(out_splits) != rows:
+        raise ValueError(
+            f"expert parallelism: {rows} rows reached this rank's experts but the routing sends "
+            f"{sum(out_splits)}: the dispatcher padded or dropped rows; these experts cannot be measured"
+        )
+    out = sent_labels.new_empty((rows, labels.shape[1]))
+    dist.all_to_all_single(out, sent_labels, out_splits, in_splits, group=group)
+    # Rank-major segments (rank r, local expert e) as received, read expert-major.
+    lens = got.reshape(-1)
+    starts = (lens.cumsum(0) - lens).view_as(got).t().reshape(-1)
+    lens = got.t().reshape(-1)
+    seg = torch.repeat_interleave(torch.arange(lens.numel(), device=device), lens)
+    within = torch.arange(rows, device=device) - (lens.cumsum(0) - lens)[seg]
+    return out[starts[seg] + within]
+
 
 def _nth_call(callback: Callback, k: int, n: int) -> Callback:
     """Pass on only the k-th of every n calls: the application at one depth of a module run n times per forward.
@@ -361,8 +436,8 @@ def _titan_weights(m: nn.Module):
     """torchtitan's routed experts (``RoutedExperts``): ``inner_experts.{w1_EFD, w3_EFD}`` ``[E, F, D]``
     (gate, up) and ``w2_EDF`` ``[E, D, F]``, fed ``(x, scores, expert ids, counts)``; or None.
 
-    None too where the experts are split over ranks (expert or tensor parallelism: a DTensor
-    sharded on a mesh dimension that is not FSDP's): see :func:`titan_split`."""
+    None too where their split over ranks keeps them from being measured (:func:`titan_split`);
+    under expert parallelism alone the weights are the rank's local experts' (:func:`titan_ep`)."""
     inner = getattr(m, "inner_experts", None)
     ws = [getattr(inner, k, None) for k in ("w1_EFD", "w3_EFD", "w2_EDF")]
     if not (hasattr(m, "token_dispatcher") and all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in ws)):
@@ -373,24 +448,51 @@ def _titan_weights(m: nn.Module):
     return ws
 
 
-def titan_split(m: nn.Module) -> str | None:
-    """How torchtitan's routed experts ``m`` are split over ranks (their mesh dimensions), else None.
+def _titan_split_dims(m: nn.Module) -> list[tuple[str, Any]]:
+    """The mesh dimensions (name, placement) torchtitan's routed experts ``m`` are split on.
 
-    Expert parallelism leaves each rank some experts' weights and other ranks' tokens; expert
-    tensor parallelism, part of every expert: neither rank can recompute an expert's
-    activations for its tokens. FSDP's own shards (dimensions named ``*fsdp*`` / ``dp*``) are
-    whole again in the forward."""
+    FSDP's own shards (dimensions named ``*fsdp*`` / ``dp*``) are whole again in the forward."""
     w = getattr(getattr(m, "inner_experts", None), "w1_EFD", None)
     mesh = getattr(w, "device_mesh", None)
     if mesh is None:
-        return None
+        return []
     names = mesh.mesh_dim_names or tuple(f"dim{k}" for k in range(mesh.ndim))
-    split = [
-        n
+    return [
+        (n, p)
         for n, p in zip(names, w.placements)
         if type(p).__name__ in ("Shard", "_StridedShard") and "fsdp" not in n and not n.startswith("dp")
     ]
-    return ", ".join(split) or None
+
+
+def titan_ep(m: nn.Module):
+    """The expert-parallel mesh of torchtitan's routed experts ``m`` where that is their only split,
+    else None.
+
+    Expert parallelism alone (``w1_EFD`` sharded on its expert axis) leaves each rank whole
+    experts, fed every rank's tokens for them by the dispatcher's all-to-all: a rank measures
+    its experts on the rows it is sent (:class:`DispatchedRows`). Only torchtitan's own
+    ``AllToAllTokenDispatcher`` is read (its row layout is known; others pad or reorder)."""
+    split = _titan_split_dims(m)
+    d = getattr(m, "token_dispatcher", None)
+    if not split or type(d).__name__ != "AllToAllTokenDispatcher" or getattr(d, "ep_mesh", None) is None:
+        return None
+    if any(type(p).__name__ != "Shard" or getattr(p, "dim", None) != 0 for _, p in split):
+        return None  # expert tensor parallelism: part of every expert on each rank
+    return d.ep_mesh
+
+
+def titan_split(m: nn.Module) -> str | None:
+    """How torchtitan's routed experts ``m`` are split over ranks (their mesh dimensions) where that
+    split keeps them from being measured, else None.
+
+    Expert tensor parallelism leaves each rank part of every expert, and expert parallelism
+    through a dispatcher other than torchtitan's all-to-all one rows in a layout not known
+    here: neither rank can give the rows of whole experts. Expert parallelism alone is
+    measured (:func:`titan_ep`)."""
+    split = _titan_split_dims(m)
+    if not split or titan_ep(m) is not None:
+        return None
+    return ", ".join(n for n, _ in split)
 
 
 def _experts_layout(m: nn.Module) -> tuple[int, int] | None:
