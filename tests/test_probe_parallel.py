@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as fn
+from gloo_results import result
 from test_probe_distributed import table
 from torch import nn
 
@@ -899,15 +900,6 @@ def eight(tmp_path_factory):
     return _spawn(8, tmp_path_factory)
 
 
-def _result(tmp, name):
-    path = tmp / f"{name}.pkl"
-    if not path.exists():
-        errs = sorted(tmp.glob(f"{name}.*.err")) or sorted(tmp.glob("spawn.err"))
-        pytest.fail(f"scenario {name} did not finish:\n" + "\n".join(e.read_text() for e in errs))
-    with open(path, "rb") as f:
-        return pickle.load(f)
-
-
 def check_rows(df, ref, layers):
     """Every (layer, site, bucket) row once, equal to the reference in float64."""
     assert not df.duplicated(["step", "layer", "site", "bucket"]).any()
@@ -928,12 +920,12 @@ def check_rows(df, ref, layers):
 
 def test_dtensor_colwise_rowwise_tp2_equals_unsharded(two):
     """Layer 0 parallelised (ColwiseParallel up, RowwiseParallel down), layer 1 left whole on both ranks."""
-    df, _, ref = _result(two, "dtensor_tp2")
+    df, _, ref = result(two, "dtensor_tp2")
     check_rows(df, ref, [0, 1])
 
 
 def test_dtensor_swiglu_w1_w3_w2_tp2_equals_unsharded(two):
-    df, _, ref = _result(two, "dtensor_swiglu_tp2")
+    df, _, ref = result(two, "dtensor_swiglu_tp2")
     check_rows(df, ref, [0, 1])
 
 
@@ -946,13 +938,13 @@ def _check_monitor(mon, ref):
 
 
 def test_megatron_column_row_parallel_tp2_equals_unsharded(two):
-    df, mon, ref = _result(two, "megatron_tp")
+    df, mon, ref = result(two, "megatron_tp")
     check_rows(df, ref, [0, 1])
     _check_monitor(mon, ref)
 
 
 def test_megatron_tp2_background_decomposition_equals_unsharded(two):
-    df, mon, ref = _result(two, "megatron_tp_background")
+    df, mon, ref = result(two, "megatron_tp_background")
     check_rows(df, ref, [0, 1])
     assert mon.empty
 
@@ -960,7 +952,7 @@ def test_megatron_tp2_background_decomposition_equals_unsharded(two):
 def test_megatron_fused_gate_up_tp2_found_and_equal_to_unsharded(two):
     """Megatron-core's gated fc1 ([gate_r | up_r] on each rank) is found by structure, with no
     ``tp_group`` given, and its gate's rows equal the unsharded model's first half of the fused output."""
-    df, found, ref = _result(two, "megatron_fused")
+    df, found, ref = result(two, "megatron_fused")
     assert found == [("post", f"layers.{i}.mlp.linear_fc2") for i in "01"] + [
         ("pre", f"layers.{i}.mlp.linear_fc1") for i in "01"
     ]
@@ -970,7 +962,7 @@ def test_megatron_fused_gate_up_tp2_found_and_equal_to_unsharded(two):
 def test_megatron_and_transformer_engine_layers_say_which_side_is_a_shard(two):
     """Without ``tp_group``: a column layer's output and a row layer's input are shards; their other
     sides, a duplicated layer and a layer whose group is one rank are whole."""
-    assert _result(two, "megatron_whole_sides") == {
+    assert result(two, "megatron_whole_sides") == {
         "fc1 output": True,
         "fc1 input": False,
         "fc2 input": True,
@@ -983,44 +975,44 @@ def test_megatron_and_transformer_engine_layers_say_which_side_is_a_shard(two):
 
 def test_megatron_fused_gate_up_uneven_tp4_equals_unsharded(four):
     """Gate shards of 5, 5, 5 and 3 channels (fused outputs of 10, 10, 10, 6)."""
-    df, _, ref = _result(four, "megatron_fused")
+    df, _, ref = result(four, "megatron_fused")
     check_rows(df, ref, [0, 1])
 
 
 def test_dtensor_fused_interleaved_gate_up_tp2_equals_unsharded(two):
-    df, _, ref = _result(two, "dtensor_fused_interleaved")
+    df, _, ref = result(two, "dtensor_fused_interleaved")
     check_rows(df, ref, [0, 1])
 
 
 def test_fused_gate_up_split_inside_its_pairs_is_refused_on_every_rank(four):
-    msg = _result(four, "dtensor_fused_split_pairs")
+    msg = result(four, "dtensor_fused_split_pairs")
     assert "(9, 9, 9, 9)" in msg and "whole gate and up halves" in msg
 
 
 def test_megatron_uneven_shards_tp4_equals_unsharded(four):
-    df, mon, ref = _result(four, "megatron_tp")
+    df, mon, ref = result(four, "megatron_tp")
     check_rows(df, ref, [0, 1])
     _check_monitor(mon, ref)
 
 
 def test_two_by_two_data_by_tensor_mesh_equals_unsharded(four):
-    df, _, ref = _result(four, "data_x_tensor")
+    df, _, ref = result(four, "data_x_tensor")
     check_rows(df, ref, [0, 1])
 
 
 def test_two_by_two_data_by_tensor_mesh_background_equals_unsharded(four):
-    df, _, ref = _result(four, "data_x_tensor_background")
+    df, _, ref = result(four, "data_x_tensor_background")
     check_rows(df, ref, [0, 1])
 
 
 def test_fsdp2_over_data_with_tensor_parallel_inside_equals_unsharded(four):
-    df, _, ref = _result(four, "fsdp_x_tensor")
+    df, _, ref = result(four, "fsdp_x_tensor")
     check_rows(df, ref, [0, 1])
 
 
 def test_pipeline_by_tensor_parallel_writes_every_stage_once(four):
     """2 stages × 2 tensor-parallel ranks: stage 1's sharded layers reach the writer (rank 0), once."""
-    df, mon, ref = _result(four, "pipeline_x_tensor")
+    df, mon, ref = result(four, "pipeline_x_tensor")
     check_rows(df, ref, [0, 1, 2, 3])
     assert len(mon) == STEPS * 4 * 2  # every stage's monitor records, on the writer
     for r in mon.itertuples():
@@ -1031,7 +1023,7 @@ def test_data_by_pipeline_by_tensor_parallel_writes_every_stage_once(eight):
     """2 replicas × 2 stages × 2 tensor-parallel ranks: each stage's blocks merged over its replicas
     only (not with the other stage's), every layer once, equal to the unsharded model on both
     replicas' data; the monitor too."""
-    df, mon, ref = _result(eight, "pipeline_x_tensor")
+    df, mon, ref = result(eight, "pipeline_x_tensor")
     check_rows(df, ref, [0, 1, 2, 3])
     assert len(mon) == STEPS * 4 * 2
     for r in mon.itertuples():
@@ -1041,14 +1033,14 @@ def test_data_by_pipeline_by_tensor_parallel_writes_every_stage_once(eight):
 def test_pipeline_by_tensor_parallel_background_writes_every_stage_once(four):
     """Background: each stage's group deals its 4 sites over its 2 ranks, and every rank's worker
     (never its training thread) decomposes its 2 sites' states; rank 0 writes every row."""
-    df, _, ref, threads = _result(four, "pipeline_x_tensor_background")
+    df, _, ref, threads = result(four, "pipeline_x_tensor_background")
     check_rows(df, ref, [0, 1, 2, 3])
     for rank, names in enumerate(threads):
         assert len(names) == 2 and all(n.startswith("capscale-spectra") for n in names), (rank, names)
 
 
 def test_pipeline_by_tensor_parallel_lanczos_writes_every_stage_once(four):
-    df, _, ref = _result(four, "pipeline_x_tensor_lanczos")
+    df, _, ref = result(four, "pipeline_x_tensor_lanczos")
     assert not df.duplicated(["step", "layer", "site", "bucket"]).any()
     assert sorted(set(df.layer)) == [0, 1, 2, 3]
     for r in df.itertuples():
@@ -1060,19 +1052,19 @@ def test_pipeline_by_tensor_parallel_lanczos_writes_every_stage_once(four):
 
 def test_pipeline_stages_write_every_layer_once_with_global_indices(two):
     """Both stages' rows in one run directory's spectra.parquet (written by rank 0), each once."""
-    df, _, ref = _result(two, "pipeline")
+    df, _, ref = result(two, "pipeline")
     check_rows(df, ref, [0, 1, 2, 3])
 
 
-def test_experts_split_over_two_ranks_pool_to_the_single_process_result(two):
-    df, _, ref = _result(two, "expert_parallel")
+def test_experts_split_over_two_ranks_pool_to_the_single_processresult(two):
+    df, _, ref = result(two, "expert_parallel")
     check_rows(df, ref, [0, 1])
 
 
 def test_tensor_parallel_window_end_holds_one_whole_state_at_a_time(two):
     """Rank 0 assembles one whole state, decomposes it and lets it go before the next (the old
     route assembled every site's buckets first: its earlier states were all alive)."""
-    df, seen, ref = _result(two, "megatron_site_at_a_time")
+    df, seen, ref = result(two, "megatron_site_at_a_time")
     # 2 layers × (pre, post) × (all, head, mid, tail), one window: one state assembled at a time
     assert seen == [0] * 16
     check_rows(df, ref, [0, 1])
@@ -1085,13 +1077,13 @@ def test_tensor_parallel_background_assembles_each_whole_state_once_into_the_wor
     window's stored states whole (rank 0 held all of them before), no second copy; they are gone
     once the workers are done, and rank 0 writes every row. Bucket rows equal the foreground
     path's bit for bit, "all" to round-off."""
-    df, every, _, ref = _result(two, "megatron_background_snapshots")
+    df, every, _, ref = result(two, "megatron_background_snapshots")
     for seen, handed, after in every:  # each rank: 2 of the 4 sites × 3 buckets
         assert seen == list(range(6))  # the earlier states are alive: they are the worker's snapshots
         assert handed == [(6, 6, 6)]  # (snapshots handed, of which assembled tensors, whole states alive)
         assert after == 0
     check_rows(df, ref, [0, 1])
-    fore, _, _ = _result(two, "megatron_site_at_a_time")
+    fore, _, _ = result(two, "megatron_site_at_a_time")
     key = ["layer", "site", "bucket"]
     a, b = df.sort_values(key).reset_index(drop=True), fore.sort_values(key).reset_index(drop=True)
     assert len(a) == len(b) == 16
@@ -1106,7 +1098,7 @@ def test_tensor_parallel_background_assembles_each_whole_state_once_into_the_wor
 
 
 def test_a_failing_worker_on_another_rank_is_raised_on_the_writer_and_nothing_hangs(two):
-    writer, other = _result(two, "megatron_background_worker_error")
+    writer, other = result(two, "megatron_background_worker_error")
     assert "rank 1: FloatingPointError: planted" in writer
     assert "planted" in other
 
@@ -1114,7 +1106,7 @@ def test_a_failing_worker_on_another_rank_is_raised_on_the_writer_and_nothing_ha
 def test_auto_layout_sizes_tensor_parallel_sites_by_their_blocks(two):
     """``states="auto"`` counts a sharded site's row blocks (width × D per bucket), not D², and no
     device snapshot of them under background (their snapshot is the assembled host state)."""
-    note = _result(two, "megatron_background_snapshots")[2]
+    note = result(two, "megatron_background_snapshots")[2]
     blocks = LAYERS * 2 * 3 * (F // 2) * F * 8  # sites × (head, mid, tail) × width × D float64
     gb = re.search(r"float64 states, ([0-9.e+-]+) GB", note).group(1)
     assert gb == f"{blocks / 1e9:.3g}", note
@@ -1122,7 +1114,7 @@ def test_auto_layout_sizes_tensor_parallel_sites_by_their_blocks(two):
 
 
 def test_tensor_parallel_background_lanczos_rows_without_assembling(two):
-    check_lanczos_rows(*_result(two, "megatron_lanczos_background"))
+    check_lanczos_rows(*result(two, "megatron_lanczos_background"))
 
 
 def check_lanczos_rows(df, ref):
@@ -1142,16 +1134,16 @@ def check_lanczos_rows(df, ref):
 
 def test_tensor_parallel_lanczos_rows_without_assembling(two):
     """F = 18 < 32 deflated directions: the quadrature is exact, so the soft rank equals eigvalsh's."""
-    check_lanczos_rows(*_result(two, "megatron_lanczos"))
+    check_lanczos_rows(*result(two, "megatron_lanczos"))
 
 
 def test_two_by_two_data_by_tensor_mesh_lanczos_equals_unsharded(four):
-    df, _, ref = _result(four, "data_x_tensor_lanczos")
+    df, _, ref = result(four, "data_x_tensor_lanczos")
     check_lanczos_rows(df, ref)
 
 
 def test_tensor_parallel_hard_only_rows_without_assembling(two):
-    df, ref = _result(two, "megatron_hard_only")
+    df, ref = result(two, "megatron_hard_only")
     assert len(df) == LAYERS * 2 * 4 and (df.spectrum_method == "hard-only").all()
     for r in df.itertuples():
         _, lam = ref[(r.layer, r.site, r.bucket)]
@@ -1160,13 +1152,13 @@ def test_tensor_parallel_hard_only_rows_without_assembling(two):
 
 
 def test_tensor_parallel_auto_spectrum_is_the_writing_ranks_choice(two):
-    df, ref = _result(two, "megatron_auto_by_writer")
+    df, ref = result(two, "megatron_auto_by_writer")
     assert (df.spectrum_method == "exact").all()
     check_rows(df, ref, [0, 1])
 
 
 def test_distributed_lanczos_equals_single_process_lanczos(two):
-    every, ref = _result(two, "distributed_lanczos")
+    every, ref = result(two, "distributed_lanczos")
     assert every[0].keys() == every[1].keys()
     for k, v in every[0].items():  # both ranks ran the same recurrence on the same numbers
         assert v == every[1][k] or (v != v and every[1][k] != every[1][k]), k

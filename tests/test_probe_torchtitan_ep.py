@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 pytest.importorskip("triton")
 pytest.importorskip("torchtitan.models.deepseek_v3")
 
+from gloo_results import assert_rows_equal, result  # noqa: E402
 from test_probe_torchtitan import _two_layer_deepseek  # noqa: E402
 
 from capscale.probe import attach, discover  # noqa: E402
@@ -130,12 +131,7 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES)
 def test_expert_parallel_rows_equal_the_unsharded_model(runs, case):
     tmp, reference = runs
-    path = tmp / f"{case}.pkl"
-    if not path.exists():
-        errs = sorted(tmp.glob(f"{case}.*.err")) or sorted(tmp.glob("spawn.err"))
-        pytest.fail(f"{case} did not finish:\n" + "\n".join(e.read_text() for e in errs))
-    with open(path, "rb") as f:
-        df, skipped, local, names = pickle.load(f)
+    df, skipped, local, names = result(tmp, case)
     assert local == (4, 256, 256)  # half of the 8 experts on each rank
     sent = [int((tmp / f"{case}.rows.{r}").read_text()) for r in (0, 1)]
     assert sum(sent) == 4 * 24 * 3 and (sent[1] == 0) == (case == "one-sided")
@@ -145,17 +141,4 @@ def test_expert_parallel_rows_equal_the_unsharded_model(runs, case):
     assert set(routed.bucket) == {"all", "head", "mid", "tail"}
     # every (token, chosen expert) row once: 4 × 24 tokens × top-3
     assert int(routed[routed.bucket == "all"].n_samples.iloc[0]) == 4 * 24 * 3
-    assert len(df) == len(ref)
-    for a, b in zip(df.itertuples(), ref.itertuples()):
-        assert (a.stack, a.layer, a.site, a.bucket, a.n_samples, a.dim) == (
-            b.stack,
-            b.layer,
-            b.site,
-            b.bucket,
-            b.n_samples,
-            b.dim,
-        )
-        np.testing.assert_allclose([a.soft_rank, a.hard_rank], [b.soft_rank, b.hard_rank], rtol=1e-9)
-        np.testing.assert_allclose(
-            np.sort(a.eigenvalues), np.sort(b.eigenvalues), rtol=0, atol=1e-9 * max(b.eigenvalues)
-        )
+    assert_rows_equal(df, ref, 1e-9)
